@@ -1,0 +1,276 @@
+//! Staging stores: where downloaded Bulk Data files are put before Pathling imports them.
+//!
+//! A [`StagingStore`] is either an S3 bucket ([`S3Store`]) or a local directory ([`DirStore`]).
+//! Both take an already computed, relative object key (e.g.
+//! `prefix/run-1/output/000001-Patient.ndjson`); this layer never builds keys from external
+//! input, and it still refuses unsafe ones as defence in depth (see [Keys](#keys)).
+//!
+//! # Contract of [`StagingStore::put_stream`]
+//!
+//! - The body is streamed: chunks of any size are accepted, nothing is staged on local disk for
+//!   S3, and the object appears under its key only once the whole body has been stored (S3:
+//!   `PutObject` or `CompleteMultipartUpload`; directory: atomic rename of a fsynced temp file).
+//! - The stored object ends with `\n`: when the body's last byte is not a newline one is
+//!   appended ([`PutReport::newline_added`]), so two NDJSON files can never merge two lines. An
+//!   empty body stays empty (0 bytes, 0 lines).
+//! - [`PutReport::lines`] counts non-blank lines (lines with a non-whitespace byte), i.e. NDJSON
+//!   resources; [`PutReport::bytes`] is the stored size, newline included.
+//! - On any failure (the body stream yields an error, or the store fails) nothing is left under
+//!   the key and no unfinished S3 multipart upload is left behind: it is aborted before the error
+//!   is returned. If the abort itself fails the error is
+//!   [`StagingError::CleanupFailed`]. If the `put_stream` future is dropped midway (e.g. a
+//!   caller's timeout), a best-effort abort is spawned on the current Tokio runtime (a frozen or
+//!   ended Lambda may not finish it: keep an `AbortIncompleteMultipartUpload` lifecycle rule on
+//!   the bucket) and the directory store removes its temp file.
+//! - Errors tell which side failed ([`StagingError::side`]: the body, i.e. the download, or the
+//!   store), whether a retry may help ([`StagingError::is_transient`]) and the HTTP status when
+//!   known.
+//!
+//! # Memory bound
+//!
+//! Per `put_stream` call to S3, at most two part buffers exist at once: the part being uploaded
+//! (at most one part upload is in flight) and the part being filled from the body, so memory is
+//! bounded by `2 × part_size` plus the one body chunk being copied (default part size 8 MiB:
+//! about 16 MiB per concurrent upload). Part buffers are allocated with their full capacity up
+//! front, but the OS only backs the pages written, so a small file costs about its own size.
+//! A body smaller than one part is sent with a single `PutObject`. The directory store holds one
+//! body chunk plus a 256 KiB write buffer. `get_bytes` loads the whole object (use it for small
+//! objects such as manifests); `open_read` streams.
+//!
+//! # S3 specifics
+//!
+//! Parts are exactly `part_size` bytes (minimum 5 MiB, maximum 5 GiB) except the last; an object
+//! needing more than 10,000 parts fails with [`StagingError::TooManyParts`] (8 MiB parts allow
+//! objects up to about 78 GiB) instead of producing a broken upload. Request checksums are only
+//! calculated when an operation requires them: checksum trailers make uploads to moto slow
+//! quadratically and S3 still verifies the `Content-Length` and (over TLS) the transport.
+//!
+//! # Keys
+//!
+//! A key is a `/`-separated relative path: non-empty, no leading or trailing `/`, no empty, `.`
+//! or `..` segments, no NUL or backslash, at most 1024 bytes. Both stores apply the same rules
+//! so that a run behaves identically on either.
+
+mod dir;
+mod error;
+mod s3;
+
+pub use dir::DirStore;
+pub use error::{FailureSide, StagingError};
+pub use s3::{S3Options, S3Store, DEFAULT_PART_SIZE, MAX_PARTS, MIN_PART_SIZE};
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, Stream};
+
+/// What [`StagingStore::put_stream`] stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PutReport {
+    /// Size of the stored object, including an appended newline.
+    pub bytes: u64,
+    /// Non-blank lines (NDJSON resources).
+    pub lines: u64,
+    /// Whether a `\n` was appended because the body did not end with one.
+    pub newline_added: bool,
+}
+
+/// The scheme of the URL Pathling is given for an S3 object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum S3UrlScheme {
+    /// `s3://bucket/key`
+    #[default]
+    S3,
+    /// `s3a://bucket/key` (Hadoop's S3A connector, which Pathling's Spark uses).
+    S3a,
+}
+
+/// A streaming read of a stored object.
+pub type ReadStream = BoxStream<'static, Result<Bytes, StagingError>>;
+
+/// Where downloaded files are staged.
+#[derive(Debug, Clone)]
+pub enum StagingStore {
+    S3(S3Store),
+    Dir(DirStore),
+}
+
+impl StagingStore {
+    /// Stream `body` into `key`; see the [module documentation](self) for the contract and the
+    /// memory bound.
+    pub async fn put_stream<S, E>(&self, key: &str, body: S) -> Result<PutReport, StagingError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        match self {
+            StagingStore::S3(s) => s.put_stream(key, body).await,
+            StagingStore::Dir(d) => d.put_stream(key, body).await,
+        }
+    }
+
+    /// Store a small object (e.g. a manifest) as-is: no newline is appended.
+    pub async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<(), StagingError> {
+        match self {
+            StagingStore::S3(s) => s.put_bytes(key, bytes).await,
+            StagingStore::Dir(d) => d.put_bytes(key, bytes).await,
+        }
+    }
+
+    /// Read a whole object. `Ok(None)` only when the store says the key does not exist; every
+    /// other failure (including S3's 403 for a missing key when the caller lacks
+    /// `s3:ListBucket`) is an error, never "absent".
+    pub async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, StagingError> {
+        match self {
+            StagingStore::S3(s) => s.get_bytes(key).await,
+            StagingStore::Dir(d) => d.get_bytes(key).await,
+        }
+    }
+
+    /// Stream an object. A missing key is [`StagingError::NotFound`].
+    pub async fn open_read(&self, key: &str) -> Result<ReadStream, StagingError> {
+        match self {
+            StagingStore::S3(s) => s.open_read(key).await,
+            StagingStore::Dir(d) => d.open_read(key).await,
+        }
+    }
+
+    /// The URL Pathling imports `key` from: `s3://bucket/key` or `s3a://bucket/key` for S3
+    /// (`scheme` chooses), `file:///abs/root/key` for a directory (`scheme` is ignored).
+    pub fn import_url(&self, key: &str, scheme: S3UrlScheme) -> String {
+        match self {
+            StagingStore::S3(s) => s.import_url(key, scheme),
+            StagingStore::Dir(d) => d.import_url(key),
+        }
+    }
+}
+
+impl From<S3Store> for StagingStore {
+    fn from(s: S3Store) -> Self {
+        StagingStore::S3(s)
+    }
+}
+
+impl From<DirStore> for StagingStore {
+    fn from(d: DirStore) -> Self {
+        StagingStore::Dir(d)
+    }
+}
+
+/// Maximum key length: S3's limit, also kept for directories so both stores accept the same keys.
+const MAX_KEY_LEN: usize = 1024;
+
+/// Check that `key` is a safe relative object key (see [Keys](self#keys)).
+pub(crate) fn validate_key(key: &str) -> Result<(), StagingError> {
+    let reject = |reason: &'static str| {
+        Err(StagingError::InvalidKey {
+            key: key.to_owned(),
+            reason,
+        })
+    };
+    if key.is_empty() {
+        return reject("empty key");
+    }
+    if key.len() > MAX_KEY_LEN {
+        return reject("longer than 1024 bytes");
+    }
+    if key.starts_with('/') {
+        return reject("absolute key (starts with '/')");
+    }
+    if key.contains('\0') {
+        return reject("contains NUL");
+    }
+    if key.contains('\\') {
+        return reject("contains a backslash");
+    }
+    for segment in key.split('/') {
+        match segment {
+            "" => return reject("empty path segment ('//' or trailing '/')"),
+            "." | ".." => return reject("'.' or '..' path segment"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Tracks what `put_stream` needs to know about the body as it passes: size, non-blank lines,
+/// and whether it ends with a newline.
+#[derive(Debug, Default)]
+pub(crate) struct BodyStats {
+    bytes: u64,
+    lines: u64,
+    /// The current (unterminated) line has a non-whitespace byte.
+    line_has_content: bool,
+    last_byte: Option<u8>,
+}
+
+impl BodyStats {
+    pub(crate) fn observe(&mut self, chunk: &[u8]) {
+        if let Some(&last) = chunk.last() {
+            self.last_byte = Some(last);
+        }
+        self.bytes += chunk.len() as u64;
+        for &b in chunk {
+            if b == b'\n' {
+                self.lines += u64::from(self.line_has_content);
+                self.line_has_content = false;
+            } else if !b.is_ascii_whitespace() {
+                self.line_has_content = true;
+            }
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// A non-empty body must end with a newline.
+    pub(crate) fn needs_newline(&self) -> bool {
+        matches!(self.last_byte, Some(b) if b != b'\n')
+    }
+
+    pub(crate) fn report(&self, newline_added: bool) -> PutReport {
+        PutReport {
+            bytes: self.bytes,
+            lines: self.lines,
+            newline_added,
+        }
+    }
+}
+
+/// The newline appended to a body that lacks one.
+pub(crate) const NEWLINE: &[u8] = b"\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        for ok in [
+            "a",
+            "prefix/run-1/output/000001-Patient.ndjson",
+            "a/.b/c..d",
+        ] {
+            assert!(validate_key(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "/a", "a/../b", "..", "../a", "a/..", "a//b", "a/", "./a", "a\\b", "a\0b",
+        ] {
+            assert!(validate_key(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_key(&"a".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn stats_count_lines_across_chunks() {
+        let mut s = BodyStats::default();
+        for chunk in [&b"{\"a\""[..], b":1}\n\n  \n{\"b", b"\":2}"] {
+            s.observe(chunk);
+        }
+        assert!(s.needs_newline());
+        s.observe(NEWLINE);
+        assert_eq!(s.report(true).lines, 2);
+        assert_eq!(s.bytes(), 20);
+        assert!(!s.needs_newline());
+        assert!(!BodyStats::default().needs_newline());
+    }
+}

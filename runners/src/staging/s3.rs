@@ -1,0 +1,618 @@
+//! The S3 staging store: streaming multipart uploads with at most one part in flight.
+
+use std::fmt;
+
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_s3::config::RequestChecksumCalculation;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+use aws_types::service_config::ServiceConfigKey;
+use bytes::Bytes;
+use futures::stream::{Stream, StreamExt};
+use tokio::task::JoinHandle;
+
+use super::error::scrub;
+use super::{validate_key, BodyStats, PutReport, ReadStream, S3UrlScheme, StagingError, NEWLINE};
+
+/// S3's minimum size of every part but the last.
+pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+/// S3's maximum part size.
+pub const MAX_PART_SIZE: usize = 5 * 1024 * 1024 * 1024;
+/// Default part size: big enough for 78 GiB objects, small enough that moto stays fast.
+pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
+/// S3's maximum number of parts of one multipart upload.
+pub const MAX_PARTS: u32 = 10_000;
+
+/// Settings of an [`S3Store`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct S3Options {
+    /// Size of every multipart part but the last, in bytes (5 MiB to 5 GiB). Memory per upload
+    /// is about twice this.
+    pub part_size: usize,
+    /// Path-style addressing (`http://host/bucket/key`). `None` = use it exactly when an
+    /// endpoint override is configured (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`, the profile's
+    /// `endpoint_url`, or the `SdkConfig`'s), since custom endpoints such as `127.0.0.1` cannot
+    /// serve virtual-hosted buckets.
+    pub force_path_style: Option<bool>,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        S3Options {
+            part_size: DEFAULT_PART_SIZE,
+            force_path_style: None,
+        }
+    }
+}
+
+/// An S3 bucket used as staging store.
+#[derive(Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    part_size: usize,
+    max_parts: u32,
+}
+
+impl fmt::Debug for S3Store {
+    // The client's Debug would print its whole configuration; the bucket is what identifies us.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store")
+            .field("bucket", &self.bucket)
+            .field("part_size", &self.part_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Store {
+    /// Build a store from the environment: the standard credential chain, region and endpoint
+    /// settings (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`, profiles) as loaded by
+    /// `aws_config::defaults(BehaviorVersion::latest())`.
+    pub async fn from_env(
+        bucket: impl Into<String>,
+        options: S3Options,
+    ) -> Result<Self, StagingError> {
+        let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
+        Self::from_sdk_config(bucket, &sdk, options)
+    }
+
+    /// Build a store from an already loaded [`SdkConfig`] (shared with other clients, or with an
+    /// explicit endpoint and credentials in tests).
+    pub fn from_sdk_config(
+        bucket: impl Into<String>,
+        sdk: &SdkConfig,
+        options: S3Options,
+    ) -> Result<Self, StagingError> {
+        let bucket = bucket.into();
+        if bucket.is_empty() || bucket.contains('/') {
+            return Err(StagingError::Config(format!(
+                "invalid S3 bucket name {bucket:?}"
+            )));
+        }
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&options.part_size) {
+            return Err(StagingError::Config(format!(
+                "part size {} is outside S3's limits ({MIN_PART_SIZE}..={MAX_PART_SIZE} bytes)",
+                options.part_size
+            )));
+        }
+        let path_style = options
+            .force_path_style
+            .unwrap_or_else(|| has_endpoint_override(sdk));
+        let config = aws_sdk_s3::config::Builder::from(sdk)
+            .force_path_style(path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .build();
+        Ok(S3Store {
+            client: Client::from_conf(config),
+            bucket,
+            part_size: options.part_size,
+            max_parts: MAX_PARTS,
+        })
+    }
+
+    /// Lower the part limit so tests can reach it without uploading 50 GB. Not for production.
+    #[doc(hidden)]
+    pub fn with_max_parts_for_tests(mut self, max_parts: u32) -> Self {
+        self.max_parts = max_parts.clamp(1, MAX_PARTS);
+        self
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    pub fn part_size(&self) -> usize {
+        self.part_size
+    }
+
+    /// The underlying client, e.g. for tests that list multipart uploads.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn import_url(&self, key: &str, scheme: S3UrlScheme) -> String {
+        let scheme = match scheme {
+            S3UrlScheme::S3 => "s3",
+            S3UrlScheme::S3a => "s3a",
+        };
+        format!("{scheme}://{}/{key}", self.bucket)
+    }
+
+    pub async fn put_stream<S, E>(&self, key: &str, mut body: S) -> Result<PutReport, StagingError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        validate_key(key)?;
+        let mut upload = Upload {
+            store: self,
+            key,
+            buf: Vec::new(),
+            multipart: None,
+        };
+        let mut stats = BodyStats::default();
+        loop {
+            let chunk = match body.next().await {
+                None => break,
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => {
+                    let err = StagingError::body(stats.bytes(), e);
+                    return Err(upload.abort(err).await);
+                }
+            };
+            stats.observe(&chunk);
+            if let Err(err) = upload.push(&chunk).await {
+                return Err(upload.abort(err).await);
+            }
+        }
+        let newline_added = stats.needs_newline();
+        if newline_added {
+            stats.observe(NEWLINE);
+            if let Err(err) = upload.push(NEWLINE).await {
+                return Err(upload.abort(err).await);
+            }
+        }
+        upload.finish().await?;
+        Ok(stats.report(newline_added))
+    }
+
+    pub async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<(), StagingError> {
+        validate_key(key)?;
+        self.put_object(key, bytes).await
+    }
+
+    pub async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, StagingError> {
+        validate_key(key)?;
+        let resp = match self.get_object(key).await {
+            Ok(resp) => resp,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let data = resp
+            .body
+            .collect()
+            .await
+            .map_err(|e| body_read_error(key, &e))?;
+        Ok(Some(data.into_bytes()))
+    }
+
+    pub async fn open_read(&self, key: &str) -> Result<ReadStream, StagingError> {
+        validate_key(key)?;
+        let resp = self.get_object(key).await?;
+        let key = key.to_owned();
+        let stream = futures::stream::unfold(Some(resp.body), move |body| {
+            let key = key.clone();
+            async move {
+                let mut body = body?;
+                match body.next().await {
+                    None => None,
+                    Some(Ok(chunk)) => Some((Ok(chunk), Some(body))),
+                    // Stop after the first error: a broken response cannot be resumed here.
+                    Some(Err(e)) => Some((Err(body_read_error(&key, &e)), None)),
+                }
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    /// GetObject, with NoSuchKey mapped to [`StagingError::NotFound`]. Only the explicit
+    /// `NoSuchKey` code counts as absent: a 404 `NoSuchBucket` or a bare 403 is a real error.
+    async fn get_object(
+        &self,
+        key: &str,
+    ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, StagingError> {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(resp) => Ok(resp),
+            Err(SdkError::ServiceError(se)) if se.err().is_no_such_key() => {
+                Err(StagingError::NotFound {
+                    key: key.to_owned(),
+                    status: Some(se.raw().status().as_u16()),
+                })
+            }
+            Err(e) => Err(sdk_error("GetObject", key, e)),
+        }
+    }
+
+    async fn put_object(&self, key: &str, bytes: Bytes) -> Result<(), StagingError> {
+        let len = bytes.len() as i64;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_length(len)
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|e| sdk_error("PutObject", key, e))?;
+        Ok(())
+    }
+}
+
+/// One `put_stream` in progress: the part being filled and, once the body outgrew one part, the
+/// multipart upload.
+struct Upload<'a> {
+    store: &'a S3Store,
+    key: &'a str,
+    /// The part being filled; never more than `part_size` bytes. Allocated with the full part
+    /// capacity when the first byte of a part arrives, so filling it never reallocates.
+    buf: Vec<u8>,
+    multipart: Option<Multipart>,
+}
+
+impl Upload<'_> {
+    /// Append `data`, uploading full parts as needed. A full buffer is only sent once more data
+    /// arrives, so the data left at the end (the last part, or the whole object for a
+    /// `PutObject`) is never empty unless the whole body is.
+    async fn push(&mut self, mut data: &[u8]) -> Result<(), StagingError> {
+        let part_size = self.store.part_size;
+        while !data.is_empty() {
+            if self.buf.len() == part_size {
+                let full = std::mem::take(&mut self.buf);
+                self.send_part(full).await?;
+            }
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(part_size);
+            }
+            let take = (part_size - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+        }
+        Ok(())
+    }
+
+    /// Start an upload of a full, non-last part after the previous one has finished (so at most
+    /// one part is in flight while the next fills).
+    async fn send_part(&mut self, part: Vec<u8>) -> Result<(), StagingError> {
+        let store = self.store;
+        let multipart = match &mut self.multipart {
+            Some(m) => m,
+            None => self
+                .multipart
+                .insert(Multipart::create(store, self.key).await?),
+        };
+        // This part is not the last one (more data follows), so the last part will need
+        // a number too: refuse before uploading anything that can never be completed.
+        if multipart.next_part_number >= store.max_parts as i32 {
+            return Err(StagingError::TooManyParts {
+                key: self.key.to_owned(),
+                max_parts: store.max_parts,
+                part_size: store.part_size,
+            });
+        }
+        multipart.wait_in_flight().await?;
+        let number = multipart.next_part_number;
+        multipart.next_part_number += 1;
+        let client = store.client.clone();
+        let bucket = store.bucket.clone();
+        let key = self.key.to_owned();
+        let upload_id = multipart.upload_id.clone();
+        let bytes = Bytes::from(part);
+        // Spawned so the part uploads while the caller keeps pulling the body into the next
+        // buffer; the handle is awaited (or aborted) before the next part or completion.
+        multipart.in_flight = Some(tokio::spawn(async move {
+            upload_part(&client, &bucket, &key, &upload_id, number, bytes).await
+        }));
+        Ok(())
+    }
+
+    /// Store what was buffered: a single PutObject for a body that fits in one part (including
+    /// the empty body: S3 cannot complete a multipart upload with zero parts), otherwise the
+    /// last part and CompleteMultipartUpload.
+    async fn finish(mut self) -> Result<(), StagingError> {
+        let data = Bytes::from(std::mem::take(&mut self.buf));
+        let Some(multipart) = self.multipart.as_mut() else {
+            return self.store.put_object(self.key, data).await;
+        };
+        let result = async {
+            multipart.wait_in_flight().await?;
+            let number = multipart.next_part_number;
+            let store = self.store;
+            let part = upload_part(
+                &store.client,
+                &store.bucket,
+                self.key,
+                &multipart.upload_id,
+                number,
+                data,
+            )
+            .await?;
+            multipart.parts.push(part);
+            store
+                .client
+                .complete_multipart_upload()
+                .bucket(&store.bucket)
+                .key(self.key)
+                .upload_id(&multipart.upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(std::mem::take(&mut multipart.parts)))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| sdk_error("CompleteMultipartUpload", self.key, e))?;
+            Ok::<(), StagingError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                multipart.armed = false;
+                Ok(())
+            }
+            Err(err) => Err(self.abort(err).await),
+        }
+    }
+
+    /// Abort the multipart upload (if one was started) after `err`, and return the error to
+    /// report.
+    async fn abort(&mut self, err: StagingError) -> StagingError {
+        let Some(multipart) = self.multipart.as_mut() else {
+            return err;
+        };
+        // Stop the in-flight part first: a part landing after the abort would recreate storage
+        // that S3 then keeps until the next abort.
+        if let Some(handle) = multipart.in_flight.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+        let store = self.store;
+        let result = store
+            .client
+            .abort_multipart_upload()
+            .bucket(&store.bucket)
+            .key(self.key)
+            .upload_id(&multipart.upload_id)
+            .send()
+            .await;
+        multipart.armed = false;
+        match result {
+            Ok(_) => err,
+            Err(e) => err.with_cleanup_failure(format!(
+                "AbortMultipartUpload of upload {}: {}",
+                multipart.upload_id,
+                sdk_error("AbortMultipartUpload", self.key, e)
+            )),
+        }
+    }
+}
+
+/// A started multipart upload. Dropping it while `armed` (the `put_stream` future was cancelled)
+/// aborts it in the background.
+struct Multipart {
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    next_part_number: i32,
+    parts: Vec<CompletedPart>,
+    in_flight: Option<JoinHandle<Result<CompletedPart, StagingError>>>,
+    armed: bool,
+}
+
+impl Multipart {
+    async fn create(store: &S3Store, key: &str) -> Result<Self, StagingError> {
+        let resp = store
+            .client
+            .create_multipart_upload()
+            .bucket(&store.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| sdk_error("CreateMultipartUpload", key, e))?;
+        let upload_id = resp
+            .upload_id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| missing_field("CreateMultipartUpload", key, "UploadId"))?;
+        Ok(Multipart {
+            client: store.client.clone(),
+            bucket: store.bucket.clone(),
+            key: key.to_owned(),
+            upload_id,
+            next_part_number: 1,
+            parts: Vec::new(),
+            in_flight: None,
+            armed: true,
+        })
+    }
+
+    async fn wait_in_flight(&mut self) -> Result<(), StagingError> {
+        if let Some(handle) = self.in_flight.take() {
+            let part = handle.await.map_err(|e| StagingError::Store {
+                operation: "UploadPart",
+                key: self.key.clone(),
+                status: None,
+                code: None,
+                transient: false,
+                message: format!("part upload task failed: {e}"),
+            })??;
+            self.parts.push(part);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Multipart {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(handle) = self.in_flight.take() {
+            handle.abort();
+        }
+        // Best effort: without a runtime (or if the process ends first) the upload stays until
+        // the bucket's lifecycle rule removes it.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let request = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(&self.upload_id);
+            rt.spawn(async move {
+                let _ = request.send().await;
+            });
+        }
+    }
+}
+
+async fn upload_part(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+    number: i32,
+    bytes: Bytes,
+) -> Result<CompletedPart, StagingError> {
+    let len = bytes.len() as i64;
+    let resp = client
+        .upload_part()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .part_number(number)
+        .content_length(len)
+        .body(ByteStream::from(bytes))
+        .send()
+        .await
+        .map_err(|e| sdk_error("UploadPart", key, e))?;
+    let e_tag = resp
+        .e_tag
+        .ok_or_else(|| missing_field("UploadPart", key, "ETag"))?;
+    Ok(CompletedPart::builder()
+        .e_tag(e_tag)
+        .part_number(number)
+        .build())
+}
+
+/// Whether the S3 client built from `sdk` will talk to a custom endpoint. Mirrors how
+/// `aws_sdk_s3::config::Builder::from(&SdkConfig)` picks its endpoint: the service-specific
+/// setting (`AWS_ENDPOINT_URL_S3`, a profile's `[services]` section), then the global one.
+fn has_endpoint_override(sdk: &SdkConfig) -> bool {
+    if sdk.endpoint_url().is_some() {
+        return true;
+    }
+    let key = ServiceConfigKey::builder()
+        .service_id("S3")
+        .env("AWS_ENDPOINT_URL")
+        .profile("endpoint_url")
+        .build();
+    match (sdk.service_config(), key) {
+        (Some(conf), Ok(key)) => conf.load_config(key).is_some(),
+        _ => false,
+    }
+}
+
+fn missing_field(operation: &'static str, key: &str, field: &str) -> StagingError {
+    StagingError::Store {
+        operation,
+        key: key.to_owned(),
+        status: None,
+        code: None,
+        transient: false,
+        message: format!("response has no {field}"),
+    }
+}
+
+/// A failure while reading a response body from S3: the connection broke mid-object.
+fn body_read_error(key: &str, e: &aws_sdk_s3::primitives::ByteStreamError) -> StagingError {
+    StagingError::Store {
+        operation: "GetObject",
+        key: key.to_owned(),
+        status: None,
+        code: None,
+        transient: true,
+        message: scrub(&DisplayErrorContext(e).to_string()),
+    }
+}
+
+/// Error codes S3 (and S3-compatible stores) use for conditions that pass with time.
+const TRANSIENT_CODES: &[&str] = &[
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "ProvisionedThroughputExceededException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "PriorRequestNotComplete",
+    "OperationAborted",
+];
+
+/// Classify an SDK failure (after the SDK's own retries) for the caller.
+fn sdk_error<E>(
+    operation: &'static str,
+    key: &str,
+    err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> StagingError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    let code = err.code().map(str::to_owned);
+    let status_transient = status.is_some_and(|s| s >= 500 || s == 429);
+    let transient = match &err {
+        SdkError::ConstructionFailure(_) => false,
+        SdkError::TimeoutError(_) => true,
+        // Connection refused/reset, DNS, TLS hiccups and timeouts; a "user" error is a bad
+        // request we built and will build again.
+        SdkError::DispatchFailure(d) => !d.is_user(),
+        // The response could not be parsed: a proxy's HTML error page or a truncated body.
+        SdkError::ResponseError(_) => status.is_none() || status_transient,
+        SdkError::ServiceError(_) => {
+            status_transient
+                || code
+                    .as_deref()
+                    .is_some_and(|c| TRANSIENT_CODES.contains(&c))
+        }
+        _ => status_transient,
+    };
+    let message = match (&err, err.message()) {
+        (SdkError::ServiceError(_), Some(m)) => m.to_owned(),
+        _ => DisplayErrorContext(&err).to_string(),
+    };
+    StagingError::Store {
+        operation,
+        key: key.to_owned(),
+        status,
+        code,
+        transient,
+        message: scrub(&message),
+    }
+}
