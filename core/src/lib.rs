@@ -1,1 +1,83 @@
-//! placeholder
+//! # pathling-import-core: the sync as a pure state machine
+//!
+//! Everything pathling-import decides lives here; nothing here performs I/O, reads a clock or
+//! draws randomness. Runners (the CLI, the single Lambda, the Step Functions task) own the
+//! world and drive this machine through one contract.
+//!
+//! ## Layout
+//!
+//! - [`time`]: `Timestamp` (Unix ms, passed in), FHIR instants, HTTP-dates, `Retry-After`.
+//! - [`config`]: environment / JSON configuration → validated [`spec::RunSpec`] + secrets.
+//! - [`spec`]: the run's snapshotted settings (no secret values, only references).
+//! - [`staging`]: staging locations and deterministic, safe object keys.
+//! - [`bulk`]: manifest decoding, `error[]` summaries, `deleted[]` references.
+//! - [`pathling`]: both `$import` request shapes, generation detection, delete Bundles.
+//! - [`retry`]: failure facts, classification, backoff, polling schedule, deadlines.
+//! - [`state`]: the closed enum of phases and the compact per-file table.
+//! - [`effect`]: `Next`, `Request`, `Effect`, `Input`, `EffectResult`, `Rejected`.
+//! - [`machine`]: `SyncRun::{start, next, step}`.
+//! - [`persist`]: the versioned envelope and its upcasters.
+//!
+//! ## The driver contract
+//!
+//! ```text
+//! run = SyncRun::start(run_id, spec, previous_watermark, now)     (or persist::decode)
+//! loop {
+//!     match run.next(now()) {
+//!         Done { terminal }          => return terminal,
+//!         SleepUntil { until, .. }   => sleep until `until` (or persist and return, to be
+//!                                       woken later: the state already holds the time),
+//!         Run { requests }           => perform them, at most spec.transfer.concurrency at
+//!                                       once; for each finished one:
+//!                                         run = run.step(Completed { id, result }, now())?
+//!                                         persist run (conditional on the previous seq)
+//!     }
+//! }
+//! ```
+//!
+//! 1. `next` is pure: a crashed driver reloads the envelope and asks again, getting the same
+//!    requests with the same ids. Effects must therefore be idempotent (staging keys are
+//!    deterministic; a repeated kick-off only happens if its answer was never recorded).
+//! 2. A result must echo its request's [`effect::EffectId`]. `step` refuses a result the run
+//!    no longer expects (`Rejected::Stale`), one that does not fit the phase
+//!    (`Rejected::Mismatch`) and anything after the end (`Rejected::Ended`); a refused input
+//!    changes nothing, so the driver may simply drop it.
+//! 3. Results from one `Run` batch may be stepped in any order; each is persisted before the
+//!    next is stepped, so a crash repeats at most the effects in flight.
+//! 4. `PollExport`: the executor stores the decoded manifest at `manifest_key` *before*
+//!    answering `ExportCompleted`; file URLs live there, not in the envelope.
+//! 5. Runners report facts (`Failure` with status, `Retry-After`, message); the core alone
+//!    classifies and schedules. `now` may go backwards; nothing panics.
+//!
+//! ## Phases
+//!
+//! ```text
+//!  KickingOffExport ──202──▶ PollingExport ──200 manifest──▶ StagingFiles ──all staged──┐
+//!        │                     │  ▲ 202/429/5xx                 │ ▲ per file, retried    │
+//!        │                     └──┘ (Retry-After, backoff)      └─┘                      │
+//!        │                                         ┌──────── output[] empty ◀────────────┤
+//!        │                                         │                                     ▼
+//!        │          ApplyingDeletions ◀── done ── PollingImport ◀──202── KickingOffImport
+//!        │                 │                       (if APPLY_DELETIONS     (DetectPathling
+//!        │                 ▼                        and deleted[])          first on auto)
+//!        │            CleaningUp (DELETE export job, best effort) ──▶ Succeeded
+//!        └── permanent failure / deadline / Cancel ──▶ CleaningUp ──▶ Failed | Cancelled
+//! ```
+//! Terminal phases absorb every input (`Rejected::Ended`).
+
+pub mod bulk;
+pub mod config;
+pub mod effect;
+pub mod machine;
+pub mod pathling;
+pub mod persist;
+pub mod retry;
+pub mod spec;
+pub mod staging;
+pub mod state;
+pub mod time;
+
+pub use effect::{Effect, EffectId, EffectResult, Input, Next, Rejected, Request};
+pub use machine::{SyncRun, Watermark};
+pub use state::{SyncState, Terminal};
+pub use time::Timestamp;

@@ -1,0 +1,445 @@
+//! Bulk Data facts: the export manifest and the NDJSON lines the core must understand.
+//!
+//! These are pure helpers the executor calls while it holds the bytes (the core never sees a
+//! file body): decoding a manifest, summarising `error[]` OperationOutcomes, reading the
+//! resource references of `deleted[]` Bundles. Keeping them here keeps every judgement about
+//! what the data means in the core.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Which manifest array a file came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    /// `output[]`: resources to import.
+    Output,
+    /// `deleted[]`: Bundles of DELETE requests.
+    Deleted,
+    /// `error[]`: OperationOutcomes the server raised while exporting.
+    Error,
+}
+
+impl FileKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileKind::Output => "output",
+            FileKind::Deleted => "deleted",
+            FileKind::Error => "error",
+        }
+    }
+}
+
+/// A decoded manifest, in the order files are indexed: `output[]`, then `deleted[]`, then
+/// `error[]`. This is what the executor keeps in the staging store next to the data (the
+/// envelope carries only a compact table of it, see [`crate::state::FileTable`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub transaction_time: String,
+    pub requires_access_token: bool,
+    pub files: Vec<ManifestFile>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    pub kind: FileKind,
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub url: String,
+    /// Send the source's bearer token with the download: only when the manifest requires it
+    /// and the URL is on the source's own origin (never to a pre-signed or foreign URL).
+    pub send_token: bool,
+}
+
+/// The most files one manifest may list; keeps the run's envelope within the Step Functions
+/// and DynamoDB size limits (measured in `tests/envelope_size.rs`).
+pub const MAX_MANIFEST_FILES: usize = 50_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("export manifest is not JSON: {0}")]
+    NotJson(String),
+    #[error("export manifest: {field}: {problem}")]
+    Field { field: String, problem: String },
+    #[error("export manifest lists {0} files; at most {MAX_MANIFEST_FILES} are supported per run (narrow the export with TYPES or EXPORT_LEVEL)")]
+    TooManyFiles(usize),
+}
+
+fn field_err(field: impl Into<String>, problem: impl Into<String>) -> ManifestError {
+    ManifestError::Field {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A FHIR resource type name: `[A-Z][A-Za-z]*`, at most 64 characters.
+pub fn is_resource_type(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_uppercase())
+        && s.len() <= 64
+        && chars.all(|c| c.is_ascii_alphabetic())
+}
+
+/// A FHIR logical id: `[A-Za-z0-9\-\.]{1,64}`.
+pub fn is_resource_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// `scheme://host:port` of an absolute http(s) URL, with default ports made explicit.
+pub fn origin_of(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return None;
+    }
+    Some(format!(
+        "{}://{}:{}",
+        u.scheme(),
+        u.host_str()?.to_ascii_lowercase(),
+        u.port_or_known_default()?
+    ))
+}
+
+/// Decodes and validates a completed export's manifest (the 200 answer to a status poll).
+/// Every problem names the offending field, e.g. `output[3].type`.
+pub fn parse_manifest(body: &[u8], source_endpoint: &str) -> Result<Manifest, ManifestError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| ManifestError::NotJson(e.to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ManifestError::NotJson("not a JSON object".into()))?;
+    let transaction_time = match obj.get("transactionTime") {
+        Some(Value::String(s)) if crate::time::parse_fhir_instant(s).is_some() => s.clone(),
+        Some(other) => {
+            return Err(field_err(
+                "transactionTime",
+                format!("not a FHIR instant: {}", truncate(&other.to_string(), 80)),
+            ))
+        }
+        None => return Err(field_err("transactionTime", "missing")),
+    };
+    let requires_access_token = match obj.get("requiresAccessToken") {
+        Some(Value::Bool(b)) => *b,
+        // Absent: assume the server wants its token; it still only goes to its own origin.
+        None | Some(Value::Null) => true,
+        Some(_) => return Err(field_err("requiresAccessToken", "not a boolean")),
+    };
+    if obj.get("link").is_some_and(|l| !l.is_null()) {
+        return Err(field_err(
+            "link",
+            "paged manifests are not supported; ask the server for a single manifest",
+        ));
+    }
+    let source_origin = origin_of(source_endpoint);
+    let mut files = Vec::new();
+    for (name, kind, required) in [
+        ("output", FileKind::Output, true),
+        ("deleted", FileKind::Deleted, false),
+        ("error", FileKind::Error, false),
+    ] {
+        let items = match obj.get(name) {
+            Some(Value::Array(items)) => items.as_slice(),
+            None | Some(Value::Null) if !required => &[],
+            None => return Err(field_err(name, "missing (an empty array is allowed)")),
+            Some(_) => return Err(field_err(name, "not an array")),
+        };
+        for (i, item) in items.iter().enumerate() {
+            let at = |f: &str| format!("{name}[{i}].{f}");
+            let type_name = item
+                .get("type")
+                .and_then(Value::as_str)
+                .ok_or_else(|| field_err(at("type"), "missing or not a string"))?;
+            if !is_resource_type(type_name) {
+                return Err(field_err(
+                    at("type"),
+                    format!("{:?} is not a FHIR resource type", truncate(type_name, 80)),
+                ));
+            }
+            let url = item
+                .get("url")
+                .and_then(Value::as_str)
+                .ok_or_else(|| field_err(at("url"), "missing or not a string"))?;
+            let origin = origin_of(url).ok_or_else(|| {
+                field_err(
+                    at("url"),
+                    format!("{:?} is not an absolute http(s) URL", truncate(url, 120)),
+                )
+            })?;
+            files.push(ManifestFile {
+                kind,
+                type_name: type_name.to_string(),
+                url: url.to_string(),
+                send_token: requires_access_token && source_origin.as_deref() == Some(&origin),
+            });
+            if files.len() > MAX_MANIFEST_FILES {
+                return Err(ManifestError::TooManyFiles(
+                    ["output", "deleted", "error"]
+                        .iter()
+                        .filter_map(|n| obj.get(*n).and_then(Value::as_array))
+                        .map(Vec::len)
+                        .sum(),
+                ));
+            }
+        }
+    }
+    Ok(Manifest {
+        transaction_time,
+        requires_access_token,
+        files,
+    })
+}
+
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// What the `error[]` files of an export said, folded line by line.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeSummary {
+    pub fatal: u64,
+    pub error: u64,
+    pub warning: u64,
+    pub information: u64,
+    /// Lines that were not an OperationOutcome.
+    pub unreadable: u64,
+    /// The first few diagnostics, for the run's outcome.
+    pub samples: Vec<String>,
+}
+
+const MAX_SAMPLES: usize = 5;
+
+impl OutcomeSummary {
+    /// Folds one NDJSON line of an `error[]` file into the summary.
+    pub fn add_line(&mut self, line: &[u8]) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            self.unreadable += 1;
+            return;
+        };
+        let Some(issues) = v
+            .get("issue")
+            .and_then(Value::as_array)
+            .filter(|_| v.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome"))
+        else {
+            self.unreadable += 1;
+            return;
+        };
+        for issue in issues {
+            let severity = issue
+                .get("severity")
+                .and_then(Value::as_str)
+                .unwrap_or("error");
+            match severity {
+                "fatal" => self.fatal += 1,
+                "warning" => self.warning += 1,
+                "information" => self.information += 1,
+                _ => self.error += 1,
+            }
+            if self.samples.len() < MAX_SAMPLES {
+                let text = issue
+                    .get("diagnostics")
+                    .and_then(Value::as_str)
+                    .or_else(|| issue.pointer("/details/text").and_then(Value::as_str))
+                    .or_else(|| issue.get("code").and_then(Value::as_str))
+                    .unwrap_or("(no diagnostics)");
+                self.samples
+                    .push(format!("{severity}: {}", truncate(text, 200)));
+            }
+        }
+    }
+
+    pub fn merge(&mut self, other: &OutcomeSummary) {
+        self.fatal += other.fatal;
+        self.error += other.error;
+        self.warning += other.warning;
+        self.information += other.information;
+        self.unreadable += other.unreadable;
+        for s in &other.samples {
+            if self.samples.len() < MAX_SAMPLES {
+                self.samples.push(s.clone());
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fatal + self.error + self.warning + self.information + self.unreadable == 0
+    }
+}
+
+/// A resource to delete, read from a `deleted[]` Bundle entry.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ResourceRef {
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub id: String,
+}
+
+/// Reads the `request.url = "Type/id"` of every DELETE entry of one `deleted[]` NDJSON line
+/// (a Bundle). Blank lines yield nothing; anything malformed is an error naming what.
+pub fn deleted_refs(line: &[u8]) -> Result<Vec<ResourceRef>, String> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let v: Value = serde_json::from_slice(line).map_err(|e| format!("not JSON: {e}"))?;
+    if v.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err("not a Bundle".into());
+    }
+    let mut out = Vec::new();
+    for (i, entry) in v
+        .get("entry")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let method = entry.pointer("/request/method").and_then(Value::as_str);
+        if method != Some("DELETE") {
+            continue;
+        }
+        let url = entry
+            .pointer("/request/url")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("entry[{i}].request.url missing"))?;
+        let (t, id) = url.trim_start_matches('/').split_once('/').ok_or_else(|| {
+            format!(
+                "entry[{i}].request.url {:?} is not Type/id",
+                truncate(url, 80)
+            )
+        })?;
+        if !is_resource_type(t) || !is_resource_id(id) {
+            return Err(format!(
+                "entry[{i}].request.url {:?} is not Type/id",
+                truncate(url, 80)
+            ));
+        }
+        out.push(ResourceRef {
+            type_name: t.to_string(),
+            id: id.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const SRC: &str = "https://fhir.example.org/fhir";
+
+    fn manifest(v: Value) -> Result<Manifest, ManifestError> {
+        parse_manifest(v.to_string().as_bytes(), SRC)
+    }
+
+    #[test]
+    fn manifest_files_are_indexed_output_deleted_error() {
+        let m = manifest(json!({
+            "transactionTime": "2026-11-26T10:00:00Z",
+            "requiresAccessToken": true,
+            "output": [
+                {"type": "Patient", "url": "https://fhir.example.org/files/1"},
+                {"type": "Observation", "url": "https://bucket.s3.example.com/o?X-Amz-Signature=1"}
+            ],
+            "deleted": [{"type": "Bundle", "url": "https://fhir.example.org:443/files/d"}],
+            "error": [{"type": "OperationOutcome", "url": "https://fhir.example.org/files/e"}]
+        }))
+        .unwrap();
+        let kinds: Vec<_> = m.files.iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                FileKind::Output,
+                FileKind::Output,
+                FileKind::Deleted,
+                FileKind::Error
+            ]
+        );
+        let tokens: Vec<_> = m.files.iter().map(|f| f.send_token).collect();
+        assert_eq!(tokens, [true, false, true, true]);
+    }
+
+    #[test]
+    fn token_is_never_sent_when_not_required() {
+        let m = manifest(json!({
+            "transactionTime": "2026-11-26T10:00:00Z",
+            "requiresAccessToken": false,
+            "output": [{"type": "Patient", "url": "https://fhir.example.org/files/1"}]
+        }))
+        .unwrap();
+        assert!(!m.files[0].send_token);
+    }
+
+    #[test]
+    fn manifest_errors_name_the_field() {
+        let cases = [
+            (json!({"output": []}), "transactionTime"),
+            (json!({"transactionTime": "2026-11-26T10:00:00Z"}), "output"),
+            (
+                json!({"transactionTime": "2026-11-26T10:00:00Z", "output": [{"type": "../x", "url": "https://a/b"}]}),
+                "output[0].type",
+            ),
+            (
+                json!({"transactionTime": "2026-11-26T10:00:00Z", "output": [], "error": [{"type": "OperationOutcome", "url": "/relative"}]}),
+                "error[0].url",
+            ),
+            (
+                json!({"transactionTime": "2026-11-26T10:00:00Z", "output": [], "requiresAccessToken": "yes"}),
+                "requiresAccessToken",
+            ),
+        ];
+        for (v, field) in cases {
+            let err = manifest(v).unwrap_err().to_string();
+            assert!(err.contains(field), "{err} should name {field}");
+        }
+        assert!(matches!(
+            parse_manifest(b"<html>", SRC),
+            Err(ManifestError::NotJson(_))
+        ));
+    }
+
+    #[test]
+    fn too_many_files_is_a_clear_error() {
+        let output: Vec<Value> = (0..=MAX_MANIFEST_FILES)
+            .map(|i| json!({"type": "Patient", "url": format!("https://a/{i}")}))
+            .collect();
+        let err = manifest(json!({"transactionTime": "2026-11-26T10:00:00Z", "output": output}))
+            .unwrap_err();
+        assert_eq!(err, ManifestError::TooManyFiles(MAX_MANIFEST_FILES + 1));
+    }
+
+    #[test]
+    fn outcome_lines_are_summarised() {
+        let mut s = OutcomeSummary::default();
+        s.add_line(br#"{"resourceType":"OperationOutcome","issue":[{"severity":"fatal","code":"exception","diagnostics":"boom"},{"severity":"warning","code":"x"}]}"#);
+        s.add_line(b"not json");
+        s.add_line(b"   ");
+        assert_eq!((s.fatal, s.warning, s.unreadable), (1, 1, 1));
+        assert_eq!(s.samples[0], "fatal: boom");
+    }
+
+    #[test]
+    fn deleted_bundles_yield_refs() {
+        let line = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"request": {"method": "DELETE", "url": "Patient/123"}},
+            {"request": {"method": "PUT", "url": "Patient/9"}},
+            {"request": {"method": "DELETE", "url": "Observation/a.b-c"}}
+        ]})
+        .to_string();
+        let refs = deleted_refs(line.as_bytes()).unwrap();
+        assert_eq!(refs.len(), 2);
+        assert_eq!(refs[1].id, "a.b-c");
+        assert!(deleted_refs(br#"{"resourceType":"Bundle","entry":[{"request":{"method":"DELETE","url":"../etc/passwd"}}]}"#).is_err());
+        assert!(deleted_refs(b"").unwrap().is_empty());
+    }
+}

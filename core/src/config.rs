@@ -1,0 +1,990 @@
+//! Configuration: the original's environment variables (CONSTANT_CASE) or its JSON file (the
+//! same names in lowerCamelCase), parsed into one validated [`RunSpec`] plus [`Secrets`].
+//!
+//! Every problem is collected and reported together, each naming its key, before any network
+//! call. Values that the original took only as strings (`"false"`, `"24"`) are accepted as
+//! strings, and JSON booleans and numbers are accepted too. An explicit `0` is honoured.
+
+use crate::bulk::is_resource_type;
+use crate::spec::*;
+use crate::staging::StagingLocation;
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A secret value. Its `Debug` and `Display` never show it; it is not `Serialize`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The only way to read the value: the call site says what it is doing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The credentials a spec refers to, resolved to values. Lives only in the executor.
+#[derive(Clone, Debug, Default)]
+pub struct Secrets {
+    pub source_client_secret: Option<Secret>,
+    pub source_private_key: Option<Secret>,
+    pub target_client_secret: Option<Secret>,
+    pub target_private_key: Option<Secret>,
+}
+
+/// Error reporting settings (not part of a run).
+#[derive(Clone, Debug, Default)]
+pub struct SentryConfig {
+    pub dsn: Option<Secret>,
+    pub environment: Option<String>,
+    pub release: Option<String>,
+}
+
+/// Everything configuration yields.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub spec: RunSpec,
+    pub secrets: Secrets,
+    pub sentry: SentryConfig,
+    /// Runner-specific keys the caller asked for (by CONSTANT_CASE name), as given.
+    pub extras: BTreeMap<String, String>,
+}
+
+/// One configuration value as given: environment variables are always strings; a JSON file
+/// may also give numbers, booleans and arrays of strings.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RawValue {
+    Str(String),
+    Num(f64),
+    Bool(bool),
+    List(Vec<String>),
+}
+
+/// Where the values came from, for error messages (`SOURCE_ENDPOINT` or `sourceEndpoint`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Environment,
+    File,
+}
+
+/// One problem with one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The key as the user wrote it (or would write it, for a missing key).
+    pub key: String,
+    pub message: String,
+}
+
+/// All problems found, reported together.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem(s)):",
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  {}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every key the core understands: (CONSTANT_CASE name, is it new compared with the original,
+/// default, description). The README's configuration table is generated from the same facts.
+pub const KEYS: &[(&str, bool, &str, &str)] = &[
+    ("SOURCE_ENDPOINT", false, "(required)", "Base URL of the source FHIR server."),
+    ("TYPES", false, "(all)", "Comma-separated resource types to export (`_type`)."),
+    ("SINCE", false, "(full export)", "FHIR instant for `_since`, or `auto` for the last successful run's transactionTime."),
+    ("EXPORT_LEVEL", true, "system", "`system`, `patient`, or `group/<id>`."),
+    ("TYPE_FILTERS", true, "", "`_typeFilter` values; in the environment separated by spaces (each is a URL-encoded `Type?query`)."),
+    ("ELEMENTS", true, "", "Comma-separated `_elements`."),
+    ("OUTPUT_FORMAT", true, "application/fhir+ndjson", "`_outputFormat`."),
+    ("PATIENTS", true, "", "Comma-separated `Patient/id` references; the kick-off becomes a POST with `patient` parameters (patient or group level)."),
+    ("INCLUDE_ASSOCIATED_DATA", true, "", "Comma-separated `includeAssociatedData` values."),
+    ("SOURCE_AUTHENTICATION_ENABLED", false, "true", "`false` disables authentication to the source."),
+    ("SOURCE_CLIENT_ID", false, "", "Client id for the source token grant."),
+    ("SOURCE_CLIENT_SECRET", false, "", "Client secret (`client_secret_basic` / `client_secret_post`); a value `secretsmanager:<id>` or `ssm:<name>` is resolved by the AWS runners."),
+    ("SOURCE_SCOPES", false, "system/*.read", "Scopes requested from the source."),
+    ("SOURCE_AUTH_METHOD", true, "(from discovery)", "`client_secret_basic`, `client_secret_post` or `private_key_jwt`."),
+    ("SOURCE_PRIVATE_KEY", true, "", "Signing key for `private_key_jwt`: a JWK (JSON) or a PEM; `secretsmanager:`/`ssm:` references allowed."),
+    ("SOURCE_KEY_ID", true, "(the JWK's kid)", "The `kid` of the source signing key."),
+    ("SOURCE_SIGNING_ALGORITHM", true, "(from the key)", "`RS384` or `ES384`."),
+    ("STAGING_URL", false, "(required; the CLI defaults to ./pathling-import-staging)", "`s3://bucket/prefix/` or `file:///absolute/dir/`."),
+    ("TARGET_ENDPOINT", false, "(required)", "Base URL of the target Pathling server."),
+    ("TARGET_AUTHENTICATION_ENABLED", false, "true", "`false` disables authentication to the target."),
+    ("TARGET_CLIENT_ID", false, "", "Client id for the target token grant."),
+    ("TARGET_CLIENT_SECRET", false, "", "Client secret for the target."),
+    ("TARGET_SCOPES", false, "user/*.write", "Scopes requested from the target."),
+    ("TARGET_AUTH_METHOD", true, "(from discovery)", "As SOURCE_AUTH_METHOD."),
+    ("TARGET_PRIVATE_KEY", true, "", "As SOURCE_PRIVATE_KEY."),
+    ("TARGET_KEY_ID", true, "(the JWK's kid)", "As SOURCE_KEY_ID."),
+    ("TARGET_SIGNING_ALGORITHM", true, "(from the key)", "As SOURCE_SIGNING_ALGORITHM."),
+    ("IMPORT_MODE", false, "merge", "`merge` or `overwrite`; on Pathling 9.2+ also `append`, `ignore`, `error`."),
+    ("PATHLING_API", true, "auto", "`auto` (detect), `7` (7.x `source` shape) or `9` (9.2+ `input` shape)."),
+    ("APPLY_DELETIONS", true, "false", "Apply the export's `deleted[]` entries to Pathling (9.x only)."),
+    ("EXPORT_RETRY_TIMES", false, "24", "Retries while the export runs or fails transiently."),
+    ("EXPORT_RETRY_WAIT", false, "900", "Seconds between export polls (a server's Retry-After wins); caps transient backoff."),
+    ("EXPORT_RETRY_BACK_OFF", false, "1.0", "Factor applied to the wait on each poll (1.0 to 10)."),
+    ("EXPORT_TIMEOUT", true, "(Σ of the waits)", "Seconds the export phase may take in all."),
+    ("TRANSFER_RETRY_TIMES", false, "24", "Retries per file after a transient failure."),
+    ("TRANSFER_RETRY_WAIT", false, "900", "Cap in seconds of the backoff between a file's retries."),
+    ("TRANSFER_RETRY_BACK_OFF", false, "1.0", "Kept for compatibility (the transfer backoff doubles up to the wait)."),
+    ("TRANSFER_TIMEOUT", true, "(Σ of the waits)", "Seconds the transfer phase may spend waiting to retry."),
+    ("IMPORT_RETRY_TIMES", false, "24", "Retries while the import runs or fails transiently."),
+    ("IMPORT_RETRY_WAIT", false, "900", "Seconds between import polls."),
+    ("IMPORT_RETRY_BACK_OFF", false, "1.0", "Factor applied to the wait on each poll."),
+    ("IMPORT_TIMEOUT", true, "(Σ of the waits)", "Seconds the import phase may take in all."),
+    ("RETRY_AFTER_MAX", true, "3600", "Longest wait in seconds honoured from a server's Retry-After."),
+    ("TRANSFER_CONCURRENCY", true, "4", "Files downloaded at once (1 to 32)."),
+    ("TRANSFER_PART_SIZE", true, "8", "S3 multipart part size in MiB (5 to 512)."),
+    ("HTTP_CONNECT_TIMEOUT", true, "10", "Seconds to establish a connection."),
+    ("HTTP_READ_TIMEOUT", true, "60", "Seconds without any progress before a request fails."),
+    ("SENTRY_DSN", false, "", "Report failures to Sentry."),
+    ("SENTRY_ENVIRONMENT", false, "", "Sentry environment."),
+    ("SENTRY_RELEASE", false, "", "Sentry release."),
+];
+
+/// `SOURCE_ENDPOINT` → `sourceEndpoint`.
+pub fn camel_case(constant: &str) -> String {
+    let mut out = String::new();
+    for (i, word) in constant.split('_').enumerate() {
+        let lower = word.to_ascii_lowercase();
+        if i == 0 {
+            out.push_str(&lower);
+        } else {
+            let mut c = lower.chars();
+            if let Some(first) = c.next() {
+                out.push(first.to_ascii_uppercase());
+                out.extend(c);
+            }
+        }
+    }
+    out
+}
+
+/// The raw key/value pairs, keyed by CONSTANT_CASE name.
+#[derive(Clone, Debug)]
+pub struct RawConfig {
+    origin: Origin,
+    values: BTreeMap<String, RawValue>,
+    problems: Vec<Problem>,
+}
+
+impl RawConfig {
+    /// From environment variables; unrelated variables are ignored.
+    pub fn from_env<I: IntoIterator<Item = (String, String)>>(
+        vars: I,
+        extra_keys: &[&str],
+    ) -> Self {
+        let values = vars
+            .into_iter()
+            .filter(|(k, _)| known(k, extra_keys))
+            .map(|(k, v)| (k, RawValue::Str(v)))
+            .collect();
+        RawConfig {
+            origin: Origin::Environment,
+            values,
+            problems: Vec::new(),
+        }
+    }
+
+    /// From a JSON configuration file's text. Unknown keys are problems (a typo would
+    /// otherwise silently fall back to a default); so is a file that is not a JSON object.
+    pub fn from_json(text: &str, extra_keys: &[&str]) -> Self {
+        let mut raw = RawConfig {
+            origin: Origin::File,
+            values: BTreeMap::new(),
+            problems: Vec::new(),
+        };
+        let obj = match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(serde_json::Value::Object(obj)) => obj,
+            Ok(_) => {
+                raw.problem(
+                    "(file)",
+                    "the configuration file must contain a JSON object",
+                );
+                return raw;
+            }
+            Err(e) => {
+                raw.problem("(file)", format!("not valid JSON: {e}"));
+                return raw;
+            }
+        };
+        let by_camel: BTreeMap<String, &str> = KEYS
+            .iter()
+            .map(|k| k.0)
+            .chain(extra_keys.iter().copied())
+            .map(|k| (camel_case(k), k))
+            .collect();
+        for (key, value) in obj {
+            let Some(constant) = by_camel.get(&key) else {
+                let hint = closest(&key, by_camel.keys().map(String::as_str))
+                    .map(|c| format!(" (did you mean {c}?)"))
+                    .unwrap_or_default();
+                raw.problem(&key, format!("unknown key{hint}"));
+                continue;
+            };
+            let v = match value {
+                serde_json::Value::String(s) => RawValue::Str(s),
+                serde_json::Value::Bool(b) => RawValue::Bool(b),
+                serde_json::Value::Number(n) => match n.as_f64() {
+                    Some(f) => RawValue::Num(f),
+                    None => {
+                        raw.problem(&key, "number out of range");
+                        continue;
+                    }
+                },
+                serde_json::Value::Null => continue,
+                serde_json::Value::Array(items) => {
+                    let mut list = Vec::new();
+                    for item in items {
+                        match item {
+                            serde_json::Value::String(s) => list.push(s),
+                            _ => {
+                                raw.problem(&key, "arrays may only contain strings");
+                                break;
+                            }
+                        }
+                    }
+                    RawValue::List(list)
+                }
+                serde_json::Value::Object(_) => {
+                    raw.problem(&key, "objects are not allowed here");
+                    continue;
+                }
+            };
+            raw.values.insert((*constant).to_string(), v);
+        }
+        raw
+    }
+
+    /// Sets a value unless one was given (runners use this for their local defaults).
+    pub fn set_default(&mut self, key: &str, value: &str) {
+        self.values
+            .entry(key.to_string())
+            .or_insert_with(|| RawValue::Str(value.to_string()));
+    }
+
+    fn display_key(&self, constant: &str) -> String {
+        match self.origin {
+            Origin::Environment => constant.to_string(),
+            Origin::File => camel_case(constant),
+        }
+    }
+
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+}
+
+fn known(key: &str, extra: &[&str]) -> bool {
+    KEYS.iter().any(|k| k.0 == key) || extra.contains(&key)
+}
+
+/// The known key nearest to a misspelt one (edit distance ≤ 3).
+fn closest<'a>(key: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| {
+            (
+                edit_distance(&key.to_ascii_lowercase(), &c.to_ascii_lowercase()),
+                c,
+            )
+        })
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Reads typed values, recording a problem (and returning `None`) for each bad one.
+struct Reader<'a> {
+    raw: &'a RawConfig,
+    problems: Vec<Problem>,
+}
+
+impl Reader<'_> {
+    fn bad(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: self.raw.display_key(key),
+            message: message.into(),
+        });
+    }
+
+    /// A non-empty string value (empty strings count as unset, as in the original).
+    fn string(&mut self, key: &str) -> Option<String> {
+        match self.raw.values.get(key)? {
+            RawValue::Str(s) => Some(s.trim().to_string()).filter(|s| !s.is_empty()),
+            RawValue::Num(n) => Some(format_num(*n)),
+            RawValue::Bool(b) => Some(b.to_string()),
+            RawValue::List(_) => {
+                self.bad(key, "expected a single value, not a list");
+                None
+            }
+        }
+    }
+
+    fn required(&mut self, key: &str) -> Option<String> {
+        let v = self.string(key);
+        if v.is_none() && !matches!(self.raw.values.get(key), Some(RawValue::List(_))) {
+            self.bad(key, "required but not set");
+        }
+        v
+    }
+
+    /// A list: a JSON array, or a string split on `sep`.
+    fn list(&mut self, key: &str, sep: char) -> Vec<String> {
+        match self.raw.values.get(key) {
+            Some(RawValue::List(items)) => items
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            Some(_) => self
+                .string(key)
+                .map(|s| {
+                    s.split(sep)
+                        .map(|p| p.trim().to_string())
+                        .filter(|p| !p.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    fn boolean(&mut self, key: &str, default: bool) -> bool {
+        match self.raw.values.get(key) {
+            None => default,
+            Some(RawValue::Bool(b)) => *b,
+            Some(_) => match self.string(key).map(|s| s.to_ascii_lowercase()).as_deref() {
+                None => default,
+                Some("true" | "yes" | "1") => true,
+                Some("false" | "no" | "0") => false,
+                Some(other) => {
+                    self.bad(key, format!("expected true or false, got {other:?}"));
+                    default
+                }
+            },
+        }
+    }
+
+    fn number(&mut self, key: &str, min: f64, max: f64) -> Option<f64> {
+        let n = match self.raw.values.get(key)? {
+            RawValue::Num(n) => *n,
+            _ => {
+                let s = self.string(key)?;
+                match s.parse::<f64>() {
+                    Ok(n) if n.is_finite() => n,
+                    _ => {
+                        self.bad(key, format!("expected a number, got {s:?}"));
+                        return None;
+                    }
+                }
+            }
+        };
+        if n < min || n > max {
+            self.bad(
+                key,
+                format!(
+                    "{} is out of range ({} to {})",
+                    format_num(n),
+                    format_num(min),
+                    format_num(max)
+                ),
+            );
+            return None;
+        }
+        Some(n)
+    }
+
+    fn integer(&mut self, key: &str, min: u64, max: u64) -> Option<u64> {
+        let n = self.number(key, min as f64, max as f64)?;
+        if n.fract() != 0.0 {
+            self.bad(
+                key,
+                format!("expected a whole number, got {}", format_num(n)),
+            );
+            return None;
+        }
+        Some(n as u64)
+    }
+
+    fn endpoint(&mut self, key: &str) -> Option<String> {
+        let s = self.required(key)?;
+        match url::Url::parse(&s) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
+                if u.query().is_some() || u.fragment().is_some() {
+                    self.bad(key, "must not have a query string or fragment");
+                    return None;
+                }
+                Some(s.trim_end_matches('/').to_string())
+            }
+            _ => {
+                self.bad(key, format!("{s:?} is not an absolute http(s) URL"));
+                None
+            }
+        }
+    }
+
+    fn secret(&mut self, key: &str) -> (Option<SecretRef>, Option<Secret>) {
+        match self.string(key) {
+            None => (None, None),
+            Some(v) => {
+                if let Some(id) = v.strip_prefix("secretsmanager:") {
+                    (Some(SecretRef::SecretsManager { id: id.to_string() }), None)
+                } else if let Some(name) = v.strip_prefix("ssm:") {
+                    (
+                        Some(SecretRef::Ssm {
+                            name: name.to_string(),
+                        }),
+                        None,
+                    )
+                } else {
+                    (
+                        Some(SecretRef::Config {
+                            key: self.raw.display_key(key),
+                        }),
+                        Some(Secret::new(v)),
+                    )
+                }
+            }
+        }
+    }
+
+    fn auth(
+        &mut self,
+        side: &str,
+        default_scopes: &str,
+    ) -> (AuthSpec, Option<Secret>, Option<Secret>) {
+        let k = |name: &str| format!("{side}_{name}");
+        let enabled = self.boolean(&k("AUTHENTICATION_ENABLED"), true);
+        let client_id = self.string(&k("CLIENT_ID"));
+        let scopes = self
+            .string(&k("SCOPES"))
+            .unwrap_or_else(|| default_scopes.to_string());
+        let method = match self.string(&k("AUTH_METHOD")).as_deref() {
+            None => None,
+            Some("client_secret_basic") => Some(AuthMethod::ClientSecretBasic),
+            Some("client_secret_post") => Some(AuthMethod::ClientSecretPost),
+            Some("private_key_jwt") => Some(AuthMethod::PrivateKeyJwt),
+            Some(other) => {
+                self.bad(
+                    &k("AUTH_METHOD"),
+                    format!("{other:?} is not one of client_secret_basic, client_secret_post, private_key_jwt"),
+                );
+                None
+            }
+        };
+        let (client_secret, secret_value) = self.secret(&k("CLIENT_SECRET"));
+        let (private_key, key_value) = self.secret(&k("PRIVATE_KEY"));
+        let key_id = self.string(&k("KEY_ID"));
+        let signing_algorithm = match self.string(&k("SIGNING_ALGORITHM")).as_deref() {
+            None => None,
+            Some("RS384") => Some(SigningAlgorithm::RS384),
+            Some("ES384") => Some(SigningAlgorithm::ES384),
+            Some(other) => {
+                self.bad(
+                    &k("SIGNING_ALGORITHM"),
+                    format!("{other:?} is not RS384 or ES384"),
+                );
+                None
+            }
+        };
+        if enabled {
+            if client_id.is_none() {
+                self.bad(&k("CLIENT_ID"), "required when authentication is enabled");
+            }
+            let needs_secret = matches!(
+                method,
+                Some(AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost)
+            );
+            if needs_secret && client_secret.is_none() {
+                self.bad(
+                    &k("CLIENT_SECRET"),
+                    format!(
+                        "required by {}",
+                        method.map(AuthMethod::as_str).unwrap_or_default()
+                    ),
+                );
+            }
+            if method == Some(AuthMethod::PrivateKeyJwt) && private_key.is_none() {
+                self.bad(&k("PRIVATE_KEY"), "required by private_key_jwt");
+            }
+            if method.is_none() && client_secret.is_none() && private_key.is_none() {
+                self.bad(
+                    &k("CLIENT_SECRET"),
+                    format!(
+                        "a client secret or {} is required when authentication is enabled",
+                        self.raw.display_key(&k("PRIVATE_KEY"))
+                    ),
+                );
+            }
+            // A PEM carries no kid; a JWK may carry its own.
+            let jwk_has_kid = key_value
+                .as_ref()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(s.expose()).ok())
+                .is_some_and(|v| v.get("kid").and_then(serde_json::Value::as_str).is_some());
+            let key_in_aws = matches!(
+                private_key,
+                Some(SecretRef::SecretsManager { .. } | SecretRef::Ssm { .. })
+            );
+            if private_key.is_some() && key_id.is_none() && !jwk_has_kid && !key_in_aws {
+                self.bad(
+                    &k("KEY_ID"),
+                    "required with a PEM private key (a JWK may carry its own kid)",
+                );
+            }
+        }
+        (
+            AuthSpec {
+                enabled,
+                client_id,
+                scopes,
+                method,
+                client_secret,
+                private_key,
+                key_id,
+                signing_algorithm,
+            },
+            secret_value,
+            key_value,
+        )
+    }
+
+    fn policy(&mut self, phase: &str) -> PhasePolicy {
+        let times = self
+            .integer(&format!("{phase}_RETRY_TIMES"), 0, 100_000)
+            .unwrap_or(24) as u32;
+        let wait_s = self
+            .number(&format!("{phase}_RETRY_WAIT"), 0.0, 7.0 * 86_400.0)
+            .unwrap_or(900.0);
+        let back_off = self
+            .number(&format!("{phase}_RETRY_BACK_OFF"), 1.0, 10.0)
+            .unwrap_or(1.0);
+        let timeout_ms = self
+            .number(&format!("{phase}_TIMEOUT"), 0.0, 365.0 * 86_400.0)
+            .map(|s| (s * 1000.0) as u64);
+        PhasePolicy {
+            times,
+            wait_ms: (wait_s * 1000.0) as u64,
+            back_off,
+            timeout_ms,
+        }
+    }
+}
+
+fn format_num(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        format!("{n}")
+    }
+}
+
+/// Parses and validates everything, reporting every problem at once.
+pub fn parse(raw: &RawConfig, extra_keys: &[&str]) -> Result<Config, ConfigError> {
+    let mut r = Reader {
+        raw,
+        problems: raw.problems.clone(),
+    };
+
+    let source_endpoint = r.endpoint("SOURCE_ENDPOINT");
+    let target_endpoint = r.endpoint("TARGET_ENDPOINT");
+
+    let types = r.list("TYPES", ',');
+    for t in &types {
+        if !is_resource_type(t) {
+            r.bad("TYPES", format!("{t:?} is not a FHIR resource type"));
+        }
+    }
+    let since = match r.string("SINCE") {
+        None => SinceSpec::None,
+        Some(s) if s.eq_ignore_ascii_case("auto") => SinceSpec::LastSuccess,
+        Some(s) => {
+            if crate::time::parse_fhir_instant(&s).is_none() {
+                r.bad(
+                    "SINCE",
+                    format!("{s:?} is not a FHIR instant (e.g. 2024-01-31T00:00:00Z) or `auto`"),
+                );
+            }
+            SinceSpec::At(s)
+        }
+    };
+    let level = match r.string("EXPORT_LEVEL") {
+        None => ExportLevel::System,
+        Some(s) => {
+            let lower = s.to_ascii_lowercase();
+            if lower == "system" {
+                ExportLevel::System
+            } else if lower == "patient" {
+                ExportLevel::Patient
+            } else if let Some(id) = lower.strip_prefix("group/").map(|_| &s[6..]) {
+                if !crate::bulk::is_resource_id(id) {
+                    r.bad("EXPORT_LEVEL", format!("{id:?} is not a valid Group id"));
+                }
+                ExportLevel::Group(id.to_string())
+            } else {
+                r.bad(
+                    "EXPORT_LEVEL",
+                    format!("{s:?} is not `system`, `patient` or `group/<id>`"),
+                );
+                ExportLevel::System
+            }
+        }
+    };
+    let patients = r.list("PATIENTS", ',');
+    for p in &patients {
+        let ok = p
+            .strip_prefix("Patient/")
+            .is_some_and(crate::bulk::is_resource_id);
+        if !ok {
+            r.bad("PATIENTS", format!("{p:?} is not a Patient/id reference"));
+        }
+    }
+    if !patients.is_empty() && level == ExportLevel::System {
+        r.bad("PATIENTS", "needs EXPORT_LEVEL patient or group/<id>");
+    }
+    let type_filters = r.list("TYPE_FILTERS", ' ');
+    for f in &type_filters {
+        let ok = f
+            .split_once('?')
+            .is_some_and(|(t, q)| is_resource_type(t) && !q.is_empty());
+        if !ok {
+            r.bad(
+                "TYPE_FILTERS",
+                format!("{f:?} is not of the form Type?query"),
+            );
+        }
+    }
+    let export = ExportSpec {
+        level,
+        types,
+        since,
+        output_format: r
+            .string("OUTPUT_FORMAT")
+            .unwrap_or_else(|| "application/fhir+ndjson".into()),
+        type_filters,
+        elements: r.list("ELEMENTS", ','),
+        patients,
+        include_associated_data: r.list("INCLUDE_ASSOCIATED_DATA", ','),
+    };
+
+    let (source_auth, source_client_secret, source_private_key) = r.auth("SOURCE", "system/*.read");
+    let (target_auth, target_client_secret, target_private_key) = r.auth("TARGET", "user/*.write");
+
+    let staging = r.required("STAGING_URL").and_then(|s| {
+        StagingLocation::parse(&s)
+            .map_err(|e| r.bad("STAGING_URL", format!("{s:?}: {e}")))
+            .ok()
+    });
+
+    let api = match r.string("PATHLING_API").as_deref() {
+        None | Some("auto") => PathlingApiChoice::Auto,
+        Some("7" | "v7") => PathlingApiChoice::V7,
+        Some("9" | "v9") => PathlingApiChoice::V9,
+        Some(other) => {
+            r.bad("PATHLING_API", format!("{other:?} is not auto, 7 or 9"));
+            PathlingApiChoice::Auto
+        }
+    };
+    let import_mode = match r
+        .string("IMPORT_MODE")
+        .map(|s| s.to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("merge") => ImportMode::Merge,
+        Some("overwrite") => ImportMode::Overwrite,
+        Some("append") => ImportMode::Append,
+        Some("ignore") => ImportMode::Ignore,
+        Some("error") => ImportMode::Error,
+        Some(other) => {
+            r.bad(
+                "IMPORT_MODE",
+                format!("{other:?} is not merge, overwrite, append, ignore or error"),
+            );
+            ImportMode::Merge
+        }
+    };
+    if api == PathlingApiChoice::V7 && !import_mode.supported_by_v7() {
+        r.bad(
+            "IMPORT_MODE",
+            format!(
+                "{} needs Pathling 9.2+ (PATHLING_API is 7)",
+                import_mode.as_code()
+            ),
+        );
+    }
+    let apply_deletions = r.boolean("APPLY_DELETIONS", false);
+    if apply_deletions && api == PathlingApiChoice::V7 {
+        r.bad(
+            "APPLY_DELETIONS",
+            "Pathling 7.x cannot delete resources (PATHLING_API is 7)",
+        );
+    }
+
+    let retry = RetrySpec {
+        export: r.policy("EXPORT"),
+        transfer: r.policy("TRANSFER"),
+        import: r.policy("IMPORT"),
+        retry_after_max_ms: r.integer("RETRY_AFTER_MAX", 1, 7 * 86_400).unwrap_or(3600) * 1000,
+    };
+    let transfer = TransferSpec {
+        concurrency: r.integer("TRANSFER_CONCURRENCY", 1, 32).unwrap_or(4) as u32,
+        part_size: r.integer("TRANSFER_PART_SIZE", 5, 512).unwrap_or(8) * 1024 * 1024,
+        connect_timeout_ms: r.integer("HTTP_CONNECT_TIMEOUT", 1, 600).unwrap_or(10) * 1000,
+        read_timeout_ms: r.integer("HTTP_READ_TIMEOUT", 1, 3600).unwrap_or(60) * 1000,
+    };
+    let (_, dsn) = r.secret("SENTRY_DSN");
+    let sentry = SentryConfig {
+        dsn,
+        environment: r.string("SENTRY_ENVIRONMENT"),
+        release: r.string("SENTRY_RELEASE"),
+    };
+    let mut extras = BTreeMap::new();
+    for key in extra_keys {
+        if let Some(v) = r.string(key) {
+            extras.insert((*key).to_string(), v);
+        }
+    }
+
+    match (source_endpoint, target_endpoint, staging) {
+        (Some(source), Some(target), Some(staging)) if r.problems.is_empty() => Ok(Config {
+            spec: RunSpec {
+                source: SourceSpec {
+                    endpoint: source,
+                    auth: source_auth,
+                },
+                export,
+                staging,
+                target: TargetSpec {
+                    endpoint: target,
+                    auth: target_auth,
+                    import_mode,
+                    api,
+                    apply_deletions,
+                },
+                retry,
+                transfer,
+            },
+            secrets: Secrets {
+                source_client_secret,
+                source_private_key,
+                target_client_secret,
+                target_private_key,
+            },
+            sentry,
+            extras,
+        }),
+        _ => Err(ConfigError {
+            problems: r.problems,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> RawConfig {
+        RawConfig::from_env(
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            &[],
+        )
+    }
+
+    const MINIMAL: &[(&str, &str)] = &[
+        ("SOURCE_ENDPOINT", "https://fhir.example.org/fhir/"),
+        ("SOURCE_CLIENT_ID", "id"),
+        ("SOURCE_CLIENT_SECRET", "s3cr3t-value"),
+        ("STAGING_URL", "s3://bucket/prefix"),
+        ("TARGET_ENDPOINT", "https://pathling.example.org/fhir"),
+        ("TARGET_AUTHENTICATION_ENABLED", "false"),
+    ];
+
+    #[test]
+    fn minimal_environment_parses_with_seed_defaults() {
+        let c = parse(&env(MINIMAL), &[]).unwrap();
+        assert_eq!(c.spec.source.endpoint, "https://fhir.example.org/fhir");
+        assert_eq!(c.spec.export.since, SinceSpec::None, "SINCE is optional");
+        assert_eq!(c.spec.target.auth.scopes, "user/*.write");
+        assert_eq!(c.spec.target.import_mode, ImportMode::Merge);
+        assert_eq!(c.spec.retry.export.times, 24);
+        assert_eq!(c.spec.retry.export.wait_ms, 900_000);
+        assert_eq!(c.spec.retry.export.back_off, 1.0);
+        assert!(!c.spec.target.auth.enabled);
+    }
+
+    #[test]
+    fn secrets_never_reach_spec_or_debug() {
+        let c = parse(&env(MINIMAL), &[]).unwrap();
+        let spec_json = serde_json::to_string(&c.spec).unwrap();
+        assert!(!spec_json.contains("s3cr3t-value"));
+        assert!(!format!("{c:?}").contains("s3cr3t-value"));
+        assert_eq!(
+            c.secrets.source_client_secret.as_ref().map(Secret::expose),
+            Some("s3cr3t-value")
+        );
+        assert_eq!(
+            c.spec.source.auth.client_secret,
+            Some(SecretRef::Config {
+                key: "SOURCE_CLIENT_SECRET".into()
+            })
+        );
+    }
+
+    #[test]
+    fn explicit_zero_is_honoured() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("EXPORT_RETRY_TIMES", "0"));
+        pairs.push(("IMPORT_RETRY_WAIT", "0"));
+        let c = parse(&env(&pairs), &[]).unwrap();
+        assert_eq!(c.spec.retry.export.times, 0);
+        assert_eq!(c.spec.retry.import.wait_ms, 0);
+    }
+
+    #[test]
+    fn every_problem_is_reported_together_naming_keys() {
+        let err = parse(
+            &env(&[
+                ("SOURCE_ENDPOINT", "not a url"),
+                ("SINCE", "yesterday"),
+                ("IMPORT_MODE", "replace"),
+                ("EXPORT_RETRY_TIMES", "-1"),
+                ("SOURCE_AUTHENTICATION_ENABLED", "nope"),
+                ("STAGING_URL", "http://bucket"),
+            ]),
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "SOURCE_ENDPOINT",
+            "SINCE",
+            "IMPORT_MODE",
+            "EXPORT_RETRY_TIMES",
+            "SOURCE_AUTHENTICATION_ENABLED",
+            "STAGING_URL",
+            "TARGET_ENDPOINT",
+            "TARGET_CLIENT_ID",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn json_file_uses_camel_case_and_native_types() {
+        let raw = RawConfig::from_json(
+            r#"{"sourceEndpoint": "https://s/fhir", "sourceAuthenticationEnabled": false,
+                "stagingUrl": "file:///tmp/x", "targetEndpoint": "https://t/fhir",
+                "targetAuthenticationEnabled": "false", "exportRetryTimes": 3,
+                "exportRetryBackOff": 1.5, "types": ["Patient", "Observation"], "since": "auto"}"#,
+            &[],
+        );
+        let c = parse(&raw, &[]).unwrap();
+        assert_eq!(c.spec.retry.export.times, 3);
+        assert_eq!(c.spec.retry.export.back_off, 1.5);
+        assert_eq!(c.spec.export.types, ["Patient", "Observation"]);
+        assert_eq!(c.spec.export.since, SinceSpec::LastSuccess);
+    }
+
+    #[test]
+    fn json_file_problems_use_file_key_names() {
+        let raw = RawConfig::from_json(r#"{"sourceEndpont": "x", "importMode": "bad"}"#, &[]);
+        let err = parse(&raw, &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("sourceEndpont: unknown key (did you mean sourceEndpoint?)"),
+            "{text}"
+        );
+        assert!(text.contains("importMode:"), "{text}");
+        assert!(text.contains("sourceEndpoint: required"), "{text}");
+        let broken = parse(&RawConfig::from_json("{not json", &[]), &[]).unwrap_err();
+        assert!(broken.to_string().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn v7_constraints_are_checked_up_front() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            ("PATHLING_API", "7"),
+            ("IMPORT_MODE", "append"),
+            ("APPLY_DELETIONS", "true"),
+        ]);
+        let err = parse(&env(&pairs), &[]).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["IMPORT_MODE", "APPLY_DELETIONS"]);
+    }
+
+    #[test]
+    fn export_levels_and_private_key_rules() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.retain(|(k, _)| *k != "SOURCE_CLIENT_SECRET");
+        pairs.extend([
+            ("EXPORT_LEVEL", "Group/abc-1"),
+            ("PATIENTS", "Patient/1,Patient/2"),
+            ("SOURCE_AUTH_METHOD", "private_key_jwt"),
+            ("SOURCE_PRIVATE_KEY", "-----BEGIN PRIVATE KEY-----"),
+        ]);
+        let err = parse(&env(&pairs), &[]).unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        assert_eq!(err.problems[0].key, "SOURCE_KEY_ID");
+        pairs.push(("SOURCE_KEY_ID", "k1"));
+        let c = parse(&env(&pairs), &[]).unwrap();
+        assert_eq!(c.spec.export.level, ExportLevel::Group("abc-1".into()));
+        assert_eq!(c.spec.export.patients.len(), 2);
+    }
+
+    #[test]
+    fn aws_secret_references_are_kept_as_references() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.retain(|(k, _)| *k != "SOURCE_CLIENT_SECRET");
+        pairs.push((
+            "SOURCE_CLIENT_SECRET",
+            "secretsmanager:arn:aws:secretsmanager:x",
+        ));
+        let c = parse(&env(&pairs), &[]).unwrap();
+        assert!(c.secrets.source_client_secret.is_none());
+        assert_eq!(
+            c.spec.source.auth.client_secret,
+            Some(SecretRef::SecretsManager {
+                id: "arn:aws:secretsmanager:x".into()
+            })
+        );
+    }
+
+    #[test]
+    fn camel_case_matches_the_original() {
+        assert_eq!(camel_case("EXPORT_RETRY_BACK_OFF"), "exportRetryBackOff");
+        assert_eq!(camel_case("STAGING_URL"), "stagingUrl");
+    }
+}

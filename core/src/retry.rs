@@ -1,0 +1,287 @@
+//! Failures as facts, their classification, and every wait the machine schedules.
+//!
+//! Runners report what happened ([`Failure`]); only the core decides whether it is worth
+//! another try ([`classify`]) and when ([`backoff_ms`], [`poll_delay_ms`]). Jitter is
+//! deterministic — derived from the run id, the operation and the attempt — so a replayed run
+//! schedules exactly the same wake-ups.
+
+use crate::spec::PhasePolicy;
+use crate::time::{retry_after_delay_ms, Timestamp};
+use serde::{Deserialize, Serialize};
+
+/// What went wrong with an effect, as observed by the executor. Never carries a secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    /// The raw `Retry-After` header, when the server sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<String>,
+    /// Human-readable detail (status line, OperationOutcome diagnostics, I/O error).
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Connection refused or reset, DNS, TLS.
+    Network,
+    /// No progress within the read timeout, or the connect timeout.
+    Timeout,
+    /// An HTTP error status. `transient_outcome`: the body was an OperationOutcome with an
+    /// issue of code `transient` (Bulk Data's "ask again later").
+    Http {
+        status: u16,
+        transient_outcome: bool,
+    },
+    /// A success status with a body that could not be understood (bad manifest, no
+    /// Content-Location, not JSON).
+    Undecodable,
+    /// The staging store failed; `transient` as the store's client judged it (throttling,
+    /// 5xx) versus permanent (access denied, no such bucket).
+    Storage { transient: bool },
+    /// Something local and permanent: a credential that cannot be loaded, a key that does
+    /// not parse.
+    Local,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Failure {
+            kind,
+            retry_after: None,
+            message: message.into(),
+        }
+    }
+    pub fn http(status: u16, message: impl Into<String>) -> Self {
+        Failure::new(
+            FailureKind::Http {
+                status,
+                transient_outcome: false,
+            },
+            message,
+        )
+    }
+    pub fn with_retry_after(mut self, value: Option<String>) -> Self {
+        self.retry_after = value;
+        self
+    }
+    pub fn status(&self) -> Option<u16> {
+        match self.kind {
+            FailureKind::Http { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            FailureKind::Http { status, .. } => write!(f, "HTTP {status}: {}", self.message),
+            FailureKind::Network => write!(f, "network error: {}", self.message),
+            FailureKind::Timeout => write!(f, "timed out: {}", self.message),
+            FailureKind::Undecodable => write!(f, "unexpected answer: {}", self.message),
+            FailureKind::Storage { .. } => write!(f, "staging store: {}", self.message),
+            FailureKind::Local => f.write_str(&self.message),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Transient,
+    Permanent,
+}
+
+/// 408, 429, 5xx, network errors, timeouts and Bulk Data `transient` outcomes are worth
+/// another try (Pathling's 503 "another import in progress" among them); other 4xx and
+/// undecodable answers are not.
+pub fn classify(f: &Failure) -> Verdict {
+    match f.kind {
+        FailureKind::Network | FailureKind::Timeout => Verdict::Transient,
+        FailureKind::Http {
+            status,
+            transient_outcome,
+        } => {
+            if transient_outcome || status == 408 || status == 429 || (500..600).contains(&status) {
+                Verdict::Transient
+            } else {
+                Verdict::Permanent
+            }
+        }
+        FailureKind::Storage { transient: true } => Verdict::Transient,
+        FailureKind::Storage { transient: false }
+        | FailureKind::Undecodable
+        | FailureKind::Local => Verdict::Permanent,
+    }
+}
+
+/// The first backoff after a transient failure; it doubles per consecutive failure.
+pub const BACKOFF_BASE_MS: u64 = 1_000;
+/// Poll no faster than this, whatever a server says.
+pub const MIN_POLL_MS: u64 = 1_000;
+/// Jitter shortens a wait by at most a quarter: with a doubling base, jittered waits stay
+/// monotone until the cap.
+const JITTER_SPAN: f64 = 0.25;
+
+/// FNV-1a: a stable, dependency-free hash for deterministic jitter.
+pub fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.iter().chain(std::iter::once(&0xff)) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The un-jittered backoff before retry number `failures` (1-based), capped at the phase's
+/// wait (an explicit 0 retries at once).
+pub fn backoff_base_ms(policy: &PhasePolicy, failures: u32) -> u64 {
+    let exp = failures.saturating_sub(1).min(40);
+    BACKOFF_BASE_MS
+        .saturating_mul(1u64 << exp)
+        .min(policy.wait_ms)
+}
+
+/// The backoff with deterministic jitter in `(1 - JITTER_SPAN) × base ..= base`.
+pub fn backoff_ms(policy: &PhasePolicy, failures: u32, jitter_key: u64) -> u64 {
+    let base = backoff_base_ms(policy, failures);
+    let h = stable_hash(&[&jitter_key.to_le_bytes(), &failures.to_le_bytes()]);
+    let fraction = (h % 10_001) as f64 / 10_000.0;
+    let factor = 1.0 - JITTER_SPAN * fraction;
+    (base as f64 * factor).round() as u64
+}
+
+/// The wait before poll number `poll + 1` of a running job: the server's `Retry-After` when
+/// it gave one (clamped to `[MIN_POLL_MS, retry_after_max_ms]`), else the original's schedule
+/// `wait × back_off^poll`.
+pub fn poll_delay_ms(
+    policy: &PhasePolicy,
+    poll: u32,
+    retry_after: Option<&str>,
+    retry_after_max_ms: u64,
+    now: Timestamp,
+) -> u64 {
+    let scheduled = schedule_ms(policy, poll);
+    let chosen = retry_after
+        .and_then(|v| retry_after_delay_ms(v, now))
+        .map(|ms| ms.min(retry_after_max_ms))
+        .unwrap_or(scheduled);
+    chosen.max(MIN_POLL_MS)
+}
+
+/// Honours a failure's `Retry-After` (429, 503) when it asks for longer than the backoff.
+pub fn failure_delay_ms(
+    policy: &PhasePolicy,
+    failures: u32,
+    jitter_key: u64,
+    failure: &Failure,
+    retry_after_max_ms: u64,
+    now: Timestamp,
+) -> u64 {
+    let backoff = backoff_ms(policy, failures, jitter_key);
+    let hinted = failure
+        .retry_after
+        .as_deref()
+        .and_then(|v| retry_after_delay_ms(v, now))
+        .map(|ms| ms.min(retry_after_max_ms))
+        .unwrap_or(0);
+    backoff.max(hinted)
+}
+
+fn schedule_ms(policy: &PhasePolicy, i: u32) -> u64 {
+    let factor = policy.back_off.max(1.0).powi(i.min(1000) as i32);
+    let ms = policy.wait_ms as f64 * factor;
+    if ms.is_finite() && ms < 7.0 * 86_400_000.0 {
+        ms as u64
+    } else {
+        7 * 86_400_000
+    }
+}
+
+/// How long a phase may take in all: the configured timeout, or the original's total
+/// patience `Σ max(wait × back_off^i, MIN_POLL_MS)` over `i < times`.
+pub fn patience_ms(policy: &PhasePolicy) -> u64 {
+    policy.timeout_ms.unwrap_or_else(|| {
+        (0..policy.times).fold(0u64, |acc, i| {
+            acc.saturating_add(schedule_ms(policy, i).max(MIN_POLL_MS))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(times: u32, wait_s: u64, back_off: f64) -> PhasePolicy {
+        PhasePolicy {
+            times,
+            wait_ms: wait_s * 1000,
+            back_off,
+            timeout_ms: None,
+        }
+    }
+
+    #[test]
+    fn classification() {
+        let t = |s| classify(&Failure::http(s, ""));
+        assert_eq!(t(408), Verdict::Transient);
+        assert_eq!(t(429), Verdict::Transient);
+        assert_eq!(t(503), Verdict::Transient);
+        assert_eq!(t(404), Verdict::Permanent);
+        assert_eq!(t(400), Verdict::Permanent);
+        let transient_oo = Failure::new(
+            FailureKind::Http {
+                status: 400,
+                transient_outcome: true,
+            },
+            "",
+        );
+        assert_eq!(classify(&transient_oo), Verdict::Transient);
+        assert_eq!(
+            classify(&Failure::new(FailureKind::Undecodable, "")),
+            Verdict::Permanent
+        );
+        assert_eq!(
+            classify(&Failure::new(FailureKind::Network, "")),
+            Verdict::Transient
+        );
+    }
+
+    #[test]
+    fn seed_patience_is_times_times_wait() {
+        assert_eq!(patience_ms(&policy(24, 900, 1.0)), 24 * 900_000);
+        assert_eq!(patience_ms(&policy(0, 900, 1.0)), 0);
+        assert_eq!(patience_ms(&policy(3, 10, 2.0)), 10_000 + 20_000 + 40_000);
+    }
+
+    #[test]
+    fn poll_delay_prefers_retry_after_and_clamps() {
+        let p = policy(24, 900, 1.0);
+        let now = Timestamp::from_secs(1_800_000_000);
+        assert_eq!(poll_delay_ms(&p, 0, None, 3_600_000, now), 900_000);
+        assert_eq!(poll_delay_ms(&p, 0, Some("5"), 3_600_000, now), 5_000);
+        assert_eq!(poll_delay_ms(&p, 0, Some("0"), 3_600_000, now), MIN_POLL_MS);
+        assert_eq!(
+            poll_delay_ms(&p, 0, Some("1900000000"), 3_600_000, now),
+            3_600_000
+        );
+        assert_eq!(
+            poll_delay_ms(&p, 0, Some("garbage"), 3_600_000, now),
+            900_000
+        );
+    }
+
+    #[test]
+    fn backoff_is_jittered_within_a_quarter_and_capped() {
+        let p = policy(24, 60, 1.0);
+        for failures in 1..20 {
+            let base = backoff_base_ms(&p, failures);
+            let d = backoff_ms(&p, failures, 42);
+            assert!(d <= base && d as f64 >= base as f64 * 0.75 - 1.0);
+            assert!(d <= 60_000);
+        }
+        assert_eq!(backoff_ms(&policy(24, 0, 1.0), 5, 1), 0);
+    }
+}

@@ -1,0 +1,222 @@
+//! The validated, serializable description of one sync run (`RunSpec`).
+//!
+//! A spec is snapshotted into the run when it starts, so a redeploy with new configuration
+//! never changes an in-flight run. It holds no secret: credentials are *referenced*
+//! ([`SecretRef`]) and their values travel separately in [`crate::config::Secrets`].
+
+use crate::staging::StagingLocation;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub source: SourceSpec,
+    pub export: ExportSpec,
+    pub staging: StagingLocation,
+    pub target: TargetSpec,
+    pub retry: RetrySpec,
+    pub transfer: TransferSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SourceSpec {
+    /// Base URL of the FHIR server, without a trailing slash.
+    pub endpoint: String,
+    pub auth: AuthSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetSpec {
+    /// Base URL of the Pathling server, without a trailing slash.
+    pub endpoint: String,
+    pub auth: AuthSpec,
+    pub import_mode: ImportMode,
+    pub api: PathlingApiChoice,
+    /// Apply the manifest's `deleted[]` entries to the target after the import.
+    pub apply_deletions: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuthSpec {
+    pub enabled: bool,
+    pub client_id: Option<String>,
+    pub scopes: String,
+    /// `None`: chosen from the server's `token_endpoint_auth_methods_supported`.
+    pub method: Option<AuthMethod>,
+    pub client_secret: Option<SecretRef>,
+    pub private_key: Option<SecretRef>,
+    /// The `kid` of the signing key; may instead come from a JWK's own `kid`.
+    pub key_id: Option<String>,
+    /// `None`: taken from the key (RSA → RS384, EC P-384 → ES384).
+    pub signing_algorithm: Option<SigningAlgorithm>,
+}
+
+impl AuthSpec {
+    pub fn disabled() -> Self {
+        AuthSpec {
+            enabled: false,
+            client_id: None,
+            scopes: String::new(),
+            method: None,
+            client_secret: None,
+            private_key: None,
+            key_id: None,
+            signing_algorithm: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    ClientSecretBasic,
+    ClientSecretPost,
+    PrivateKeyJwt,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::ClientSecretBasic => "client_secret_basic",
+            AuthMethod::ClientSecretPost => "client_secret_post",
+            AuthMethod::PrivateKeyJwt => "private_key_jwt",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SigningAlgorithm {
+    RS384,
+    ES384,
+}
+
+/// Where a secret's value comes from. The value itself never enters a spec or a state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum SecretRef {
+    /// The configuration key (environment variable or JSON file key) that held the value.
+    Config { key: String },
+    /// An AWS Secrets Manager secret id or ARN, resolved by the runner.
+    SecretsManager { id: String },
+    /// An AWS SSM Parameter Store name (a SecureString), resolved by the runner.
+    Ssm { name: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExportSpec {
+    pub level: ExportLevel,
+    /// `_type`; empty means every type the server exports.
+    pub types: Vec<String>,
+    pub since: SinceSpec,
+    /// `_outputFormat`.
+    pub output_format: String,
+    /// `_typeFilter` entries, each `Type?query`.
+    pub type_filters: Vec<String>,
+    /// `_elements`.
+    pub elements: Vec<String>,
+    /// `patient` references (`Patient/123`): the kick-off becomes a POST with `Parameters`.
+    pub patients: Vec<String>,
+    /// `includeAssociatedData`.
+    pub include_associated_data: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "level", content = "id", rename_all = "snake_case")]
+pub enum ExportLevel {
+    System,
+    Patient,
+    Group(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "instant", rename_all = "snake_case")]
+pub enum SinceSpec {
+    /// A full export.
+    None,
+    /// A fixed FHIR instant.
+    At(String),
+    /// The `transactionTime` of the last successful run (a full export when there is none).
+    LastSuccess,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportMode {
+    Merge,
+    Overwrite,
+    Append,
+    Ignore,
+    Error,
+}
+
+impl ImportMode {
+    pub fn as_code(self) -> &'static str {
+        match self {
+            ImportMode::Merge => "merge",
+            ImportMode::Overwrite => "overwrite",
+            ImportMode::Append => "append",
+            ImportMode::Ignore => "ignore",
+            ImportMode::Error => "error",
+        }
+    }
+    /// Pathling 7.x knows only `merge` and `overwrite`.
+    pub fn supported_by_v7(self) -> bool {
+        matches!(self, ImportMode::Merge | ImportMode::Overwrite)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathlingApiChoice {
+    /// Detect from `GET /metadata`, falling back on the server's 400 answer.
+    Auto,
+    V7,
+    V9,
+}
+
+/// The two incompatible `$import` request shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathlingApi {
+    /// Pathling 7.x and earlier: `source` parts with `mode`.
+    V7,
+    /// Pathling 9.2 and later: `input` parts, `saveMode`, `inputFormat`.
+    V9,
+}
+
+/// Retry and patience settings per phase, plus the clamp on server-requested waits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetrySpec {
+    pub export: PhasePolicy,
+    pub transfer: PhasePolicy,
+    pub import: PhasePolicy,
+    /// Upper bound on any wait a server asks for with `Retry-After`.
+    pub retry_after_max_ms: u64,
+}
+
+/// The original's `{PHASE}_RETRY_{TIMES,WAIT,BACK_OFF}` plus an optional overall deadline.
+///
+/// - `times`: how many times an operation of this phase is retried (polls of a running job,
+///   attempts of a transient failure, attempts per file); 0 means no retry at all.
+/// - `wait_ms`, `back_off`: the `i`-th wait for a running job is `wait × back_off^i` unless
+///   the server's `Retry-After` says otherwise; `wait_ms` also caps the exponential backoff
+///   after transient failures.
+/// - `timeout_ms`: the phase's overall deadline; `None` derives it from the original's total
+///   patience, `Σ wait × back_off^i` for `i < times`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PhasePolicy {
+    pub times: u32,
+    pub wait_ms: u64,
+    pub back_off: f64,
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferSpec {
+    /// Files transferred at once (toward one source).
+    pub concurrency: u32,
+    /// S3 multipart part size in bytes.
+    pub part_size: u64,
+    pub connect_timeout_ms: u64,
+    /// A download or request with no progress for this long fails (and is retried).
+    pub read_timeout_ms: u64,
+}

@@ -1,0 +1,412 @@
+//! The persisted state of a run: a closed enum of phases, each a struct named for what it is
+//! doing or awaiting, and the compact per-file table.
+
+use crate::bulk::{FileKind, OutcomeSummary};
+use crate::spec::PathlingApi;
+use crate::staging::StagingKey;
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum SyncState {
+    KickingOffExport(KickingOffExport),
+    PollingExport(PollingExport),
+    StagingFiles(StagingFiles),
+    KickingOffImport(KickingOffImport),
+    PollingImport(PollingImport),
+    ApplyingDeletions(ApplyingDeletions),
+    CleaningUp(CleaningUp),
+    Succeeded(Summary),
+    Failed(FailedRun),
+    Cancelled(CancelledRun),
+}
+
+impl SyncState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SyncState::KickingOffExport(_) => "kicking_off_export",
+            SyncState::PollingExport(_) => "polling_export",
+            SyncState::StagingFiles(_) => "staging_files",
+            SyncState::KickingOffImport(_) => "kicking_off_import",
+            SyncState::PollingImport(_) => "polling_import",
+            SyncState::ApplyingDeletions(_) => "applying_deletions",
+            SyncState::CleaningUp(_) => "cleaning_up",
+            SyncState::Succeeded(_) => "succeeded",
+            SyncState::Failed(_) => "failed",
+            SyncState::Cancelled(_) => "cancelled",
+        }
+    }
+
+    pub fn terminal(&self) -> Option<Terminal> {
+        match self {
+            SyncState::Succeeded(s) => Some(Terminal::Succeeded(s.clone())),
+            SyncState::Failed(f) => Some(Terminal::Failed(f.clone())),
+            SyncState::Cancelled(c) => Some(Terminal::Cancelled(c.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// Retry bookkeeping of a run-level operation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retrying {
+    /// Consecutive transient failures so far.
+    pub failures: u32,
+    /// Not before this time (a backoff or a poll interval).
+    pub not_before: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KickingOffExport {
+    /// The resolved `_since` (from the spec or the last successful run).
+    pub since: Option<String>,
+    pub retry: Retrying,
+    pub deadline: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PollingExport {
+    pub since: Option<String>,
+    pub status_url: String,
+    /// Polls answered "in progress" so far.
+    pub polls: u32,
+    pub progress: Option<String>,
+    pub retry: Retrying,
+    pub deadline: Timestamp,
+}
+
+/// What the export produced, carried through every later phase.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Exported {
+    pub since: Option<String>,
+    pub status_url: String,
+    pub transaction_time: String,
+    /// Where the executor stored the full manifest (file URLs live there, not here).
+    pub manifest_key: StagingKey,
+    pub files: FileTable,
+    pub source_errors: OutcomeSummary,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StagingFiles {
+    pub export: Exported,
+    /// The phase fails when no file has been staged for the transfer patience.
+    pub stall_deadline: Timestamp,
+}
+
+/// Which `$import` shape to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ApiState {
+    /// Configured `auto` and not yet asked: `GET /metadata` first.
+    Detecting,
+    /// Known (configured or detected).
+    Known { api: PathlingApi },
+    /// Guessed (metadata did not tell); one switch to the other shape is allowed when the
+    /// server's 400 answer says it is the other generation.
+    Guessed { api: PathlingApi },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KickingOffImport {
+    pub export: Exported,
+    pub api: ApiState,
+    pub retry: Retrying,
+    pub deadline: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PollingImport {
+    pub export: Exported,
+    pub api: PathlingApi,
+    pub job_url: String,
+    pub polls: u32,
+    pub progress: Option<String>,
+    pub retry: Retrying,
+    pub deadline: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApplyingDeletions {
+    pub export: Exported,
+    pub imported: bool,
+    pub deleted: u64,
+    pub absent: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CleaningUp {
+    pub status_url: String,
+    /// Where the run ends once the export job is deleted (or the attempt failed).
+    pub then: Terminal,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Terminal {
+    Succeeded(Summary),
+    Failed(FailedRun),
+    Cancelled(CancelledRun),
+}
+
+impl Terminal {
+    pub fn into_state(self) -> SyncState {
+        match self {
+            Terminal::Succeeded(s) => SyncState::Succeeded(s),
+            Terminal::Failed(f) => SyncState::Failed(f),
+            Terminal::Cancelled(c) => SyncState::Cancelled(c),
+        }
+    }
+}
+
+/// What a run did; the `Succeeded` phase and part of `Failed`/`Cancelled`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// The export's `transactionTime`: where the next incremental run starts.
+    pub transaction_time: Option<String>,
+    pub since: Option<String>,
+    /// The manifest listed no `output[]` file: nothing was imported.
+    pub nothing_to_import: bool,
+    pub files: u32,
+    pub files_staged: u32,
+    pub bytes: u64,
+    pub resources: u64,
+    /// Resources staged per `output[]` type.
+    pub resources_by_type: BTreeMap<String, u64>,
+    pub imported_files: u32,
+    pub deleted: u64,
+    pub already_absent: u64,
+    pub source_errors: OutcomeSummary,
+    pub import_job: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailedRun {
+    /// The phase that failed.
+    pub phase: String,
+    pub reason: String,
+    pub summary: Summary,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CancelledRun {
+    pub phase: String,
+    pub reason: String,
+    pub summary: Summary,
+}
+
+/// Status of one manifest file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileStatus {
+    /// Not staged yet (maybe waiting to retry).
+    Pending,
+    Staged,
+    /// Deletions applied (`deleted[]` files only).
+    Applied,
+    /// Gave up; the run fails naming it.
+    Failed,
+}
+
+impl FileStatus {
+    fn code(self) -> char {
+        match self {
+            FileStatus::Pending => 'p',
+            FileStatus::Staged => 's',
+            FileStatus::Applied => 'a',
+            FileStatus::Failed => 'f',
+        }
+    }
+    fn from_code(c: char) -> Option<Self> {
+        Some(match c {
+            'p' => FileStatus::Pending,
+            's' => FileStatus::Staged,
+            'a' => FileStatus::Applied,
+            'f' => FileStatus::Failed,
+            _ => return None,
+        })
+    }
+}
+
+fn kind_code(k: FileKind) -> char {
+    match k {
+        FileKind::Output => 'o',
+        FileKind::Deleted => 'd',
+        FileKind::Error => 'e',
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileRow {
+    pub kind: FileKind,
+    pub type_idx: u16,
+    pub status: FileStatus,
+    /// Transient failures so far; the attempt number of the next try.
+    pub failures: u32,
+    pub not_before: Timestamp,
+}
+
+/// Per-file progress, kept compact: a 10,000-file manifest costs about 50 KB of envelope
+/// (the URLs stay in the stored manifest). Serialized column-wise:
+/// `{"types": [...], "type_of": [0, 0, 1], "kind": "ood", "status": "ssp", "retries": {...}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(into = "FileTableWire", try_from = "FileTableWire")]
+pub struct FileTable {
+    pub types: Vec<String>,
+    pub rows: Vec<FileRow>,
+    /// The last error of files that failed at least once (pending retries, or failed).
+    pub errors: BTreeMap<u32, String>,
+    pub bytes: u64,
+    pub resources_by_type: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct FileTableWire {
+    types: Vec<String>,
+    type_of: Vec<u16>,
+    kind: String,
+    status: String,
+    /// index → [failures, not_before, last error]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    retries: BTreeMap<u32, (u32, Timestamp, String)>,
+    bytes: u64,
+    resources_by_type: Vec<u64>,
+}
+
+impl From<FileTable> for FileTableWire {
+    fn from(t: FileTable) -> Self {
+        let mut retries = BTreeMap::new();
+        for (i, row) in t.rows.iter().enumerate() {
+            let i = i as u32;
+            if row.failures > 0 || t.errors.contains_key(&i) {
+                retries.insert(
+                    i,
+                    (
+                        row.failures,
+                        row.not_before,
+                        t.errors.get(&i).cloned().unwrap_or_default(),
+                    ),
+                );
+            }
+        }
+        FileTableWire {
+            type_of: t.rows.iter().map(|r| r.type_idx).collect(),
+            kind: t.rows.iter().map(|r| kind_code(r.kind)).collect(),
+            status: t.rows.iter().map(|r| r.status.code()).collect(),
+            types: t.types,
+            retries,
+            bytes: t.bytes,
+            resources_by_type: t.resources_by_type,
+        }
+    }
+}
+
+impl TryFrom<FileTableWire> for FileTable {
+    type Error = String;
+    fn try_from(w: FileTableWire) -> Result<Self, String> {
+        let n = w.type_of.len();
+        if w.kind.chars().count() != n || w.status.chars().count() != n {
+            return Err("file table columns differ in length".into());
+        }
+        if w.resources_by_type.len() != w.types.len() {
+            return Err("file table: resources_by_type does not match types".into());
+        }
+        let mut rows = Vec::with_capacity(n);
+        for ((t, k), s) in w.type_of.iter().zip(w.kind.chars()).zip(w.status.chars()) {
+            if usize::from(*t) >= w.types.len() {
+                return Err(format!("file table: type index {t} out of range"));
+            }
+            let kind = match k {
+                'o' => FileKind::Output,
+                'd' => FileKind::Deleted,
+                'e' => FileKind::Error,
+                other => return Err(format!("file table: unknown kind {other:?}")),
+            };
+            let status = FileStatus::from_code(s)
+                .ok_or_else(|| format!("file table: unknown status {s:?}"))?;
+            rows.push(FileRow {
+                kind,
+                type_idx: *t,
+                status,
+                failures: 0,
+                not_before: Timestamp::ZERO,
+            });
+        }
+        let mut errors = BTreeMap::new();
+        for (i, (failures, not_before, error)) in w.retries {
+            let row = rows
+                .get_mut(i as usize)
+                .ok_or_else(|| format!("file table: retry for unknown file {i}"))?;
+            row.failures = failures;
+            row.not_before = not_before;
+            if !error.is_empty() {
+                errors.insert(i, error);
+            }
+        }
+        Ok(FileTable {
+            types: w.types,
+            rows,
+            errors,
+            bytes: w.bytes,
+            resources_by_type: w.resources_by_type,
+        })
+    }
+}
+
+impl FileTable {
+    pub fn from_digest(files: &[(FileKind, String)]) -> Self {
+        let mut types: Vec<String> = Vec::new();
+        let mut rows = Vec::with_capacity(files.len());
+        for (kind, type_name) in files {
+            let idx = match types.iter().position(|t| t == type_name) {
+                Some(i) => i,
+                None => {
+                    types.push(type_name.clone());
+                    types.len() - 1
+                }
+            };
+            rows.push(FileRow {
+                kind: *kind,
+                type_idx: idx as u16,
+                status: FileStatus::Pending,
+                failures: 0,
+                not_before: Timestamp::ZERO,
+            });
+        }
+        let n = types.len();
+        FileTable {
+            types,
+            rows,
+            errors: BTreeMap::new(),
+            bytes: 0,
+            resources_by_type: vec![0; n],
+        }
+    }
+
+    pub fn type_name(&self, row: &FileRow) -> &str {
+        self.types
+            .get(usize::from(row.type_idx))
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    pub fn count(&self, kind: FileKind) -> usize {
+        self.rows.iter().filter(|r| r.kind == kind).count()
+    }
+
+    /// `output[2] Patient`: how a file is named in messages (its manifest array and position).
+    pub fn describe(&self, index: u32) -> String {
+        let Some(row) = self.rows.get(index as usize) else {
+            return format!("file #{index}");
+        };
+        let pos = self.rows[..index as usize]
+            .iter()
+            .filter(|r| r.kind == row.kind)
+            .count();
+        format!("{}[{pos}] {}", row.kind.as_str(), self.type_name(row))
+    }
+}
