@@ -1,0 +1,860 @@
+//! Tests of the staging stores: S3 against a real moto server, directories against a temp dir.
+//!
+//! The S3 tests need `MOTO_ENDPOINT` (e.g. `http://127.0.0.1:5055`) and fail without it:
+//!
+//! ```sh
+//! "$(bash .ci/moto.sh)" -H 127.0.0.1 -p 5055 &
+//! MOTO_ENDPOINT=http://127.0.0.1:5055 cargo test -p pathling-import-runners --test staging
+//! ```
+//!
+//! Every S3 test uses its own bucket, so the tests run in parallel against one server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_s3::config::Credentials;
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+use futures::stream::{self, Stream, StreamExt, TryStreamExt};
+use pathling_import_runners::staging::{
+    DirStore, FailureSide, PutReport, S3Options, S3Store, S3UrlScheme, StagingError, StagingStore,
+    MIN_PART_SIZE,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn moto_endpoint() -> String {
+    match std::env::var("MOTO_ENDPOINT") {
+        Ok(v) if !v.trim().is_empty() => v.trim().trim_end_matches('/').to_owned(),
+        _ => panic!(
+            "MOTO_ENDPOINT is not set: the S3 staging tests need a moto server. Run \
+             `\"$(bash .ci/moto.sh)\" -H 127.0.0.1 -p 5055 &` and then \
+             `MOTO_ENDPOINT=http://127.0.0.1:5055 cargo test -p pathling-import-runners --test staging`"
+        ),
+    }
+}
+
+async fn sdk_config(endpoint: &str) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+        .load()
+        .await
+}
+
+/// A fresh bucket name, unique across tests and runs.
+fn bucket_name(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let name = format!(
+        "st-{}-{}-{}-{nanos}",
+        test.replace('_', "-"),
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    name.chars()
+        .take(63)
+        .collect::<String>()
+        .trim_end_matches('-')
+        .to_owned()
+}
+
+/// An S3 store on a new moto bucket, plus a plain client for checking what is really stored.
+async fn s3_store(test: &str, part_size: usize) -> (StagingStore, Client, String) {
+    let endpoint = moto_endpoint();
+    let sdk = sdk_config(&endpoint).await;
+    let bucket = bucket_name(test);
+    let store = S3Store::from_sdk_config(
+        &bucket,
+        &sdk,
+        S3Options {
+            part_size,
+            force_path_style: None,
+        },
+    )
+    .expect("store config");
+    let client = store.client().clone();
+    client
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "creating bucket {bucket} on moto at {endpoint} failed (is it running?): {}",
+                aws_sdk_s3::error::DisplayErrorContext(e)
+            )
+        });
+    (StagingStore::S3(store), client, bucket)
+}
+
+/// NDJSON-like content of exactly `len` bytes: lines of varying length, ending with `\n`.
+fn ndjson(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 64);
+    let mut i = 0u64;
+    while out.len() < len {
+        let line = format!(
+            "{{\"resourceType\":\"Patient\",\"id\":\"p{i}\",\"pad\":\"{}\"}}\n",
+            "x".repeat((i % 97) as usize)
+        );
+        out.extend_from_slice(line.as_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    if let Some(last) = out.last_mut() {
+        *last = b'\n';
+    }
+    out
+}
+
+fn count_lines(data: &[u8]) -> u64 {
+    data.split(|&b| b == b'\n')
+        .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
+        .count() as u64
+}
+
+/// `data` as a body stream of odd-sized chunks (so chunk and part boundaries never line up).
+fn chunked(
+    data: &[u8],
+    chunk: usize,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin {
+    let chunks: Vec<Result<Bytes, std::io::Error>> = data
+        .chunks(chunk)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    stream::iter(chunks)
+}
+
+/// `data` as chunks, then a download failure.
+fn failing_after(
+    data: &[u8],
+    chunk: usize,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin {
+    chunked(data, chunk).chain(stream::iter([Err(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "download connection reset",
+    ))]))
+}
+
+async fn unfinished_uploads(client: &Client, bucket: &str) -> usize {
+    client
+        .list_multipart_uploads()
+        .bucket(bucket)
+        .send()
+        .await
+        .expect("ListMultipartUploads")
+        .uploads()
+        .len()
+}
+
+async fn etag(client: &Client, bucket: &str, key: &str) -> String {
+    client
+        .head_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .expect("HeadObject")
+        .e_tag()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_owned()
+}
+
+async fn read_all(store: &StagingStore, key: &str) -> Vec<u8> {
+    let chunks: Vec<Bytes> = store
+        .open_read(key)
+        .await
+        .expect("open_read")
+        .try_collect()
+        .await
+        .expect("read stream");
+    chunks.concat()
+}
+
+fn assert_body_failure(err: &StagingError) {
+    assert_eq!(err.side(), FailureSide::Body, "{err}");
+    assert!(!err.is_transient());
+    let source = err.body_error().expect("body error kept");
+    let io = source
+        .downcast_ref::<std::io::Error>()
+        .expect("the stream's own error type");
+    assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
+    // The download's message is available as the source, not in this error's Display.
+    assert!(
+        !err.to_string().contains("download connection reset"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// S3 (moto)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn s3_small_object_uses_put_object() {
+    let (store, client, bucket) = s3_store("small", MIN_PART_SIZE).await;
+    let data = ndjson(100_000);
+    let key = "prefix/run-1/output/000001-Patient.ndjson";
+    let report = store.put_stream(key, chunked(&data, 4093)).await.unwrap();
+    assert_eq!(
+        report,
+        PutReport {
+            bytes: data.len() as u64,
+            lines: count_lines(&data),
+            newline_added: false
+        }
+    );
+    assert_eq!(store.get_bytes(key).await.unwrap().unwrap(), data);
+    assert_eq!(read_all(&store, key).await, data);
+    // A multipart object's ETag has a `-<parts>` suffix; a PutObject's does not.
+    assert!(!etag(&client, &bucket, key).await.contains('-'));
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+}
+
+#[tokio::test]
+async fn s3_multipart_round_trips_byte_exact() {
+    let (store, client, bucket) = s3_store("multipart", MIN_PART_SIZE).await;
+    let data = ndjson(MIN_PART_SIZE * 7 / 2); // 3.5 parts
+    let key = "run/000002-Observation.ndjson";
+    let report = store
+        .put_stream(key, chunked(&data, 64 * 1024 + 7))
+        .await
+        .unwrap();
+    assert_eq!(report.bytes, data.len() as u64);
+    assert_eq!(report.lines, count_lines(&data));
+    assert!(!report.newline_added);
+    let stored = store.get_bytes(key).await.unwrap().unwrap();
+    assert!(stored == data, "stored object differs from the body");
+    assert!(read_all(&store, key).await == data);
+    assert!(etag(&client, &bucket, key).await.ends_with("-4"));
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+}
+
+#[tokio::test]
+async fn s3_one_huge_chunk_is_split_into_parts() {
+    let (store, client, bucket) = s3_store("huge-chunk", MIN_PART_SIZE).await;
+    let data = ndjson(MIN_PART_SIZE * 2 + 3);
+    let report = store
+        .put_stream("k", chunked(&data, data.len()))
+        .await
+        .unwrap();
+    assert_eq!(report.bytes, data.len() as u64);
+    assert!(store.get_bytes("k").await.unwrap().unwrap() == data);
+    assert!(etag(&client, &bucket, "k").await.ends_with("-3"));
+}
+
+#[tokio::test]
+async fn s3_exact_part_without_newline_gets_a_one_byte_last_part() {
+    let (store, client, bucket) = s3_store("exact-part", MIN_PART_SIZE).await;
+    let mut data = ndjson(MIN_PART_SIZE);
+    data.pop(); // exactly one part minus the newline...
+    data.push(b'}'); // ...and one more byte: exactly part_size, no trailing newline
+    let report = store
+        .put_stream("k", chunked(&data, 1 << 20))
+        .await
+        .unwrap();
+    assert!(report.newline_added);
+    assert_eq!(report.bytes, MIN_PART_SIZE as u64 + 1);
+    let mut expected = data.clone();
+    expected.push(b'\n');
+    assert!(store.get_bytes("k").await.unwrap().unwrap() == expected);
+    assert!(etag(&client, &bucket, "k").await.ends_with("-2"));
+}
+
+#[tokio::test]
+async fn s3_exact_part_with_newline_is_one_put_object() {
+    let (store, client, bucket) = s3_store("exact-put", MIN_PART_SIZE).await;
+    let data = ndjson(MIN_PART_SIZE);
+    let report = store
+        .put_stream("k", chunked(&data, 1 << 20))
+        .await
+        .unwrap();
+    assert!(!report.newline_added);
+    assert!(store.get_bytes("k").await.unwrap().unwrap() == data);
+    assert!(!etag(&client, &bucket, "k").await.contains('-'));
+}
+
+#[tokio::test]
+async fn s3_empty_body_stays_empty() {
+    let (store, client, bucket) = s3_store("empty", MIN_PART_SIZE).await;
+    let report = store
+        .put_stream("empty.ndjson", chunked(b"", 1))
+        .await
+        .unwrap();
+    assert_eq!(report, PutReport::default());
+    assert_eq!(
+        store.get_bytes("empty.ndjson").await.unwrap(),
+        Some(Bytes::new())
+    );
+    // Empty chunks do not make a body non-empty either.
+    let empties = stream::iter((0..3).map(|_| Ok::<_, std::io::Error>(Bytes::new())));
+    let report = store.put_stream("empty2.ndjson", empties).await.unwrap();
+    assert_eq!(report, PutReport::default());
+    assert_eq!(
+        store.get_bytes("empty2.ndjson").await.unwrap(),
+        Some(Bytes::new())
+    );
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+}
+
+#[tokio::test]
+async fn s3_missing_trailing_newline_is_added() {
+    let (store, _client, _bucket) = s3_store("newline", MIN_PART_SIZE).await;
+    let report = store
+        .put_stream("k", chunked(b"{\"a\":1}\n\n{\"b\":2}", 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        report,
+        PutReport {
+            bytes: 17,
+            lines: 2,
+            newline_added: true
+        }
+    );
+    assert_eq!(
+        store.get_bytes("k").await.unwrap().unwrap(),
+        &b"{\"a\":1}\n\n{\"b\":2}\n"[..]
+    );
+}
+
+#[tokio::test]
+async fn s3_body_error_mid_multipart_leaves_nothing() {
+    let (store, client, bucket) = s3_store("body-error", MIN_PART_SIZE).await;
+    let data = ndjson(MIN_PART_SIZE * 5 / 2);
+    let err = store
+        .put_stream("k", failing_after(&data, 100_003))
+        .await
+        .unwrap_err();
+    assert_body_failure(&err);
+    assert!(
+        matches!(err, StagingError::Body { bytes_read, .. } if bytes_read == data.len() as u64)
+    );
+    assert_eq!(store.get_bytes("k").await.unwrap(), None);
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+}
+
+#[tokio::test]
+async fn s3_body_error_in_first_part_leaves_nothing() {
+    let (store, client, bucket) = s3_store("body-error-small", MIN_PART_SIZE).await;
+    let err = store
+        .put_stream("k", failing_after(b"{\"a\":1}\n{\"b\"", 4))
+        .await
+        .unwrap_err();
+    assert_body_failure(&err);
+    assert_eq!(store.get_bytes("k").await.unwrap(), None);
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+}
+
+#[tokio::test]
+async fn s3_failed_upload_keeps_the_previous_object() {
+    let (store, _client, _bucket) = s3_store("keep-old", MIN_PART_SIZE).await;
+    store
+        .put_bytes("k", Bytes::from_static(b"old\n"))
+        .await
+        .unwrap();
+    let data = ndjson(MIN_PART_SIZE * 3 / 2);
+    store
+        .put_stream("k", failing_after(&data, 1 << 20))
+        .await
+        .unwrap_err();
+    assert_eq!(store.get_bytes("k").await.unwrap().unwrap(), &b"old\n"[..]);
+}
+
+#[tokio::test]
+async fn s3_part_limit_is_a_clear_error() {
+    let endpoint = moto_endpoint();
+    let (_, client, bucket) = s3_store("part-limit", MIN_PART_SIZE).await;
+    let store = StagingStore::S3(
+        S3Store::from_sdk_config(
+            &bucket,
+            &sdk_config(&endpoint).await,
+            S3Options {
+                part_size: MIN_PART_SIZE,
+                force_path_style: None,
+            },
+        )
+        .unwrap()
+        .with_max_parts_for_tests(2),
+    );
+    // Exactly two parts fit...
+    let fits = ndjson(MIN_PART_SIZE * 2);
+    store
+        .put_stream("fits", chunked(&fits, 1 << 20))
+        .await
+        .unwrap();
+    // ...one byte more does not.
+    let data = ndjson(MIN_PART_SIZE * 2 + 1);
+    let err = store
+        .put_stream("k", chunked(&data, 1 << 20))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StagingError::TooManyParts { max_parts: 2, .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.side(), FailureSide::Store);
+    assert!(err.to_string().contains("part size"), "{err}");
+    assert_eq!(store.get_bytes("k").await.unwrap(), None);
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+}
+
+#[tokio::test]
+async fn s3_cancelled_upload_is_aborted_in_background() {
+    let (store, client, bucket) = s3_store("cancel", MIN_PART_SIZE).await;
+    let data = ndjson(MIN_PART_SIZE * 3 / 2);
+    // The download stalls after 1.5 parts, so the multipart upload has started.
+    let body = chunked(&data, 1 << 20).chain(stream::pending());
+    let task = {
+        let store = store.clone();
+        tokio::spawn(async move { store.put_stream("k", body).await })
+    };
+    let mut started = false;
+    for _ in 0..100 {
+        if unfinished_uploads(&client, &bucket).await == 1 {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started,
+        "the multipart upload never showed up in ListMultipartUploads"
+    );
+    // The caller gives up (e.g. its time budget ran out): the future is dropped.
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    let mut left = usize::MAX;
+    for _ in 0..100 {
+        left = unfinished_uploads(&client, &bucket).await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "the dropped upload was not aborted");
+    assert_eq!(store.get_bytes("k").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn s3_get_missing_key_is_none_and_open_read_is_not_found() {
+    let (store, _client, _bucket) = s3_store("missing", MIN_PART_SIZE).await;
+    assert_eq!(store.get_bytes("nothing/here.ndjson").await.unwrap(), None);
+    let err = store.open_read("nothing/here.ndjson").await.err().unwrap();
+    assert!(err.is_not_found(), "{err:?}");
+    assert_eq!(err.status(), Some(404));
+}
+
+#[tokio::test]
+async fn s3_missing_bucket_is_an_error_never_absent() {
+    let endpoint = moto_endpoint();
+    let store = StagingStore::S3(
+        S3Store::from_sdk_config(
+            "no-such-bucket-staging",
+            &sdk_config(&endpoint).await,
+            S3Options::default(),
+        )
+        .unwrap(),
+    );
+    let err = store.get_bytes("k").await.unwrap_err();
+    assert_eq!(err.side(), FailureSide::Store);
+    assert_eq!(err.status(), Some(404));
+    assert_eq!(err.code(), Some("NoSuchBucket"));
+    assert!(!err.is_transient());
+
+    let err = store
+        .put_stream("k", chunked(b"{}\n", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.side(), FailureSide::Store);
+    assert_eq!(err.code(), Some("NoSuchBucket"));
+    assert!(!err.is_transient());
+    let shown = err.to_string();
+    assert!(
+        shown.contains("PutObject") && shown.contains("404"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("testing"),
+        "credentials in message: {shown}"
+    );
+}
+
+#[tokio::test]
+async fn s3_unreachable_endpoint_is_transient() {
+    // Bind and drop a listener to get a loopback port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sdk = sdk_config(&format!("http://127.0.0.1:{port}")).await;
+    let store =
+        StagingStore::S3(S3Store::from_sdk_config("b", &sdk, S3Options::default()).unwrap());
+    let err = store
+        .put_stream("k", chunked(b"{}\n", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.side(), FailureSide::Store, "{err}");
+    assert!(err.is_transient(), "{err:?}");
+    assert_eq!(err.status(), None);
+}
+
+#[tokio::test]
+async fn s3_put_bytes_stores_as_is() {
+    let (store, _client, _bucket) = s3_store("put-bytes", MIN_PART_SIZE).await;
+    let manifest = Bytes::from_static(b"{\"files\":[]}");
+    store
+        .put_bytes("run/manifest.json", manifest.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_bytes("run/manifest.json").await.unwrap(),
+        Some(manifest)
+    );
+}
+
+#[tokio::test]
+async fn s3_rejects_unsafe_keys_and_bad_config() {
+    let (store, _client, _bucket) = s3_store("keys", MIN_PART_SIZE).await;
+    for key in ["../x", "a/../../b", "/abs", "a//b", ""] {
+        let err = store
+            .put_stream(key, chunked(b"{}\n", 1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StagingError::InvalidKey { .. }),
+            "{key:?}: {err:?}"
+        );
+        assert!(store.get_bytes(key).await.is_err(), "{key:?}");
+    }
+    let sdk = sdk_config(&moto_endpoint()).await;
+    let small = S3Options {
+        part_size: MIN_PART_SIZE - 1,
+        force_path_style: None,
+    };
+    assert!(matches!(
+        S3Store::from_sdk_config("b", &sdk, small),
+        Err(StagingError::Config(_))
+    ));
+}
+
+#[tokio::test]
+async fn s3_import_urls() {
+    let sdk = sdk_config("http://127.0.0.1:9").await;
+    let store =
+        StagingStore::S3(S3Store::from_sdk_config("bkt", &sdk, S3Options::default()).unwrap());
+    assert_eq!(
+        store.import_url("p/run/1-Patient.ndjson", S3UrlScheme::S3),
+        "s3://bkt/p/run/1-Patient.ndjson"
+    );
+    assert_eq!(
+        store.import_url("p/run/1-Patient.ndjson", S3UrlScheme::S3a),
+        "s3a://bkt/p/run/1-Patient.ndjson"
+    );
+}
+
+/// `S3Store::from_env` must pick up the endpoint override from the environment (and then use
+/// path-style addressing: a virtual-hosted `bucket.127.0.0.1` would not resolve). Environment
+/// variables are process-wide, so the check runs in a child process of this test binary.
+#[tokio::test]
+async fn s3_from_env_honours_endpoint_variables() {
+    let endpoint = moto_endpoint();
+    let (_, client, bucket) = s3_store("from-env", MIN_PART_SIZE).await;
+    for var in ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"] {
+        let other = if var == "AWS_ENDPOINT_URL" {
+            "AWS_ENDPOINT_URL_S3"
+        } else {
+            "AWS_ENDPOINT_URL"
+        };
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "from_env_child",
+                "--include-ignored",
+                "--nocapture",
+            ])
+            .env("STAGING_FROM_ENV_CHILD_BUCKET", &bucket)
+            .env("STAGING_FROM_ENV_CHILD_KEY", var)
+            .env(var, &endpoint)
+            .env_remove(other)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/aws-credentials",
+            )
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child with {var} failed:\n{stdout}\n{stderr}"
+        );
+        // The object really is on moto, written by the child.
+        let got = client
+            .get_object()
+            .bucket(&bucket)
+            .key(format!("from-env/{var}.json"))
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes();
+        assert_eq!(got, &b"{\"via\":\"env\"}"[..]);
+    }
+}
+
+#[tokio::test]
+#[ignore = "run by s3_from_env_honours_endpoint_variables in a child process"]
+async fn from_env_child() {
+    let (Ok(bucket), Ok(var)) = (
+        std::env::var("STAGING_FROM_ENV_CHILD_BUCKET"),
+        std::env::var("STAGING_FROM_ENV_CHILD_KEY"),
+    ) else {
+        eprintln!("from_env_child only does something when run by its parent test");
+        return;
+    };
+    let store = StagingStore::S3(
+        S3Store::from_env(bucket, S3Options::default())
+            .await
+            .unwrap(),
+    );
+    let key = format!("from-env/{var}.json");
+    store
+        .put_bytes(&key, Bytes::from_static(b"{\"via\":\"env\"}"))
+        .await
+        .unwrap();
+    assert!(store.get_bytes(&key).await.unwrap().is_some());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Directory
+// ---------------------------------------------------------------------------------------------
+
+async fn dir_store() -> (StagingStore, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = DirStore::new(tmp.path().join("staging")).await.unwrap();
+    (StagingStore::Dir(store), tmp)
+}
+
+/// Every file under `dir`, relative, sorted.
+fn files_under(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(base, &path, out);
+            } else {
+                out.push(path.strip_prefix(base).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn dir_round_trip_newline_and_lines() {
+    let (store, tmp) = dir_store().await;
+    let data = ndjson(1_000_000);
+    let key = "prefix/run-1/output/000001-Patient.ndjson";
+    let report = store.put_stream(key, chunked(&data, 8191)).await.unwrap();
+    assert_eq!(report.bytes, data.len() as u64);
+    assert_eq!(report.lines, count_lines(&data));
+    assert!(!report.newline_added);
+    assert!(store.get_bytes(key).await.unwrap().unwrap() == data);
+    assert!(read_all(&store, key).await == data);
+
+    let report = store
+        .put_stream("b.ndjson", chunked(b"{\"a\":1}\n  \n{\"b\":2}", 5))
+        .await
+        .unwrap();
+    assert_eq!(
+        report,
+        PutReport {
+            bytes: 19,
+            lines: 2,
+            newline_added: true
+        }
+    );
+    assert_eq!(
+        store.get_bytes("b.ndjson").await.unwrap().unwrap(),
+        &b"{\"a\":1}\n  \n{\"b\":2}\n"[..]
+    );
+
+    let report = store
+        .put_stream("empty.ndjson", chunked(b"", 1))
+        .await
+        .unwrap();
+    assert_eq!(report, PutReport::default());
+    assert_eq!(
+        store.get_bytes("empty.ndjson").await.unwrap(),
+        Some(Bytes::new())
+    );
+
+    // No temp files left over.
+    assert_eq!(
+        files_under(&tmp.path().join("staging")),
+        vec![
+            "b.ndjson",
+            "empty.ndjson",
+            "prefix/run-1/output/000001-Patient.ndjson"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn dir_write_is_atomic_when_the_stream_fails() {
+    let (store, tmp) = dir_store().await;
+    let root = tmp.path().join("staging");
+    let key = "run/000001-Patient.ndjson";
+    let final_path = root.join(key);
+    store
+        .put_bytes(key, Bytes::from_static(b"old\n"))
+        .await
+        .unwrap();
+
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Bytes, std::io::Error>>();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move { store.put_stream(key, rx).await })
+    };
+    tx.unbounded_send(Ok(Bytes::from(ndjson(600_000)))).unwrap();
+    // Wait until the data is being written to the temp file.
+    let mut partial = Vec::new();
+    for _ in 0..100 {
+        partial = files_under(&root)
+            .into_iter()
+            .filter(|f| f.contains(".partial-"))
+            .collect();
+        if !partial.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(partial.len(), 1, "temp file beside the target: {partial:?}");
+    assert!(partial[0].starts_with("run/.000001-Patient.ndjson.partial-"));
+    // The final name still shows the old, complete object.
+    assert_eq!(std::fs::read(&final_path).unwrap(), b"old\n");
+
+    tx.unbounded_send(Err(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "download connection reset",
+    )))
+    .unwrap();
+    let err = writer.await.unwrap().unwrap_err();
+    assert_body_failure(&err);
+    assert_eq!(std::fs::read(&final_path).unwrap(), b"old\n");
+    assert_eq!(files_under(&root), vec![key.to_owned()]);
+
+    // A failure on a new key leaves no file at all.
+    let err = store
+        .put_stream("run/new.ndjson", failing_after(b"{}\n{}", 2))
+        .await
+        .unwrap_err();
+    assert_body_failure(&err);
+    assert_eq!(store.get_bytes("run/new.ndjson").await.unwrap(), None);
+    assert_eq!(files_under(&root), vec![key.to_owned()]);
+}
+
+#[tokio::test]
+async fn dir_cancelled_write_removes_temp_file() {
+    let (store, tmp) = dir_store().await;
+    let body = chunked(b"{}\n", 1).chain(stream::pending());
+    let result =
+        tokio::time::timeout(Duration::from_millis(300), store.put_stream("k", body)).await;
+    assert!(result.is_err());
+    assert!(files_under(&tmp.path().join("staging")).is_empty());
+}
+
+#[tokio::test]
+async fn dir_rejects_keys_that_escape_the_root() {
+    let (store, tmp) = dir_store().await;
+    for key in [
+        "..",
+        "../escape",
+        "a/../../escape",
+        "/tmp/escape",
+        "a//b",
+        "a/./b",
+        "",
+        "a/",
+    ] {
+        let err = store
+            .put_stream(key, chunked(b"{}\n", 1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StagingError::InvalidKey { .. }),
+            "{key:?}: {err:?}"
+        );
+        assert_eq!(err.side(), FailureSide::Store);
+        assert!(
+            store
+                .put_bytes(key, Bytes::from_static(b"x"))
+                .await
+                .is_err(),
+            "{key:?}"
+        );
+        assert!(store.get_bytes(key).await.is_err(), "{key:?}");
+        assert!(store.open_read(key).await.is_err(), "{key:?}");
+    }
+    assert!(!tmp.path().join("escape").exists());
+    assert!(files_under(tmp.path()).is_empty());
+}
+
+#[tokio::test]
+async fn dir_missing_key_get_and_open_read() {
+    let (store, _tmp) = dir_store().await;
+    assert_eq!(store.get_bytes("no/such.ndjson").await.unwrap(), None);
+    let err = store.open_read("no/such.ndjson").await.err().unwrap();
+    assert!(err.is_not_found(), "{err:?}");
+}
+
+#[tokio::test]
+async fn dir_import_url_and_file_url_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("with space");
+    let store = DirStore::new(&root).await.unwrap();
+    let canonical = std::fs::canonicalize(&root).unwrap();
+    let url = StagingStore::Dir(store.clone()).import_url("run/1-Patient.ndjson", S3UrlScheme::S3a);
+    let expected = url::Url::from_file_path(canonical.join("run/1-Patient.ndjson")).unwrap();
+    assert_eq!(url, expected.as_str());
+    assert!(
+        url.starts_with("file:///") && url.contains("with%20space"),
+        "{url}"
+    );
+    // Even a bad key cannot point outside the root.
+    assert!(store
+        .import_url("../../etc/passwd")
+        .starts_with(url::Url::from_directory_path(&canonical).unwrap().as_str()));
+
+    let again =
+        DirStore::from_file_url(url::Url::from_directory_path(&canonical).unwrap().as_str())
+            .await
+            .unwrap();
+    assert_eq!(again.root(), canonical);
+    assert!(DirStore::from_file_url("s3://bucket/prefix").await.is_err());
+}
