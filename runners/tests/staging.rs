@@ -371,6 +371,63 @@ async fn s3_failed_upload_keeps_the_previous_object() {
     assert_eq!(store.get_bytes("k").await.unwrap().unwrap(), &b"old\n"[..]);
 }
 
+/// A part upload failing in the store (here: the upload was aborted behind our back) is a store
+/// failure, and nothing is left behind.
+#[tokio::test]
+async fn s3_part_failure_is_a_store_error() {
+    let (store, client, bucket) = s3_store("part-failure", MIN_PART_SIZE).await;
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Bytes, std::io::Error>>();
+    let task = {
+        let store = store.clone();
+        tokio::spawn(async move { store.put_stream("k", rx).await })
+    };
+    let data = ndjson(MIN_PART_SIZE * 3);
+    // 1.5 parts: the multipart upload starts with part 1.
+    tx.unbounded_send(Ok(Bytes::copy_from_slice(&data[..MIN_PART_SIZE * 3 / 2])))
+        .unwrap();
+    let mut upload_id = None;
+    for _ in 0..100 {
+        let listed = client
+            .list_multipart_uploads()
+            .bucket(&bucket)
+            .send()
+            .await
+            .unwrap();
+        if let Some(u) = listed.uploads().first() {
+            upload_id = u.upload_id().map(str::to_owned);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let upload_id = upload_id.expect("multipart upload started");
+    client
+        .abort_multipart_upload()
+        .bucket(&bucket)
+        .key("k")
+        .upload_id(&upload_id)
+        .send()
+        .await
+        .unwrap();
+    tx.unbounded_send(Ok(Bytes::copy_from_slice(&data[MIN_PART_SIZE * 3 / 2..])))
+        .unwrap();
+    drop(tx);
+    let err = task.await.unwrap().unwrap_err();
+    eprintln!("part failure reported as: {err}");
+    assert_eq!(err.side(), FailureSide::Store, "{err:?}");
+    // S3 answers 404 NoSuchUpload; moto 5.x answers a bare 500 here.
+    assert!(matches!(err.status(), Some(404 | 500)), "{err:?}");
+    assert!(
+        !err.to_string().contains("headers"),
+        "raw response in message: {err}"
+    );
+    assert!(
+        !matches!(err, StagingError::CleanupFailed { .. }),
+        "an upload that is already gone needs no cleanup: {err}"
+    );
+    assert_eq!(store.get_bytes("k").await.unwrap(), None);
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+}
+
 #[tokio::test]
 async fn s3_part_limit_is_a_clear_error() {
     let endpoint = moto_endpoint();
@@ -505,6 +562,7 @@ async fn s3_unreachable_endpoint_is_transient() {
         .put_stream("k", chunked(b"{}\n", 1))
         .await
         .unwrap_err();
+    eprintln!("unreachable endpoint reported as: {err}");
     assert_eq!(err.side(), FailureSide::Store, "{err}");
     assert!(err.is_transient(), "{err:?}");
     assert_eq!(err.status(), None);

@@ -4,7 +4,7 @@ use std::fmt;
 
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_s3::config::RequestChecksumCalculation;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
@@ -396,6 +396,9 @@ impl Upload<'_> {
         multipart.armed = false;
         match result {
             Ok(_) => err,
+            // Already gone (aborted by someone else, or the failure was that it vanished):
+            // nothing is left behind, which is all the abort is for.
+            Err(SdkError::ServiceError(se)) if se.err().code() == Some("NoSuchUpload") => err,
             Err(e) => err.with_cleanup_failure(format!(
                 "AbortMultipartUpload of upload {}: {}",
                 multipart.upload_id,
@@ -550,7 +553,7 @@ fn body_read_error(key: &str, e: &aws_sdk_s3::primitives::ByteStreamError) -> St
         status: None,
         code: None,
         transient: true,
-        message: scrub(&DisplayErrorContext(e).to_string()),
+        message: scrub(&error_chain(e)),
     }
 }
 
@@ -605,7 +608,7 @@ where
     };
     let message = match (&err, err.message()) {
         (SdkError::ServiceError(_), Some(m)) => m.to_owned(),
-        _ => DisplayErrorContext(&err).to_string(),
+        _ => error_chain(&err),
     };
     StagingError::Store {
         operation,
@@ -615,4 +618,21 @@ where
         transient,
         message: scrub(&message),
     }
+}
+
+/// `error: cause: cause...` from the errors' `Display` only. (The SDK's `DisplayErrorContext`
+/// also appends the error's `Debug`, which dumps raw response headers and bodies.)
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // Smithy errors often repeat their cause's text; skip the echoes.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
