@@ -32,7 +32,9 @@
 //! (at most one part upload is in flight) and the part being filled from the body, so memory is
 //! bounded by `2 × part_size` plus the one body chunk being copied (default part size 8 MiB:
 //! about 16 MiB per concurrent upload). Part buffers are allocated with their full capacity up
-//! front, but the OS only backs the pages written, so a small file costs about its own size.
+//! front so filling never reallocates or copies; such large allocations are normally fresh
+//! mappings whose pages the OS only backs once written, so a small file costs little more than
+//! its own size. Parts are handed to the SDK without copying.
 //! A body smaller than one part is sent with a single `PutObject`. The directory store holds one
 //! body chunk plus a 256 KiB write buffer. `get_bytes` loads the whole object (use it for small
 //! objects such as manifests); `open_read` streams.
