@@ -59,7 +59,7 @@ mod s3;
 
 pub use dir::DirStore;
 pub use error::{FailureSide, StagingError};
-pub use s3::{S3Options, S3Store, DEFAULT_PART_SIZE, MAX_PARTS, MIN_PART_SIZE};
+pub use s3::{S3Options, S3Store, DEFAULT_PART_SIZE, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE};
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, Stream};
