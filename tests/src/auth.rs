@@ -167,12 +167,10 @@ pub(crate) struct AuthRuntime {
 
 /// The SMART configuration document for a server whose token endpoint is `token_url`.
 pub(crate) fn smart_configuration(cfg: &AuthConfig, token_url: &str) -> Value {
-    let methods: Vec<String> = cfg.advertised_methods.clone().unwrap_or_else(|| {
-        cfg.methods
-            .iter()
-            .map(|m| m.as_str().to_string())
-            .collect()
-    });
+    let methods: Vec<String> = cfg
+        .advertised_methods
+        .clone()
+        .unwrap_or_else(|| cfg.methods.iter().map(|m| m.as_str().to_string()).collect());
     json!({
         "token_endpoint": token_url,
         "token_endpoint_auth_methods_supported": methods,
@@ -257,11 +255,7 @@ impl AuthRuntime {
                     &json!({"error": e.error, "error_description": e.description}),
                 );
                 if e.basic_challenge {
-                    set_header(
-                        &mut resp,
-                        header::WWW_AUTHENTICATE,
-                        "Basic realm=\"token\"",
-                    );
+                    set_header(&mut resp, header::WWW_AUTHENTICATE, "Basic realm=\"token\"");
                 }
                 resp
             }
@@ -276,7 +270,8 @@ impl AuthRuntime {
         body: &[u8],
     ) -> Result<(AuthMethod, Value), OAuthError> {
         let content_type = header_str(headers, "content-type").map(media_type_of);
-        if !content_type.is_some_and(|c| c.eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+        if !content_type
+            .is_some_and(|c| c.eq_ignore_ascii_case("application/x-www-form-urlencoded"))
         {
             return Err(oauth_error(
                 "invalid_request",
@@ -307,7 +302,8 @@ impl AuthRuntime {
         let basic = header_str(headers, "authorization")
             .filter(|v| v.len() >= 6 && v[..6].eq_ignore_ascii_case("basic "));
         let post = form.contains_key("client_secret");
-        let jwt = form.contains_key("client_assertion") || form.contains_key("client_assertion_type");
+        let jwt =
+            form.contains_key("client_assertion") || form.contains_key("client_assertion_type");
         let presented = [basic.is_some(), post, jwt].iter().filter(|b| **b).count();
         if presented > 1 {
             return Err(oauth_error(

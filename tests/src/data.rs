@@ -57,7 +57,11 @@ pub struct DatasetConfig {
 impl Default for DatasetConfig {
     /// 3 types: 50 Patients (1 file), 120 Observations (2 files), 60 Conditions (1 file).
     fn default() -> Self {
-        Self::new(&[("Patient", 50, 1), ("Observation", 120, 2), ("Condition", 60, 1)])
+        Self::new(&[
+            ("Patient", 50, 1),
+            ("Observation", 120, 2),
+            ("Condition", 60, 1),
+        ])
     }
 }
 
@@ -176,7 +180,10 @@ impl DatasetConfig {
         resource_type: &str,
         i: u64,
     ) -> bool {
-        if filter.since.is_some_and(|since| self.last_updated(i) < since) {
+        if filter
+            .since
+            .is_some_and(|since| self.last_updated(i) < since)
+        {
             return false;
         }
         if let Some(patients) = &filter.patients {
@@ -184,7 +191,8 @@ impl DatasetConfig {
                 return false;
             }
         }
-        if !deleted.is_empty() && deleted.contains(&(resource_type.to_string(), id_of(resource_type, i)))
+        if !deleted.is_empty()
+            && deleted.contains(&(resource_type.to_string(), id_of(resource_type, i)))
         {
             return false;
         }
@@ -195,7 +203,8 @@ impl DatasetConfig {
     pub fn resource(&self, resource_type: &str, i: u64) -> Value {
         let id = id_of(resource_type, i);
         let meta = json!({"lastUpdated": format_instant(self.last_updated(i))});
-        let subject = json!({"reference": format!("Patient/{}", self.patient_of(resource_type, i))});
+        let subject =
+            json!({"reference": format!("Patient/{}", self.patient_of(resource_type, i))});
         const GENDERS: [&str; 4] = ["male", "female", "other", "unknown"];
         let mut r = match resource_type {
             "Patient" => json!({
@@ -303,6 +312,9 @@ mod tests {
         assert!(!d.includes(&f, &none, "Patient", 4));
         assert!(d.includes(&f, &none, "Patient", 5));
         assert_eq!(index_of_id("Patient", &id_of("Patient", 42)), Some(42));
-        assert_eq!(d.resource("Observation", 51)["subject"]["reference"], "Patient/patient-1");
+        assert_eq!(
+            d.resource("Observation", 51)["subject"]["reference"],
+            "Patient/patient-1"
+        );
     }
 }

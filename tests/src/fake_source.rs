@@ -443,7 +443,10 @@ impl FakeSource {
         });
         let p = fhir_path;
         let fhir = Router::new()
-            .route(&format!("{p}/.well-known/smart-configuration"), get(discovery))
+            .route(
+                &format!("{p}/.well-known/smart-configuration"),
+                get(discovery),
+            )
             .route(&format!("{p}/auth/token"), post(token))
             .route(&format!("{p}/metadata"), get(metadata))
             .route(
@@ -577,10 +580,7 @@ impl FakeSourceHandle {
     }
 
     /// What an export with this filter contains, computed from the current configuration.
-    pub fn expected_resources(
-        &self,
-        filter: &ExportFilter,
-    ) -> BTreeMap<(String, String), Value> {
+    pub fn expected_resources(&self, filter: &ExportFilter) -> BTreeMap<(String, String), Value> {
         expected_resources(&self.config(), filter)
     }
 
@@ -654,7 +654,10 @@ pub fn expected_count(config: &SourceConfig, filter: &ExportFilter) -> u64 {
 
 /// The `(type, id)` pairs the manifest's `deleted[]` lists for an export with this filter
 /// (empty when neither `_since` was given nor `deleted_always` is set).
-pub fn expected_deleted(config: &SourceConfig, filter: &ExportFilter) -> BTreeSet<(String, String)> {
+pub fn expected_deleted(
+    config: &SourceConfig,
+    filter: &ExportFilter,
+) -> BTreeSet<(String, String)> {
     if filter.since.is_none() && !config.deleted_always {
         return BTreeSet::new();
     }
@@ -739,7 +742,14 @@ async fn kickoff_patient(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    kickoff(&shared, ExportLevel::Patient, &method, &uri, &headers, &body)
+    kickoff(
+        &shared,
+        ExportLevel::Patient,
+        &method,
+        &uri,
+        &headers,
+        &body,
+    )
 }
 
 async fn kickoff_group(
@@ -750,7 +760,14 @@ async fn kickoff_group(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    kickoff(&shared, ExportLevel::Group(id), &method, &uri, &headers, &body)
+    kickoff(
+        &shared,
+        ExportLevel::Group(id),
+        &method,
+        &uri,
+        &headers,
+        &body,
+    )
 }
 
 fn kickoff(
@@ -819,7 +836,9 @@ fn params_from_body(body: &Value) -> Result<Params, String> {
             ("valueReference", v) => v
                 .get("reference")
                 .and_then(Value::as_str)
-                .ok_or(format!("parameter {name} has a reference without 'reference'"))?
+                .ok_or(format!(
+                    "parameter {name} has a reference without 'reference'"
+                ))?
                 .to_string(),
             (_, Value::String(s)) => s.clone(),
             (_, Value::Bool(b)) => b.to_string(),
@@ -873,7 +892,9 @@ fn kickoff_inner(
     }
     if *method == Method::POST {
         let ct = header_str(headers, "content-type").map(media_type_of);
-        if !ct.is_some_and(|c| c.eq_ignore_ascii_case(FHIR_JSON) || c.eq_ignore_ascii_case("application/json")) {
+        if !ct.is_some_and(|c| {
+            c.eq_ignore_ascii_case(FHIR_JSON) || c.eq_ignore_ascii_case("application/json")
+        }) {
             return Err((
                 params,
                 outcome_response(
@@ -899,7 +920,10 @@ fn kickoff_inner(
         match k.as_str() {
             "_outputFormat" => {
                 if !cfg.supported_output_formats.iter().any(|f| f == v) {
-                    return bad_request(&params, &format!("The _outputFormat {v} is not supported."));
+                    return bad_request(
+                        &params,
+                        &format!("The _outputFormat {v} is not supported."),
+                    );
                 }
             }
             "_since" => {
@@ -914,7 +938,10 @@ fn kickoff_inner(
             "_type" => {
                 for t in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
                     if !is_resource_type_name(t) {
-                        return bad_request(&params, &format!("Invalid resource type in _type: {t}"));
+                        return bad_request(
+                            &params,
+                            &format!("Invalid resource type in _type: {t}"),
+                        );
                     }
                     types.get_or_insert_with(Vec::new).push(t.to_string());
                 }
@@ -923,10 +950,16 @@ fn kickoff_inner(
             "_elements" => elements.extend(v.split(',').map(|e| e.trim().to_string())),
             "patient" => {
                 if *method != Method::POST {
-                    return bad_request(&params, "The patient parameter is only supported with POST.");
+                    return bad_request(
+                        &params,
+                        "The patient parameter is only supported with POST.",
+                    );
                 }
                 if *level == ExportLevel::System {
-                    return bad_request(&params, "The patient parameter needs a Patient- or Group-level export.");
+                    return bad_request(
+                        &params,
+                        "The patient parameter needs a Patient- or Group-level export.",
+                    );
                 }
                 let id = v.strip_prefix("Patient/").unwrap_or(v).to_string();
                 patients.get_or_insert_with(BTreeSet::new).insert(id);
@@ -938,7 +971,11 @@ fn kickoff_inner(
         let Some(members) = cfg.groups.get(id) else {
             return Err((
                 params,
-                outcome_response(StatusCode::NOT_FOUND, "not-found", &format!("Group/{id} is not known")),
+                outcome_response(
+                    StatusCode::NOT_FOUND,
+                    "not-found",
+                    &format!("Group/{id} is not known"),
+                ),
             ));
         };
         let members: BTreeSet<String> = members.iter().cloned().collect();
@@ -947,9 +984,7 @@ fn kickoff_inner(
             None => members,
         });
     }
-    if cfg.reject_concurrent_exports
-        && rt.jobs.values().any(|j| !j.completed && !j.deleted)
-    {
+    if cfg.reject_concurrent_exports && rt.jobs.values().any(|j| !j.completed && !j.deleted) {
         let mut resp = outcome_response(
             StatusCode::TOO_MANY_REQUESTS,
             "throttled",
@@ -1023,7 +1058,11 @@ async fn poll_status(
         None => false,
     };
     let Some(job) = rt.jobs.get_mut(&job_id).filter(|j| !j.deleted) else {
-        return outcome_response(StatusCode::NOT_FOUND, "not-found", "Unknown or deleted export job");
+        return outcome_response(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Unknown or deleted export job",
+        );
     };
     job.polls += 1;
     let n = job.polls;
@@ -1164,8 +1203,16 @@ fn build_manifest(
         manifest["deleted"] = Value::Array(entries);
     }
     if !cfg.errors.is_empty() {
-        let url = file_url(shared, cfg, rt, &job.id, "error.0.ndjson", "OperationOutcome");
-        manifest["error"] = json!([{"type": "OperationOutcome", "url": url, "count": cfg.errors.len()}]);
+        let url = file_url(
+            shared,
+            cfg,
+            rt,
+            &job.id,
+            "error.0.ndjson",
+            "OperationOutcome",
+        );
+        manifest["error"] =
+            json!([{"type": "OperationOutcome", "url": url, "count": cfg.errors.len()}]);
     }
     manifest
 }
@@ -1191,7 +1238,11 @@ async fn delete_job(
                 &operation_outcome("information", "informational", "Export job deleted"),
             )
         }
-        None => outcome_response(StatusCode::NOT_FOUND, "not-found", "Unknown or deleted export job"),
+        None => outcome_response(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Unknown or deleted export job",
+        ),
     }
 }
 
@@ -1285,9 +1336,7 @@ impl LineSource {
             FileKind::Error => LineSource::Fixed(
                 cfg.errors
                     .iter()
-                    .map(|e| {
-                        operation_outcome(&e.severity, &e.code, &e.diagnostics).to_string()
-                    })
+                    .map(|e| operation_outcome(&e.severity, &e.code, &e.diagnostics).to_string())
                     .collect(),
             ),
         }
@@ -1459,9 +1508,8 @@ fn serve_file(
         .as_ref()
         .filter(|r| *attempts <= r.first_attempts)
         .map(|r| r.after_bytes);
-    let gzip = gzip_allowed
-        && cfg.gzip_when_asked
-        && header_has_token(headers, "accept-encoding", "gzip");
+    let gzip =
+        gzip_allowed && cfg.gzip_when_asked && header_has_token(headers, "accept-encoding", "gzip");
     let body = FileBody {
         lines: LineSource::new(cfg, job, kind),
         wrote_any: false,
@@ -1476,9 +1524,8 @@ fn serve_file(
         shared: shared.clone(),
         _guard: guard,
     };
-    let stream = futures_util::stream::unfold(body, |mut b| async move {
-        b.next_chunk().map(|c| (c, b))
-    });
+    let stream =
+        futures_util::stream::unfold(body, |mut b| async move { b.next_chunk().map(|c| (c, b)) });
     let mut resp = Response::new(Body::from_stream(stream));
     set_header(&mut resp, header::CONTENT_TYPE, FHIR_NDJSON);
     if gzip {
@@ -1505,7 +1552,11 @@ async fn file_get(
         }
     }
     let Some(job) = rt.jobs.get(&job_id).filter(|j| !j.deleted).cloned() else {
-        return outcome_response(StatusCode::NOT_FOUND, "not-found", "Unknown or deleted export job");
+        return outcome_response(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Unknown or deleted export job",
+        );
     };
     let Some(kind) = FileKind::parse(&cfg, &job, &name) else {
         return outcome_response(StatusCode::NOT_FOUND, "not-found", "No such file");
@@ -1561,10 +1612,18 @@ async fn storage_get(
         );
     }
     let Some(job) = rt.jobs.get(&job_id).filter(|j| !j.deleted).cloned() else {
-        return s3_error(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist.");
+        return s3_error(
+            StatusCode::NOT_FOUND,
+            "NoSuchKey",
+            "The specified key does not exist.",
+        );
     };
     let Some(kind) = FileKind::parse(&cfg, &job, &name) else {
-        return s3_error(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist.");
+        return s3_error(
+            StatusCode::NOT_FOUND,
+            "NoSuchKey",
+            "The specified key does not exist.",
+        );
     };
     serve_file(&shared, &cfg, &mut rt, &job, &name, &kind, &headers, false)
 }
