@@ -50,6 +50,10 @@
 //!   endpoint ([`crate::auth`]) and every endpoint but `metadata` and discovery needs a bearer
 //!   token. Pathling's mapping of scopes to authorities is not modelled.
 
+// Handlers build their error answers early and pass them up as `Err(Response)`; these are cold
+// paths of a test server, so the size of `Response` does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read as _;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -1234,10 +1238,9 @@ fn parse_ndjson(
             }
             None => return Err(fail("no resourceType".into())),
         }
-        if !v
-            .get("id")
+        if v.get("id")
             .and_then(Value::as_str)
-            .is_some_and(|id| !id.is_empty())
+            .is_none_or(str::is_empty)
         {
             return Err(fail("the resource has no id".into()));
         }

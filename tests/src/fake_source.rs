@@ -35,6 +35,10 @@
 //! (NDJSON of transaction Bundles with `DELETE` entries) when the kick-off had `_since` or
 //! [`SourceConfig::deleted_always`] is set. [`SourceConfig::errors`] become one `error[]` file.
 
+// Handlers build their error answers early and pass them up as `Err(Response)`; these are cold
+// paths of a test server, so the size of `Response` does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -918,13 +922,8 @@ fn kickoff_inner(
     let mut elements = Vec::new();
     for (k, v) in &params {
         match k.as_str() {
-            "_outputFormat" => {
-                if !cfg.supported_output_formats.iter().any(|f| f == v) {
-                    return bad_request(
-                        &params,
-                        &format!("The _outputFormat {v} is not supported."),
-                    );
-                }
+            "_outputFormat" if !cfg.supported_output_formats.iter().any(|f| f == v) => {
+                return bad_request(&params, &format!("The _outputFormat {v} is not supported."));
             }
             "_since" => {
                 if since.is_some() {
@@ -1524,8 +1523,15 @@ fn serve_file(
         shared: shared.clone(),
         _guard: guard,
     };
-    let stream =
-        futures_util::stream::unfold(body, |mut b| async move { b.next_chunk().map(|c| (c, b)) });
+    let stream = futures_util::stream::unfold(body, |mut b| async move {
+        if b.broken && !b.done {
+            // Hyper flushes what it has buffered while the body is pending; without this
+            // pause the headers and the bytes before the break could be dropped with the
+            // connection, and the client would see a failed request, not a cut-off body.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        b.next_chunk().map(|c| (c, b))
+    });
     let mut resp = Response::new(Body::from_stream(stream));
     set_header(&mut resp, header::CONTENT_TYPE, FHIR_NDJSON);
     if gzip {
