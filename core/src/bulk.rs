@@ -259,11 +259,12 @@ impl OutcomeSummary {
     }
 
     pub fn merge(&mut self, other: &OutcomeSummary) {
-        self.fatal += other.fatal;
-        self.error += other.error;
-        self.warning += other.warning;
-        self.information += other.information;
-        self.unreadable += other.unreadable;
+        // Counts are reported by the executor: saturate rather than panic on absurd ones.
+        self.fatal = self.fatal.saturating_add(other.fatal);
+        self.error = self.error.saturating_add(other.error);
+        self.warning = self.warning.saturating_add(other.warning);
+        self.information = self.information.saturating_add(other.information);
+        self.unreadable = self.unreadable.saturating_add(other.unreadable);
         for s in &other.samples {
             if self.samples.len() < MAX_SAMPLES {
                 self.samples.push(s.clone());

@@ -20,8 +20,11 @@ use serde::{Deserialize, Serialize};
 pub enum EffectId {
     /// A run-level effect, issued at the run's `seq`; any accepted input moves `seq` on.
     Run { seq: u64 },
-    /// A per-file effect (staging, deletions): the file's index and its attempt number.
+    /// A per-file staging effect: the file's index and its attempt number.
     File { index: u32, attempt: u32 },
+    /// A per-file deletions effect (`ApplyDeletions`). Distinct from `File`, so that a late
+    /// staging result for a `deleted[]` file can never be taken for its deletions result.
+    Deletions { index: u32, attempt: u32 },
 }
 
 /// What the driver must do now. Pure: the same state and `now` give the same answer.

@@ -163,8 +163,18 @@ impl SyncRun {
         reason: &str,
     ) -> Next {
         let deleting = want == FileStatus::Staged;
-        let eligible = |r: &FileRow| r.status == want && (!deleting || r.kind == FileKind::Deleted);
         let limit = (self.spec.transfer.concurrency.max(1) as usize) * BATCH_PER_SLOT;
+        let in_phase = |r: &FileRow| r.status == want && (!deleting || r.kind == FileKind::Deleted);
+        // While `limit` files wait to retry, no fresh file is handed out: a source outage then
+        // costs a few retry entries in the envelope instead of one per file of the manifest
+        // (which would outgrow a DynamoDB item), and a failing source is not hammered.
+        let retrying = export
+            .files
+            .rows
+            .iter()
+            .filter(|r| in_phase(r) && r.failures > 0)
+            .count();
+        let eligible = |r: &FileRow| in_phase(r) && (retrying < limit || r.failures > 0);
         let requests: Vec<Request> = export
             .files
             .rows
@@ -186,10 +196,12 @@ impl SyncRun {
                         key,
                     }
                 };
+                let attempt = r.failures;
                 Request {
-                    id: EffectId::File {
-                        index,
-                        attempt: r.failures,
+                    id: if deleting {
+                        EffectId::Deletions { index, attempt }
+                    } else {
+                        EffectId::File { index, attempt }
                     },
                     effect,
                 }
@@ -515,6 +527,10 @@ impl SyncRun {
                         let table = &mut export.files;
                         let row = &mut table.rows[index as usize];
                         row.status = FileStatus::Staged;
+                        // Staging retries are over: deletions count their own attempts, and a
+                        // staged row costs nothing in the envelope's retry map.
+                        row.failures = 0;
+                        row.not_before = Timestamp::ZERO;
                         let (kind, type_idx) = (row.kind, usize::from(row.type_idx));
                         table.errors.remove(&index);
                         table.bytes = table.bytes.saturating_add(bytes);
@@ -717,20 +733,21 @@ impl SyncRun {
     /// Checks a per-file result's id against the table: the file must be in `want` status
     /// and the attempt must be its current one.
     fn file_id(&self, export: &Exported, id: EffectId, want: FileStatus) -> Result<u32, Rejected> {
-        match id {
-            EffectId::File { index, attempt } => {
-                let ok = export.files.rows.get(index as usize).is_some_and(|r| {
-                    r.status == want
-                        && r.failures == attempt
-                        && (want == FileStatus::Pending || r.kind == FileKind::Deleted)
-                });
-                if ok {
-                    Ok(index)
-                } else {
-                    Err(Rejected::Stale { got: id })
-                }
+        let deleting = want == FileStatus::Staged;
+        let (index, attempt) = match id {
+            EffectId::File { index, attempt } if !deleting => (index, attempt),
+            EffectId::Deletions { index, attempt } if deleting => (index, attempt),
+            EffectId::File { .. } | EffectId::Deletions { .. } | EffectId::Run { .. } => {
+                return Err(Rejected::Stale { got: id })
             }
-            EffectId::Run { .. } => Err(Rejected::Stale { got: id }),
+        };
+        let ok = export.files.rows.get(index as usize).is_some_and(|r| {
+            r.status == want && r.failures == attempt && (!deleting || r.kind == FileKind::Deleted)
+        });
+        if ok {
+            Ok(index)
+        } else {
+            Err(Rejected::Stale { got: id })
         }
     }
 
@@ -988,7 +1005,7 @@ fn summarise(export: &Exported) -> Summary {
             .filter(|r| matches!(r.status, FileStatus::Staged | FileStatus::Applied))
             .count() as u32,
         bytes: t.bytes,
-        resources: by_type.values().sum(),
+        resources: by_type.values().fold(0u64, |a, b| a.saturating_add(*b)),
         resources_by_type: by_type,
         imported_files: 0,
         deleted: 0,
