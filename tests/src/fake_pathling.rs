@@ -155,7 +155,8 @@ pub struct PathlingConfig {
     pub s3: Option<S3Access>,
     /// Polls answered 202 before a job completes.
     pub import_duration_polls: u32,
-    /// Path of the FHIR base, e.g. `/fhir`.
+    /// Path of the FHIR base, e.g. `/fhir`. Routes are built at start: changing it later does
+    /// not move them.
     pub fhir_path: String,
     /// Pretend someone else's import runs: every kick-off gets 503.
     pub external_import_running: bool,

@@ -160,6 +160,7 @@ pub struct ResetKnob {
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
     /// Path of the FHIR base on the origin, e.g. `/fhir` (no trailing slash; `""` for the root).
+    /// Routes are built at start: changing it later does not move them.
     pub fhir_path: String,
     /// The synthetic data.
     pub dataset: DatasetConfig,

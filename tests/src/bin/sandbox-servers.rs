@@ -88,8 +88,22 @@ async fn wait_for_stop() {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run());
+    // The stdin reader sits in a blocking thread that a plain runtime drop would wait for
+    // until stdin closes, so a SIGTERM would never end the process.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
+}
+
+async fn run() -> ExitCode {
     let opts = match parse_args() {
         Ok(o) => o,
         Err(e) => {
