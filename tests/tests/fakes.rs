@@ -2125,3 +2125,82 @@ async fn pathling_reads_s3_through_moto() {
         import_and_wait(&c, &v9, &v9_body("overwrite", &[("Patient", &missing)])).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn remaining_knobs() {
+    let c = client();
+    // Source: the granted scope may differ from the requested one.
+    let mut auth = AuthConfig::client_secret_basic("c", "s");
+    auth.granted_scope = Some("system/Patient.rs".into());
+    let src = start_source(SourceConfig {
+        auth: Some(auth),
+        ..Default::default()
+    })
+    .await;
+    let (status, body, headers) = token_request(
+        &c,
+        &src.token_url(),
+        &[
+            ("grant_type", "client_credentials"),
+            ("scope", "system/*.rs"),
+        ],
+        Some(&basic_header("c", "s")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["scope"], "system/Patient.rs");
+    assert_eq!(headers.get("cache-control").unwrap(), "no-store");
+    assert_eq!(
+        src.auth_stats().last_requested_scope.as_deref(),
+        Some("system/*.rs")
+    );
+    let token = body["access_token"].as_str().unwrap().to_string();
+    // A POST kick-off needs a FHIR JSON body.
+    let resp = c
+        .post(format!("{}/Patient/$export", src.base_url()))
+        .headers(bulk_headers(Some(&token)))
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // Only the configured output formats are accepted.
+    src.update(|c| c.supported_output_formats = vec!["application/fhir+ndjson".into()]);
+    let resp = kickoff(
+        &c,
+        &format!("{}/$export?_outputFormat=ndjson", src.base_url()),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    // Pathling: formats the fake cannot read fail the job, not the kick-off.
+    let p = FakePathling::start(PathlingConfig {
+        import_duration_polls: 0,
+        dedupe_identical_requests: false,
+        ..PathlingConfig::v9(&["file:///"])
+    })
+    .await
+    .unwrap();
+    let mut body = v9_body("merge", &[("Patient", "file:///tmp/x.parquet")]);
+    body["parameter"][0]["valueCode"] = json!("application/vnd.apache.parquet");
+    let (status, out) = import_and_wait(&c, &p, &body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(diagnostics(&out).contains("only NDJSON"));
+    // Without deduplication the identical request makes a new job.
+    let (status, _) = import_and_wait(&c, &p, &body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(p.jobs().len(), 2);
+    assert_eq!(p.stats().deduplicated, 0);
+    p.seed("Patient", [json!({"resourceType": "Patient", "id": "x"})]);
+    p.clear_store();
+    assert_eq!(p.total_resources(), 0);
+    p.update(|c| c.latency = Duration::from_millis(200));
+    let started = Instant::now();
+    c.get(format!("{}/metadata", p.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(200));
+}
