@@ -216,6 +216,15 @@ fn form_decode(text: &str) -> Option<String> {
         .map(|s| s.into_owned())
 }
 
+/// The credentials after an authentication scheme (`"basic "`, matched case-insensitively).
+fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let head = value.get(..scheme.len())?;
+    head.eq_ignore_ascii_case(scheme)
+        .then(|| value.get(scheme.len()..))
+        .flatten()
+        .map(str::trim)
+}
+
 fn now_epoch() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -299,8 +308,7 @@ impl AuthRuntime {
         }
         self.stats.last_requested_scope = form.get("scope").cloned();
 
-        let basic = header_str(headers, "authorization")
-            .filter(|v| v.len() >= 6 && v[..6].eq_ignore_ascii_case("basic "));
+        let basic = header_str(headers, "authorization").and_then(|v| strip_scheme(v, "basic "));
         let post = form.contains_key("client_secret");
         let jwt =
             form.contains_key("client_assertion") || form.contains_key("client_assertion_type");
@@ -335,7 +343,7 @@ impl AuthRuntime {
         }
         match method {
             AuthMethod::ClientSecretBasic => {
-                let encoded = basic.map(|v| v[6..].trim()).unwrap_or("");
+                let encoded = basic.unwrap_or("");
                 let decoded = STANDARD
                     .decode(encoded)
                     .ok()
@@ -470,8 +478,8 @@ impl AuthRuntime {
     #[allow(clippy::result_large_err)]
     pub(crate) fn check_bearer(&mut self, headers: &HeaderMap) -> Result<(), Response> {
         let token = header_str(headers, "authorization")
-            .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "))
-            .map(|v| v[7..].trim());
+            .and_then(|v| strip_scheme(v, "bearer "))
+            .filter(|t| !t.is_empty());
         let verdict = match token {
             None => Err("missing bearer token"),
             Some(t) => match self.tokens.get(t) {

@@ -139,7 +139,9 @@ impl DatasetConfig {
         let offset = i64::try_from(i)
             .unwrap_or(i64::MAX)
             .saturating_mul(self.step_seconds);
-        self.base_time + ChronoDuration::seconds(offset)
+        ChronoDuration::try_seconds(offset)
+            .and_then(|d| self.base_time.checked_add_signed(d))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 
     /// The patient id resource `i` of a type belongs to.

@@ -1107,12 +1107,11 @@ async fn poll_status(
     rt.stats.manifests += 1;
     let manifest = build_manifest(&shared, &cfg, &mut rt, &job);
     let mut resp = json_response(StatusCode::OK, &manifest);
-    if let Some(exp) = cfg.manifest_expires {
-        set_header(
-            &mut resp,
-            header::EXPIRES,
-            &httpdate::fmt_http_date(std::time::SystemTime::now() + exp),
-        );
+    if let Some(at) = cfg
+        .manifest_expires
+        .and_then(|exp| std::time::SystemTime::now().checked_add(exp))
+    {
+        set_header(&mut resp, header::EXPIRES, &httpdate::fmt_http_date(at));
     }
     resp
 }

@@ -124,15 +124,15 @@ impl RetryAfter {
         match self {
             RetryAfter::Omit => None,
             RetryAfter::Seconds(s) => Some(s.to_string()),
-            RetryAfter::HttpDate(s) => Some(httpdate::fmt_http_date(
-                SystemTime::now() + Duration::from_secs(*s),
-            )),
+            RetryAfter::HttpDate(s) => SystemTime::now()
+                .checked_add(Duration::from_secs(*s))
+                .map(httpdate::fmt_http_date),
             RetryAfter::EpochSeconds(s) => {
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_secs();
-                Some((now + s).to_string())
+                Some(now.saturating_add(*s).to_string())
             }
         }
     }
