@@ -666,10 +666,11 @@ impl SyncRun {
                         if pending {
                             return Ok(SyncState::ApplyingDeletions(next));
                         }
-                        let mut summary = self.import_summary(&next.export, None);
+                        let mut summary =
+                            self.import_summary(&next.export, next.import_job.as_deref());
                         summary.deleted = next.deleted;
                         summary.already_absent = next.absent;
-                        summary.nothing_to_import = !next.imported;
+                        summary.nothing_to_import = next.import_job.is_none();
                         Ok(
                             self.cleanup_then(
                                 &next.export.status_url,
@@ -688,7 +689,8 @@ impl SyncRun {
                             .insert(index, crate::bulk::truncate(&f.to_string(), 300));
                         if classify(&f) == Verdict::Permanent || failures > spec.retry.import.times
                         {
-                            let mut summary = self.import_summary(&next.export, None);
+                            let mut summary =
+                                self.import_summary(&next.export, next.import_job.as_deref());
                             summary.deleted = next.deleted;
                             summary.already_absent = next.absent;
                             return Ok(self.fail(
@@ -927,19 +929,18 @@ impl SyncRun {
     }
 
     fn after_import(&self, export: Exported, job_url: Option<&str>) -> SyncState {
-        let imported = job_url.is_some();
         let deletions =
             self.spec.target.apply_deletions && export.files.count(FileKind::Deleted) > 0;
         if deletions {
             return SyncState::ApplyingDeletions(ApplyingDeletions {
                 export,
-                imported,
+                import_job: job_url.map(str::to_string),
                 deleted: 0,
                 absent: 0,
             });
         }
         let mut summary = self.import_summary(&export, job_url);
-        summary.nothing_to_import = !imported;
+        summary.nothing_to_import = job_url.is_none();
         self.cleanup_then(&export.status_url, Terminal::Succeeded(summary))
     }
 

@@ -133,7 +133,9 @@ pub struct PollingImport {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ApplyingDeletions {
     pub export: Exported,
-    pub imported: bool,
+    /// The `$import` job that ran before (for the summary); `None` when there was nothing
+    /// to import.
+    pub import_job: Option<String>,
     pub deleted: u64,
     pub absent: u64,
 }

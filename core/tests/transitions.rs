@@ -1951,7 +1951,7 @@ fn import_completed_with_apply_deletions_and_deleted_files_applies_them() {
     let next = answer(&run, EffectResult::ImportCompleted, T0);
 
     let s = deleting(&next);
-    assert!(s.imported);
+    assert_eq!(s.import_job.as_deref(), Some(JOB_URL));
     assert_eq!((s.deleted, s.absent), (0, 0));
     let reqs = requests(&next, T0);
     assert_eq!(reqs.len(), 1, "only the deleted[] file");
@@ -2045,6 +2045,8 @@ fn deletions_applied_mark_each_file_then_succeed_with_the_counts() {
     };
     assert_eq!((s.deleted, s.already_absent), (7, 1));
     assert!(!s.nothing_to_import);
+    assert_eq!(s.imported_files, 1, "the import is still reported");
+    assert_eq!(s.import_job.as_deref(), Some(JOB_URL));
 }
 
 #[test]
@@ -2057,7 +2059,7 @@ fn deletions_without_an_import_report_nothing_imported() {
         T0,
     );
     let s = deleting(&run);
-    assert!(!s.imported);
+    assert_eq!(s.import_job, None);
     let req = requests(&run, T0).remove(0);
     let done = step_ok(
         &run,
@@ -2106,6 +2108,11 @@ fn deletion_permanent_failure_fails_naming_the_file() {
         reason.contains("could not apply the deletions of deleted[1] Bundle: HTTP 405"),
         "{reason}"
     );
+    let Terminal::Failed(f) = &cleaning_up(&next).then else {
+        panic!()
+    };
+    assert_eq!(f.summary.import_job.as_deref(), Some(JOB_URL));
+    assert_eq!(f.summary.imported_files, 1);
 }
 
 #[test]

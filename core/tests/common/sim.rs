@@ -214,7 +214,7 @@ impl Plan {
             (FileKind::Error, &["OperationOutcome"][..], rng.below(2)),
         ] {
             for _ in 0..n {
-                let type_name: &&str = rng.pick(types);
+                let type_name: &str = rng.pick(types);
                 let mut f = PlanFile::ok(kind, type_name);
                 f.stage = fault(&mut rng, 25, 3);
                 f.delete = fault(&mut rng, 25, 3);
@@ -348,8 +348,8 @@ pub struct World {
     /// Successful deletions per file index.
     pub deletions_applied: BTreeMap<u32, u32>,
     pub export_job_deletes: u32,
-    /// Effects performed, in order.
-    pub effects: u64,
+    /// Effects performed, in order: when, and which.
+    pub log: Vec<(Timestamp, &'static str)>,
 }
 
 impl World {
@@ -370,7 +370,7 @@ impl World {
             delete_attempts: vec![0; plan.files.len()],
             deletions_applied: BTreeMap::new(),
             export_job_deletes: 0,
-            effects: 0,
+            log: Vec::new(),
         }
     }
 
@@ -428,7 +428,17 @@ impl World {
 
     /// Performs one effect at `now` and reports what happened, as a runner's executor would.
     pub fn answer(&mut self, req: &Request, now: Timestamp) -> EffectResult {
-        self.effects += 1;
+        let name = match &req.effect {
+            Effect::KickoffExport(_) => "kickoff_export",
+            Effect::PollExport { .. } => "poll_export",
+            Effect::StageFile { .. } => "stage_file",
+            Effect::DetectPathling => "detect_pathling",
+            Effect::KickoffImport { .. } => "kickoff_import",
+            Effect::PollImport { .. } => "poll_import",
+            Effect::ApplyDeletions { .. } => "apply_deletions",
+            Effect::DeleteExportJob { .. } => "delete_export_job",
+        };
+        self.log.push((now, name));
         match &req.effect {
             Effect::KickoffExport(k) => {
                 assert!(k.url.starts_with(SOURCE), "kick-off to {}", k.url);
@@ -649,6 +659,15 @@ impl World {
                 }
             }
         }
+    }
+
+    /// When each effect called `name` was performed.
+    pub fn times_of(&self, name: &str) -> Vec<Timestamp> {
+        self.log
+            .iter()
+            .filter(|(_, n)| *n == name)
+            .map(|(t, _)| *t)
+            .collect()
     }
 
     /// The `valueUrl`s of the accepted `$import` body, in order.
