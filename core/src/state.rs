@@ -189,7 +189,9 @@ pub struct Summary {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FailedRun {
-    /// The phase that failed.
+    /// The phase that failed. Serialized as `in_phase`: `SyncState`'s tag is `phase`, and a
+    /// field of the same name would overwrite it (the envelope would not decode).
+    #[serde(rename = "in_phase")]
     pub phase: String,
     pub reason: String,
     pub summary: Summary,
@@ -197,6 +199,8 @@ pub struct FailedRun {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CancelledRun {
+    /// The phase the run was cancelled in (serialized as `in_phase`, see [`FailedRun`]).
+    #[serde(rename = "in_phase")]
     pub phase: String,
     pub reason: String,
     pub summary: Summary,
@@ -272,9 +276,11 @@ struct FileTableWire {
     type_of: Vec<u16>,
     kind: String,
     status: String,
-    /// index → [failures, not_before, last error]
+    /// index → [failures, not_before, last error]. The index is kept as the string it is in
+    /// JSON: an integer map key does not survive serde's buffering of the internally tagged
+    /// `SyncState`, so it is parsed explicitly.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    retries: BTreeMap<u32, (u32, Timestamp, String)>,
+    retries: BTreeMap<String, (u32, Timestamp, String)>,
     bytes: u64,
     resources_by_type: Vec<u64>,
 }
@@ -286,7 +292,7 @@ impl From<FileTable> for FileTableWire {
             let i = i as u32;
             if row.failures > 0 || t.errors.contains_key(&i) {
                 retries.insert(
-                    i,
+                    i.to_string(),
                     (
                         row.failures,
                         row.not_before,
@@ -339,7 +345,10 @@ impl TryFrom<FileTableWire> for FileTable {
             });
         }
         let mut errors = BTreeMap::new();
-        for (i, (failures, not_before, error)) in w.retries {
+        for (key, (failures, not_before, error)) in w.retries {
+            let i: u32 = key
+                .parse()
+                .map_err(|_| format!("file table: retry key {key:?} is not a file index"))?;
             let row = rows
                 .get_mut(i as usize)
                 .ok_or_else(|| format!("file table: retry for unknown file {i}"))?;
