@@ -423,17 +423,8 @@ impl Authenticator {
     async fn discover(&self) -> Result<Discovery, Failure> {
         let url = self.discovery_url();
         let what = format!("{} SMART discovery ({url})", self.side.word());
-        let response = self
-            .http
-            .get(&url)
-            .header(ACCEPT, "application/json")
-            .timeout(AUTH_REQUEST_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| transport_failure(&what, &e))?;
-        let status = response.status();
-        let retry_after = header_string(&response, RETRY_AFTER);
-        let body = read_body(response, &what).await?;
+        let request = self.http.get(&url).header(ACCEPT, "application/json");
+        let (status, retry_after, body) = exchange(request, &what).await?;
         if !status.is_success() {
             let hint = if status.as_u16() == 404 {
                 " (authentication is enabled: does the server support SMART Backend Services?)"
@@ -503,17 +494,16 @@ impl Authenticator {
         )
         .map_err(|m| Failure::new(FailureKind::Local, format!("{what}: {m}")))?;
 
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", "client_credentials");
+        // Plain pairs, encoded at the end: the encoder is not `Send`, and this future must be.
+        let mut form: Vec<(&str, String)> = vec![("grant_type", "client_credentials".into())];
         if !client.scopes.is_empty() {
-            form.append_pair("scope", &client.scopes);
+            form.push(("scope", client.scopes.clone()));
         }
         let mut request = self
             .http
             .post(&discovery.token_endpoint)
             .header(ACCEPT, "application/json")
-            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .timeout(AUTH_REQUEST_TIMEOUT);
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded");
         // Everything secret this request carries, to scrub from anything the server echoes.
         let mut sensitive: Vec<String> = Vec::new();
         let missing = |what_cred: &str| {
@@ -536,8 +526,8 @@ impl Authenticator {
             }
             AuthMethod::ClientSecretPost => {
                 let secret = client.secret.as_ref().ok_or_else(|| missing("a secret"))?;
-                form.append_pair("client_id", &client.id);
-                form.append_pair("client_secret", secret.expose());
+                form.push(("client_id", client.id.clone()));
+                form.push(("client_secret", secret.expose().to_string()));
                 sensitive.extend([secret.expose().to_string(), form_encode(secret.expose())]);
             }
             AuthMethod::PrivateKeyJwt => {
@@ -548,19 +538,12 @@ impl Authenticator {
                 let assertion = key
                     .client_assertion(&client.id, &discovery.token_endpoint, now_ms)
                     .map_err(|m| Failure::new(FailureKind::Local, format!("{what}: {m}")))?;
-                form.append_pair("client_assertion_type", JWT_BEARER);
-                form.append_pair("client_assertion", &assertion);
+                form.push(("client_assertion_type", JWT_BEARER.into()));
+                form.push(("client_assertion", assertion.clone()));
                 sensitive.push(assertion);
             }
         }
-        let response = request
-            .body(form.finish())
-            .send()
-            .await
-            .map_err(|e| transport_failure(&what, &e))?;
-        let status = response.status();
-        let retry_after = header_string(&response, RETRY_AFTER);
-        let body = read_body(response, &what).await?;
+        let (status, retry_after, body) = exchange(request.body(form_body(&form)), &what).await?;
         if !status.is_success() {
             let detail = oauth_error_text(&body, &sensitive);
             return Err(Failure::http(
@@ -967,8 +950,13 @@ fn parse_jwk(jwk: &Map<String, Value>) -> Result<ParsedKey, String> {
                 ));
             }
             let secret = if jwk.contains_key("x") && jwk.contains_key("y") {
-                // The library also checks that x and y belong to d.
-                p384::SecretKey::from_jwk_str(&Value::Object(jwk.clone()).to_string())
+                // The library checks that x and y belong to d, but refuses members it does not
+                // know (kid, alg, use), so hand it only the key itself.
+                let key_only: Map<String, Value> = ["kty", "crv", "x", "y", "d"]
+                    .into_iter()
+                    .filter_map(|k| jwk.get(k).map(|v| (k.to_string(), v.clone())))
+                    .collect();
+                p384::SecretKey::from_jwk_str(&Value::Object(key_only).to_string())
                     .map_err(|_| "is not a valid EC P-384 private JWK".to_string())?
             } else {
                 let d = field("d")
@@ -1076,6 +1064,14 @@ fn parse_pkcs8(block: &str) -> Result<KeyMaterial, String> {
     }
 }
 
+fn form_body(pairs: &[(&str, String)]) -> String {
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in pairs {
+        form.append_pair(name, value);
+    }
+    form.finish()
+}
+
 /// `application/x-www-form-urlencoded` encoding of one value (RFC 6749 §2.3.1, Appendix B).
 fn form_encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
@@ -1107,6 +1103,37 @@ fn seconds(value: &Value) -> Option<u64> {
             .map(|f| f.max(0.0) as u64),
         _ => None,
     }
+}
+
+/// Sends a request and reads its whole answer: status, `Retry-After` and body.
+///
+/// The deadline wraps the client's own timeouts rather than replacing them (a per-request
+/// reqwest timeout would override a shorter one the caller configured).
+async fn exchange(
+    request: reqwest::RequestBuilder,
+    what: &str,
+) -> Result<(reqwest::StatusCode, Option<String>, Vec<u8>), Failure> {
+    let attempt = async {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_failure(what, &e))?;
+        let status = response.status();
+        let retry_after = header_string(&response, RETRY_AFTER);
+        let body = read_body(response, what).await?;
+        Ok((status, retry_after, body))
+    };
+    tokio::time::timeout(AUTH_REQUEST_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::new(
+                FailureKind::Timeout,
+                format!(
+                    "{what}: no complete answer within {} s",
+                    AUTH_REQUEST_TIMEOUT.as_secs()
+                ),
+            ))
+        })
 }
 
 fn header_string(
@@ -1224,6 +1251,27 @@ mod tests {
 
     fn list(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Callers spawn token requests onto a multi-threaded runtime.
+    #[test]
+    fn futures_are_send_and_the_authenticator_is_shareable() {
+        fn send<T: Send>(_: &T) {}
+        fn sync<T: Send + Sync>() {}
+        sync::<Authenticator>();
+        sync::<BearerToken>();
+        let a = Authenticator::new(
+            reqwest::Client::new(),
+            "https://fhir.example.org",
+            &AuthSpec::disabled(),
+            None,
+            None,
+            Side::Source,
+        )
+        .unwrap();
+        send(&a.token(0));
+        let t = BearerToken::new("t".into(), 0, 300, None).unwrap();
+        send(&a.invalidate(&t));
     }
 
     #[test]

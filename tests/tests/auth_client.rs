@@ -147,6 +147,9 @@ fn decode_part(part: &str) -> Value {
 // A recording token server
 // ---------------------------------------------------------------------------------------------
 
+/// One token request as received: the `Authorization` header and the form fields.
+type TokenRequest = (Option<String>, Vec<(String, String)>);
+
 /// What the recording server answers to token requests.
 #[derive(Clone)]
 enum TokenAnswer {
@@ -168,7 +171,7 @@ struct Recorder {
     discovery_delay: Duration,
     discovery_paths: Vec<String>,
     /// `(Authorization header, form body)` of each token request.
-    token_requests: Vec<(Option<String>, Vec<(String, String)>)>,
+    token_requests: Vec<TokenRequest>,
 }
 
 #[derive(Clone)]
@@ -207,7 +210,7 @@ impl RecorderHandle {
         change(&mut self.0.lock().unwrap());
     }
 
-    fn requests(&self) -> Vec<(Option<String>, Vec<(String, String)>)> {
+    fn requests(&self) -> Vec<TokenRequest> {
         self.0.lock().unwrap().token_requests.clone()
     }
 
