@@ -25,8 +25,10 @@
 //! - [`Authenticator::token`] returns `None` when auth is disabled. A token is reused until less
 //!   than `min(30 s, 20 % of its lifetime)` remains; `expires_in` defaults to 300 s. Callers
 //!   that arrive while a token is being fetched wait for that fetch instead of starting their
-//!   own. [`Authenticator::invalidate`] forgets a token the server refused (only if it is
-//!   still the cached one, so a late 401 for an old token does not discard a fresh one).
+//!   own. If an early refresh fails while the old token has not expired, the old token is
+//!   returned (and the refresh is tried again on the next call). [`Authenticator::invalidate`]
+//!   forgets a token the server refused (only if it is still the cached one, so a late 401
+//!   for an old token does not discard a fresh one).
 //! - Failures are [`Failure`] facts: HTTP statuses (RFC 6749 `error` and `error_description`
 //!   in the message, prefixed `source token endpoint:` or `target token endpoint:`, with
 //!   `Retry-After` kept), network and timeout kinds from the transport, `Undecodable` for an
@@ -384,16 +386,7 @@ impl Authenticator {
                 return Ok(Some(token.clone()));
             }
         }
-        cache.token = None;
-        let discovery = match &cache.discovery {
-            Some(d) => d.clone(),
-            None => {
-                let d = self.discover().await?;
-                cache.discovery = Some(d.clone());
-                d
-            }
-        };
-        match self.request_token(client, &discovery, now_unix_ms).await {
+        match self.fetch(client, &mut cache, now_unix_ms).await {
             Ok(token) => {
                 cache.token = Some(token.clone());
                 Ok(Some(token))
@@ -402,9 +395,34 @@ impl Authenticator {
                 // The endpoint may have moved or the server's methods changed: rediscover on
                 // the next attempt rather than repeat a request that cannot work.
                 cache.discovery = None;
-                Err(e)
+                // An early refresh that failed is no reason to stop using a token the server
+                // still honours; the next call tries again.
+                match cache.token.take() {
+                    Some(old) if now_unix_ms < old.expires_at_unix_ms() => {
+                        cache.token = Some(old.clone());
+                        Ok(Some(old))
+                    }
+                    _ => Err(e),
+                }
             }
         }
+    }
+
+    async fn fetch(
+        &self,
+        client: &Client,
+        cache: &mut Cache,
+        now_ms: u64,
+    ) -> Result<BearerToken, Failure> {
+        let discovery = match &cache.discovery {
+            Some(d) => d.clone(),
+            None => {
+                let d = self.discover().await?;
+                cache.discovery = Some(d.clone());
+                d
+            }
+        };
+        self.request_token(client, &discovery, now_ms).await
     }
 
     /// Forgets `token` after a protected resource refused it (401), so the next

@@ -712,6 +712,29 @@ async fn long_tokens_are_refreshed_thirty_seconds_early_and_expires_in_defaults_
 }
 
 #[tokio::test]
+async fn a_failed_early_refresh_keeps_the_unexpired_token() {
+    let rec = RecorderHandle::start(Some(&["client_secret_basic"])).await;
+    let a = auth(&rec.base(), &spec(None, true, false), Some("x"), None);
+    let t0 = 1_800_000_000_000;
+    let first = a.token(t0).await.unwrap().unwrap();
+    rec.set(|r| {
+        r.answer = TokenAnswer::Fixed {
+            status: 503,
+            body: String::new(),
+            retry_after: None,
+        }
+    });
+    // Inside the refresh margin: the refresh fails, the old token still works.
+    assert_eq!(a.token(t0 + 280_000).await.unwrap().unwrap(), first);
+    assert_eq!(rec.requests().len(), 2);
+    // Past its expiry there is nothing to fall back on.
+    let f = a.token(t0 + 300_000).await.unwrap_err();
+    assert_eq!(f.status(), Some(503));
+    rec.set(|r| r.answer = TokenAnswer::Token { expires_in: None });
+    assert_ne!(a.token(t0 + 301_000).await.unwrap().unwrap(), first);
+}
+
+#[tokio::test]
 async fn invalidate_triggers_reauthentication() {
     let secret = "inv";
     let source = fake(AuthConfig::client_secret_post(CLIENT, secret)).await;
