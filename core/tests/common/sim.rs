@@ -713,6 +713,8 @@ pub struct Options {
     pub cancel_after: Option<usize>,
     /// Feed `next` and `step` random earlier timestamps now and then (seeded).
     pub backwards: Option<u64>,
+    /// Keep the run after every step in the trace (off for huge manifests: a clone per step).
+    pub record_states: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -733,6 +735,7 @@ impl Default for Options {
             check_redelivery: false,
             cancel_after: None,
             backwards: None,
+            record_states: true,
         }
     }
 }
@@ -743,7 +746,8 @@ pub struct Event {
     pub now: Timestamp,
     pub request: Option<Request>,
     pub input: Input,
-    pub after: SyncRun,
+    /// The run the input produced (when `Options::record_states`).
+    pub after: Option<SyncRun>,
 }
 
 #[derive(Clone, Debug)]
@@ -816,7 +820,7 @@ pub fn drive(run: SyncRun, world: &mut World, opts: &Options) -> Outcome {
             now,
             request,
             input,
-            after: next.clone(),
+            after: opts.record_states.then(|| next.clone()),
         });
         let reload = match &opts.reload_at {
             ReloadAt::Never => false,
