@@ -1,0 +1,149 @@
+//! The one driver loop every runner uses: ask the machine what to do, do it through the
+//! [`Executor`], step each result, persist after every accepted step.
+//!
+//! Runners differ only in the [`RunStore`] (a local file, a DynamoDB item, a Step Functions
+//! payload) and in [`DriveOptions`]: how long they may sleep in-process and how much time
+//! they have in all.
+
+use crate::executor::{now, Executor};
+use futures::stream::{FuturesUnordered, StreamExt};
+use pathling_import_core::effect::{Input, Next, Request};
+use pathling_import_core::{SyncRun, Terminal, Timestamp};
+use std::future::Future;
+use std::time::Duration;
+
+/// Where a run is kept. `save` must be conditional on the run's previous `seq` (the stored
+/// `seq` must be `run.seq - 1`), so that two workers can never both advance the same run.
+pub trait RunStore {
+    fn save(&mut self, run: &SyncRun) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Someone else advanced or replaced the run: stop, they own it now.
+    #[error("the stored run changed underneath this worker (expected seq {expected}); another worker owns it")]
+    Conflict { expected: u64 },
+    #[error("saving the run failed: {0}")]
+    Io(String),
+}
+
+/// Observes the loop, for progress displays and logs.
+pub trait Observer: Send + Sync {
+    fn next(&self, _run: &SyncRun, _next: &Next) {}
+    fn stepped(&self, _run: &SyncRun, _request: &Request) {}
+    fn rejected(&self, _request: &Request, _why: &str) {}
+}
+
+/// An observer that sees nothing.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+#[derive(Clone, Debug)]
+pub struct DriveOptions {
+    /// Sleep in-process for waits up to this long; a longer wait ends the drive with
+    /// [`Stopped::Sleeping`] (the wake-up time is in the persisted state).
+    pub max_sleep: Duration,
+    /// Stop starting new effects after this moment (wall clock); effects in flight finish.
+    pub budget_until: Option<Timestamp>,
+}
+
+/// Why a drive returned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stopped {
+    Done(Box<Terminal>),
+    /// The run waits until then; call again (or let a scheduler) after that.
+    Sleeping { until: Timestamp },
+    /// The time budget ran out; the run continues in the next drive.
+    OutOfBudget,
+    /// `interrupt` fired; what completed is persisted.
+    Interrupted,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Drives `run` until it ends, must wait longer than allowed, runs out of budget, or
+/// `interrupt` completes. Returns the latest run (as persisted) and why it stopped.
+pub async fn drive<S: RunStore>(
+    mut run: SyncRun,
+    executor: &Executor,
+    store: &mut S,
+    options: &DriveOptions,
+    observer: &dyn Observer,
+    interrupt: impl Future<Output = ()>,
+) -> Result<(SyncRun, Stopped), DriveError> {
+    let mut interrupt = std::pin::pin!(interrupt);
+    loop {
+        let t = now();
+        if options.budget_until.is_some_and(|b| t >= b) && !run.is_done() {
+            return Ok((run, Stopped::OutOfBudget));
+        }
+        let next = run.next(t);
+        observer.next(&run, &next);
+        match next {
+            Next::Done { terminal } => return Ok((run, Stopped::Done(Box::new(terminal)))),
+            Next::SleepUntil { until, .. } => {
+                let wait = Duration::from_millis(t.until(until));
+                let over_budget = options.budget_until.is_some_and(|b| until > b);
+                if wait > options.max_sleep || over_budget {
+                    return Ok((run, Stopped::Sleeping { until }));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = &mut interrupt => return Ok((run, Stopped::Interrupted)),
+                }
+            }
+            Next::Run { requests } => {
+                let concurrency = run.spec.transfer.concurrency.max(1) as usize;
+                let mut queue = requests.into_iter();
+                let mut in_flight = FuturesUnordered::new();
+                let mut out_of_budget = false;
+                loop {
+                    while in_flight.len() < concurrency && !out_of_budget {
+                        if options.budget_until.is_some_and(|b| now() >= b) {
+                            out_of_budget = true;
+                            break;
+                        }
+                        let Some(request) = queue.next() else { break };
+                        in_flight.push(async move {
+                            let result = executor.execute(&request).await;
+                            (request, result)
+                        });
+                    }
+                    let completed = tokio::select! {
+                        c = in_flight.next() => c,
+                        _ = &mut interrupt => return Ok((run, Stopped::Interrupted)),
+                    };
+                    let Some((request, result)) = completed else { break };
+                    match run.step(Input::Completed { id: request.id, result }, now()) {
+                        Ok(stepped) => {
+                            store.save(&stepped).await?;
+                            run = stepped;
+                            observer.stepped(&run, &request);
+                        }
+                        // A refused result changes nothing (e.g. a file result after the run
+                        // already failed on another file).
+                        Err(why) => observer.rejected(&request, &why.to_string()),
+                    }
+                }
+                if out_of_budget {
+                    return Ok((run, Stopped::OutOfBudget));
+                }
+            }
+        }
+    }
+}
+
+/// Applies a cancel to the run and persists it.
+pub async fn cancel<S: RunStore>(run: &SyncRun, store: &mut S, reason: &str) -> Result<Option<SyncRun>, StoreError> {
+    match run.step(Input::Cancel { reason: reason.to_string() }, now()) {
+        Ok(cancelled) => {
+            store.save(&cancelled).await?;
+            Ok(Some(cancelled))
+        }
+        Err(_) => Ok(None),
+    }
+}

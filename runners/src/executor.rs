@@ -1,0 +1,611 @@
+//! The one effect executor every runner shares: performs a core [`Request`] and reports what
+//! happened as an [`EffectResult`]. It holds everything the core must not: the HTTP client,
+//! credentials and tokens, the staging store, a cache of stored manifests.
+//!
+//! It judges nothing: failures are reported as facts (status, `Retry-After`, message) and the
+//! core decides about retries. It never returns a secret in a result.
+
+use crate::auth::{Authenticator, BearerToken, Side};
+use crate::http::{header, status_failure, transport_failure};
+use crate::staging::{FailureSide, S3Options, S3Store, StagingError, StagingStore};
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use pathling_import_core::bulk::{deleted_refs, parse_manifest, FileKind, Manifest, OutcomeSummary, ResourceRef};
+use pathling_import_core::config::Secrets;
+use pathling_import_core::effect::{Effect, EffectResult, ExportKickoffRequest, Request};
+use pathling_import_core::pathling::{api_from_capability, delete_batch_bundle};
+use pathling_import_core::retry::{Failure, FailureKind};
+use pathling_import_core::spec::{PathlingApi, RunSpec};
+use pathling_import_core::staging::{StagingKey, StagingLocation};
+use pathling_import_core::Timestamp;
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+const FHIR_JSON: &str = "application/fhir+json";
+const NDJSON: &str = "application/fhir+ndjson";
+/// Deletions are sent as `batch` Bundles of at most this many entries.
+const DELETE_BATCH: usize = 100;
+
+/// Wall-clock now, for the core.
+pub fn now() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Timestamp(ms)
+}
+
+/// Live counters for progress displays.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes received from the source while staging (decoded).
+    pub bytes_downloaded: AtomicU64,
+    pub files_staged: AtomicU64,
+    pub resources_staged: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{0}")]
+    Auth(#[from] crate::auth::AuthSetupError),
+    #[error("HTTP client: {0}")]
+    Http(String),
+    #[error("staging store: {0}")]
+    Staging(#[from] StagingError),
+}
+
+pub struct Executor {
+    http: reqwest::Client,
+    source_base: String,
+    target_base: String,
+    source_auth: Authenticator,
+    target_auth: Authenticator,
+    staging: StagingStore,
+    manifests: Mutex<HashMap<StagingKey, Arc<Manifest>>>,
+    pub counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("source", &self.source_base)
+            .field("target", &self.target_base)
+            .field("staging", &self.staging)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Executor {
+    /// Builds clients and parses credentials once (per process or Lambda container).
+    pub async fn new(spec: &RunSpec, secrets: &Secrets) -> Result<Executor, SetupError> {
+        let http = crate::http::build_client(&spec.transfer).map_err(|e| SetupError::Http(e.to_string()))?;
+        let source_auth = Authenticator::new(
+            http.clone(),
+            &spec.source.endpoint,
+            &spec.source.auth,
+            secrets.source_client_secret.clone(),
+            secrets.source_private_key.clone(),
+            Side::Source,
+        )?;
+        let target_auth = Authenticator::new(
+            http.clone(),
+            &spec.target.endpoint,
+            &spec.target.auth,
+            secrets.target_client_secret.clone(),
+            secrets.target_private_key.clone(),
+            Side::Target,
+        )?;
+        let staging = open_staging(&spec.staging, spec.transfer.part_size).await?;
+        Ok(Executor {
+            http,
+            source_base: spec.source.endpoint.clone(),
+            target_base: spec.target.endpoint.clone(),
+            source_auth,
+            target_auth,
+            staging,
+            manifests: Mutex::new(HashMap::new()),
+            counters: Arc::new(Counters::default()),
+        })
+    }
+
+    pub fn staging(&self) -> &StagingStore {
+        &self.staging
+    }
+
+    /// Performs one effect. Never panics on external data; every problem is a `Failed` fact.
+    pub async fn execute(&self, request: &Request) -> EffectResult {
+        let result = match &request.effect {
+            Effect::KickoffExport(k) => self.kickoff_export(k).await,
+            Effect::PollExport { status_url, manifest_key } => self.poll_export(status_url, manifest_key).await,
+            Effect::StageFile { manifest_key, index, kind, type_name, key } => {
+                self.stage_file(manifest_key, *index, *kind, type_name, key).await
+            }
+            Effect::DetectPathling => self.detect_pathling().await,
+            Effect::KickoffImport { api, parameters } => self.kickoff_import(*api, parameters).await,
+            Effect::PollImport { job_url } => self.poll_import(job_url).await,
+            Effect::ApplyDeletions { key, .. } => self.apply_deletions(key).await,
+            Effect::DeleteExportJob { status_url } => self.delete_export_job(status_url).await,
+        };
+        result.unwrap_or_else(EffectResult::Failed)
+    }
+
+    /// Sends a request with the side's bearer token (when `authenticate`), re-authenticating
+    /// once after a 401.
+    async fn send(
+        &self,
+        side: Side,
+        authenticate: bool,
+        context: &str,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<Response, Failure> {
+        let auth = match side {
+            Side::Source => &self.source_auth,
+            Side::Target => &self.target_auth,
+        };
+        let mut retried = false;
+        loop {
+            let token: Option<BearerToken> = if authenticate { auth.token(now().0).await? } else { None };
+            let mut req = build();
+            if let Some(t) = &token {
+                req = req.header(reqwest::header::AUTHORIZATION, t.header_value());
+            }
+            let resp = req.send().await.map_err(|e| transport_failure(context, e))?;
+            if resp.status() == StatusCode::UNAUTHORIZED && !retried {
+                if let Some(t) = &token {
+                    auth.invalidate(t).await;
+                    retried = true;
+                    continue;
+                }
+            }
+            return Ok(resp);
+        }
+    }
+
+    async fn kickoff_export(&self, k: &ExportKickoffRequest) -> Result<EffectResult, Failure> {
+        let ctx = "export kick-off";
+        let resp = self
+            .send(Side::Source, true, ctx, || {
+                let req = match &k.post_body {
+                    Some(body) => self
+                        .http
+                        .post(&k.url)
+                        .header("content-type", FHIR_JSON)
+                        .body(body.to_string()),
+                    None => self.http.get(&k.url).query(&k.query),
+                };
+                req.header("accept", FHIR_JSON).header("prefer", "respond-async")
+            })
+            .await?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(unexpected(ctx, resp, "202 Accepted").await);
+        }
+        let location = header(resp.headers(), "content-location").ok_or_else(|| {
+            Failure::new(FailureKind::Undecodable, format!("{ctx}: 202 without a Content-Location header"))
+        })?;
+        Ok(EffectResult::ExportAccepted { status_url: location })
+    }
+
+    async fn poll_export(&self, status_url: &str, manifest_key: &StagingKey) -> Result<EffectResult, Failure> {
+        let ctx = "export status";
+        let same_origin = same_origin(status_url, &self.source_base);
+        let resp = self
+            .send(Side::Source, same_origin, ctx, || {
+                self.http.get(status_url).header("accept", "application/json")
+            })
+            .await?;
+        match resp.status() {
+            StatusCode::ACCEPTED => Ok(EffectResult::ExportInProgress {
+                progress: header(resp.headers(), "x-progress"),
+                retry_after: header(resp.headers(), "retry-after"),
+            }),
+            StatusCode::OK => {
+                let body = resp.bytes().await.map_err(|e| transport_failure(ctx, e))?;
+                let manifest = parse_manifest(&body, &self.source_base)
+                    .map_err(|e| Failure::new(FailureKind::Undecodable, e.to_string()))?;
+                let stored = serde_json::to_vec(&manifest)
+                    .map_err(|e| Failure::new(FailureKind::Local, format!("encoding the manifest: {e}")))?;
+                self.staging
+                    .put_bytes(manifest_key.as_str(), Bytes::from(stored))
+                    .await
+                    .map_err(|e| staging_failure("storing the manifest", &e))?;
+                let digest = manifest.digest();
+                self.manifests.lock().await.insert(manifest_key.clone(), Arc::new(manifest));
+                Ok(EffectResult::ExportCompleted { digest })
+            }
+            _ => Err(status_failure(ctx, resp).await),
+        }
+    }
+
+    async fn manifest(&self, key: &StagingKey) -> Result<Arc<Manifest>, Failure> {
+        let mut cache = self.manifests.lock().await;
+        if let Some(m) = cache.get(key) {
+            return Ok(m.clone());
+        }
+        let bytes = self
+            .staging
+            .get_bytes(key.as_str())
+            .await
+            .map_err(|e| staging_failure("reading the stored manifest", &e))?
+            .ok_or_else(|| Failure::new(FailureKind::Local, format!("the stored manifest {key} is missing from the staging store")))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| Failure::new(FailureKind::Local, format!("the stored manifest {key} is unreadable: {e}")))?;
+        let manifest = Arc::new(manifest);
+        cache.insert(key.clone(), manifest.clone());
+        Ok(manifest)
+    }
+
+    async fn stage_file(
+        &self,
+        manifest_key: &StagingKey,
+        index: u32,
+        kind: FileKind,
+        type_name: &str,
+        key: &StagingKey,
+    ) -> Result<EffectResult, Failure> {
+        let manifest = self.manifest(manifest_key).await?;
+        let file = manifest
+            .files
+            .get(index as usize)
+            .filter(|f| f.kind == kind && f.type_name == type_name)
+            .ok_or_else(|| {
+                Failure::new(FailureKind::Local, format!("the stored manifest has no {} file #{index} of type {type_name}", kind.as_str()))
+            })?;
+        let ctx = format!("download of {} file #{index} ({type_name})", kind.as_str());
+        let resp = self
+            .send(Side::Source, file.send_token, &ctx, || {
+                self.http.get(&file.url).header("accept", NDJSON)
+            })
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(unexpected(&ctx, resp, "200 OK").await);
+        }
+        let counters = self.counters.clone();
+        let body = resp.bytes_stream().inspect_ok(move |chunk| {
+            counters.bytes_downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        });
+        let mut outcomes = (kind == FileKind::Error).then(OutcomeSummary::default);
+        let report = match outcomes.as_mut() {
+            Some(summary) => {
+                let body = LineFold::new(body, summary);
+                self.staging.put_stream(key.as_str(), Box::pin(body)).await
+            }
+            None => self.staging.put_stream(key.as_str(), Box::pin(body)).await,
+        }
+        .map_err(|e| match e.side() {
+            FailureSide::Body => body_failure(&ctx, &e),
+            FailureSide::Store => staging_failure(&format!("staging {key}"), &e),
+        })?;
+        self.counters.files_staged.fetch_add(1, Ordering::Relaxed);
+        if kind == FileKind::Output {
+            self.counters.resources_staged.fetch_add(report.lines, Ordering::Relaxed);
+        }
+        Ok(EffectResult::FileStaged {
+            bytes: report.bytes,
+            resources: report.lines,
+            newline_added: report.newline_added,
+            outcomes,
+        })
+    }
+
+    async fn detect_pathling(&self) -> Result<EffectResult, Failure> {
+        let ctx = "Pathling capability statement";
+        let url = format!("{}/metadata", self.target_base);
+        let resp = self
+            .send(Side::Target, true, ctx, || self.http.get(&url).header("accept", FHIR_JSON))
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_failure(ctx, resp).await);
+        }
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| Failure::new(FailureKind::Undecodable, format!("{ctx}: {}", e.without_url())))?;
+        Ok(EffectResult::PathlingDetected {
+            api: api_from_capability(&body),
+            version: body.pointer("/software/version").and_then(|v| v.as_str()).map(str::to_string),
+        })
+    }
+
+    async fn kickoff_import(&self, api: PathlingApi, parameters: &serde_json::Value) -> Result<EffectResult, Failure> {
+        let ctx = match api {
+            PathlingApi::V7 => "Pathling $import kick-off (7.x request)",
+            PathlingApi::V9 => "Pathling $import kick-off (9.2+ request)",
+        };
+        let url = format!("{}/$import", self.target_base);
+        let body = parameters.to_string();
+        let resp = self
+            .send(Side::Target, true, ctx, || {
+                self.http
+                    .post(&url)
+                    .header("content-type", FHIR_JSON)
+                    .header("accept", FHIR_JSON)
+                    .header("prefer", "respond-async")
+                    .body(body.clone())
+            })
+            .await?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(unexpected(ctx, resp, "202 Accepted").await);
+        }
+        let location = header(resp.headers(), "content-location").ok_or_else(|| {
+            Failure::new(FailureKind::Undecodable, format!("{ctx}: 202 without a Content-Location header"))
+        })?;
+        Ok(EffectResult::ImportAccepted { job_url: location })
+    }
+
+    async fn poll_import(&self, job_url: &str) -> Result<EffectResult, Failure> {
+        let ctx = "Pathling import status";
+        let authenticate = same_origin(job_url, &self.target_base);
+        let resp = self
+            .send(Side::Target, authenticate, ctx, || self.http.get(job_url).header("accept", FHIR_JSON))
+            .await?;
+        match resp.status() {
+            StatusCode::ACCEPTED => Ok(EffectResult::ImportInProgress {
+                progress: header(resp.headers(), "x-progress"),
+                retry_after: header(resp.headers(), "retry-after"),
+            }),
+            StatusCode::OK => Ok(EffectResult::ImportCompleted),
+            _ => Err(status_failure(ctx, resp).await),
+        }
+    }
+
+    async fn apply_deletions(&self, key: &StagingKey) -> Result<EffectResult, Failure> {
+        let stream = self
+            .staging
+            .open_read(key.as_str())
+            .await
+            .map_err(|e| staging_failure(&format!("reading {key}"), &e))?;
+        let mut lines = LineSplitter::default();
+        let mut pending: Vec<ResourceRef> = Vec::new();
+        let (mut deleted, mut absent) = (0u64, 0u64);
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let chunk = stream
+                .next()
+                .await
+                .transpose()
+                .map_err(|e| staging_failure(&format!("reading {key}"), &e))?;
+            let done = chunk.is_none();
+            let mut bad: Option<String> = None;
+            let mut on_line = |n: u64, line: &[u8]| match deleted_refs(line) {
+                Ok(refs) => pending.extend(refs),
+                Err(e) => {
+                    bad.get_or_insert(format!("{key} line {n}: {e}"));
+                }
+            };
+            match chunk {
+                Some(c) => lines.push(&c, &mut on_line),
+                None => lines.finish(&mut on_line),
+            }
+            if let Some(e) = bad {
+                return Err(Failure::new(FailureKind::Undecodable, format!("deleted[] file {e}")));
+            }
+            while pending.len() >= DELETE_BATCH || (done && !pending.is_empty()) {
+                let batch: Vec<ResourceRef> = pending.drain(..pending.len().min(DELETE_BATCH)).collect();
+                let (d, a) = self.delete_batch(&batch).await?;
+                deleted += d;
+                absent += a;
+            }
+            if done {
+                return Ok(EffectResult::DeletionsApplied { deleted, absent });
+            }
+        }
+    }
+
+    /// One `batch` Bundle; per entry 2xx is deleted, 404/410 already absent, anything else
+    /// fails the file (it is retried as a whole: deleting twice is harmless).
+    async fn delete_batch(&self, refs: &[ResourceRef]) -> Result<(u64, u64), Failure> {
+        let ctx = "Pathling delete batch";
+        let bundle = delete_batch_bundle(refs).to_string();
+        let resp = self
+            .send(Side::Target, true, ctx, || {
+                self.http
+                    .request(Method::POST, &self.target_base)
+                    .header("content-type", FHIR_JSON)
+                    .header("accept", FHIR_JSON)
+                    .body(bundle.clone())
+            })
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_failure(ctx, resp).await);
+        }
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| Failure::new(FailureKind::Undecodable, format!("{ctx}: {}", e.without_url())))?;
+        let entries = body.get("entry").and_then(|e| e.as_array()).cloned().unwrap_or_default();
+        if entries.len() != refs.len() {
+            return Err(Failure::new(
+                FailureKind::Undecodable,
+                format!("{ctx}: {} entries answered for {} requests", entries.len(), refs.len()),
+            ));
+        }
+        let (mut deleted, mut absent) = (0, 0);
+        for (entry, r) in entries.iter().zip(refs) {
+            let status = entry.pointer("/response/status").and_then(|s| s.as_str()).unwrap_or("");
+            let code: u16 = status.split_whitespace().next().and_then(|c| c.parse().ok()).unwrap_or(0);
+            match code {
+                200..=299 => deleted += 1,
+                404 | 410 => absent += 1,
+                _ => {
+                    return Err(Failure::http(
+                        if code == 0 { 502 } else { code },
+                        format!("{ctx}: deleting {}/{} answered {status:?}", r.type_name, r.id),
+                    ))
+                }
+            }
+        }
+        Ok((deleted, absent))
+    }
+
+    async fn delete_export_job(&self, status_url: &str) -> Result<EffectResult, Failure> {
+        let ctx = "export job clean-up";
+        let authenticate = same_origin(status_url, &self.source_base);
+        let resp = self
+            .send(Side::Source, authenticate, ctx, || self.http.delete(status_url))
+            .await?;
+        if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
+            Ok(EffectResult::ExportJobDeleted)
+        } else {
+            Err(status_failure(ctx, resp).await)
+        }
+    }
+}
+
+/// Opens the store a staging location names.
+pub async fn open_staging(location: &StagingLocation, part_size: u64) -> Result<StagingStore, StagingError> {
+    Ok(match location {
+        StagingLocation::S3 { bucket, .. } => StagingStore::S3(
+            S3Store::from_env(
+                bucket.clone(),
+                S3Options {
+                    part_size: part_size as usize,
+                    ..S3Options::default()
+                },
+            )
+            .await?,
+        ),
+        StagingLocation::Directory { root } => {
+            StagingStore::Dir(crate::staging::DirStore::from_file_url(&format!("file://{root}")).await?)
+        }
+    })
+}
+
+fn same_origin(url: &str, base: &str) -> bool {
+    let origin = pathling_import_core::bulk::origin_of;
+    matches!((origin(url), origin(base)), (Some(a), Some(b)) if a == b)
+}
+
+/// A 2xx other than the expected one is "undecodable" (the protocol was not followed); an
+/// error status is reported as such.
+async fn unexpected(ctx: &str, resp: Response, expected: &str) -> Failure {
+    let status = resp.status();
+    if status.is_success() {
+        Failure::new(
+            FailureKind::Undecodable,
+            format!("{ctx}: expected {expected}, got {}", status.as_u16()),
+        )
+    } else {
+        status_failure(ctx, resp).await
+    }
+}
+
+fn staging_failure(ctx: &str, e: &StagingError) -> Failure {
+    Failure::new(
+        FailureKind::Storage {
+            transient: e.is_transient(),
+        },
+        format!("{ctx}: {e}"),
+    )
+}
+
+/// A download that broke mid-body: the reqwest error says whether it timed out.
+fn body_failure(ctx: &str, e: &StagingError) -> Failure {
+    let timeout = e
+        .body_error()
+        .and_then(|b| b.downcast_ref::<reqwest::Error>())
+        .is_some_and(|r| r.is_timeout());
+    let detail = e
+        .body_error()
+        .map(|b| crate::http::error_chain(b))
+        .unwrap_or_else(|| e.to_string());
+    Failure::new(
+        if timeout { FailureKind::Timeout } else { FailureKind::Network },
+        format!("{ctx}: {e}: {detail}"),
+    )
+}
+
+/// Splits a byte stream into lines without holding more than one partial line.
+#[derive(Default)]
+struct LineSplitter {
+    partial: Vec<u8>,
+    line_no: u64,
+}
+
+/// Longer lines are not OperationOutcomes or delete Bundles worth reading in full.
+const MAX_LINE: usize = 16 * 1024 * 1024;
+
+impl LineSplitter {
+    fn push(&mut self, chunk: &[u8], on_line: &mut impl FnMut(u64, &[u8])) {
+        let mut rest = chunk;
+        while let Some(pos) = rest.iter().position(|b| *b == b'\n') {
+            self.line_no += 1;
+            if self.partial.is_empty() {
+                on_line(self.line_no, &rest[..pos]);
+            } else {
+                self.partial.extend_from_slice(&rest[..pos]);
+                on_line(self.line_no, &self.partial);
+                self.partial.clear();
+            }
+            rest = &rest[pos + 1..];
+        }
+        if self.partial.len() + rest.len() <= MAX_LINE {
+            self.partial.extend_from_slice(rest);
+        }
+    }
+    fn finish(&mut self, on_line: &mut impl FnMut(u64, &[u8])) {
+        if !self.partial.is_empty() {
+            self.line_no += 1;
+            on_line(self.line_no, &self.partial);
+            self.partial.clear();
+        }
+    }
+}
+
+/// Passes a body through unchanged while folding its lines into an [`OutcomeSummary`].
+struct LineFold<'a, S> {
+    inner: S,
+    lines: LineSplitter,
+    summary: &'a mut OutcomeSummary,
+}
+
+impl<'a, S> LineFold<'a, S> {
+    fn new(inner: S, summary: &'a mut OutcomeSummary) -> Self {
+        LineFold { inner, lines: LineSplitter::default(), summary }
+    }
+}
+
+impl<S, E> Stream for LineFold<'_, S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    type Item = Result<Bytes, E>;
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let polled = this.inner.poll_next_unpin(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(chunk))) => {
+                let summary = &mut *this.summary;
+                this.lines.push(chunk, &mut |_, line| summary.add_line(line));
+            }
+            std::task::Poll::Ready(None) => {
+                let summary = &mut *this.summary;
+                this.lines.finish(&mut |_, line| summary.add_line(line));
+            }
+            _ => {}
+        }
+        polled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_splitter_handles_chunk_boundaries_and_missing_final_newline() {
+        let mut s = LineSplitter::default();
+        let mut got: Vec<(u64, String)> = Vec::new();
+        let mut f = |n: u64, l: &[u8]| got.push((n, String::from_utf8_lossy(l).into_owned()));
+        s.push(b"ab", &mut f);
+        s.push(b"c\nde", &mut f);
+        s.push(b"f\n\ngh", &mut f);
+        s.finish(&mut f);
+        assert_eq!(
+            got,
+            [(1, "abc".into()), (2, "def".into()), (3, "".into()), (4, "gh".into())]
+        );
+    }
+}

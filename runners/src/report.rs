@@ -1,0 +1,105 @@
+//! Reporting how a run ended: Sentry capture (with context, never a secret) and the
+//! one-paragraph human summary.
+
+use pathling_import_core::config::SentryConfig;
+use pathling_import_core::state::{FailedRun, Summary};
+use pathling_import_core::Terminal;
+
+/// Starts Sentry when a DSN is configured. Keep the guard alive until exit: dropping it
+/// flushes queued events.
+pub fn init_sentry(config: &SentryConfig) -> Option<sentry::ClientInitGuard> {
+    let dsn = config.dsn.as_ref()?;
+    let mut options = sentry::ClientOptions::default();
+    options.release = config.release.clone().map(Into::into);
+    options.environment = config.environment.clone().map(Into::into);
+    // Bodies, headers and URLs with signatures must never leave the process.
+    options.send_default_pii = false;
+    Some(sentry::init((dsn.expose(), options)))
+}
+
+/// The HTTP status a failure reason names (`Failure`'s Display writes `HTTP nnn:`).
+pub fn http_status(reason: &str) -> Option<u16> {
+    let at = reason.find("HTTP ")?;
+    reason.get(at + 5..at + 8)?.parse().ok()
+}
+
+/// Sends a failed run to Sentry (no-op without a client) and flushes.
+pub fn capture_failure(run_id: &str, runner: &str, failed: &FailedRun) {
+    if sentry::Hub::current().client().is_none() {
+        return;
+    }
+    sentry::with_scope(
+        |scope| {
+            scope.set_tag("run_id", run_id);
+            scope.set_tag("phase", &failed.phase);
+            scope.set_tag("runner", runner);
+            if let Some(status) = http_status(&failed.reason) {
+                scope.set_tag("http_status", status);
+            }
+            scope.set_fingerprint(Some(&["pathling-import", failed.phase.as_str()]));
+        },
+        || sentry::capture_message(&format!("sync failed in {}: {}", failed.phase, failed.reason), sentry::Level::Error),
+    );
+    if let Some(client) = sentry::Hub::current().client() {
+        client.flush(Some(std::time::Duration::from_secs(5)));
+    }
+}
+
+/// Sends any other error (bad configuration, store failures) to Sentry.
+pub fn capture_error(runner: &str, message: &str) {
+    if sentry::Hub::current().client().is_none() {
+        return;
+    }
+    sentry::with_scope(
+        |scope| scope.set_tag("runner", runner),
+        || sentry::capture_message(message, sentry::Level::Error),
+    );
+    if let Some(client) = sentry::Hub::current().client() {
+        client.flush(Some(std::time::Duration::from_secs(5)));
+    }
+}
+
+pub fn describe_summary(s: &Summary) -> String {
+    let mut out = format!(
+        "{} file(s) staged, {} resource(s), {:.1} MB",
+        s.files_staged,
+        s.resources,
+        s.bytes as f64 / 1e6
+    );
+    if s.nothing_to_import {
+        out.push_str("; nothing to import");
+    } else if s.imported_files > 0 {
+        out.push_str(&format!("; {} file(s) imported", s.imported_files));
+    }
+    if s.deleted + s.already_absent > 0 {
+        out.push_str(&format!("; {} deleted ({} already absent)", s.deleted, s.already_absent));
+    }
+    if !s.source_errors.is_empty() {
+        out.push_str(&format!(
+            "; the source reported {} error(s), {} warning(s)",
+            s.source_errors.error + s.source_errors.fatal,
+            s.source_errors.warning
+        ));
+    }
+    if let Some(tt) = &s.transaction_time {
+        out.push_str(&format!("; transactionTime {tt}"));
+    }
+    out
+}
+
+pub fn describe_terminal(t: &Terminal) -> String {
+    match t {
+        Terminal::Succeeded(s) => format!("succeeded: {}", describe_summary(s)),
+        Terminal::Failed(f) => format!("failed in {}: {} ({})", f.phase, f.reason, describe_summary(&f.summary)),
+        Terminal::Cancelled(c) => format!("cancelled in {}: {}", c.phase, c.reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn http_status_is_read_from_reasons() {
+        assert_eq!(super::http_status("could not stage output[0] Patient: HTTP 404: x"), Some(404));
+        assert_eq!(super::http_status("network error"), None);
+    }
+}

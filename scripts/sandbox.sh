@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The main job on one machine: a complete sync from the project's sandbox Bulk Data source
+# into its sandbox Pathling (both fakes on 127.0.0.1), staging to ./sandbox/staging.
+# Run it twice: the second run is incremental (SINCE=auto).
+#
+#   scripts/sandbox.sh [--pathling-generation 7|9] [--fresh]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+generation=9
+extra=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --pathling-generation) generation="$2"; shift 2 ;;
+        *) extra+=("$1"); shift ;;
+    esac
+done
+
+cargo build --release --quiet -p pathling-import-runners --bin pathling-import
+cargo build --release --quiet -p pathling-import-tests --bin sandbox-servers
+
+mkdir -p sandbox
+# The servers live as long as their stdin stays open.
+coproc SERVERS { exec target/release/sandbox-servers --pathling-generation "$generation"; }
+trap 'exec {SERVERS[1]}>&-; wait "$SERVERS_PID" 2>/dev/null || true' EXIT
+read -r endpoints <&"${SERVERS[0]}"
+source_url=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["source"])' "$endpoints")
+target_url=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["target"])' "$endpoints")
+
+cat > sandbox/pathling-import.config.json <<JSON
+{
+  "sourceEndpoint": "$source_url",
+  "sourceClientId": "sandbox-client",
+  "sourceClientSecret": "sandbox-secret",
+  "since": "auto",
+  "stagingUrl": "file://$(pwd)/sandbox/staging/",
+  "targetEndpoint": "$target_url",
+  "targetAuthenticationEnabled": false,
+  "exportRetryWait": 1,
+  "importRetryWait": 1,
+  "transferRetryWait": 1,
+  "stateFile": "sandbox/pathling-import.state.json"
+}
+JSON
+echo "sandbox: source $source_url, Pathling $generation.x at $target_url" >&2
+status=0
+target/release/pathling-import sandbox/pathling-import.config.json "${extra[@]}" || status=$?
+echo "sandbox: pathling-import exited with $status; staged files are under sandbox/staging/" >&2
+exit "$status"
