@@ -16,12 +16,14 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-cargo build --release --quiet -p pathling-import-runners --bin pathling-import
-cargo build --release --quiet -p pathling-import-tests --bin sandbox-servers
+# Debug builds: they share artifacts with the test suite and build in a fraction of the time;
+# the sandbox's few MB do not need an optimised binary.
+cargo build --quiet -p pathling-import-runners --bin pathling-import
+cargo build --quiet -p pathling-import-tests --bin sandbox-servers
 
 mkdir -p sandbox
 # The servers live as long as their stdin stays open.
-coproc SERVERS { exec target/release/sandbox-servers --pathling-generation "$generation"; }
+coproc SERVERS { exec target/debug/sandbox-servers --pathling-generation "$generation"; }
 trap 'exec {SERVERS[1]}>&-; wait "$SERVERS_PID" 2>/dev/null || true' EXIT
 read -r endpoints <&"${SERVERS[0]}"
 source_url=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["source"])' "$endpoints")
@@ -44,6 +46,6 @@ cat > sandbox/pathling-import.config.json <<JSON
 JSON
 echo "sandbox: source $source_url, Pathling $generation.x at $target_url" >&2
 status=0
-target/release/pathling-import sandbox/pathling-import.config.json "${extra[@]}" || status=$?
+target/debug/pathling-import sandbox/pathling-import.config.json "${extra[@]}" || status=$?
 echo "sandbox: pathling-import exited with $status; staged files are under sandbox/staging/" >&2
 exit "$status"

@@ -67,8 +67,20 @@ impl StagingLocation {
                 if !rest.starts_with('/') {
                     return Err(StagingUrlError::NotAbsolute);
                 }
+                // Refuse dot segments before the url crate would silently resolve them.
+                normalise_path(rest, "/")?;
+                if rest.to_ascii_lowercase().contains("%2e") {
+                    return Err(StagingUrlError::BadSegment(rest.to_string()));
+                }
+                // The url crate percent-encodes what must be (a space in a directory name),
+                // so `root` is always in URL form, ready to prefix import URLs.
+                let parsed = url::Url::parse(&format!("file://{rest}"))
+                    .map_err(|_| StagingUrlError::NotAbsolute)?;
+                if parsed.host_str().is_some_and(|h| !h.is_empty()) {
+                    return Err(StagingUrlError::NotAbsolute);
+                }
                 Ok(StagingLocation::Directory {
-                    root: normalise_path(rest, "/")?,
+                    root: normalise_path(parsed.path(), "/")?,
                 })
             }
             other => Err(StagingUrlError::Scheme(other.to_string())),
@@ -212,6 +224,13 @@ mod tests {
             Err(StagingUrlError::NotAbsolute)
         );
         assert!(StagingLocation::parse("file:///a/../etc").is_err());
+        assert!(StagingLocation::parse("file:///a/%2E%2E/etc").is_err());
+        assert_eq!(
+            StagingLocation::parse("file:///tmp/with space/"),
+            Ok(StagingLocation::Directory {
+                root: "/tmp/with%20space/".into()
+            })
+        );
         assert!(StagingLocation::parse("bucket/prefix").is_err());
     }
 

@@ -20,8 +20,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt, TryStreamExt};
 use pathling_import_runners::staging::{
-    DirStore, FailureSide, PutReport, S3Options, S3Store, S3UrlScheme, StagingError, StagingStore,
-    MIN_PART_SIZE,
+    DirStore, FailureSide, PutReport, S3Options, S3Store, StagingError, StagingStore, MIN_PART_SIZE,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -607,21 +606,6 @@ async fn s3_rejects_unsafe_keys_and_bad_config() {
     ));
 }
 
-#[tokio::test]
-async fn s3_import_urls() {
-    let sdk = sdk_config("http://127.0.0.1:9").await;
-    let store =
-        StagingStore::S3(S3Store::from_sdk_config("bkt", &sdk, S3Options::default()).unwrap());
-    assert_eq!(
-        store.import_url("p/run/1-Patient.ndjson", S3UrlScheme::S3),
-        "s3://bkt/p/run/1-Patient.ndjson"
-    );
-    assert_eq!(
-        store.import_url("p/run/1-Patient.ndjson", S3UrlScheme::S3a),
-        "s3a://bkt/p/run/1-Patient.ndjson"
-    );
-}
-
 /// `S3Store::from_env` must pick up the endpoint override from the environment (and then use
 /// path-style addressing: a virtual-hosted `bucket.127.0.0.1` would not resolve). Environment
 /// variables are process-wide, so the check runs in a child process of this test binary.
@@ -892,23 +876,11 @@ async fn dir_missing_key_get_and_open_read() {
 }
 
 #[tokio::test]
-async fn dir_import_url_and_file_url_root() {
+async fn dir_file_url_root() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("with space");
-    let store = DirStore::new(&root).await.unwrap();
+    DirStore::new(&root).await.unwrap();
     let canonical = std::fs::canonicalize(&root).unwrap();
-    let url = StagingStore::Dir(store.clone()).import_url("run/1-Patient.ndjson", S3UrlScheme::S3a);
-    let expected = url::Url::from_file_path(canonical.join("run/1-Patient.ndjson")).unwrap();
-    assert_eq!(url, expected.as_str());
-    assert!(
-        url.starts_with("file:///") && url.contains("with%20space"),
-        "{url}"
-    );
-    // Even a bad key cannot point outside the root.
-    assert!(store
-        .import_url("../../etc/passwd")
-        .starts_with(url::Url::from_directory_path(&canonical).unwrap().as_str()));
-
     let again =
         DirStore::from_file_url(url::Url::from_directory_path(&canonical).unwrap().as_str())
             .await

@@ -24,7 +24,6 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug, Clone)]
 pub struct DirStore {
     root: PathBuf,
-    root_url: Url,
 }
 
 impl DirStore {
@@ -39,10 +38,7 @@ impl DirStore {
         let root = tokio::fs::canonicalize(root)
             .await
             .map_err(|e| StagingError::io("canonicalize", &shown, &e))?;
-        let root_url = Url::from_directory_path(&root).map_err(|()| {
-            StagingError::Config(format!("cannot express {} as a file URL", root.display()))
-        })?;
-        Ok(DirStore { root, root_url })
+        Ok(DirStore { root })
     }
 
     /// Use the directory a `file:///abs/path/` URL names as the root.
@@ -62,16 +58,6 @@ impl DirStore {
 
     pub fn root(&self) -> &Path {
         &self.root
-    }
-
-    /// `file:///abs/root/key`, percent-encoded. Segments are appended one by one and `.`/`..`
-    /// are dropped, so even an invalid key cannot produce a URL outside the root.
-    pub fn import_url(&self, key: &str) -> String {
-        let mut url = self.root_url.clone();
-        if let Ok(mut segments) = url.path_segments_mut() {
-            segments.pop_if_empty().extend(key.split('/'));
-        }
-        url.into()
     }
 
     fn path_of(&self, key: &str) -> Result<PathBuf, StagingError> {

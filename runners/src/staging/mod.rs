@@ -75,16 +75,6 @@ pub struct PutReport {
     pub newline_added: bool,
 }
 
-/// The scheme of the URL Pathling is given for an S3 object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum S3UrlScheme {
-    /// `s3://bucket/key`
-    #[default]
-    S3,
-    /// `s3a://bucket/key` (Hadoop's S3A connector, which Pathling's Spark uses).
-    S3a,
-}
-
 /// A streaming read of a stored object.
 pub type ReadStream = BoxStream<'static, Result<Bytes, StagingError>>;
 
@@ -132,15 +122,6 @@ impl StagingStore {
         match self {
             StagingStore::S3(s) => s.open_read(key).await,
             StagingStore::Dir(d) => d.open_read(key).await,
-        }
-    }
-
-    /// The URL Pathling imports `key` from: `s3://bucket/key` or `s3a://bucket/key` for S3
-    /// (`scheme` chooses), `file:///abs/root/key` for a directory (`scheme` is ignored).
-    pub fn import_url(&self, key: &str, scheme: S3UrlScheme) -> String {
-        match self {
-            StagingStore::S3(s) => s.import_url(key, scheme),
-            StagingStore::Dir(d) => d.import_url(key),
         }
     }
 }

@@ -14,7 +14,7 @@ use futures::stream::{Stream, StreamExt};
 use tokio::task::JoinHandle;
 
 use super::error::scrub;
-use super::{validate_key, BodyStats, PutReport, ReadStream, S3UrlScheme, StagingError, NEWLINE};
+use super::{validate_key, BodyStats, PutReport, ReadStream, StagingError, NEWLINE};
 
 /// S3's minimum size of every part but the last.
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
@@ -130,14 +130,6 @@ impl S3Store {
     /// The underlying client, e.g. for tests that list multipart uploads.
     pub fn client(&self) -> &Client {
         &self.client
-    }
-
-    pub fn import_url(&self, key: &str, scheme: S3UrlScheme) -> String {
-        let scheme = match scheme {
-            S3UrlScheme::S3 => "s3",
-            S3UrlScheme::S3a => "s3a",
-        };
-        format!("{scheme}://{}/{key}", self.bucket)
     }
 
     pub async fn put_stream<S, E>(&self, key: &str, mut body: S) -> Result<PutReport, StagingError>
