@@ -52,7 +52,9 @@ pub struct DriveOptions {
 pub enum Stopped {
     Done(Box<Terminal>),
     /// The run waits until then; call again (or let a scheduler) after that.
-    Sleeping { until: Timestamp },
+    Sleeping {
+        until: Timestamp,
+    },
     /// The time budget ran out; the run continues in the next drive.
     OutOfBudget,
     /// `interrupt` fired; what completed is persisted.
@@ -117,8 +119,16 @@ pub async fn drive<S: RunStore>(
                         c = in_flight.next() => c,
                         _ = &mut interrupt => return Ok((run, Stopped::Interrupted)),
                     };
-                    let Some((request, result)) = completed else { break };
-                    match run.step(Input::Completed { id: request.id, result }, now()) {
+                    let Some((request, result)) = completed else {
+                        break;
+                    };
+                    match run.step(
+                        Input::Completed {
+                            id: request.id,
+                            result,
+                        },
+                        now(),
+                    ) {
                         Ok(stepped) => {
                             store.save(&stepped).await?;
                             run = stepped;
@@ -138,8 +148,17 @@ pub async fn drive<S: RunStore>(
 }
 
 /// Applies a cancel to the run and persists it.
-pub async fn cancel<S: RunStore>(run: &SyncRun, store: &mut S, reason: &str) -> Result<Option<SyncRun>, StoreError> {
-    match run.step(Input::Cancel { reason: reason.to_string() }, now()) {
+pub async fn cancel<S: RunStore>(
+    run: &SyncRun,
+    store: &mut S,
+    reason: &str,
+) -> Result<Option<SyncRun>, StoreError> {
+    match run.step(
+        Input::Cancel {
+            reason: reason.to_string(),
+        },
+        now(),
+    ) {
         Ok(cancelled) => {
             store.save(&cancelled).await?;
             Ok(Some(cancelled))

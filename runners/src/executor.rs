@@ -10,7 +10,9 @@ use crate::http::{header, status_failure, transport_failure};
 use crate::staging::{FailureSide, S3Options, S3Store, StagingError, StagingStore};
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
-use pathling_import_core::bulk::{deleted_refs, parse_manifest, FileKind, Manifest, OutcomeSummary, ResourceRef};
+use pathling_import_core::bulk::{
+    deleted_refs, parse_manifest, FileKind, Manifest, OutcomeSummary, ResourceRef,
+};
 use pathling_import_core::config::Secrets;
 use pathling_import_core::effect::{Effect, EffectResult, ExportKickoffRequest, Request};
 use pathling_import_core::pathling::{api_from_capability, delete_batch_bundle};
@@ -81,7 +83,8 @@ impl std::fmt::Debug for Executor {
 impl Executor {
     /// Builds clients and parses credentials once (per process or Lambda container).
     pub async fn new(spec: &RunSpec, secrets: &Secrets) -> Result<Executor, SetupError> {
-        let http = crate::http::build_client(&spec.transfer).map_err(|e| SetupError::Http(e.to_string()))?;
+        let http = crate::http::build_client(&spec.transfer)
+            .map_err(|e| SetupError::Http(e.to_string()))?;
         let source_auth = Authenticator::new(
             http.clone(),
             &spec.source.endpoint,
@@ -119,12 +122,24 @@ impl Executor {
     pub async fn execute(&self, request: &Request) -> EffectResult {
         let result = match &request.effect {
             Effect::KickoffExport(k) => self.kickoff_export(k).await,
-            Effect::PollExport { status_url, manifest_key } => self.poll_export(status_url, manifest_key).await,
-            Effect::StageFile { manifest_key, index, kind, type_name, key } => {
-                self.stage_file(manifest_key, *index, *kind, type_name, key).await
+            Effect::PollExport {
+                status_url,
+                manifest_key,
+            } => self.poll_export(status_url, manifest_key).await,
+            Effect::StageFile {
+                manifest_key,
+                index,
+                kind,
+                type_name,
+                key,
+            } => {
+                self.stage_file(manifest_key, *index, *kind, type_name, key)
+                    .await
             }
             Effect::DetectPathling => self.detect_pathling().await,
-            Effect::KickoffImport { api, parameters } => self.kickoff_import(*api, parameters).await,
+            Effect::KickoffImport { api, parameters } => {
+                self.kickoff_import(*api, parameters).await
+            }
             Effect::PollImport { job_url } => self.poll_import(job_url).await,
             Effect::ApplyDeletions { key, .. } => self.apply_deletions(key).await,
             Effect::DeleteExportJob { status_url } => self.delete_export_job(status_url).await,
@@ -147,12 +162,19 @@ impl Executor {
         };
         let mut retried = false;
         loop {
-            let token: Option<BearerToken> = if authenticate { auth.token(now().0).await? } else { None };
+            let token: Option<BearerToken> = if authenticate {
+                auth.token(now().0).await?
+            } else {
+                None
+            };
             let mut req = build();
             if let Some(t) = &token {
                 req = req.header(reqwest::header::AUTHORIZATION, t.header_value());
             }
-            let resp = req.send().await.map_err(|e| transport_failure(context, e))?;
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| transport_failure(context, e))?;
             if resp.status() == StatusCode::UNAUTHORIZED && !retried {
                 if let Some(t) = &token {
                     auth.invalidate(t).await;
@@ -176,24 +198,36 @@ impl Executor {
                         .body(body.to_string()),
                     None => self.http.get(&k.url).query(&k.query),
                 };
-                req.header("accept", FHIR_JSON).header("prefer", "respond-async")
+                req.header("accept", FHIR_JSON)
+                    .header("prefer", "respond-async")
             })
             .await?;
         if resp.status() != StatusCode::ACCEPTED {
             return Err(unexpected(ctx, resp, "202 Accepted").await);
         }
         let location = header(resp.headers(), "content-location").ok_or_else(|| {
-            Failure::new(FailureKind::Undecodable, format!("{ctx}: 202 without a Content-Location header"))
+            Failure::new(
+                FailureKind::Undecodable,
+                format!("{ctx}: 202 without a Content-Location header"),
+            )
         })?;
-        Ok(EffectResult::ExportAccepted { status_url: location })
+        Ok(EffectResult::ExportAccepted {
+            status_url: location,
+        })
     }
 
-    async fn poll_export(&self, status_url: &str, manifest_key: &StagingKey) -> Result<EffectResult, Failure> {
+    async fn poll_export(
+        &self,
+        status_url: &str,
+        manifest_key: &StagingKey,
+    ) -> Result<EffectResult, Failure> {
         let ctx = "export status";
         let same_origin = same_origin(status_url, &self.source_base);
         let resp = self
             .send(Side::Source, same_origin, ctx, || {
-                self.http.get(status_url).header("accept", "application/json")
+                self.http
+                    .get(status_url)
+                    .header("accept", "application/json")
             })
             .await?;
         match resp.status() {
@@ -205,14 +239,18 @@ impl Executor {
                 let body = resp.bytes().await.map_err(|e| transport_failure(ctx, e))?;
                 let manifest = parse_manifest(&body, &self.source_base)
                     .map_err(|e| Failure::new(FailureKind::Undecodable, e.to_string()))?;
-                let stored = serde_json::to_vec(&manifest)
-                    .map_err(|e| Failure::new(FailureKind::Local, format!("encoding the manifest: {e}")))?;
+                let stored = serde_json::to_vec(&manifest).map_err(|e| {
+                    Failure::new(FailureKind::Local, format!("encoding the manifest: {e}"))
+                })?;
                 self.staging
                     .put_bytes(manifest_key.as_str(), Bytes::from(stored))
                     .await
                     .map_err(|e| staging_failure("storing the manifest", &e))?;
                 let digest = manifest.digest();
-                self.manifests.lock().await.insert(manifest_key.clone(), Arc::new(manifest));
+                self.manifests
+                    .lock()
+                    .await
+                    .insert(manifest_key.clone(), Arc::new(manifest));
                 Ok(EffectResult::ExportCompleted { digest })
             }
             _ => Err(status_failure(ctx, resp).await),
@@ -229,9 +267,18 @@ impl Executor {
             .get_bytes(key.as_str())
             .await
             .map_err(|e| staging_failure("reading the stored manifest", &e))?
-            .ok_or_else(|| Failure::new(FailureKind::Local, format!("the stored manifest {key} is missing from the staging store")))?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| Failure::new(FailureKind::Local, format!("the stored manifest {key} is unreadable: {e}")))?;
+            .ok_or_else(|| {
+                Failure::new(
+                    FailureKind::Local,
+                    format!("the stored manifest {key} is missing from the staging store"),
+                )
+            })?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+            Failure::new(
+                FailureKind::Local,
+                format!("the stored manifest {key} is unreadable: {e}"),
+            )
+        })?;
         let manifest = Arc::new(manifest);
         cache.insert(key.clone(), manifest.clone());
         Ok(manifest)
@@ -251,7 +298,13 @@ impl Executor {
             .get(index as usize)
             .filter(|f| f.kind == kind && f.type_name == type_name)
             .ok_or_else(|| {
-                Failure::new(FailureKind::Local, format!("the stored manifest has no {} file #{index} of type {type_name}", kind.as_str()))
+                Failure::new(
+                    FailureKind::Local,
+                    format!(
+                        "the stored manifest has no {} file #{index} of type {type_name}",
+                        kind.as_str()
+                    ),
+                )
             })?;
         let ctx = format!("download of {} file #{index} ({type_name})", kind.as_str());
         let resp = self
@@ -264,7 +317,9 @@ impl Executor {
         }
         let counters = self.counters.clone();
         let body = resp.bytes_stream().inspect_ok(move |chunk| {
-            counters.bytes_downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            counters
+                .bytes_downloaded
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         });
         let mut outcomes = (kind == FileKind::Error).then(OutcomeSummary::default);
         let report = match outcomes.as_mut() {
@@ -280,7 +335,9 @@ impl Executor {
         })?;
         self.counters.files_staged.fetch_add(1, Ordering::Relaxed);
         if kind == FileKind::Output {
-            self.counters.resources_staged.fetch_add(report.lines, Ordering::Relaxed);
+            self.counters
+                .resources_staged
+                .fetch_add(report.lines, Ordering::Relaxed);
         }
         Ok(EffectResult::FileStaged {
             bytes: report.bytes,
@@ -294,22 +351,33 @@ impl Executor {
         let ctx = "Pathling capability statement";
         let url = format!("{}/metadata", self.target_base);
         let resp = self
-            .send(Side::Target, true, ctx, || self.http.get(&url).header("accept", FHIR_JSON))
+            .send(Side::Target, true, ctx, || {
+                self.http.get(&url).header("accept", FHIR_JSON)
+            })
             .await?;
         if resp.status() != StatusCode::OK {
             return Err(status_failure(ctx, resp).await);
         }
-        let body: serde_json::Value = resp
-            .json()
-            .await
-            .map_err(|e| Failure::new(FailureKind::Undecodable, format!("{ctx}: {}", e.without_url())))?;
+        let body: serde_json::Value = resp.json().await.map_err(|e| {
+            Failure::new(
+                FailureKind::Undecodable,
+                format!("{ctx}: {}", e.without_url()),
+            )
+        })?;
         Ok(EffectResult::PathlingDetected {
             api: api_from_capability(&body),
-            version: body.pointer("/software/version").and_then(|v| v.as_str()).map(str::to_string),
+            version: body
+                .pointer("/software/version")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
         })
     }
 
-    async fn kickoff_import(&self, api: PathlingApi, parameters: &serde_json::Value) -> Result<EffectResult, Failure> {
+    async fn kickoff_import(
+        &self,
+        api: PathlingApi,
+        parameters: &serde_json::Value,
+    ) -> Result<EffectResult, Failure> {
         let ctx = match api {
             PathlingApi::V7 => "Pathling $import kick-off (7.x request)",
             PathlingApi::V9 => "Pathling $import kick-off (9.2+ request)",
@@ -330,7 +398,10 @@ impl Executor {
             return Err(unexpected(ctx, resp, "202 Accepted").await);
         }
         let location = header(resp.headers(), "content-location").ok_or_else(|| {
-            Failure::new(FailureKind::Undecodable, format!("{ctx}: 202 without a Content-Location header"))
+            Failure::new(
+                FailureKind::Undecodable,
+                format!("{ctx}: 202 without a Content-Location header"),
+            )
         })?;
         Ok(EffectResult::ImportAccepted { job_url: location })
     }
@@ -339,7 +410,9 @@ impl Executor {
         let ctx = "Pathling import status";
         let authenticate = same_origin(job_url, &self.target_base);
         let resp = self
-            .send(Side::Target, authenticate, ctx, || self.http.get(job_url).header("accept", FHIR_JSON))
+            .send(Side::Target, authenticate, ctx, || {
+                self.http.get(job_url).header("accept", FHIR_JSON)
+            })
             .await?;
         match resp.status() {
             StatusCode::ACCEPTED => Ok(EffectResult::ImportInProgress {
@@ -380,10 +453,14 @@ impl Executor {
                 None => lines.finish(&mut on_line),
             }
             if let Some(e) = bad {
-                return Err(Failure::new(FailureKind::Undecodable, format!("deleted[] file {e}")));
+                return Err(Failure::new(
+                    FailureKind::Undecodable,
+                    format!("deleted[] file {e}"),
+                ));
             }
             while pending.len() >= DELETE_BATCH || (done && !pending.is_empty()) {
-                let batch: Vec<ResourceRef> = pending.drain(..pending.len().min(DELETE_BATCH)).collect();
+                let batch: Vec<ResourceRef> =
+                    pending.drain(..pending.len().min(DELETE_BATCH)).collect();
                 let (d, a) = self.delete_batch(&batch).await?;
                 deleted += d;
                 absent += a;
@@ -411,28 +488,48 @@ impl Executor {
         if resp.status() != StatusCode::OK {
             return Err(status_failure(ctx, resp).await);
         }
-        let body: serde_json::Value = resp
-            .json()
-            .await
-            .map_err(|e| Failure::new(FailureKind::Undecodable, format!("{ctx}: {}", e.without_url())))?;
-        let entries = body.get("entry").and_then(|e| e.as_array()).cloned().unwrap_or_default();
+        let body: serde_json::Value = resp.json().await.map_err(|e| {
+            Failure::new(
+                FailureKind::Undecodable,
+                format!("{ctx}: {}", e.without_url()),
+            )
+        })?;
+        let entries = body
+            .get("entry")
+            .and_then(|e| e.as_array())
+            .cloned()
+            .unwrap_or_default();
         if entries.len() != refs.len() {
             return Err(Failure::new(
                 FailureKind::Undecodable,
-                format!("{ctx}: {} entries answered for {} requests", entries.len(), refs.len()),
+                format!(
+                    "{ctx}: {} entries answered for {} requests",
+                    entries.len(),
+                    refs.len()
+                ),
             ));
         }
         let (mut deleted, mut absent) = (0, 0);
         for (entry, r) in entries.iter().zip(refs) {
-            let status = entry.pointer("/response/status").and_then(|s| s.as_str()).unwrap_or("");
-            let code: u16 = status.split_whitespace().next().and_then(|c| c.parse().ok()).unwrap_or(0);
+            let status = entry
+                .pointer("/response/status")
+                .and_then(|s| s.as_str())
+                .unwrap_or("");
+            let code: u16 = status
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
             match code {
                 200..=299 => deleted += 1,
                 404 | 410 => absent += 1,
                 _ => {
                     return Err(Failure::http(
                         if code == 0 { 502 } else { code },
-                        format!("{ctx}: deleting {}/{} answered {status:?}", r.type_name, r.id),
+                        format!(
+                            "{ctx}: deleting {}/{} answered {status:?}",
+                            r.type_name, r.id
+                        ),
                     ))
                 }
             }
@@ -444,7 +541,9 @@ impl Executor {
         let ctx = "export job clean-up";
         let authenticate = same_origin(status_url, &self.source_base);
         let resp = self
-            .send(Side::Source, authenticate, ctx, || self.http.delete(status_url))
+            .send(Side::Source, authenticate, ctx, || {
+                self.http.delete(status_url)
+            })
             .await?;
         if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
             Ok(EffectResult::ExportJobDeleted)
@@ -455,7 +554,10 @@ impl Executor {
 }
 
 /// Opens the store a staging location names.
-pub async fn open_staging(location: &StagingLocation, part_size: u64) -> Result<StagingStore, StagingError> {
+pub async fn open_staging(
+    location: &StagingLocation,
+    part_size: u64,
+) -> Result<StagingStore, StagingError> {
     Ok(match location {
         StagingLocation::S3 { bucket, .. } => StagingStore::S3(
             S3Store::from_env(
@@ -467,9 +569,9 @@ pub async fn open_staging(location: &StagingLocation, part_size: u64) -> Result<
             )
             .await?,
         ),
-        StagingLocation::Directory { root } => {
-            StagingStore::Dir(crate::staging::DirStore::from_file_url(&format!("file://{root}")).await?)
-        }
+        StagingLocation::Directory { root } => StagingStore::Dir(
+            crate::staging::DirStore::from_file_url(&format!("file://{root}")).await?,
+        ),
     })
 }
 
@@ -512,7 +614,11 @@ fn body_failure(ctx: &str, e: &StagingError) -> Failure {
         .map(|b| crate::http::error_chain(b))
         .unwrap_or_else(|| e.to_string());
     Failure::new(
-        if timeout { FailureKind::Timeout } else { FailureKind::Network },
+        if timeout {
+            FailureKind::Timeout
+        } else {
+            FailureKind::Network
+        },
         format!("{ctx}: {e}: {detail}"),
     )
 }
@@ -563,7 +669,11 @@ struct LineFold<'a, S> {
 
 impl<'a, S> LineFold<'a, S> {
     fn new(inner: S, summary: &'a mut OutcomeSummary) -> Self {
-        LineFold { inner, lines: LineSplitter::default(), summary }
+        LineFold {
+            inner,
+            lines: LineSplitter::default(),
+            summary,
+        }
     }
 }
 
@@ -572,13 +682,17 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
 {
     type Item = Result<Bytes, E>;
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
         let this = &mut *self;
         let polled = this.inner.poll_next_unpin(cx);
         match &polled {
             std::task::Poll::Ready(Some(Ok(chunk))) => {
                 let summary = &mut *this.summary;
-                this.lines.push(chunk, &mut |_, line| summary.add_line(line));
+                this.lines
+                    .push(chunk, &mut |_, line| summary.add_line(line));
             }
             std::task::Poll::Ready(None) => {
                 let summary = &mut *this.summary;
@@ -605,7 +719,12 @@ mod tests {
         s.finish(&mut f);
         assert_eq!(
             got,
-            [(1, "abc".into()), (2, "def".into()), (3, "".into()), (4, "gh".into())]
+            [
+                (1, "abc".into()),
+                (2, "def".into()),
+                (3, "".into()),
+                (4, "gh".into())
+            ]
         );
     }
 }

@@ -35,9 +35,13 @@ impl FileStore {
     /// Opens (and locks) the state file, returning the run stored in it, if any. A corrupt
     /// or too-new file is an error and is left untouched.
     pub fn open(path: &Path) -> Result<(FileStore, Option<SyncRun>), FileStoreError> {
-        let io = |message: String| FileStoreError::Io { path: path.to_path_buf(), message };
+        let io = |message: String| FileStoreError::Io {
+            path: path.to_path_buf(),
+            message,
+        };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| io(format!("creating its directory: {e}")))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| io(format!("creating its directory: {e}")))?;
         }
         let lock_path = lock_path(path);
         let lock = OpenOptions::new()
@@ -48,19 +52,32 @@ impl FileStore {
             .map_err(|e| io(format!("opening the lock file: {e}")))?;
         match lock.try_lock() {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(FileStoreError::Locked(path.to_path_buf())),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(FileStoreError::Locked(path.to_path_buf()))
+            }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(format!("locking: {e}"))),
         }
         let run = match std::fs::read(path) {
-            Ok(bytes) => Some(persist::decode(&bytes).map_err(|source| FileStoreError::Decode {
-                path: path.to_path_buf(),
-                source,
-            })?),
+            Ok(bytes) => {
+                Some(
+                    persist::decode(&bytes).map_err(|source| FileStoreError::Decode {
+                        path: path.to_path_buf(),
+                        source,
+                    })?,
+                )
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(format!("reading: {e}"))),
         };
         let seq = run.as_ref().map(|r| r.seq);
-        Ok((FileStore { path: path.to_path_buf(), seq, _lock: lock }, run))
+        Ok((
+            FileStore {
+                path: path.to_path_buf(),
+                seq,
+                _lock: lock,
+            },
+            run,
+        ))
     }
 
     /// Replaces the stored run with a new one (a fresh run after the previous ended).
@@ -69,7 +86,8 @@ impl FileStore {
     }
 
     fn write(&mut self, run: &SyncRun) -> Result<(), StoreError> {
-        let text = serde_json::to_vec_pretty(&persist::encode(run)).map_err(|e| StoreError::Io(e.to_string()))?;
+        let text = serde_json::to_vec_pretty(&persist::encode(run))
+            .map_err(|e| StoreError::Io(e.to_string()))?;
         let tmp = self.path.with_extension("json.tmp");
         let result = (|| -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
@@ -91,7 +109,10 @@ impl FileStore {
 }
 
 fn lock_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".lock");
     path.with_file_name(name)
 }

@@ -151,7 +151,8 @@ mod tests {
         );
         assert_eq!(text, "try later");
         assert!(transient);
-        let (text, transient) = describe_body(br#"{"error":"invalid_client","error_description":"bad"}"#);
+        let (text, transient) =
+            describe_body(br#"{"error":"invalid_client","error_description":"bad"}"#);
         assert_eq!(text, "invalid_client (bad)");
         assert!(!transient);
         let (text, _) = describe_body(b"<html>\n  Bad   gateway </html>");

@@ -38,7 +38,12 @@ pub fn capture_failure(run_id: &str, runner: &str, failed: &FailedRun) {
             }
             scope.set_fingerprint(Some(&["pathling-import", failed.phase.as_str()]));
         },
-        || sentry::capture_message(&format!("sync failed in {}: {}", failed.phase, failed.reason), sentry::Level::Error),
+        || {
+            sentry::capture_message(
+                &format!("sync failed in {}: {}", failed.phase, failed.reason),
+                sentry::Level::Error,
+            )
+        },
     );
     if let Some(client) = sentry::Hub::current().client() {
         client.flush(Some(std::time::Duration::from_secs(5)));
@@ -72,7 +77,10 @@ pub fn describe_summary(s: &Summary) -> String {
         out.push_str(&format!("; {} file(s) imported", s.imported_files));
     }
     if s.deleted + s.already_absent > 0 {
-        out.push_str(&format!("; {} deleted ({} already absent)", s.deleted, s.already_absent));
+        out.push_str(&format!(
+            "; {} deleted ({} already absent)",
+            s.deleted, s.already_absent
+        ));
     }
     if !s.source_errors.is_empty() {
         out.push_str(&format!(
@@ -90,7 +98,12 @@ pub fn describe_summary(s: &Summary) -> String {
 pub fn describe_terminal(t: &Terminal) -> String {
     match t {
         Terminal::Succeeded(s) => format!("succeeded: {}", describe_summary(s)),
-        Terminal::Failed(f) => format!("failed in {}: {} ({})", f.phase, f.reason, describe_summary(&f.summary)),
+        Terminal::Failed(f) => format!(
+            "failed in {}: {} ({})",
+            f.phase,
+            f.reason,
+            describe_summary(&f.summary)
+        ),
         Terminal::Cancelled(c) => format!("cancelled in {}: {}", c.phase, c.reason),
     }
 }
@@ -99,7 +112,10 @@ pub fn describe_terminal(t: &Terminal) -> String {
 mod tests {
     #[test]
     fn http_status_is_read_from_reasons() {
-        assert_eq!(super::http_status("could not stage output[0] Patient: HTTP 404: x"), Some(404));
+        assert_eq!(
+            super::http_status("could not stage output[0] Patient: HTTP 404: x"),
+            Some(404)
+        );
         assert_eq!(super::http_status("network error"), None);
     }
 }

@@ -46,7 +46,11 @@ mod exit {
 /// Exit codes: 0 imported, 3 succeeded with nothing to import, 1 the run failed, 2 bad
 /// configuration or arguments, 4 cancelled, 130 interrupted (resumable).
 #[derive(Parser, Debug)]
-#[command(name = "pathling-import", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "pathling-import",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -97,7 +101,10 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -116,10 +123,13 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat, quiet: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PATHLING_IMPORT_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
-    });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("PATHLING_IMPORT_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -131,8 +141,14 @@ fn init_logging(format: LogFormat, quiet: bool) {
 fn load_config(common: &Common) -> Result<Config, u8> {
     let (raw, from) = match &common.config {
         Some(path) => (read_config_file(path)?, path.display().to_string()),
-        None if Path::new(DEFAULT_CONFIG).exists() => (read_config_file(Path::new(DEFAULT_CONFIG))?, DEFAULT_CONFIG.to_string()),
-        None => (RawConfig::from_env(std::env::vars(), EXTRA_KEYS), "the environment".to_string()),
+        None if Path::new(DEFAULT_CONFIG).exists() => (
+            read_config_file(Path::new(DEFAULT_CONFIG))?,
+            DEFAULT_CONFIG.to_string(),
+        ),
+        None => (
+            RawConfig::from_env(std::env::vars(), EXTRA_KEYS),
+            "the environment".to_string(),
+        ),
     };
     let mut raw = raw;
     if let Ok(cwd) = std::env::current_dir() {
@@ -142,7 +158,10 @@ fn load_config(common: &Common) -> Result<Config, u8> {
     }
     config::parse(&raw, EXTRA_KEYS).map_err(|e| {
         eprintln!("error: configuration from {from} is {e}");
-        report::capture_error("cli", &format!("invalid configuration: {} problem(s)", e.problems.len()));
+        report::capture_error(
+            "cli",
+            &format!("invalid configuration: {} problem(s)", e.problems.len()),
+        );
         exit::BAD_CONFIG
     })
 }
@@ -151,7 +170,10 @@ fn read_config_file(path: &Path) -> Result<RawConfig, u8> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(RawConfig::from_json(&text, EXTRA_KEYS)),
         Err(e) => {
-            eprintln!("error: cannot read configuration file {}: {e}", path.display());
+            eprintln!(
+                "error: cannot read configuration file {}: {e}",
+                path.display()
+            );
             Err(exit::BAD_CONFIG)
         }
     }
@@ -161,7 +183,11 @@ fn state_path(common: &Common, config: Option<&Config>) -> PathBuf {
     common
         .state_file
         .clone()
-        .or_else(|| config.and_then(|c| c.extras.get("STATE_FILE")).map(PathBuf::from))
+        .or_else(|| {
+            config
+                .and_then(|c| c.extras.get("STATE_FILE"))
+                .map(PathBuf::from)
+        })
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE))
 }
 
@@ -182,7 +208,10 @@ fn new_run_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let salt = pathling_import_core::retry::stable_hash(&[&nanos.to_le_bytes(), &std::process::id().to_le_bytes()]);
+    let salt = pathling_import_core::retry::stable_hash(&[
+        &nanos.to_le_bytes(),
+        &std::process::id().to_le_bytes(),
+    ]);
     format!("{stamp}Z-{:06x}", salt & 0xff_ffff)
 }
 
@@ -253,7 +282,15 @@ async fn run(args: RunArgs) -> u8 {
     let interrupt = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    let result = driver::drive(run.clone(), &executor, &mut store, &options, &progress, interrupt).await;
+    let result = driver::drive(
+        run.clone(),
+        &executor,
+        &mut store,
+        &options,
+        &progress,
+        interrupt,
+    )
+    .await;
     progress.finish();
     let stopped = match result {
         Ok((latest, stopped)) => {
@@ -315,15 +352,26 @@ async fn cancel_run(run: SyncRun, config: &Config, store: &mut FileStore) -> Res
             return Err(exit::FAILED);
         }
     };
-    let executor = Executor::new(&cancelled.spec, &config.secrets).await.map_err(|e| {
-        eprintln!("error: {e}");
-        exit::BAD_CONFIG
-    })?;
+    let executor = Executor::new(&cancelled.spec, &config.secrets)
+        .await
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            exit::BAD_CONFIG
+        })?;
     let options = DriveOptions {
         max_sleep: Duration::from_secs(0),
         budget_until: None,
     };
-    match driver::drive(cancelled, &executor, store, &options, &driver::Quiet, std::future::pending()).await {
+    match driver::drive(
+        cancelled,
+        &executor,
+        store,
+        &options,
+        &driver::Quiet,
+        std::future::pending(),
+    )
+    .await
+    {
         Ok((run, _)) => Ok(run),
         Err(e) => {
             eprintln!("error: {e}");
@@ -352,14 +400,22 @@ fn status(common: Common) -> u8 {
         println!("{}", pathling_import_core::persist::encode(&run));
         return exit::IMPORTED;
     }
-    println!("run {} ({}), started {}", run.run_id, run.state.name(), run.started_at);
+    println!(
+        "run {} ({}), started {}",
+        run.run_id,
+        run.state.name(),
+        run.started_at
+    );
     match run.next(now()) {
         Next::Done { terminal } => println!("{}", report::describe_terminal(&terminal)),
         Next::SleepUntil { until, reason } => println!("{reason} until {until}"),
         Next::Run { requests } => println!("next: {}", describe_requests(&requests)),
     }
     if let Some(w) = &run.watermark {
-        println!("next incremental export starts at {} (run {})", w.transaction_time, w.run_id);
+        println!(
+            "next incremental export starts at {} (run {})",
+            w.transaction_time, w.run_id
+        );
     }
     exit::IMPORTED
 }
@@ -393,7 +449,9 @@ async fn cancel(common: Common) -> u8 {
 fn describe_requests(requests: &[Request]) -> String {
     match requests.first().map(|r| &r.effect) {
         Some(Effect::StageFile { .. }) => format!("stage {} file(s)", requests.len()),
-        Some(Effect::ApplyDeletions { .. }) => format!("apply deletions of {} file(s)", requests.len()),
+        Some(Effect::ApplyDeletions { .. }) => {
+            format!("apply deletions of {} file(s)", requests.len())
+        }
         Some(Effect::KickoffExport(k)) => format!("export kick-off {}", k.url),
         Some(Effect::PollExport { .. }) => "poll the export".into(),
         Some(Effect::DetectPathling) => "detect the Pathling version".into(),
@@ -430,11 +488,19 @@ impl Progress {
     fn new(show: bool, counters: Arc<Counters>) -> Self {
         let bar = show.then(|| {
             let bar = ProgressBar::new_spinner();
-            bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
-        Progress { bar, counters, last_phase: Mutex::new(String::new()), started: std::time::Instant::now() }
+        Progress {
+            bar,
+            counters,
+            last_phase: Mutex::new(String::new()),
+            started: std::time::Instant::now(),
+        }
     }
 
     fn finish(&self) {
@@ -449,11 +515,20 @@ impl Progress {
             SyncState::PollingExport(p) => format!(
                 "export running ({} polls){}",
                 p.polls,
-                p.progress.as_deref().map(|s| format!(": {s}")).unwrap_or_default()
+                p.progress
+                    .as_deref()
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default()
             ),
             SyncState::StagingFiles(s) => {
                 let total = s.export.files.rows.len();
-                let staged = s.export.files.rows.iter().filter(|r| r.status != pathling_import_core::state::FileStatus::Pending).count();
+                let staged = s
+                    .export
+                    .files
+                    .rows
+                    .iter()
+                    .filter(|r| r.status != pathling_import_core::state::FileStatus::Pending)
+                    .count();
                 let bytes = self.counters.bytes_downloaded.load(Ordering::Relaxed);
                 let secs = self.started.elapsed().as_secs_f64().max(0.001);
                 format!(
@@ -467,11 +542,18 @@ impl Progress {
             SyncState::PollingImport(p) => format!(
                 "import running ({} polls){}",
                 p.polls,
-                p.progress.as_deref().map(|s| format!(": {s}")).unwrap_or_default()
+                p.progress
+                    .as_deref()
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default()
             ),
-            SyncState::ApplyingDeletions(d) => format!("applying deletions ({} deleted)", d.deleted),
+            SyncState::ApplyingDeletions(d) => {
+                format!("applying deletions ({} deleted)", d.deleted)
+            }
             SyncState::CleaningUp(_) => "cleaning up the export job".into(),
-            SyncState::Succeeded(_) | SyncState::Failed(_) | SyncState::Cancelled(_) => "done".into(),
+            SyncState::Succeeded(_) | SyncState::Failed(_) | SyncState::Cancelled(_) => {
+                "done".into()
+            }
         }
     }
 }
@@ -499,7 +581,10 @@ impl Observer for Progress {
     fn stepped(&self, run: &SyncRun, request: &Request) {
         if let Some(bar) = &self.bar {
             bar.set_message(self.line(run));
-        } else if let Effect::StageFile { index, type_name, .. } = &request.effect {
+        } else if let Effect::StageFile {
+            index, type_name, ..
+        } = &request.effect
+        {
             tracing::debug!(run_id = %run.run_id, index, type_name = %type_name, "file staged");
         }
     }

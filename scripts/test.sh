@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (moto in a venv), starts it on a free
+# loopback port, runs every test of the workspace, and stops it again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p target
+
+moto_server=$(bash .ci/moto.sh)
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$moto_server" -H 127.0.0.1 -p "$port" > target/moto.log 2>&1 &
+moto_pid=$!
+trap 'kill "$moto_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+    if python3 -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=1)" \
+        "http://127.0.0.1:$port/moto-api/" 2>/dev/null; then
+        break
+    fi
+    if ! kill -0 "$moto_pid" 2>/dev/null; then
+        echo "moto_server exited; see target/moto.log" >&2
+        cat target/moto.log >&2
+        exit 1
+    fi
+    sleep 0.2
+done
+export MOTO_ENDPOINT="http://127.0.0.1:$port"
+echo "moto S3/DynamoDB server at $MOTO_ENDPOINT" >&2
+
+cargo test --workspace --all-targets "$@"
+cargo test --workspace --doc
