@@ -1,4 +1,31 @@
-//! placeholder
+//! # pathling-import-runners: everything that touches the world
+//!
+//! The core ([`pathling_import_core`]) decides; this crate performs. Every runner — the
+//! `pathling-import` CLI today, the AWS Lambda runners next — shares one executor and one
+//! driver loop, and differs only in where the run is stored and how it waits.
+//!
+//! ## Layout
+//!
+//! - [`executor`]: performs a core `Request` (Bulk Data kick-off, polling, downloads,
+//!   Pathling detection, `$import`, deletions, export clean-up) and reports facts.
+//! - [`http`]: the shared reqwest client (rustls, timeouts, gzip, safe redirects) and the
+//!   translation of HTTP answers into `Failure` facts.
+//! - [`auth`]: SMART discovery and client-credentials tokens (`client_secret_basic`,
+//!   `client_secret_post`, `private_key_jwt` with RS384/ES384), cached and refreshed.
+//! - [`staging`]: S3 streaming multipart uploads and atomic directory writes.
+//! - [`driver`]: the loop (`next` → execute → `step` → save), with in-process sleeps, time
+//!   budgets and interruption.
+//! - [`file_store`]: the CLI's locked, atomically replaced state file.
+//! - [`report`]: Sentry capture and human summaries.
+//!
+//! ## Contracts
+//!
+//! - Secrets live only in [`auth::Authenticator`]; no result, log line, error or persisted
+//!   byte carries one.
+//! - A store's `save` is conditional on the previous `seq`; on a conflict the driver stops,
+//!   because another worker owns the run.
+//! - The executor never retries on its own (except one re-authentication after a 401): the
+//!   core schedules every retry, so waits survive restarts.
 pub mod auth;
 pub mod driver;
 pub mod executor;
