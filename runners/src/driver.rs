@@ -103,8 +103,15 @@ pub async fn drive<S: RunStore>(
                 let mut queue = requests.into_iter();
                 let mut in_flight = FuturesUnordered::new();
                 let mut out_of_budget = false;
+                // Once a result moves the run to another phase (a file failed for good, a
+                // cancel), the rest of the batch is no longer wanted: finish what is in flight
+                // and ask the machine again.
+                let phase = run.state.name();
                 loop {
-                    while in_flight.len() < concurrency && !out_of_budget {
+                    while in_flight.len() < concurrency
+                        && !out_of_budget
+                        && run.state.name() == phase
+                    {
                         if options.budget_until.is_some_and(|b| now() >= b) {
                             out_of_budget = true;
                             break;
