@@ -12,5 +12,8 @@ fn readme_documents_every_configuration_key() {
         .flat_map(|(key, ..)| [format!("`{key}`"), format!("`{}`", camel_case(key))])
         .filter(|k| !readme.contains(k.as_str()))
         .collect();
-    assert!(missing.is_empty(), "README.md does not document {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "README.md does not document {missing:?}"
+    );
 }
