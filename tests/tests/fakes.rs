@@ -1372,29 +1372,6 @@ async fn large_file_streams_without_buffering() {
     assert!(bytes > 30_000_000);
 }
 
-#[tokio::test]
-#[ignore = "streams 1 GiB; run with --ignored (about 30 s in a debug build, peak RSS ~26 MB)"]
-async fn one_gigabyte_file() {
-    let src = start_source(SourceConfig {
-        dataset: DatasetConfig {
-            padding_bytes: 4000,
-            ..DatasetConfig::new(&[("Observation", 260_000, 1)])
-        },
-        chunk_bytes: 1024 * 1024,
-        ..Default::default()
-    })
-    .await;
-    let c = client();
-    let (_, manifest) = export(&c, &format!("{}/$export", src.base_url()), None).await;
-    let url = outputs(&manifest, "output")[0].1.clone();
-    let mut resp = c.get(&url).send().await.unwrap();
-    let mut bytes = 0u64;
-    while let Some(chunk) = resp.chunk().await.unwrap() {
-        bytes += chunk.len() as u64;
-    }
-    assert!(bytes >= 1 << 30, "{bytes}");
-}
-
 // ---------------------------------------------------------------------------------------------
 // Pathling: detection and request validation
 // ---------------------------------------------------------------------------------------------
