@@ -17,6 +17,9 @@
 //!   budgets and interruption.
 //! - [`file_store`]: the CLI's locked, atomically replaced state file.
 //! - [`report`]: Sentry capture and human summaries.
+//! - [`aws`]: shared Lambda plumbing: stable `errorType` names ([`aws::ErrorType`]),
+//!   configuration with `secretsmanager:`/`ssm:` references resolved, the invocation's time
+//!   budget, run ids, JSON logs.
 //!
 //! ## Contracts
 //!
@@ -27,6 +30,7 @@
 //! - The executor never retries on its own (except one re-authentication after a 401): the
 //!   core schedules every retry, so waits survive restarts.
 pub mod auth;
+pub mod aws;
 pub mod driver;
 pub mod executor;
 pub mod file_store;
