@@ -57,7 +57,8 @@ pub enum Stopped {
     },
     /// The time budget ran out; the run continues in the next drive.
     OutOfBudget,
-    /// `interrupt` fired; what completed is persisted.
+    /// `interrupt` fired (or, with [`drive_until`], the stop condition held); what completed
+    /// is persisted.
     Interrupted,
 }
 
@@ -70,15 +71,37 @@ pub enum DriveError {
 /// Drives `run` until it ends, must wait longer than allowed, runs out of budget, or
 /// `interrupt` completes. Returns the latest run (as persisted) and why it stopped.
 pub async fn drive<S: RunStore>(
-    mut run: SyncRun,
+    run: SyncRun,
     executor: &Executor,
     store: &mut S,
     options: &DriveOptions,
     observer: &dyn Observer,
     interrupt: impl Future<Output = ()>,
 ) -> Result<(SyncRun, Stopped), DriveError> {
+    drive_until(run, executor, store, options, observer, interrupt, |_| {
+        false
+    })
+    .await
+}
+
+/// [`drive`] that also stops, as [`Stopped::Interrupted`], as soon as `stop` holds for the
+/// latest run: no effect is started after that (effects already in flight in the same batch
+/// finish and are stepped). The Step Functions compatibility handlers use it to stage files
+/// and stop before the machine moves on to the import, which another handler performs.
+pub async fn drive_until<S: RunStore>(
+    mut run: SyncRun,
+    executor: &Executor,
+    store: &mut S,
+    options: &DriveOptions,
+    observer: &dyn Observer,
+    interrupt: impl Future<Output = ()>,
+    stop: impl Fn(&SyncRun) -> bool,
+) -> Result<(SyncRun, Stopped), DriveError> {
     let mut interrupt = std::pin::pin!(interrupt);
     loop {
+        if stop(&run) {
+            return Ok((run, Stopped::Interrupted));
+        }
         let t = now();
         if options.budget_until.is_some_and(|b| t >= b) && !run.is_done() {
             return Ok((run, Stopped::OutOfBudget));
@@ -111,6 +134,7 @@ pub async fn drive<S: RunStore>(
                     while in_flight.len() < concurrency
                         && !out_of_budget
                         && run.state.name() == phase
+                        && !stop(&run)
                     {
                         if options.budget_until.is_some_and(|b| now() >= b) {
                             out_of_budget = true;

@@ -14,7 +14,9 @@ use pathling_import_core::bulk::{
     deleted_refs, parse_manifest, FileKind, Manifest, OutcomeSummary, ResourceRef,
 };
 use pathling_import_core::config::Secrets;
-use pathling_import_core::effect::{Effect, EffectResult, ExportKickoffRequest, Request};
+use pathling_import_core::effect::{
+    Effect, EffectResult, ExportKickoffRequest, ManifestDigest, Request,
+};
 use pathling_import_core::pathling::{api_from_capability, delete_batch_bundle};
 use pathling_import_core::retry::{Failure, FailureKind};
 use pathling_import_core::spec::{PathlingApi, RunSpec};
@@ -57,6 +59,18 @@ pub enum SetupError {
     Http(String),
     #[error("staging store: {0}")]
     Staging(#[from] StagingError),
+}
+
+/// What one poll of an asynchronous job answered ([`Executor::poll_job`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobPoll {
+    /// `202 Accepted`: still running; `X-Progress` and `Retry-After` as sent.
+    InProgress {
+        progress: Option<String>,
+        retry_after: Option<String>,
+    },
+    /// `200 OK`, with the body as sent (a Bulk Data manifest, or Pathling's answer).
+    Completed { body: Bytes },
 }
 
 pub struct Executor {
@@ -221,40 +235,69 @@ impl Executor {
         status_url: &str,
         manifest_key: &StagingKey,
     ) -> Result<EffectResult, Failure> {
-        let ctx = "export status";
-        let same_origin = same_origin(status_url, &self.source_base);
+        match self.poll_job(Side::Source, status_url).await? {
+            JobPoll::InProgress {
+                progress,
+                retry_after,
+            } => Ok(EffectResult::ExportInProgress {
+                progress,
+                retry_after,
+            }),
+            JobPoll::Completed { body } => {
+                let manifest = parse_manifest(&body, &self.source_base)
+                    .map_err(|e| Failure::new(FailureKind::Undecodable, e.to_string()))?;
+                let digest = self.store_manifest(manifest_key, manifest).await?;
+                Ok(EffectResult::ExportCompleted { digest })
+            }
+        }
+    }
+
+    /// One poll of an asynchronous job (the export's status URL on the source, or a Pathling
+    /// import job on the target): `202` is in progress, `200` completed with its body, anything
+    /// else a failure. The bearer token goes along only to the side's own origin.
+    pub async fn poll_job(&self, side: Side, status_url: &str) -> Result<JobPoll, Failure> {
+        let (ctx, base, accept) = match side {
+            Side::Source => ("export status", &self.source_base, "application/json"),
+            Side::Target => ("Pathling import status", &self.target_base, FHIR_JSON),
+        };
+        let authenticate = same_origin(status_url, base);
         let resp = self
-            .send(Side::Source, same_origin, ctx, || {
-                self.http
-                    .get(status_url)
-                    .header("accept", "application/json")
+            .send(side, authenticate, ctx, || {
+                self.http.get(status_url).header("accept", accept)
             })
             .await?;
         match resp.status() {
-            StatusCode::ACCEPTED => Ok(EffectResult::ExportInProgress {
+            StatusCode::ACCEPTED => Ok(JobPoll::InProgress {
                 progress: header(resp.headers(), "x-progress"),
                 retry_after: header(resp.headers(), "retry-after"),
             }),
             StatusCode::OK => {
                 let body = resp.bytes().await.map_err(|e| transport_failure(ctx, e))?;
-                let manifest = parse_manifest(&body, &self.source_base)
-                    .map_err(|e| Failure::new(FailureKind::Undecodable, e.to_string()))?;
-                let stored = serde_json::to_vec(&manifest).map_err(|e| {
-                    Failure::new(FailureKind::Local, format!("encoding the manifest: {e}"))
-                })?;
-                self.staging
-                    .put_bytes(manifest_key.as_str(), Bytes::from(stored))
-                    .await
-                    .map_err(|e| staging_failure("storing the manifest", &e))?;
-                let digest = manifest.digest();
-                self.manifests
-                    .lock()
-                    .await
-                    .insert(manifest_key.clone(), Arc::new(manifest));
-                Ok(EffectResult::ExportCompleted { digest })
+                Ok(JobPoll::Completed { body })
             }
             _ => Err(status_failure(ctx, resp).await),
         }
+    }
+
+    /// Stores a decoded manifest at `key` in the staging store (where [`Effect::StageFile`]
+    /// reads it) and caches it; returns its digest.
+    pub async fn store_manifest(
+        &self,
+        key: &StagingKey,
+        manifest: Manifest,
+    ) -> Result<ManifestDigest, Failure> {
+        let stored = serde_json::to_vec(&manifest)
+            .map_err(|e| Failure::new(FailureKind::Local, format!("encoding the manifest: {e}")))?;
+        self.staging
+            .put_bytes(key.as_str(), Bytes::from(stored))
+            .await
+            .map_err(|e| staging_failure("storing the manifest", &e))?;
+        let digest = manifest.digest();
+        self.manifests
+            .lock()
+            .await
+            .insert(key.clone(), Arc::new(manifest));
+        Ok(digest)
     }
 
     async fn manifest(&self, key: &StagingKey) -> Result<Arc<Manifest>, Failure> {
@@ -407,21 +450,16 @@ impl Executor {
     }
 
     async fn poll_import(&self, job_url: &str) -> Result<EffectResult, Failure> {
-        let ctx = "Pathling import status";
-        let authenticate = same_origin(job_url, &self.target_base);
-        let resp = self
-            .send(Side::Target, authenticate, ctx, || {
-                self.http.get(job_url).header("accept", FHIR_JSON)
-            })
-            .await?;
-        match resp.status() {
-            StatusCode::ACCEPTED => Ok(EffectResult::ImportInProgress {
-                progress: header(resp.headers(), "x-progress"),
-                retry_after: header(resp.headers(), "retry-after"),
-            }),
-            StatusCode::OK => Ok(EffectResult::ImportCompleted),
-            _ => Err(status_failure(ctx, resp).await),
-        }
+        Ok(match self.poll_job(Side::Target, job_url).await? {
+            JobPoll::InProgress {
+                progress,
+                retry_after,
+            } => EffectResult::ImportInProgress {
+                progress,
+                retry_after,
+            },
+            JobPoll::Completed { .. } => EffectResult::ImportCompleted,
+        })
     }
 
     async fn apply_deletions(&self, key: &StagingKey) -> Result<EffectResult, Failure> {
