@@ -17,6 +17,8 @@
 //!   budgets and interruption.
 //! - [`file_store`]: the CLI's locked, atomically replaced state file.
 //! - [`report`]: Sentry capture and human summaries.
+//! - [`sfn`]: the Step Functions task (`pathling-import-sfn`, driven by `state-machine.json`)
+//!   and the original's five handlers ([`sfn::compat`], `pathling-import-handlers`).
 //! - [`aws`]: shared Lambda plumbing: stable `errorType` names ([`aws::ErrorType`]),
 //!   configuration with `secretsmanager:`/`ssm:` references resolved, the invocation's time
 //!   budget, run ids, JSON logs.
@@ -36,4 +38,5 @@ pub mod executor;
 pub mod file_store;
 pub mod http;
 pub mod report;
+pub mod sfn;
 pub mod staging;

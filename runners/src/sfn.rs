@@ -1,0 +1,402 @@
+//! The Step Functions runner: a stateless task whose payload *is* the store.
+//!
+//! `state-machine.json` calls the `pathling-import-sfn` Lambda in a loop. Each invocation
+//! takes the run's envelope from its input, drives the machine through the shared
+//! [`Executor`] and [`driver::drive`] for as long as its time budget allows, and returns the
+//! new envelope with what the state machine must do next:
+//!
+//! ```text
+//! input:  {"envelope": <persist envelope> | null, "watermark"?: {...}, "cancel"?: "reason"}
+//! output: {"envelope": {...}, "runId": "...", "phase": "staging_files",
+//!          "action": "continue" | "wait" | "succeed" | "fail",
+//!          "waitSeconds": 30, "waitUntil": "2026-01-01T00:00:30Z",      (action "wait")
+//!          "summary": {...},                                            (succeed / fail)
+//!          "error": {"name": "SyncFailedError", "cause": "failed in …"}, (action "fail")
+//!          "watermark": {"transaction_time": "...", "run_id": "..."} | null,
+//!          "status": "staging_files: 12/40 file(s) staged"}
+//! ```
+//!
+//! - No envelope: a new run starts from the configuration (the environment); its `_since`
+//!   comes from `watermark` in the input when `SINCE=auto` (pass the previous execution's
+//!   output `watermark`).
+//! - `continue`: the budget ran out with work left; call again at once.
+//! - `wait`: the machine waits (a server's `Retry-After`, a poll interval, a backoff) longer
+//!   than [`LAMBDA_MAX_SLEEP`]; call again at `waitUntil` (`waitSeconds` from now).
+//! - `succeed` / `fail`: the run has ended (`fail` also for a cancelled run).
+//!
+//! The envelope stays compact (file URLs live in the manifest the executor stored in the
+//! staging store), so the payload stays far below Step Functions' 256 KiB for manifests of
+//! thousands of files (`tests/tests/sfn_task.rs` measures a 10,000-file export).
+//!
+//! The original's five handlers, for its Step Functions definition, are in [`compat`].
+
+pub mod compat;
+
+use crate::aws::{self, LambdaFailure};
+use crate::driver::{self, DriveOptions, Observer, RunStore, Stopped, StoreError};
+use crate::executor::{now, Executor};
+use crate::report;
+use pathling_import_core::config::{Config, Secrets};
+use pathling_import_core::effect::{Next, Request};
+use pathling_import_core::persist;
+use pathling_import_core::spec::RunSpec;
+use pathling_import_core::state::{FileStatus, SyncState};
+use pathling_import_core::{SyncRun, Terminal, Timestamp, Watermark};
+use serde_json::{json, Map, Value};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// Seconds a wait may last to be slept inside the invocation instead of returning
+/// `"action": "wait"` (a Wait state). Default [`DEFAULT_MAX_SLEEP`]; `0` always returns.
+pub const LAMBDA_MAX_SLEEP: &str = "LAMBDA_MAX_SLEEP";
+/// Short waits (a `Retry-After: 1`) cost less inside the invocation than a Wait state and a
+/// second invocation.
+pub const DEFAULT_MAX_SLEEP: Duration = Duration::from_secs(5);
+/// Time kept free before the invocation's deadline: effects in flight when the budget ends
+/// (a large download) still finish and are returned.
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(45);
+/// Every invocation may start work for at least this long, so that a loop always makes
+/// progress (the first effect always starts).
+const MIN_BUDGET_MS: u64 = 100;
+
+/// The Step Functions task's runner-specific configuration keys.
+pub const EXTRA_KEYS: &[&str] = &[aws::LAMBDA_TIME_BUDGET, LAMBDA_MAX_SLEEP];
+
+/// One executor per container, rebuilt only for a run whose snapshotted spec differs from
+/// the current configuration (a run started before a redeploy keeps its own settings).
+pub struct ExecutorCache {
+    secrets: Secrets,
+    slot: Mutex<Option<(RunSpec, Arc<Executor>)>>,
+}
+
+impl ExecutorCache {
+    pub fn new(secrets: Secrets) -> Self {
+        ExecutorCache {
+            secrets,
+            slot: Mutex::new(None),
+        }
+    }
+
+    /// The executor for `spec`: HTTP client, authenticators and staging store, built once.
+    pub async fn for_spec(&self, spec: &RunSpec) -> Result<Arc<Executor>, LambdaFailure> {
+        let mut slot = self.slot.lock().await;
+        if let Some((cached, executor)) = slot.as_ref() {
+            if cached == spec {
+                return Ok(executor.clone());
+            }
+        }
+        let executor = Executor::new(spec, &self.secrets)
+            .await
+            .map_err(|e| LambdaFailure::configuration(e.to_string()))?;
+        let executor = Arc::new(executor);
+        *slot = Some((spec.clone(), executor.clone()));
+        Ok(executor)
+    }
+}
+
+/// Reads an optional number of seconds from the configuration's runner keys.
+pub fn seconds_setting(
+    config: &Config,
+    key: &str,
+    default: Duration,
+) -> Result<Duration, LambdaFailure> {
+    let Some(text) = config.extras.get(key) else {
+        return Ok(default);
+    };
+    match text.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        _ => Err(LambdaFailure::configuration(format!(
+            "{key}: expected seconds between 0 and 86400, got {text:?}"
+        ))),
+    }
+}
+
+/// The budget an invocation works with: the deadline (or `LAMBDA_TIME_BUDGET`) less the
+/// margin, but never less than [`MIN_BUDGET_MS`].
+pub fn effective_budget(budget_until: Timestamp, now: Timestamp) -> Timestamp {
+    budget_until.max(now.plus_ms(MIN_BUDGET_MS))
+}
+
+/// The Step Functions task: configuration and clients, built once per container.
+pub struct Task {
+    config: Config,
+    executors: ExecutorCache,
+    max_sleep: Duration,
+    budget: Option<Duration>,
+}
+
+impl Task {
+    /// Validates the runner keys and builds the executor for the configured spec, so that a
+    /// bad key or credential fails at start-up with a `ConfigurationError`.
+    pub async fn new(config: Config) -> Result<Task, LambdaFailure> {
+        let max_sleep = seconds_setting(&config, LAMBDA_MAX_SLEEP, DEFAULT_MAX_SLEEP)?;
+        let budget = aws::configured_budget(&config)?;
+        let executors = ExecutorCache::new(config.secrets.clone());
+        executors.for_spec(&config.spec).await?;
+        Ok(Task {
+            config,
+            executors,
+            max_sleep,
+            budget,
+        })
+    }
+
+    /// `LAMBDA_TIME_BUDGET`, for [`aws::budget_until`].
+    pub fn configured_budget(&self) -> Option<Duration> {
+        self.budget
+    }
+
+    /// One invocation: decode (or start) the run, drive it until `budget_until`, and say what
+    /// the state machine does next. `salt` makes new run ids unique (the request id).
+    pub async fn invoke(
+        &self,
+        input: Value,
+        budget_until: Timestamp,
+        salt: &str,
+    ) -> Result<Value, LambdaFailure> {
+        let input = match input {
+            Value::Object(map) => map,
+            Value::Null => Map::new(),
+            other => {
+                return Err(LambdaFailure::state(format!(
+                    "the task input must be a JSON object, got {}",
+                    json_kind(&other)
+                )))
+            }
+        };
+        let run = match input.get("envelope").filter(|v| !v.is_null()) {
+            Some(envelope) => persist::decode_value(envelope.clone(), persist::UPCASTERS)
+                .map_err(|e| LambdaFailure::state(format!("the task input's envelope: {e}")))?,
+            None => {
+                let watermark = parse_watermark(input.get("watermark"))?;
+                let run_id = aws::new_run_id(now(), salt);
+                let run = SyncRun::start(&run_id, self.config.spec.clone(), watermark, now())
+                    .map_err(|e| LambdaFailure::state(e.to_string()))?;
+                tracing::info!(run_id = %run.run_id, "starting a new run");
+                run
+            }
+        };
+        let mut store = PayloadStore::default();
+        let run = match input.get("cancel").and_then(Value::as_str) {
+            Some(reason) => driver::cancel(&run, &mut store, reason)
+                .await
+                .map_err(LambdaFailure::from)?
+                .unwrap_or(run),
+            None => run,
+        };
+        let executor = self.executors.for_spec(&run.spec).await?;
+        let options = DriveOptions {
+            max_sleep: self.max_sleep,
+            budget_until: Some(effective_budget(budget_until, now())),
+        };
+        let (run, stopped) = driver::drive(
+            run,
+            &executor,
+            &mut store,
+            &options,
+            &LogObserver::default(),
+            std::future::pending(),
+        )
+        .await
+        .map_err(|e| LambdaFailure::transient(e.to_string()))?;
+        if let Stopped::Done(terminal) = &stopped {
+            if let Terminal::Failed(f) = terminal.as_ref() {
+                report::capture_failure(&run.run_id, "step-functions", f);
+            }
+        }
+        Ok(task_output(&run, &stopped, now()))
+    }
+}
+
+/// The payload is the store: it only keeps the latest run and checks that `seq` advances.
+#[derive(Default)]
+struct PayloadStore {
+    seq: Option<u64>,
+}
+
+impl RunStore for PayloadStore {
+    async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+        if let Some(previous) = self.seq {
+            if run.seq != previous.saturating_add(1) {
+                return Err(StoreError::Conflict { expected: previous });
+            }
+        }
+        self.seq = Some(run.seq);
+        Ok(())
+    }
+}
+
+fn parse_watermark(value: Option<&Value>) -> Result<Option<Watermark>, LambdaFailure> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        // The previous execution's output `watermark`, or just its transactionTime.
+        Some(Value::String(t)) => Ok(Some(Watermark {
+            transaction_time: t.clone(),
+            run_id: String::new(),
+        })),
+        Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
+            LambdaFailure::state(format!(
+                "the task input's watermark must be {{\"transaction_time\", \"run_id\"}} or a FHIR instant: {e}"
+            ))
+        }),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `2026-01-01T00:00:30Z`: whole seconds, rounded up, as Step Functions' `TimestampPath`
+/// wants it.
+pub fn step_functions_timestamp(t: Timestamp) -> String {
+    let secs = t.0.div_ceil(1000);
+    let text = Timestamp(secs.saturating_mul(1000)).to_fhir_instant();
+    match text.strip_suffix(".000Z") {
+        Some(head) => format!("{head}Z"),
+        None => text,
+    }
+}
+
+/// The task's answer for a run that stopped as `stopped`.
+pub fn task_output(run: &SyncRun, stopped: &Stopped, now: Timestamp) -> Value {
+    let mut out = json!({
+        "envelope": persist::encode(run),
+        "runId": run.run_id,
+        "phase": run.state.name(),
+        "watermark": run.watermark,
+        "status": status_line(run, stopped),
+    });
+    let extra = match stopped {
+        Stopped::Done(terminal) => match terminal.as_ref() {
+            Terminal::Succeeded(summary) => json!({"action": "succeed", "summary": summary}),
+            Terminal::Failed(f) => json!({
+                "action": "fail",
+                "summary": f.summary,
+                "error": {
+                    "name": aws::ErrorType::SyncFailed.name(),
+                    "cause": format!("failed in {}: {}", f.phase, f.reason),
+                },
+            }),
+            Terminal::Cancelled(c) => json!({
+                "action": "fail",
+                "summary": c.summary,
+                "error": {
+                    "name": "SyncCancelledError",
+                    "cause": format!("cancelled in {}: {}", c.phase, c.reason),
+                },
+            }),
+        },
+        Stopped::Sleeping { until } => json!({
+            "action": "wait",
+            "waitSeconds": now.until(*until).div_ceil(1000),
+            "waitUntil": step_functions_timestamp(*until),
+        }),
+        Stopped::OutOfBudget | Stopped::Interrupted => json!({"action": "continue"}),
+    };
+    if let (Value::Object(out), Value::Object(extra)) = (&mut out, extra) {
+        out.extend(extra);
+    }
+    out
+}
+
+/// One human line for the execution history.
+fn status_line(run: &SyncRun, stopped: &Stopped) -> String {
+    if let Stopped::Done(terminal) = stopped {
+        return report::describe_terminal(terminal);
+    }
+    let phase = run.state.name();
+    match &run.state {
+        SyncState::StagingFiles(s) => {
+            let rows = &s.export.files.rows;
+            let staged = rows
+                .iter()
+                .filter(|r| r.status != FileStatus::Pending)
+                .count();
+            format!("{phase}: {staged}/{} file(s) staged", rows.len())
+        }
+        SyncState::PollingExport(p) => with_progress(phase, p.progress.as_deref()),
+        SyncState::PollingImport(p) => with_progress(phase, p.progress.as_deref()),
+        _ => phase.to_string(),
+    }
+}
+
+fn with_progress(phase: &str, progress: Option<&str>) -> String {
+    match progress {
+        Some(p) => format!("{phase}: {p}"),
+        None => phase.to_string(),
+    }
+}
+
+/// Logs phase changes and waits as JSON lines (CloudWatch).
+#[derive(Default)]
+pub struct LogObserver {
+    last_phase: StdMutex<&'static str>,
+}
+
+impl Observer for LogObserver {
+    fn next(&self, run: &SyncRun, next: &Next) {
+        let phase = run.state.name();
+        let mut last = self.last_phase.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != phase {
+            tracing::info!(run_id = %run.run_id, phase, "phase");
+            *last = phase;
+        }
+        if let Next::SleepUntil { until, reason } = next {
+            tracing::info!(run_id = %run.run_id, phase, until = %until, "{reason}");
+        }
+    }
+
+    fn rejected(&self, request: &Request, why: &str) {
+        tracing::debug!(id = ?request.id, "result not applied: {why}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn timestamps_are_whole_seconds_rounded_up() {
+        assert_eq!(
+            step_functions_timestamp(Timestamp(1_700_000_000_000)),
+            "2023-11-14T22:13:20Z"
+        );
+        assert_eq!(
+            step_functions_timestamp(Timestamp(1_700_000_000_001)),
+            "2023-11-14T22:13:21Z"
+        );
+    }
+
+    #[test]
+    fn watermarks_are_read_in_both_forms() {
+        assert_eq!(parse_watermark(None).unwrap(), None);
+        let w = parse_watermark(Some(&json!("2024-01-01T00:00:00Z")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(w.transaction_time, "2024-01-01T00:00:00Z");
+        let w = parse_watermark(Some(
+            &json!({"transaction_time": "2024-01-01T00:00:00Z", "run_id": "r1"}),
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(w.run_id, "r1");
+        let e = parse_watermark(Some(&json!(42))).unwrap_err();
+        assert_eq!(e.error_type, aws::ErrorType::State);
+    }
+
+    #[test]
+    fn the_budget_always_lets_the_first_effect_start() {
+        let now = Timestamp(10_000);
+        assert_eq!(effective_budget(Timestamp(0), now), Timestamp(10_100));
+        assert_eq!(effective_budget(Timestamp(60_000), now), Timestamp(60_000));
+    }
+}
