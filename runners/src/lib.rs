@@ -16,9 +16,13 @@
 //! - [`driver`]: the loop (`next` → execute → `step` → save), with in-process sleeps, time
 //!   budgets and interruption.
 //! - [`file_store`]: the CLI's locked, atomically replaced state file.
+//! - [`dynamo_store`]: the single Lambda's store: one DynamoDB item per sync, conditional
+//!   writes on `seq`, a lease so overlapping invocations never both perform effects.
 //! - [`report`]: Sentry capture and human summaries.
 //! - [`sfn`]: the Step Functions task (`pathling-import-sfn`, driven by `state-machine.json`)
 //!   and the original's five handlers ([`sfn::compat`], `pathling-import-handlers`).
+//! - [`single_lambda`]: the `pathling-import-lambda` runner: lease, load, drive within the
+//!   invocation's budget, save, release, summary.
 //! - [`aws`]: shared Lambda plumbing: stable `errorType` names ([`aws::ErrorType`]),
 //!   configuration with `secretsmanager:`/`ssm:` references resolved, the invocation's time
 //!   budget, run ids, JSON logs.
@@ -34,9 +38,11 @@
 pub mod auth;
 pub mod aws;
 pub mod driver;
+pub mod dynamo_store;
 pub mod executor;
 pub mod file_store;
 pub mod http;
 pub mod report;
 pub mod sfn;
+pub mod single_lambda;
 pub mod staging;

@@ -1,0 +1,620 @@
+//! The single Lambda (`pathling_import_runners::single_lambda`) against moto's DynamoDB, with
+//! the fake Bulk Data source, the fake Pathling 9 and directory staging. The handler is called
+//! in-process with a constructed Lambda `Context` (deadline 0, as cargo-lambda's emulator
+//! effectively sends, so `LAMBDA_TIME_BUDGET` rules).
+//!
+//! Needs `MOTO_ENDPOINT` (started by `scripts/test.sh`) and fails without it:
+//!
+//! ```sh
+//! "$(bash .ci/moto.sh)" -H 127.0.0.1 -p 5055 &
+//! MOTO_ENDPOINT=http://127.0.0.1:5055 cargo test -p pathling-import-tests --test lambda_dynamo
+//! ```
+//!
+//! Every test uses its own table, so they run in parallel against one server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_dynamodb::config::Credentials;
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::Client;
+use lambda_runtime::Context;
+use pathling_import_core::config::{self, Config, RawConfig};
+use pathling_import_core::persist;
+use pathling_import_core::state::{FileStatus, SyncState};
+use pathling_import_core::SyncRun;
+use pathling_import_runners::aws::{self as aws_plumbing, AwsSecrets, ErrorType};
+use pathling_import_runners::driver::{RunStore, StoreError};
+use pathling_import_runners::dynamo_store::{self, Acquired, DynamoTable};
+use pathling_import_runners::executor::now;
+use pathling_import_runners::single_lambda::{self, SingleLambda, StopReason, Summary};
+use pathling_import_tests::data::DatasetConfig;
+use pathling_import_tests::fake_pathling::{FakePathling, FakePathlingHandle, PathlingConfig};
+use pathling_import_tests::fake_source::{
+    FakeSource, FakeSourceHandle, HttpFailure, PollFailure, SourceConfig,
+};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+fn moto_endpoint() -> String {
+    match std::env::var("MOTO_ENDPOINT") {
+        Ok(v) if !v.trim().is_empty() => v.trim().trim_end_matches('/').to_owned(),
+        _ => panic!(
+            "MOTO_ENDPOINT is not set: the single-Lambda tests need moto's DynamoDB. Run \
+             scripts/test.sh, or `\"$(bash .ci/moto.sh)\" -H 127.0.0.1 -p 5055 &` and then \
+             `MOTO_ENDPOINT=http://127.0.0.1:5055 cargo test -p pathling-import-tests --test lambda_dynamo`"
+        ),
+    }
+}
+
+async fn sdk() -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(moto_endpoint())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+        .load()
+        .await
+}
+
+fn unique(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{test}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("pathling-import-{}", unique(test)));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct World {
+    source: FakeSourceHandle,
+    pathling: FakePathlingHandle,
+    staging: TempDir,
+    client: Client,
+    table: String,
+}
+
+const SYNC: &str = "test-sync";
+
+async fn world(test: &str, source: SourceConfig) -> World {
+    let staging = TempDir::new(test);
+    let staging_url = format!("file://{}/", staging.0.display());
+    let source = FakeSource::start(source).await.unwrap();
+    let pathling = FakePathling::start(PathlingConfig::v9(&[&staging_url]))
+        .await
+        .unwrap();
+    let client = Client::new(&sdk().await);
+    let table = unique(test);
+    dynamo_store::create_table(&client, &table)
+        .await
+        .unwrap_or_else(|e| panic!("creating table {table} on moto at {}: {e}", moto_endpoint()));
+    World {
+        source,
+        pathling,
+        staging,
+        client,
+        table,
+    }
+}
+
+impl World {
+    fn config(&self, extra: &[(&str, &str)]) -> Config {
+        let staging_url = format!("file://{}/", self.staging.0.display());
+        let mut pairs: Vec<(String, String)> = [
+            ("SOURCE_ENDPOINT", self.source.base_url().as_str()),
+            ("SOURCE_AUTHENTICATION_ENABLED", "false"),
+            ("TARGET_ENDPOINT", self.pathling.base_url().as_str()),
+            ("TARGET_AUTHENTICATION_ENABLED", "false"),
+            ("STAGING_URL", staging_url.as_str()),
+            ("PATHLING_API", "9"),
+            ("SINCE", "auto"),
+            ("EXPORT_RETRY_WAIT", "1"),
+            ("IMPORT_RETRY_WAIT", "1"),
+            ("TRANSFER_RETRY_WAIT", "1"),
+            ("TRANSFER_CONCURRENCY", "1"),
+            ("SYNC_TABLE", self.table.as_str()),
+            ("SYNC_ID", SYNC),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        pairs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let raw = RawConfig::from_env(pairs, single_lambda::EXTRA_KEYS);
+        config::parse(&raw, single_lambda::EXTRA_KEYS).unwrap()
+    }
+
+    async fn lambda(&self, extra: &[(&str, &str)]) -> SingleLambda {
+        SingleLambda::new(self.config(extra), self.client.clone())
+            .await
+            .unwrap()
+    }
+
+    async fn item(&self) -> Option<HashMap<String, AttributeValue>> {
+        self.client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(format!("sync#{SYNC}")))
+            .key("sk", AttributeValue::S("current".into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+    }
+
+    async fn stored_run(&self) -> Option<SyncRun> {
+        let item = self.item().await?;
+        let text = item.get("envelope")?.as_s().ok()?.clone();
+        Some(persist::decode(text.as_bytes()).unwrap())
+    }
+
+    fn files(&self) -> usize {
+        self.source.file_attempts().len()
+    }
+
+    fn downloads(&self) -> u32 {
+        self.source.file_attempts().values().sum()
+    }
+}
+
+/// A Lambda context without a usable deadline (as under the emulator).
+fn ctx() -> Context {
+    let mut c = Context::default();
+    c.request_id = unique("req");
+    c
+}
+
+fn scheduled() -> Value {
+    json!({"version": "0", "source": "aws.events", "detail-type": "Scheduled Event", "detail": {}})
+}
+
+/// Invokes until the run ends, sleeping until each wake-up; returns every summary.
+async fn invoke_until_done(lambda: &SingleLambda, event: &Value) -> Vec<Summary> {
+    let mut out = Vec::new();
+    let started = Instant::now();
+    loop {
+        let s = lambda.handle(event, &ctx()).await.unwrap();
+        let done = s.stopped == StopReason::Done;
+        out.push(s);
+        if done {
+            return out;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the run did not end: {out:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn slow_source(files_per_type: u32, latency_ms: u64) -> SourceConfig {
+    SourceConfig {
+        dataset: DatasetConfig::new(&[
+            ("Patient", 40, files_per_type),
+            ("Observation", 60, files_per_type),
+        ]),
+        latency: Duration::from_millis(latency_ms),
+        ..SourceConfig::default()
+    }
+}
+
+fn staged_files(run: &SyncRun) -> usize {
+    match &run.state {
+        SyncState::StagingFiles(s) => s
+            .export
+            .files
+            .rows
+            .iter()
+            .filter(|r| r.status != FileStatus::Pending)
+            .count(),
+        _ => 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_schedule_creates_runs_and_the_next_run_is_incremental() {
+    let w = world("create", SourceConfig::default()).await;
+    let lambda = w.lambda(&[]).await;
+
+    // A direct invocation without `start` on an empty table does nothing.
+    let idle = lambda.handle(&json!({}), &ctx()).await.unwrap();
+    assert_eq!(idle.stopped, StopReason::Idle);
+    assert_eq!(idle.run_id, None);
+    assert_eq!(w.source.stats().kickoffs, 0);
+
+    let first = invoke_until_done(&lambda, &scheduled()).await;
+    let last = first.last().unwrap();
+    assert_eq!(last.phase.as_deref(), Some("succeeded"), "{first:#?}");
+    assert_eq!(last.outcome.as_ref().unwrap()["status"], "succeeded");
+    let run_id = last.run_id.clone().unwrap();
+    assert!(
+        first.iter().all(|s| s.run_id.as_deref() == Some(&run_id)),
+        "later invocations resume the same run: {first:#?}"
+    );
+    assert_eq!(w.pathling.total_resources(), 50 + 120 + 60);
+
+    // The item: the finished run, no lease left, and a history copy with a TTL.
+    let item = w.item().await.unwrap();
+    assert_eq!(item["run_id"].as_s().unwrap(), &run_id);
+    assert_eq!(item["phase"].as_s().unwrap(), "succeeded");
+    assert!(
+        !item.contains_key("lease_owner"),
+        "lease released: {item:?}"
+    );
+    let history = w
+        .client
+        .get_item()
+        .table_name(&w.table)
+        .key("pk", AttributeValue::S(format!("sync#{SYNC}")))
+        .key("sk", AttributeValue::S(format!("run#{run_id}")))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .expect("history item");
+    let expires: u64 = history["expires_at"].as_n().unwrap().parse().unwrap();
+    let in_days = (expires.saturating_sub(now().0 / 1000)) / 86_400;
+    assert!((29..=30).contains(&in_days), "TTL in {in_days} days");
+
+    // A direct invocation without `start` reports the finished run and starts nothing.
+    let report = lambda
+        .handle(&json!({"syncId": SYNC}), &ctx())
+        .await
+        .unwrap();
+    assert_eq!(report.stopped, StopReason::Done);
+    assert_eq!(report.run_id.as_deref(), Some(run_id.as_str()));
+    assert_eq!(w.source.stats().kickoffs, 1);
+
+    // The next scheduled invocation starts a new run from the watermark (SINCE=auto).
+    let second = invoke_until_done(&lambda, &json!({"scheduled": true})).await;
+    let second_id = second.last().unwrap().run_id.clone().unwrap();
+    assert_ne!(second_id, run_id);
+    let kickoff = w.source.last_kickoff().unwrap();
+    let since = kickoff.param_values("_since");
+    assert_eq!(since.len(), 1, "incremental export: {kickoff:?}");
+    assert_eq!(
+        Some(since[0].as_str()),
+        w.source.jobs()[0].transaction_time.as_str().into()
+    );
+}
+
+#[tokio::test]
+async fn a_concurrent_invocation_returns_busy_promptly_and_only_one_works() {
+    let w = world("busy", slow_source(3, 150)).await;
+    let lambda = w.lambda(&[]).await;
+
+    let (event, first_ctx) = (scheduled(), ctx());
+    let first = lambda.handle(&event, &first_ctx);
+    let second = async {
+        // Let the first take the lease.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = Instant::now();
+        let s = lambda.handle(&scheduled(), &ctx()).await.unwrap();
+        (s, t.elapsed())
+    };
+    let (first, (second, second_took)) = tokio::join!(first, second);
+    let first = first.unwrap();
+    assert_eq!(second.stopped, StopReason::Busy, "{second:#?}");
+    assert!(
+        second_took < Duration::from_secs(2),
+        "busy answer took {second_took:?}"
+    );
+    assert_eq!(
+        second.run_id, first.run_id,
+        "it reports the run being worked on"
+    );
+    assert_eq!(
+        w.source.stats().kickoffs,
+        1,
+        "only one invocation kicked off"
+    );
+
+    // The first invocation had the time to finish the whole run.
+    assert_eq!(first.stopped, StopReason::Done, "{first:#?}");
+    assert_eq!(first.phase.as_deref(), Some("succeeded"));
+    assert_eq!(
+        w.downloads() as usize,
+        w.files(),
+        "no file downloaded twice"
+    );
+    assert_eq!(w.pathling.total_resources(), 100);
+}
+
+#[tokio::test]
+async fn a_killed_invocation_is_resumed_after_its_lease_expires_without_restaging() {
+    let w = world("kill", slow_source(4, 150)).await;
+    let lambda = w.lambda(&[("LEASE_SECONDS", "4")]).await;
+
+    // Kill the invocation (drop its future) once two files have been downloaded.
+    let (event, kill_ctx) = (scheduled(), ctx());
+    let killed = tokio::select! {
+        r = lambda.handle(&event, &kill_ctx) => panic!("finished before the kill: {r:?}"),
+        _ = async {
+            while w.source.stats().files_completed < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        } => true,
+    };
+    assert!(killed);
+    let at_kill = w.stored_run().await.unwrap();
+    let staged_at_kill = staged_files(&at_kill);
+    assert!(staged_at_kill >= 1, "{:?}", at_kill.state.name());
+    let item = w.item().await.unwrap();
+    assert!(
+        item.contains_key("lease_owner"),
+        "a killed invocation cannot release its lease"
+    );
+
+    // While the dead invocation's lease lasts, nobody takes over.
+    let busy = lambda.handle(&scheduled(), &ctx()).await.unwrap();
+    assert_eq!(busy.stopped, StopReason::Busy);
+
+    tokio::time::sleep(Duration::from_millis(4200)).await;
+    let rest = invoke_until_done(&lambda, &scheduled()).await;
+    let last = rest.last().unwrap();
+    assert_eq!(last.phase.as_deref(), Some("succeeded"), "{rest:#?}");
+    assert_eq!(last.run_id.as_deref(), Some(at_kill.run_id.as_str()));
+    assert_eq!(w.source.stats().kickoffs, 1);
+    eprintln!(
+        "staged at the kill: {staged_at_kill}; downloads: {:?}",
+        w.source.file_attempts()
+    );
+    // At most the one file in flight at the kill (concurrency 1) was downloaded again.
+    let files = w.files();
+    assert_eq!(files, 8);
+    assert!(
+        (w.downloads() as usize) <= files + 1,
+        "re-downloaded staged files: {:?}",
+        w.source.file_attempts()
+    );
+    assert_eq!(w.pathling.total_resources(), 100);
+}
+
+#[tokio::test]
+async fn a_budget_that_runs_out_mid_transfer_stops_cleanly_and_continues() {
+    let w = world("budget", slow_source(4, 200)).await;
+    let lambda = w.lambda(&[("LAMBDA_TIME_BUDGET", "1.5")]).await;
+
+    let all = invoke_until_done(&lambda, &scheduled()).await;
+    let mid_transfer: Vec<&Summary> = all
+        .iter()
+        .filter(|s| {
+            s.stopped == StopReason::OutOfBudget && s.phase.as_deref() == Some("staging_files")
+        })
+        .collect();
+    assert!(
+        !mid_transfer.is_empty(),
+        "the budget never ran out mid-transfer: {all:#?}"
+    );
+    let trace: Vec<String> = all
+        .iter()
+        .map(|s| format!("{:?}@{}", s.stopped, s.phase.as_deref().unwrap_or("-")))
+        .collect();
+    eprintln!("invocations: {trace:?}");
+    let last = all.last().unwrap();
+    assert_eq!(last.phase.as_deref(), Some("succeeded"));
+    assert!(all.iter().all(|s| s.run_id == last.run_id));
+    // Budget stops let the file in flight finish: nothing is downloaded twice.
+    assert_eq!(
+        w.downloads() as usize,
+        w.files(),
+        "{:?}",
+        w.source.file_attempts()
+    );
+    assert_eq!(w.pathling.total_resources(), 100);
+}
+
+#[tokio::test]
+async fn a_failed_run_is_a_normal_return_not_a_lambda_error() {
+    let source = SourceConfig {
+        permanent_error: Some(PollFailure {
+            from_poll: 1,
+            failure: HttpFailure::new(400, "invalid", "the export cannot be done"),
+        }),
+        ..SourceConfig::default()
+    };
+    let w = world("failed", source).await;
+    let lambda = w.lambda(&[]).await;
+    let all = invoke_until_done(&lambda, &json!({"start": true})).await;
+    let last = all.last().unwrap();
+    assert_eq!(last.phase.as_deref(), Some("failed"));
+    let outcome = last.outcome.as_ref().unwrap();
+    assert_eq!(outcome["status"], "failed");
+    assert!(last.message.as_ref().unwrap().contains("400"), "{last:#?}");
+}
+
+async fn put_current(w: &World, envelope: &str, seq: u64) -> HashMap<String, AttributeValue> {
+    w.client
+        .put_item()
+        .table_name(&w.table)
+        .item("pk", AttributeValue::S(format!("sync#{SYNC}")))
+        .item("sk", AttributeValue::S("current".into()))
+        .item("envelope", AttributeValue::S(envelope.into()))
+        .item("seq", AttributeValue::N(seq.to_string()))
+        .item("run_id", AttributeValue::S("r1".into()))
+        .send()
+        .await
+        .unwrap();
+    w.item().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_corrupt_or_newer_item_is_a_state_error_and_left_untouched() {
+    let w = world("corrupt", SourceConfig::default()).await;
+    let lambda = w.lambda(&[]).await;
+
+    let before = put_current(&w, "{\"schema_version\": 1, \"run_id\": ", 3).await;
+    let e = lambda.handle(&scheduled(), &ctx()).await.unwrap_err();
+    assert_eq!(e.error_type, ErrorType::State);
+    assert!(e.message.contains("not valid JSON"), "{e}");
+    assert_eq!(w.item().await.unwrap(), before, "corrupt item untouched");
+
+    // A valid envelope, but written by a newer build.
+    let spec = w.config(&[]).spec;
+    let run = SyncRun::start("r1", spec, None, now()).unwrap();
+    let mut envelope = persist::encode(&run);
+    envelope["schema_version"] = json!(persist::SCHEMA_VERSION + 1);
+    let before = put_current(&w, &envelope.to_string(), 0).await;
+    let e = lambda.handle(&scheduled(), &ctx()).await.unwrap_err();
+    assert_eq!(e.error_type, ErrorType::State);
+    assert!(e.message.contains("newer"), "{e}");
+    assert_eq!(w.item().await.unwrap(), before, "newer item untouched");
+
+    // An envelope whose seq disagrees with the item's.
+    let before = put_current(&w, &persist::encode_string(&run), 7).await;
+    let e = lambda.handle(&scheduled(), &ctx()).await.unwrap_err();
+    assert_eq!(e.error_type, ErrorType::State);
+    assert!(e.message.contains("disagrees"), "{e}");
+    assert_eq!(w.item().await.unwrap(), before);
+    assert_eq!(w.source.stats().kickoffs, 0, "no effect was performed");
+}
+
+#[tokio::test]
+async fn saves_on_a_stale_seq_or_a_lost_lease_conflict() {
+    let w = world("conflict", SourceConfig::default()).await;
+    let spec = w.config(&[]).spec;
+    let table = DynamoTable::new(
+        w.client.clone(),
+        w.table.clone(),
+        Duration::from_millis(400),
+        Duration::from_secs(3600),
+    );
+    let Acquired::Leased { store: mut a, run } = table.acquire(SYNC, "a").await.unwrap() else {
+        panic!("the first acquire must get the lease")
+    };
+    assert!(run.is_none());
+    let run0 = SyncRun::start("r1", spec, None, now()).unwrap();
+    a.replace(&run0).await.unwrap();
+
+    // Stale: the stored seq is 0, a save of seq 5 expects 4.
+    let mut ahead = run0.clone();
+    ahead.seq = 5;
+    assert!(matches!(
+        a.save(&ahead).await,
+        Err(StoreError::Conflict { expected: 4 })
+    ));
+    let mut next = run0.clone();
+    next.seq = 1;
+    a.save(&next).await.unwrap();
+    // Saving the same seq twice is also stale.
+    assert!(matches!(
+        a.save(&next).await,
+        Err(StoreError::Conflict { .. })
+    ));
+
+    // While a's lease lasts, b is busy; once it lapses b takes over and a can no longer save.
+    assert!(matches!(
+        table.acquire(SYNC, "b").await.unwrap(),
+        Acquired::Busy { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let Acquired::Leased { store: b, run } = table.acquire(SYNC, "b").await.unwrap() else {
+        panic!("an expired lease must be taken over")
+    };
+    assert_eq!(run.unwrap().seq, 1);
+    let mut later = next.clone();
+    later.seq = 2;
+    assert!(matches!(
+        a.save(&later).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    // a's release does not remove b's lease.
+    a.release().await;
+    let item = w.item().await.unwrap();
+    assert_eq!(item["lease_owner"].as_s().unwrap(), "b");
+    b.release().await;
+    assert!(!w.item().await.unwrap().contains_key("lease_owner"));
+}
+
+#[tokio::test]
+async fn secret_references_are_resolved_from_secrets_manager_and_ssm() {
+    let sdk = sdk().await;
+    let name = unique("source-secret");
+    aws_sdk_secretsmanager::Client::new(&sdk)
+        .create_secret()
+        .name(&name)
+        .secret_string("the-source-secret")
+        .send()
+        .await
+        .unwrap();
+    let param = format!("/{}", unique("target-key"));
+    aws_sdk_ssm::Client::new(&sdk)
+        .put_parameter()
+        .name(&param)
+        .value("the-target-secret")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    let vars: Vec<(String, String)> = [
+        (
+            "SOURCE_ENDPOINT",
+            "https://fhir.example.org/fhir".to_string(),
+        ),
+        ("SOURCE_CLIENT_ID", "id".into()),
+        ("SOURCE_CLIENT_SECRET", format!("secretsmanager:{name}")),
+        ("STAGING_URL", "s3://bucket/prefix/".into()),
+        (
+            "TARGET_ENDPOINT",
+            "https://pathling.example.org/fhir".into(),
+        ),
+        ("TARGET_CLIENT_ID", "importer".into()),
+        ("TARGET_CLIENT_SECRET", format!("ssm:{param}")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let resolver = AwsSecrets::new(&sdk);
+    let c = aws_plumbing::load_config_from(vars.clone(), &[], &resolver)
+        .await
+        .unwrap();
+    let expose = |s: &Option<pathling_import_core::config::Secret>| {
+        s.as_ref().map(|s| s.expose().to_string())
+    };
+    assert_eq!(
+        expose(&c.secrets.source_client_secret).as_deref(),
+        Some("the-source-secret")
+    );
+    assert_eq!(
+        expose(&c.secrets.target_client_secret).as_deref(),
+        Some("the-target-secret")
+    );
+
+    let mut missing = vars;
+    missing[2].1 = "secretsmanager:no-such-secret".into();
+    let e = aws_plumbing::load_config_from(missing, &[], &resolver)
+        .await
+        .unwrap_err();
+    assert_eq!(e.error_type, ErrorType::Configuration);
+    assert!(e.message.starts_with("SOURCE_CLIENT_SECRET"), "{e}");
+}
