@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pathling_import_core::config::{self, Config, RawConfig};
 use pathling_import_core::effect::{Effect, Next, Request};
+use pathling_import_core::spec::RunSpec;
 use pathling_import_core::state::SyncState;
 use pathling_import_core::{SyncRun, Terminal};
 use pathling_import_runners::driver::{self, DriveOptions, Observer, Stopped};
@@ -232,15 +233,26 @@ async fn run(args: RunArgs) -> u8 {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let mut run = match stored {
+    let (mut run, executor) = match stored {
         Some(run) if !run.is_done() && !args.fresh => {
             if run.spec != config.spec {
                 tracing::warn!(run_id = %run.run_id, "the unfinished run was started with other settings; it continues with those (use --fresh to start over)");
             }
             tracing::info!(run_id = %run.run_id, phase = run.state.name(), "resuming");
-            run
+            let executor = match executor_for(&run.spec, &config).await {
+                Ok(e) => e,
+                Err(code) => return code,
+            };
+            (run, executor)
         }
         stored => {
+            // Credentials are checked before a new run is persisted (or an old one cancelled):
+            // a saved run snapshots its settings, so a run that could never start would make
+            // every rerun resume it with the bad settings, even after they were corrected.
+            let executor = match executor_for(&config.spec, &config).await {
+                Ok(e) => e,
+                Err(code) => return code,
+            };
             let mut watermark = stored.as_ref().and_then(|r| r.watermark.clone());
             if let Some(unfinished) = stored.filter(|r| !r.is_done()) {
                 // --fresh: cancel the old run first so its export job is cleaned up.
@@ -262,16 +274,7 @@ async fn run(args: RunArgs) -> u8 {
                 return exit::FAILED;
             }
             tracing::info!(run_id = %run.run_id, since = ?run.state_since(), "starting a new run");
-            run
-        }
-    };
-
-    let executor = match Executor::new(&run.spec, &config.secrets).await {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("error: {e}");
-            report::capture_error("cli", &e.to_string());
-            return exit::BAD_CONFIG;
+            (run, executor)
         }
     };
     let progress = Progress::new(show_progress, executor.counters.clone());
@@ -315,6 +318,15 @@ async fn run(args: RunArgs) -> u8 {
         }
         Stopped::Sleeping { .. } | Stopped::OutOfBudget => exit::FAILED,
     }
+}
+
+/// Builds the executor for `spec`; credentials that cannot be used are bad configuration.
+async fn executor_for(spec: &RunSpec, config: &Config) -> Result<Executor, u8> {
+    Executor::new(spec, &config.secrets).await.map_err(|e| {
+        eprintln!("error: {e}");
+        report::capture_error("cli", &e.to_string());
+        exit::BAD_CONFIG
+    })
 }
 
 fn finish(run: &SyncRun, terminal: &Terminal) -> u8 {
