@@ -6,6 +6,15 @@ cd "$(dirname "$0")/.."
 mkdir -p target
 
 moto_server=$(bash .ci/moto.sh)
+
+# The deployment template: cfn-lint (PyPI), installed into moto's venv (moto[server] usually
+# brings it along already).
+venv_bin=$(dirname "$moto_server")
+if [ ! -x "$venv_bin/cfn-lint" ]; then
+    "$venv_bin/pip" install --quiet --disable-pip-version-check 'cfn-lint>=1,<2' >&2
+fi
+"$venv_bin/cfn-lint" deploy/template.yaml
+echo "cfn-lint: deploy/template.yaml passed" >&2
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$moto_server" -H 127.0.0.1 -p "$port" > target/moto.log 2>&1 &
 moto_pid=$!
