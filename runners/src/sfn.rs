@@ -16,9 +16,11 @@
 //!          "status": "staging_files: 12/40 file(s) staged"}
 //! ```
 //!
-//! - No envelope: a new run starts from the configuration (the environment); its `_since`
-//!   comes from `watermark` in the input when `SINCE=auto` (pass the previous execution's
-//!   output `watermark`).
+//! - No envelope: a new run starts from the configuration (the environment). With
+//!   `SINCE=auto` its `_since` is the input's `watermark` when given (a previous execution's
+//!   output `watermark`), else the one the last successful run recorded at
+//!   `{prefix}sfn-watermark.json` in the staging store (see [`watermark_key`]), so that a
+//!   scheduled execution started with `{}` is incremental.
 //! - `continue`: the budget ran out with work left; call again at once.
 //! - `wait`: the machine waits (a server's `Retry-After`, a poll interval, a backoff) longer
 //!   than [`LAMBDA_MAX_SLEEP`]; call again at `waitUntil` (`waitSeconds` from now).
@@ -36,11 +38,14 @@ use crate::aws::{self, LambdaFailure};
 use crate::driver::{self, DriveOptions, Observer, RunStore, Stopped, StoreError};
 use crate::executor::{now, Executor};
 use crate::report;
+use crate::staging::{StagingError, StagingStore};
 use pathling_import_core::config::{Config, Secrets};
 use pathling_import_core::effect::{Next, Request};
 use pathling_import_core::persist;
-use pathling_import_core::spec::RunSpec;
+use pathling_import_core::spec::{RunSpec, SinceSpec};
+use pathling_import_core::staging::StagingLocation;
 use pathling_import_core::state::{FileStatus, SyncState};
+use pathling_import_core::time::parse_fhir_instant;
 use pathling_import_core::{SyncRun, Terminal, Timestamp, Watermark};
 use serde_json::{json, Map, Value};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -56,6 +61,9 @@ pub const DEFAULT_MAX_SLEEP: Duration = Duration::from_secs(5);
 /// Time kept free before the invocation's deadline: effects in flight when the budget ends
 /// (a large download) still finish and are returned.
 pub const DEADLINE_MARGIN: Duration = Duration::from_secs(45);
+/// The largest output the task returns: Step Functions refuses a state of more than 256 KiB
+/// (`States.DataLimitExceeded`); a little is kept free for the execution's own fields.
+pub const PAYLOAD_LIMIT: usize = 250 * 1024;
 /// Every invocation may start work for at least this long, so that a loop always makes
 /// progress (the first effect always starts).
 const MIN_BUDGET_MS: u64 = 100;
@@ -169,7 +177,14 @@ impl Task {
             Some(envelope) => persist::decode_value(envelope.clone(), persist::UPCASTERS)
                 .map_err(|e| LambdaFailure::state(format!("the task input's envelope: {e}")))?,
             None => {
-                let watermark = parse_watermark(input.get("watermark"))?;
+                let watermark = match parse_watermark(input.get("watermark"))? {
+                    Some(w) => Some(w),
+                    None if self.config.spec.export.since == SinceSpec::LastSuccess => {
+                        let executor = self.executors.for_spec(&self.config.spec).await?;
+                        read_watermark(executor.staging(), &self.config.spec.staging).await?
+                    }
+                    None => None,
+                };
                 let run_id = aws::new_run_id(now(), salt);
                 let run = SyncRun::start(&run_id, self.config.spec.clone(), watermark, now())
                     .map_err(|e| LambdaFailure::state(e.to_string()))?;
@@ -201,11 +216,29 @@ impl Task {
         .await
         .map_err(|e| LambdaFailure::transient(e.to_string()))?;
         if let Stopped::Done(terminal) = &stopped {
-            if let Terminal::Failed(f) = terminal.as_ref() {
-                report::capture_failure(&run.run_id, "step-functions", f);
+            match terminal.as_ref() {
+                Terminal::Failed(f) => report::capture_failure(&run.run_id, "step-functions", f),
+                Terminal::Succeeded(_) => {
+                    if let Some(w) = run.watermark.as_ref().filter(|w| w.run_id == run.run_id) {
+                        write_watermark(executor.staging(), &run.spec.staging, w).await?;
+                    }
+                }
+                Terminal::Cancelled(_) => {}
             }
         }
-        Ok(task_output(&run, &stopped, now()))
+        let output = task_output(&run, &stopped, now());
+        let bytes = serde_json::to_vec(&output).map(|v| v.len()).unwrap_or(0);
+        if bytes > PAYLOAD_LIMIT {
+            return Err(LambdaFailure::sync_failed(format!(
+                "run {} in {}: the task's output is {} KiB, more than a Step Functions payload \
+                 may carry (256 KiB); narrow the export (TYPES, EXPORT_LEVEL, PATIENTS) or use \
+                 the single-Lambda runner, whose DynamoDB item holds up to 400 KB",
+                run.run_id,
+                run.state.name(),
+                bytes / 1024
+            )));
+        }
+        Ok(output)
     }
 }
 
@@ -225,6 +258,65 @@ impl RunStore for PayloadStore {
         self.seq = Some(run.seq);
         Ok(())
     }
+}
+
+/// `{prefix}sfn-watermark.json`: the last successful run's watermark, so that a scheduled
+/// execution started with `{}` continues incrementally (`SINCE=auto`).
+pub fn watermark_key(location: &StagingLocation) -> String {
+    let prefix = match location {
+        StagingLocation::S3 { prefix, .. } => prefix.as_str(),
+        StagingLocation::Directory { .. } => "",
+    };
+    format!("{prefix}{WATERMARK_OBJECT}")
+}
+
+const WATERMARK_OBJECT: &str = "sfn-watermark.json";
+
+fn storage_failure(what: &str, e: &StagingError) -> LambdaFailure {
+    if e.is_transient() {
+        LambdaFailure::transient(format!("{what}: {e}"))
+    } else {
+        LambdaFailure::configuration(format!("{what}: {e}"))
+    }
+}
+
+async fn read_watermark(
+    staging: &StagingStore,
+    location: &StagingLocation,
+) -> Result<Option<Watermark>, LambdaFailure> {
+    let key = watermark_key(location);
+    let Some(bytes) = staging
+        .get_bytes(&key)
+        .await
+        .map_err(|e| storage_failure(&format!("reading {key}"), &e))?
+    else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| LambdaFailure::state(format!("{key} is not a watermark: {e}")))
+}
+
+/// Records `watermark` unless the stored one is newer (a late or repeated execution must not
+/// move the next incremental export back).
+async fn write_watermark(
+    staging: &StagingStore,
+    location: &StagingLocation,
+    watermark: &Watermark,
+) -> Result<(), LambdaFailure> {
+    let instant = |w: &Watermark| parse_fhir_instant(&w.transaction_time);
+    if let Some(stored) = read_watermark(staging, location).await? {
+        if stored == *watermark || instant(&stored) >= instant(watermark) {
+            return Ok(());
+        }
+    }
+    let key = watermark_key(location);
+    let body = serde_json::to_vec(watermark)
+        .map_err(|e| LambdaFailure::state(format!("encoding the watermark: {e}")))?;
+    staging
+        .put_bytes(&key, bytes::Bytes::from(body))
+        .await
+        .map_err(|e| storage_failure(&format!("writing {key}"), &e))
 }
 
 fn parse_watermark(value: Option<&Value>) -> Result<Option<Watermark>, LambdaFailure> {

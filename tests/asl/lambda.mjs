@@ -59,6 +59,11 @@ export class LambdaFunction {
       stdio: ['ignore', log, log],
     });
     closeSync(log);
+    this.proc.on('error', (e) => {
+      this.exited = { error: e.message };
+      for (const [, call] of this.inflight) call.reject(named('Lambda.Unknown', `${this.name}: ${e.message}`));
+      this.inflight.clear();
+    });
     this.proc.on('exit', (code, signal) => {
       this.exited = { code, signal };
       for (const [, call] of this.inflight) {

@@ -22,7 +22,8 @@ import { LambdaFunction, named } from './lambda.mjs';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, '../..');
-const BIN = process.env.PATHLING_IMPORT_BIN_DIR ?? join(ROOT, 'target/debug');
+const BIN =
+  process.env.PATHLING_IMPORT_BIN_DIR ?? join(process.env.CARGO_TARGET_DIR ?? join(ROOT, 'target'), 'debug');
 const LOGS = join(ROOT, 'target/asl-tests');
 const MOTO = process.env.MOTO_ENDPOINT;
 const FILTER = process.argv[2] ?? '';
@@ -71,6 +72,7 @@ async function startFixture(scenario) {
   const rl = createInterface({ input: proc.stdout });
   const first = await new Promise((resolve, reject) => {
     rl.once('line', resolve);
+    proc.once('error', reject);
     proc.once('exit', (code) => reject(new Error(`sfn-fixture exited with ${code}`)));
   });
   const info = JSON.parse(first);
@@ -310,11 +312,22 @@ async function executionTests() {
       console.log(`  # largest task output: ${max} bytes (${first.outputs.length} invocations)`);
       assert(max < 64 * 1024, 'payload far below 256 KiB');
 
-      const second = await sfnRun(world, env, { watermark: first.output.watermark });
+      const sinceOf = async () =>
+        (await fixture.stats()).last_kickoff.params.find(([k]) => k === '_since')?.[1];
+      assertEq(await sinceOf(), undefined, 'the first run is a full export');
+      const keys = await listKeys(world.bucket, 'staging/');
+      assert(keys.includes('staging/sfn-watermark.json'), 'the watermark is recorded');
+
+      // A scheduled execution starts with {}: it continues from the recorded watermark.
+      const second = await sfnRun(world, env, {});
       assert(!second.error, `incremental execution failed: ${second.error?.message}`);
       assertEq(second.output.action, 'succeed', 'incremental action');
-      const since = (await fixture.stats()).last_kickoff.params.find(([k]) => k === '_since');
-      assertEq(since?.[1], first.output.watermark.transaction_time, '_since of the incremental export');
+      assertEq(await sinceOf(), first.output.watermark.transaction_time, '_since of the incremental export');
+
+      // A watermark in the input wins.
+      const third = await sfnRun(world, env, { watermark: '2020-01-01T00:00:00Z' });
+      assert(!third.error, `third execution failed: ${third.error?.message}`);
+      assertEq(await sinceOf(), '2020-01-01T00:00:00Z', '_since from the input');
     });
   });
 

@@ -252,7 +252,6 @@ impl Handlers {
             staging: staging.clone(),
             key: state_key.clone(),
             last_write: Instant::now(),
-            unsaved: false,
         };
         let options = DriveOptions {
             max_sleep: self.max_sleep,
@@ -269,9 +268,8 @@ impl Handlers {
         )
         .await
         .map_err(|e| LambdaFailure::transient(format!("transfer: {e}")))?;
-        if store.unsaved || run.seq > 0 {
-            write_run(&staging, &state_key, &run).await?;
-        }
+        // Always at the end: the store writes at most every SAVE_EVERY while driving.
+        write_run(&staging, &state_key, &run).await?;
         self.transfer_outcome(&run, &stopped)
     }
 
@@ -597,13 +595,11 @@ struct TransferStore {
     staging: StagingStore,
     key: String,
     last_write: Instant,
-    unsaved: bool,
 }
 
 impl RunStore for TransferStore {
     async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
         if self.last_write.elapsed() < SAVE_EVERY {
-            self.unsaved = true;
             return Ok(());
         }
         self.staging
@@ -611,7 +607,6 @@ impl RunStore for TransferStore {
             .await
             .map_err(|e| StoreError::Io(format!("saving the transfer's progress: {e}")))?;
         self.last_write = Instant::now();
-        self.unsaved = false;
         Ok(())
     }
 }

@@ -1,0 +1,164 @@
+//! The Step Functions task (`pathling_import_runners::sfn::Task`, the logic of the
+//! `pathling-import-sfn` Lambda) driven the way `state-machine.json` drives it — output fed
+//! back as the next input, `wait` honoured, `continue` at once — over a 10,000-file export:
+//! every payload must stay far below Step Functions' 256 KiB. Sizes are printed
+//! (`cargo test -p pathling-import-tests --test sfn_task -- --nocapture`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use pathling_import_core::config::{self, RawConfig};
+use pathling_import_core::Timestamp;
+use pathling_import_runners::executor::now;
+use pathling_import_runners::sfn::{Task, EXTRA_KEYS};
+use pathling_import_tests::data::DatasetConfig;
+use pathling_import_tests::fake_pathling::{FakePathling, PathlingConfig};
+use pathling_import_tests::fake_source::{FakeSource, SourceConfig};
+use pathling_import_tests::fhir::RetryAfter;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// Step Functions' payload limit.
+const LIMIT: usize = 256 * 1024;
+
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn task(
+    source: &str,
+    target: &str,
+    staging: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> Task {
+    let mut vars: Vec<(String, String)> = [
+        ("SOURCE_ENDPOINT", source),
+        ("SOURCE_AUTHENTICATION_ENABLED", "false"),
+        ("TARGET_ENDPOINT", target),
+        ("TARGET_AUTHENTICATION_ENABLED", "false"),
+        ("EXPORT_RETRY_WAIT", "1"),
+        ("IMPORT_RETRY_WAIT", "1"),
+        ("TRANSFER_CONCURRENCY", "8"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    vars.push((
+        "STAGING_URL".into(),
+        format!("file://{}/", staging.display()),
+    ));
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let raw = RawConfig::from_env(vars, EXTRA_KEYS);
+    let config = config::parse(&raw, EXTRA_KEYS).unwrap();
+    Task::new(config).await.unwrap()
+}
+
+/// What a state machine execution saw: every task output's size and action.
+struct Execution {
+    last: Value,
+    sizes: Vec<(usize, String, String)>,
+}
+
+/// Loops like `state-machine.json`: `continue` at once, `wait` until `waitUntil`.
+async fn execute(task: &Task, budget: Duration, max_steps: usize) -> Execution {
+    let mut input = json!({});
+    let mut sizes = Vec::new();
+    for i in 0..max_steps {
+        let budget_until = Timestamp(now().0 + budget.as_millis() as u64);
+        let out = task
+            .invoke(input, budget_until, &format!("req-{i}"))
+            .await
+            .unwrap();
+        let bytes = serde_json::to_vec(&out).unwrap().len();
+        let action = out["action"].as_str().unwrap_or_default().to_string();
+        sizes.push((
+            bytes,
+            action.clone(),
+            out["phase"].as_str().unwrap_or_default().to_string(),
+        ));
+        match action.as_str() {
+            "continue" => {}
+            "wait" => {
+                let secs = out["waitSeconds"].as_u64().unwrap();
+                assert!(secs <= 5, "unexpectedly long wait {out}");
+                assert!(out["waitUntil"].as_str().unwrap().ends_with('Z'));
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+            }
+            "succeed" | "fail" => return Execution { last: out, sizes },
+            other => panic!("unknown action {other:?}"),
+        }
+        input = out;
+    }
+    panic!("no end after {max_steps} task invocations");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_10000_file_export_keeps_every_task_payload_far_below_256_kib() {
+    let files = 10_000u32;
+    let source = FakeSource::start(SourceConfig {
+        dataset: DatasetConfig::new(&[("Observation", u64::from(files), files)]),
+        in_progress_polls: 1,
+        progress_retry_after: RetryAfter::Seconds(1),
+        ..SourceConfig::default()
+    })
+    .await
+    .unwrap();
+    let target = FakePathling::start(PathlingConfig::v9(&["file:///"]))
+        .await
+        .unwrap();
+    let staging = TempDir::new("sfn-task-10k");
+    let task = task(
+        &source.base_url(),
+        &target.base_url(),
+        &staging.0,
+        &[("LAMBDA_MAX_SLEEP", "0")],
+    )
+    .await;
+
+    let started = Instant::now();
+    let run = execute(&task, Duration::from_secs(3), 5_000).await;
+    let elapsed = started.elapsed();
+
+    assert_eq!(run.last["action"], "succeed", "{}", run.last["status"]);
+    assert_eq!(target.resource_count("Observation"), files as usize);
+    let staging_sizes: Vec<usize> = run
+        .sizes
+        .iter()
+        .filter(|(_, _, phase)| phase == "staging_files")
+        .map(|(b, _, _)| *b)
+        .collect();
+    let max = run.sizes.iter().map(|(b, _, _)| *b).max().unwrap();
+    println!(
+        "10,000-file export through the Step Functions task: {} invocations ({} mid-transfer) in {:.1} s; \
+         largest payload {max} bytes ({:.1} KiB, {:.0}% of 256 KiB); final payload {} bytes",
+        run.sizes.len(),
+        staging_sizes.len(),
+        elapsed.as_secs_f64(),
+        max as f64 / 1024.0,
+        max as f64 * 100.0 / LIMIT as f64,
+        run.sizes.last().map(|s| s.0).unwrap_or(0),
+    );
+    for (bytes, action, phase) in &run.sizes {
+        println!("  {bytes:>7} bytes  {action:<8} {phase}");
+    }
+    assert!(
+        !staging_sizes.is_empty(),
+        "the budget should end some invocations mid-transfer"
+    );
+    assert!(
+        max < LIMIT / 2,
+        "largest payload {max} bytes is not far below 256 KiB"
+    );
+}
