@@ -1,0 +1,262 @@
+//! End-to-end: the local runner survives being killed (SIGKILL) at several points and being
+//! interrupted (SIGINT): running the same command again finishes the same run, with one export
+//! kick-off at the source, no staged file downloaded twice, and the same data in Pathling as
+//! an uninterrupted run.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use pathling_import_tests::data::DatasetConfig;
+use pathling_import_tests::fake_pathling::{FakePathling, FakePathlingHandle, PathlingConfig};
+use pathling_import_tests::fake_source::{FakeSource, FakeSourceHandle, SourceConfig};
+use pathling_import_tests::fhir::RetryAfter;
+use serde_json::Value;
+
+struct World {
+    sandbox: Sandbox,
+    staging: Staging,
+    src: FakeSourceHandle,
+    pathling: FakePathlingHandle,
+}
+
+async fn world(source: SourceConfig, import_duration_polls: u32) -> World {
+    let mut sandbox = Sandbox::new();
+    let staging = Staging::Dir;
+    let auth = SourceAuth::basic();
+    let src = FakeSource::start(SourceConfig {
+        auth: Some(auth.fake.clone()),
+        requires_access_token: true,
+        ..source
+    })
+    .await
+    .unwrap();
+    let allowed = staging.allowable_sources(&sandbox);
+    let pathling = FakePathling::start(PathlingConfig {
+        import_duration_polls,
+        ..PathlingConfig::v9(&[allowed[0].as_str()])
+    })
+    .await
+    .unwrap();
+    sandbox
+        .configure(&src.base_url(), &pathling.base_url(), &staging)
+        .source_auth(&auth)
+        .set("transferConcurrency", 2);
+    World {
+        sandbox,
+        staging,
+        src,
+        pathling,
+    }
+}
+
+/// Many small files, each answered after `latency`: a transfer that takes a few seconds.
+fn slow_transfer(latency_ms: u64) -> SourceConfig {
+    SourceConfig {
+        dataset: DatasetConfig::new(&[
+            ("Patient", 40, 2),
+            ("Observation", 240, 12),
+            ("Condition", 120, 6),
+        ]),
+        in_progress_polls: 0,
+        latency: Duration::from_millis(latency_ms),
+        ..SourceConfig::default()
+    }
+}
+
+/// After the resumed run: the same run finished, one export, Pathling complete.
+async fn assert_resumed(w: &World, run_id: &str) {
+    assert_eq!(
+        w.sandbox.run_id(),
+        run_id,
+        "the rerun continued the same run"
+    );
+    assert_eq!(w.sandbox.phase(), "succeeded");
+    let stats = w.src.stats();
+    assert_eq!(stats.kickoffs, 1, "exactly one export kick-off");
+    assert_eq!(w.src.jobs().len(), 1);
+    assert!(w.src.jobs()[0].deleted, "the export job was DELETEd");
+    assert_pathling_holds_export(&w.pathling, &w.src);
+    let expected = w
+        .src
+        .expected_resources(&pathling_import_tests::data::ExportFilter::default());
+    assert_staged(
+        &w.staging,
+        &w.sandbox,
+        run_id,
+        output_files(&w.src),
+        &expected,
+    )
+    .await;
+}
+
+/// Files staged when the process died were not downloaded again; the others at most twice
+/// (they may have been in flight).
+async fn assert_no_staged_file_downloaded_twice(w: &World, run_id: &str, at_kill: &Value) {
+    let names = manifest_file_names(&w.staging, &w.sandbox, run_id).await;
+    let staged = staged_indexes(at_kill);
+    let attempts = w.src.file_attempts();
+    for (i, name) in names.iter().enumerate() {
+        let n = attempts.get(name).copied().unwrap_or(0);
+        if staged.contains(&i) {
+            assert_eq!(
+                n, 1,
+                "{name} was staged before the kill but downloaded {n} times"
+            );
+        } else {
+            assert!((1..=2).contains(&n), "{name} downloaded {n} times");
+        }
+    }
+    let total: u32 = attempts.values().sum();
+    let concurrency = 2;
+    assert!(
+        total as usize <= names.len() + concurrency,
+        "{total} downloads for {} files",
+        names.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_polling_the_export_resumes_the_same_export() {
+    let w = world(
+        SourceConfig {
+            in_progress_polls: 3,
+            progress_retry_after: RetryAfter::Seconds(1),
+            ..SourceConfig::default()
+        },
+        0,
+    )
+    .await;
+    let mut child = w.sandbox.spawn(&[]);
+    let at_kill = w
+        .sandbox
+        .wait_for_state(&mut child, "an export poll", Duration::from_secs(20), |s| {
+            phase_of(s) == "polling_export" && s["state"]["polls"].as_u64() >= Some(1)
+        })
+        .await;
+    let killed = child.kill().await;
+    assert_eq!(killed.code, None, "killed by the signal");
+    let run_id = at_kill["run_id"].as_str().unwrap().to_string();
+    assert_eq!(w.sandbox.phase(), "polling_export");
+    assert_eq!(w.src.stats().file_gets, 0);
+
+    w.sandbox.run(&[]).await.assert_code(0);
+    assert_resumed(&w, &run_id).await;
+    assert_eq!(w.src.stats().file_gets as usize, output_files(&w.src));
+    assert_eq!(w.pathling.stats().imports_accepted, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_transfer_downloads_only_what_was_not_staged() {
+    let w = world(slow_transfer(120), 0).await;
+    let mut child = w.sandbox.spawn(&[]);
+    w.sandbox
+        .wait_for_state(&mut child, "6 staged files", Duration::from_secs(30), |s| {
+            phase_of(s) == "staging_files" && staged_indexes(s).len() >= 6
+        })
+        .await;
+    child.kill().await;
+    // The state as the process left it: what it had recorded as staged.
+    let at_kill = w.sandbox.state().unwrap();
+    assert_eq!(phase_of(&at_kill), "staging_files");
+    let run_id = at_kill["run_id"].as_str().unwrap().to_string();
+    let files = output_files(&w.src);
+    assert!(
+        staged_indexes(&at_kill).len() < files,
+        "the kill came too late to test anything"
+    );
+
+    w.sandbox.run(&[]).await.assert_code(0);
+    assert_resumed(&w, &run_id).await;
+    assert_no_staged_file_downloaded_twice(&w, &run_id, &at_kill).await;
+    assert_eq!(w.pathling.stats().imports_accepted, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_the_import_kickoff_polls_the_same_import() {
+    let w = world(
+        SourceConfig {
+            in_progress_polls: 0,
+            ..SourceConfig::default()
+        },
+        4,
+    )
+    .await;
+    let mut child = w.sandbox.spawn(&[]);
+    let at_kill = w
+        .sandbox
+        .wait_for_state(
+            &mut child,
+            "the import kick-off",
+            Duration::from_secs(20),
+            |s| phase_of(s) == "polling_import",
+        )
+        .await;
+    child.kill().await;
+    let run_id = at_kill["run_id"].as_str().unwrap().to_string();
+    assert_eq!(w.sandbox.phase(), "polling_import");
+    assert_eq!(w.pathling.stats().imports_accepted, 1);
+    assert!(
+        w.pathling.total_resources() == 0,
+        "the import had not completed at the kill"
+    );
+
+    w.sandbox.run(&[]).await.assert_code(0);
+    assert_resumed(&w, &run_id).await;
+    let p = w.pathling.stats();
+    assert_eq!(p.import_kickoffs, 1, "no second $import");
+    assert_eq!(p.imports_accepted, 1);
+    // Every file was downloaded once: they were all staged before the kill.
+    let attempts = w.src.file_attempts();
+    assert_eq!(attempts.len(), output_files(&w.src));
+    assert!(attempts.values().all(|n| *n == 1), "{attempts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_during_a_slow_transfer_exits_130_and_resumes() {
+    let w = world(slow_transfer(300), 0).await;
+    let mut child = w.sandbox.spawn(&[]);
+    w.sandbox
+        .wait_for_state(&mut child, "a staged file", Duration::from_secs(30), |s| {
+            phase_of(s) == "staging_files" && !staged_indexes(s).is_empty()
+        })
+        .await;
+    let sent = Instant::now();
+    child.signal("INT");
+    let out = child.wait(Duration::from_secs(15)).await;
+    let took = sent.elapsed();
+    out.assert_code(130).assert_stderr_contains("interrupted");
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop");
+
+    // The state file decodes: the CLI itself reads it back.
+    let state = w.sandbox.state().unwrap();
+    assert_eq!(phase_of(&state), "staging_files");
+    let run_id = state["run_id"].as_str().unwrap().to_string();
+    let status = w
+        .sandbox
+        .spawn_args(&[
+            "status",
+            "--state-file",
+            w.sandbox.state_path().to_str().unwrap(),
+            "--log-format",
+            "json",
+        ])
+        .wait(Duration::from_secs(20))
+        .await;
+    status.assert_code(0);
+    let shown: Value = serde_json::from_str(status.stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "status --log-format json printed no JSON ({e}): {}",
+            status.stdout
+        )
+    });
+    assert_eq!(shown["run_id"], Value::from(run_id.as_str()));
+    assert_eq!(phase_of(&shown), "staging_files");
+
+    w.sandbox.run(&[]).await.assert_code(0);
+    assert_resumed(&w, &run_id).await;
+    assert_no_staged_file_downloaded_twice(&w, &run_id, &state).await;
+}
