@@ -162,3 +162,61 @@ async fn a_10000_file_export_keeps_every_task_payload_far_below_256_kib() {
         "largest payload {max} bytes is not far below 256 KiB"
     );
 }
+
+#[tokio::test]
+async fn a_cancel_in_the_input_ends_the_run_and_deletes_the_export_job() {
+    let source = FakeSource::start(SourceConfig {
+        in_progress_polls: 5,
+        progress_retry_after: RetryAfter::Seconds(30),
+        ..SourceConfig::default()
+    })
+    .await
+    .unwrap();
+    let target = FakePathling::start(PathlingConfig::v9(&["file:///"]))
+        .await
+        .unwrap();
+    let staging = TempDir::new("sfn-task-cancel");
+    let task = task(
+        &source.base_url(),
+        &target.base_url(),
+        &staging.0,
+        &[("LAMBDA_MAX_SLEEP", "0")],
+    )
+    .await;
+    let budget_until = || Timestamp(now().0 + 5_000);
+
+    let out = task.invoke(json!({}), budget_until(), "r1").await.unwrap();
+    assert_eq!(out["action"], "wait", "{out}");
+    assert_eq!(out["phase"], "polling_export");
+    // Retry-After: 30, clamped to the export's deadline (24 polls × 1 s of patience).
+    let wait = out["waitSeconds"].as_u64().unwrap();
+    assert!(
+        (20..=30).contains(&wait),
+        "the server's Retry-After is honoured: {out}"
+    );
+
+    let mut input = out.clone();
+    input["cancel"] = json!("stopped by the operator");
+    let out = task.invoke(input, budget_until(), "r2").await.unwrap();
+    assert_eq!(out["action"], "fail", "{out}");
+    assert_eq!(out["error"]["name"], "SyncCancelledError");
+    assert!(out["error"]["cause"]
+        .as_str()
+        .unwrap()
+        .contains("stopped by the operator"));
+    assert_eq!(source.stats().job_deletes, 1, "the export job is deleted");
+
+    // A corrupt envelope is a StateError, never a panic.
+    let mut corrupt = out.clone();
+    corrupt["envelope"]["state"] = json!({"phase": "no_such_phase"});
+    let e = task
+        .invoke(corrupt, budget_until(), "r3")
+        .await
+        .unwrap_err();
+    assert_eq!(e.error_type, pathling_import_runners::aws::ErrorType::State);
+    let mut newer = out;
+    newer["envelope"]["schema_version"] = json!(99);
+    let e = task.invoke(newer, budget_until(), "r4").await.unwrap_err();
+    assert_eq!(e.error_type, pathling_import_runners::aws::ErrorType::State);
+    assert!(e.message.contains("newer"), "{e}");
+}
