@@ -260,3 +260,68 @@ async fn ctrl_c_during_a_slow_transfer_exits_130_and_resumes() {
     assert_resumed(&w, &run_id).await;
     assert_no_staged_file_downloaded_twice(&w, &run_id, &state).await;
 }
+
+/// Starts a run and kills it while it polls the export; returns its run id.
+async fn stuck_in_export_polling(w: &World) -> String {
+    let mut child = w.sandbox.spawn(&[]);
+    let s = w
+        .sandbox
+        .wait_for_state(&mut child, "export polling", Duration::from_secs(20), |s| {
+            phase_of(s) == "polling_export"
+        })
+        .await;
+    child.kill().await;
+    s["run_id"].as_str().unwrap().to_string()
+}
+
+/// `cancel` ends an unfinished run (its export job is deleted at the source, exit 4); `--fresh`
+/// abandons one the same way and starts a new run at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_fresh_clean_up_the_abandoned_export() {
+    let w = world(
+        SourceConfig {
+            in_progress_polls: 100,
+            progress_retry_after: RetryAfter::Seconds(1),
+            ..SourceConfig::default()
+        },
+        0,
+    )
+    .await;
+    let config = w.sandbox.config_path();
+    let config = config.to_str().unwrap();
+    let first = stuck_in_export_polling(&w).await;
+    let status = w
+        .sandbox
+        .spawn_args(&["status", config])
+        .wait(Duration::from_secs(20))
+        .await;
+    status.assert_code(0);
+    assert!(status.stdout.contains(&first), "{}", status.stdout);
+    assert!(
+        status.stdout.contains("polling_export"),
+        "{}",
+        status.stdout
+    );
+    let cancelled = w
+        .sandbox
+        .spawn_args(&["cancel", config])
+        .wait(Duration::from_secs(20))
+        .await;
+    cancelled.assert_code(4);
+    assert_eq!(w.sandbox.phase(), "cancelled");
+    assert_eq!(w.sandbox.run_id(), first);
+    assert!(w.src.jobs()[0].deleted, "cancel deletes the export job");
+
+    let second = stuck_in_export_polling(&w).await;
+    assert_ne!(second, first, "a cancelled run is not resumed");
+    assert!(!w.src.jobs()[1].deleted);
+    w.src.update(|c| c.in_progress_polls = 0);
+    w.sandbox.run(&["--fresh"]).await.assert_code(0);
+    let third = w.sandbox.run_id();
+    assert_ne!(third, second, "--fresh starts a new run");
+    let jobs = w.src.jobs();
+    assert_eq!(jobs.len(), 3);
+    assert!(jobs.iter().all(|j| j.deleted), "every export job deleted");
+    assert_eq!(w.sandbox.phase(), "succeeded");
+    assert_pathling_holds_export(&w.pathling, &w.src);
+}
