@@ -260,9 +260,11 @@ impl SingleLambda {
     /// The cold start: configuration from the environment (secrets resolved), Sentry, SDK
     /// clients, the executor.
     pub async fn from_env() -> Result<SingleLambda, LambdaFailure> {
-        let config = aws::load_config(EXTRA_KEYS).await?;
-        let sentry = report::init_sentry(&config.sentry);
         let sdk = aws::sdk_config().await;
+        let config =
+            aws::load_config_from(std::env::vars(), EXTRA_KEYS, &aws::AwsSecrets::new(&sdk))
+                .await?;
+        let sentry = report::init_sentry(&config.sentry);
         let mut lambda = SingleLambda::new(config, aws_sdk_dynamodb::Client::new(&sdk)).await?;
         lambda._sentry = sentry;
         Ok(lambda)
