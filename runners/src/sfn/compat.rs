@@ -106,7 +106,6 @@ pub struct Handlers {
     handler: Handler,
     config: Config,
     executors: ExecutorCache,
-    max_sleep: Duration,
     budget: Option<Duration>,
 }
 
@@ -119,7 +118,8 @@ impl Handlers {
                  (state-machine.json) keeps; give the compatibility handlers a FHIR instant",
             ));
         }
-        let max_sleep = seconds_setting(&config, LAMBDA_MAX_SLEEP, super::DEFAULT_MAX_SLEEP)?;
+        // Read for validation only: the handlers sleep through any wait within their budget.
+        seconds_setting(&config, LAMBDA_MAX_SLEEP, super::DEFAULT_MAX_SLEEP)?;
         let budget = aws::configured_budget(&config)?;
         let executors = ExecutorCache::new(config.secrets.clone());
         executors.for_spec(&config.spec).await?;
@@ -127,7 +127,6 @@ impl Handlers {
             handler,
             config,
             executors,
-            max_sleep,
             budget,
         })
     }
@@ -254,7 +253,10 @@ impl Handlers {
             last_write: Instant::now(),
         };
         let options = DriveOptions {
-            max_sleep: self.max_sleep,
+            // A file waiting to be retried is waited for inside the invocation when the wait
+            // ends within the budget: the original definition retries the transfer only five
+            // times, 60 s apart, which a longer backoff would use up.
+            max_sleep: Duration::MAX,
             budget_until: Some(effective_budget(budget_until, now())),
         };
         let (run, stopped) = driver::drive_until(
