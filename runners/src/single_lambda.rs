@@ -204,6 +204,19 @@ pub enum StopReason {
     Idle,
 }
 
+impl StopReason {
+    /// The JSON name (`out_of_budget`), also used in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Done => "done",
+            StopReason::Sleeping => "sleeping",
+            StopReason::OutOfBudget => "out_of_budget",
+            StopReason::Busy => "busy",
+            StopReason::Idle => "idle",
+        }
+    }
+}
+
 /// The JSON an invocation returns.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -317,7 +330,7 @@ impl SingleLambda {
         let sync_id = invocation.sync_id.clone();
         let result = match self.table.acquire(&sync_id, &owner).await? {
             Acquired::Busy { lease, run } => {
-                tracing::info!(sync_id = %sync_id, holder = ?lease.as_ref().map(|l| &l.owner), "another invocation holds the lease");
+                tracing::info!(sync_id = %sync_id, holder = lease.as_ref().map(|l| l.owner.as_str()).unwrap_or(""), "another invocation holds the lease");
                 Ok(busy(&sync_id, run.as_deref(), lease.as_ref()))
             }
             Acquired::Leased { mut store, run } => {
@@ -331,10 +344,10 @@ impl SingleLambda {
         match &result {
             Ok(summary) => tracing::info!(
                 sync_id = %summary.sync_id,
-                run_id = ?summary.run_id,
-                phase = ?summary.phase,
-                stopped = ?summary.stopped,
-                wake_at = ?summary.wake_at,
+                run_id = summary.run_id.as_deref().unwrap_or(""),
+                phase = summary.phase.as_deref().unwrap_or(""),
+                stopped = summary.stopped.as_str(),
+                wake_at = summary.wake_at.as_deref().unwrap_or(""),
                 "invocation ends"
             ),
             Err(e) => {
@@ -544,6 +557,10 @@ mod tests {
             outcome: None,
             message: None,
         };
+        assert_eq!(
+            serde_json::to_value(StopReason::OutOfBudget).unwrap(),
+            StopReason::OutOfBudget.as_str()
+        );
         assert_eq!(
             serde_json::to_value(&s).unwrap(),
             json!({"syncId": "s", "runId": "r", "phase": "staging_files", "stopped": "out_of_budget"})
