@@ -453,6 +453,22 @@ async fn a_failed_run_is_a_normal_return_not_a_lambda_error() {
     assert!(last.message.as_ref().unwrap().contains("400"), "{last:#?}");
 }
 
+#[tokio::test]
+async fn a_direct_cancel_ends_the_unfinished_run_and_deletes_the_export_job() {
+    let w = world("cancel", slow_source(4, 200)).await;
+    let lambda = w.lambda(&[("LAMBDA_TIME_BUDGET", "1")]).await;
+    let first = lambda.handle(&scheduled(), &ctx()).await.unwrap();
+    assert_ne!(first.stopped, StopReason::Done, "{first:#?}");
+
+    let cancelled = invoke_until_done(&lambda, &json!({"cancel": true})).await;
+    let last = cancelled.last().unwrap();
+    assert_eq!(last.phase.as_deref(), Some("cancelled"), "{cancelled:#?}");
+    assert_eq!(last.run_id, first.run_id);
+    assert_eq!(last.outcome.as_ref().unwrap()["status"], "cancelled");
+    assert_eq!(w.source.stats().job_deletes, 1, "the export job is deleted");
+    assert_eq!(w.pathling.stats().import_kickoffs, 0);
+}
+
 async fn put_current(w: &World, envelope: &str, seq: u64) -> HashMap<String, AttributeValue> {
     w.client
         .put_item()
