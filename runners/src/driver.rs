@@ -7,8 +7,9 @@
 
 use crate::executor::{now, Executor};
 use futures::stream::{FuturesUnordered, StreamExt};
-use pathling_import_core::effect::{Input, Next, Request};
+use pathling_import_core::effect::{EffectId, Input, Next, Request};
 use pathling_import_core::{SyncRun, Terminal, Timestamp};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Duration;
 
@@ -123,7 +124,13 @@ pub async fn drive_until<S: RunStore>(
             }
             Next::Run { requests } => {
                 let concurrency = run.spec.transfer.concurrency.max(1) as usize;
-                let mut queue = requests.into_iter();
+                // Per-file effects (staging, deletions) are refilled from the machine as slots
+                // free up, instead of waiting for the batch's slowest file: one large file in
+                // a batch would otherwise leave every other slot idle until it ends. Run-level
+                // effects are never refilled (their ids change with every step).
+                let refillable = requests.iter().all(per_file);
+                let mut queue: VecDeque<Request> = requests.into();
+                let mut in_flight_ids: Vec<EffectId> = Vec::new();
                 let mut in_flight = FuturesUnordered::new();
                 let mut out_of_budget = false;
                 // Once a result moves the run to another phase (a file failed for good, a
@@ -140,7 +147,21 @@ pub async fn drive_until<S: RunStore>(
                             out_of_budget = true;
                             break;
                         }
-                        let Some(request) = queue.next() else { break };
+                        if queue.is_empty() && refillable {
+                            // The machine hands out the files due now, in-flight ones
+                            // included (they are still pending): start only the others.
+                            if let Next::Run { requests } = run.next(now()) {
+                                queue.extend(
+                                    requests
+                                        .into_iter()
+                                        .filter(|r| per_file(r) && !in_flight_ids.contains(&r.id)),
+                                );
+                            }
+                        }
+                        let Some(request) = queue.pop_front() else {
+                            break;
+                        };
+                        in_flight_ids.push(request.id);
                         in_flight.push(async move {
                             let result = executor.execute(&request).await;
                             (request, result)
@@ -153,6 +174,7 @@ pub async fn drive_until<S: RunStore>(
                     let Some((request, result)) = completed else {
                         break;
                     };
+                    in_flight_ids.retain(|id| *id != request.id);
                     match run.step(
                         Input::Completed {
                             id: request.id,
@@ -176,6 +198,14 @@ pub async fn drive_until<S: RunStore>(
             }
         }
     }
+}
+
+/// A staging or deletions effect of one file (see the refill in [`drive_until`]).
+fn per_file(request: &Request) -> bool {
+    matches!(
+        request.id,
+        EffectId::File { .. } | EffectId::Deletions { .. }
+    )
 }
 
 /// Applies a cancel to the run and persists it.
