@@ -5,16 +5,20 @@
 #
 # Installs s3s-fs into target/tools when missing, starts it on a free 127.0.0.1 port with a
 # temporary data directory and test credentials, builds the release binaries into
-# target/bench, and runs tests/src/bin/bench.rs, which serves a synthetic export from the fake
+# target/bench, and runs tests/src/bin/bench.rs. That serves a synthetic export from the fake
 # Bulk Data source (one large file of --large-gb GB plus --files files of --small-mb MB,
-# default 1 GB + 200 × 1 MB), measures the plain download and plain S3 upload baselines and
-# then the real pathling-import at two export sizes (the full one and 1/--scale-down of it),
-# and prints a table. Other options go to the bench binary (`--help` lists them), e.g.
-# --gzip, --part-mib 16, --concurrency 4, --repeat 3, --padding 1000.
+# default 1 GB + 200 × 1 MB), measures three baselines (plain download, plain S3 upload,
+# plain streaming copy) and the real pathling-import at two export sizes (the large file at
+# full size and at 1/--scale-down of it, default 1/10), and prints a table of figures and the
+# verdicts on the targets. Other options go to the bench binary (`--help` lists them), e.g.
+# --repeat 3, --gzip, --part-mib 16, --concurrency 4, --padding 1000, --source-latency-ms 50,
+# --compare LABEL=PATH (another pathling-import binary, runs interleaved).
 #
 # Needs about twice the export size of free disk (the S3 server stores objects as files; they
 # are deleted after each step) and, in the bench process, about 4× the export size of memory
-# for the fake Pathling, which reads everything back and parses it.
+# for the fake Pathling, which reads everything back and parses it. About 2 minutes with the
+# defaults on an idle 2-core machine. The machine's other load distorts the figures: the
+# table's "other" CPU column shows how much there was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)

@@ -3,27 +3,36 @@
 //! Normally run through `scripts/bench.sh`, which installs and starts an s3s-fs server, builds
 //! the release binaries and passes their locations here.
 //!
-//! For each of two export sizes (the full export and the same layout scaled down by
-//! `--scale-down`), in this order:
+//! For each of two export sizes that differ only in the size of the one large file (the full
+//! `--large-gb`, and that divided by `--scale-down`; the same `--files` small files of
+//! `--small-mb` in both, so the same pattern of concurrent transfers), in this order:
 //!
 //! 1. starts the fake Bulk Data source (no auth, no `Retry-After` delays, gzip off unless
-//!    `--gzip`) serving one large NDJSON file plus `--files` small ones, all generated on the
-//!    fly, and a fake Pathling 9 that reads `s3a://BUCKET/` from the S3 server;
+//!    `--gzip`, no per-request latency unless `--source-latency-ms`) serving the export, all
+//!    generated on the fly, and a fake Pathling 9 that reads `s3a://BUCKET/` from the S3
+//!    server;
 //! 2. baseline (a): a plain download of every file of the export (reqwest streaming GETs, the
 //!    same number at once as pathling-import, bytes discarded);
 //! 3. baseline (b): a plain upload of objects of exactly the same sizes to the S3 server
 //!    (aws-sdk-s3: `PutObject` up to one part, else a multipart upload of parts of the same
 //!    size, one part after the other), the same number of objects at once;
-//! 4. the real `pathling-import` binary as a child process (under `/usr/bin/time -v` when
-//!    present, and /proc sampling of its VmRSS/VmHWM), staging to `s3://BUCKET/...`: wall time
-//!    end to end, the transfer phase alone (from its `staging_files` log line to its
-//!    `kicking_off_import` line), the Pathling import phase, and peak RSS; then checks that the
-//!    fake Pathling holds every resource and that the staged bytes equal the downloaded ones.
+//! 4. baseline (c): the smallest streaming copy from the source into S3 (no line counting,
+//!    no state file, no retries), one part uploading while the next fills, as pathling-import
+//!    does: what the pipeline costs on this machine, where the source, the S3 server and the
+//!    copier share two cores;
+//! 5. the real `pathling-import` binary (and every `--compare LABEL=PATH` binary, runs
+//!    interleaved, `--repeat` times) as a child process under `/usr/bin/time -v` (when
+//!    present) with /proc sampling of its VmRSS/VmHWM and of everyone's CPU time, staging to
+//!    `s3://BUCKET/...`: wall time end to end, the transfer phase alone (from its
+//!    `staging_files` log line to its `kicking_off_import` line), the Pathling import phase,
+//!    peak RSS, and who used the CPUs; then checks that the fake Pathling holds every resource
+//!    and that the staged bytes equal the downloaded ones.
 //!
 //! The end-to-end wall time includes the fake Pathling reading every staged byte back from S3
 //! and parsing it into JSON (in this process, competing for the same two cores), which says
 //! little about pathling-import; the throughput target is therefore judged on the transfer
-//! phase, and the end-to-end figures are printed beside it.
+//! phase, and the end-to-end figures are printed beside it. The machine is shared: the
+//! "other" CPU column shows how much of it other processes took during each measurement.
 //!
 //! Every loop is bounded: export polls (200), the child (`--timeout` seconds, then killed),
 //! the /proc sampler (ends with the child).
@@ -48,10 +57,10 @@ use tokio::io::AsyncBufReadExt as _;
 const MB: f64 = 1e6;
 const LARGE_TYPE: &str = "Observation";
 const SMALL_TYPE: &str = "Condition";
-const USAGE: &str = "usage: bench --pathling-import PATH --s3-endpoint URL --access-key K \
+const USAGE: &str = "usage: bench --pathling-import PATH [--label NAME] [--compare LABEL=PATH]... --s3-endpoint URL --access-key K \
 --secret-key S [--bucket NAME] [--work-dir DIR] [--large-gb N] [--small-mb N] [--files N] \
 [--scale-down N] [--padding BYTES] [--concurrency N] [--part-mib N] [--chunk-kib N] [--gzip] \
-[--repeat N] [--s3-server-pid PID] [--wrap 'CMD ARGS'] [--timeout SECONDS] [--skip-upload-baseline]";
+[--repeat N] [--s3-server-pid PID] [--wrap 'CMD ARGS'] [--log LEVEL] [--source-latency-ms N] [--timeout SECONDS] [--skip-baselines]";
 
 type Res<T> = Result<T, String>;
 
@@ -61,7 +70,9 @@ fn err<E: std::fmt::Display>(context: &str) -> impl Fn(E) -> String + '_ {
 
 #[derive(Clone, Debug)]
 struct Options {
-    pathling_import: PathBuf,
+    /// The pathling-import binaries to measure, `(label, path)`: `--pathling-import` first,
+    /// then every `--compare LABEL=PATH`; their runs are interleaved.
+    binaries: Vec<(String, PathBuf)>,
     s3_endpoint: String,
     access_key: String,
     secret_key: String,
@@ -81,12 +92,18 @@ struct Options {
     timeout: Duration,
     /// Words put before the pathling-import command (e.g. `strace -f -o FILE`), for profiling.
     wrap: Vec<String>,
-    skip_upload_baseline: bool,
+    /// `PATHLING_IMPORT_LOG` (e.g. `debug` adds a line per staged file to the kept log).
+    log: String,
+    /// Delay before the fake source answers any request (loopback has none; real servers and
+    /// object stores have tens of milliseconds).
+    source_latency: Duration,
+    /// Skip baselines (b) and (c); (a) always runs, it gives the export's exact size.
+    skip_baselines: bool,
 }
 
 fn parse_args() -> Res<Options> {
     let mut o = Options {
-        pathling_import: PathBuf::new(),
+        binaries: Vec::new(),
         s3_endpoint: String::new(),
         access_key: String::new(),
         secret_key: String::new(),
@@ -105,10 +122,13 @@ fn parse_args() -> Res<Options> {
         repeat: 1,
         s3_server_pid: None,
         wrap: Vec::new(),
+        log: "info".into(),
+        source_latency: Duration::ZERO,
         timeout: Duration::from_secs(1800),
-        skip_upload_baseline: false,
+        skip_baselines: false,
     };
     let mut args = std::env::args().skip(1);
+    let mut label = String::from("pathling-import");
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
@@ -121,7 +141,17 @@ fn parse_args() -> Res<Options> {
                 .ok_or_else(|| format!("{arg}: not a non-negative number: {v}"))
         };
         match arg.as_str() {
-            "--pathling-import" => o.pathling_import = PathBuf::from(value()?),
+            "--pathling-import" => o
+                .binaries
+                .insert(0, (String::new(), PathBuf::from(value()?))),
+            "--label" => label = value()?,
+            "--compare" => {
+                let v = value()?;
+                let (l, path) = v
+                    .split_once('=')
+                    .ok_or_else(|| format!("--compare takes LABEL=PATH, got {v}"))?;
+                o.binaries.push((l.to_string(), PathBuf::from(path)));
+            }
             "--s3-endpoint" => o.s3_endpoint = value()?,
             "--access-key" => o.access_key = value()?,
             "--secret-key" => o.secret_key = value()?,
@@ -140,18 +170,22 @@ fn parse_args() -> Res<Options> {
             "--s3-server-pid" => o.s3_server_pid = Some(num(value()?)? as u32),
             "--wrap" => o.wrap = value()?.split_whitespace().map(str::to_string).collect(),
             "--timeout" => o.timeout = Duration::from_secs_f64(num(value()?)?),
-            "--skip-upload-baseline" => o.skip_upload_baseline = true,
+            "--log" => o.log = value()?,
+            "--source-latency-ms" => {
+                o.source_latency = Duration::from_secs_f64(num(value()?)? / 1000.0)
+            }
+            "--skip-baselines" => o.skip_baselines = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
     }
-    if o.pathling_import.as_os_str().is_empty()
-        || o.s3_endpoint.is_empty()
-        || o.access_key.is_empty()
-        || o.secret_key.is_empty()
-    {
+    match o.binaries.first_mut() {
+        Some((l, _)) if l.is_empty() => *l = label,
+        _ => return Err(format!("--pathling-import is required\n{USAGE}")),
+    }
+    if o.s3_endpoint.is_empty() || o.access_key.is_empty() || o.secret_key.is_empty() {
         return Err(format!(
-            "--pathling-import, --s3-endpoint, --access-key and --secret-key are required\n{USAGE}"
+            "--s3-endpoint, --access-key and --secret-key are required\n{USAGE}"
         ));
     }
     Ok(o)
@@ -223,6 +257,8 @@ impl Layout {
 /// What one pathling-import run measured.
 #[derive(Clone, Debug, Default)]
 struct RunFigures {
+    /// Index into [`Options::binaries`].
+    variant: usize,
     wall: f64,
     /// `staging_files` → `kicking_off_import`.
     transfer: Option<f64>,
@@ -234,6 +270,9 @@ struct RunFigures {
     sampled_hwm_kib: u64,
     /// Highest VmRSS sampled inside the transfer phase.
     transfer_rss_kib: u64,
+    /// Highest VmRSS of the transfer's second half minus that of its first half: memory that
+    /// grew with the bytes moved.
+    transfer_rss_growth_kib: Option<i64>,
     rss_samples: usize,
     /// Who used the CPUs during the transfer phase.
     transfer_cpu: Option<CpuShare>,
@@ -267,12 +306,16 @@ struct SizeFigures {
 }
 
 impl SizeFigures {
-    /// The run with the shortest transfer phase (the least disturbed by other load).
-    fn best(&self) -> Option<&RunFigures> {
-        self.runs.iter().min_by(|a, b| {
-            let key = |r: &RunFigures| r.transfer.unwrap_or(r.wall);
-            key(a).total_cmp(&key(b))
-        })
+    /// The run of a binary with the shortest transfer phase (the least disturbed by other
+    /// load).
+    fn best(&self, variant: usize) -> Option<&RunFigures> {
+        self.runs
+            .iter()
+            .filter(|r| r.variant == variant)
+            .min_by(|a, b| {
+                let key = |r: &RunFigures| r.transfer.unwrap_or(r.wall);
+                key(a).total_cmp(&key(b))
+            })
     }
 }
 
@@ -826,6 +869,7 @@ fn time_v_field(text: &str, label: &str) -> Option<f64> {
 /// Runs the real pathling-import once against the fakes and measures it.
 async fn run_import(
     o: &Options,
+    binary: &Path,
     source: &str,
     target: &str,
     prefix: &str,
@@ -844,7 +888,7 @@ async fn run_import(
         ]);
     }
     argv.extend(o.wrap.iter().map(Into::into));
-    argv.push(o.pathling_import.clone().into_os_string());
+    argv.push(binary.as_os_str().to_owned());
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     // The process to sample: pathling-import itself, or its wrapper when there is one.
@@ -857,7 +901,7 @@ async fn run_import(
     let env: [(&str, &std::ffi::OsStr); 25] = [
         ("PATH", std::ffi::OsStr::new("/usr/bin:/bin")),
         ("HOME", run_dir.as_os_str()),
-        ("PATHLING_IMPORT_LOG", "info".as_ref()),
+        ("PATHLING_IMPORT_LOG", o.log.as_ref()),
         ("SOURCE_ENDPOINT", source.as_ref()),
         ("SOURCE_AUTHENTICATION_ENABLED", "false".as_ref()),
         ("TARGET_ENDPOINT", target.as_ref()),
@@ -961,6 +1005,17 @@ async fn run_import(
             .map(|(_, r)| *r)
             .max()
             .unwrap_or(0);
+        let mid = (a + b) / 2.0;
+        let half_max = |lo: f64, hi: f64| {
+            samples
+                .iter()
+                .filter(|(t, _)| *t >= lo && *t <= hi)
+                .map(|(_, r)| *r as i64)
+                .max()
+        };
+        figures.transfer_rss_growth_kib = half_max(mid, b)
+            .zip(half_max(a, mid))
+            .map(|(second, first)| second - first);
         // The samples closest inside the phase (25 ms apart).
         let first = cpu_samples.iter().find(|(t, _)| *t >= a);
         let last = cpu_samples.iter().rev().find(|(t, _)| *t <= b);
@@ -1018,6 +1073,7 @@ async fn measure_size(
         throttle_retry_after: RetryAfter::Seconds(0),
         gzip_when_asked: o.gzip,
         chunk_bytes: o.chunk_kib * 1024,
+        latency: o.source_latency,
         ..SourceConfig::default()
     })
     .await
@@ -1055,7 +1111,7 @@ async fn measure_size(
         figures.bytes as f64 / MB / download_s
     );
     figures.download = Some(download_s);
-    if !o.skip_upload_baseline {
+    if !o.skip_baselines {
         // Baseline (b).
         let data = filler(layout, part_size);
         let prefix = format!("baseline-{}/", layout.label);
@@ -1127,14 +1183,27 @@ async fn measure_size(
         );
     }
 
-    for rep in 0..o.repeat {
-        let prefix = format!("e2e-{}-{rep}/", layout.label);
+    for (rep, (variant, (label, binary))) in
+        (0..o.repeat).flat_map(|rep| o.binaries.iter().enumerate().map(move |b| (rep, b)))
+    {
+        let prefix = format!("e2e-{variant}-{rep}/");
         delete_prefix(s3, &o.bucket, &prefix).await?;
         target.clear_store();
-        let run_dir = o.work_dir.join(format!("run-{}-{rep}", layout.label));
+        let run_dir = o.work_dir.join(format!(
+            "run-{}-{label}-{rep}",
+            layout.label.replace(' ', "")
+        ));
         let _ = std::fs::remove_dir_all(&run_dir);
-        let mut run =
-            run_import(o, &source.base_url(), &target.base_url(), &prefix, &run_dir).await?;
+        let mut run = run_import(
+            o,
+            binary,
+            &source.base_url(),
+            &target.base_url(),
+            &prefix,
+            &run_dir,
+        )
+        .await?;
+        run.variant = variant;
         let staged: Vec<(String, u64)> = list_objects(s3, &o.bucket, &prefix)
             .await?
             .into_iter()
@@ -1158,7 +1227,7 @@ async fn measure_size(
             ));
         }
         eprintln!(
-            "bench [{}] run {}: wall {:.2} s, transfer {}, import {}, peak RSS {:.1} MiB (logs in {})",
+            "bench [{}] {label} run {}: wall {:.2} s, transfer {}, import {}, peak RSS {:.1} MiB (logs in {})",
             layout.label,
             rep + 1,
             run.wall,
@@ -1187,84 +1256,6 @@ fn print_table(o: &Options, sizes: &[SizeFigures]) {
         v.map(|x| format!("{:.0} %", x * 100.0))
             .unwrap_or_else(|| "–".into())
     };
-    let mut add = |name: &str, f: &dyn Fn(&SizeFigures) -> String| {
-        rows.push((name.to_string(), sizes.iter().map(f).collect()));
-    };
-    add("files (1 large + small)", &|s| s.files.to_string());
-    add("export size (MB)", &|s| {
-        format!("{:.1}", s.bytes as f64 / MB)
-    });
-    add("resources", &|s| s.resources.to_string());
-    add("(a) plain download, MB/s", &|s| {
-        f1(rate(s.bytes as f64 / MB, s.download))
-    });
-    add("(b) plain S3 upload, MB/s", &|s| {
-        f1(rate(s.bytes as f64 / MB, s.upload))
-    });
-    add("(c) plain streaming copy, MB/s", &|s| {
-        f1(rate(s.bytes as f64 / MB, s.copy))
-    });
-    let slower = |s: &SizeFigures| -> Option<f64> {
-        let d = rate(s.bytes as f64 / MB, s.download);
-        let u = rate(s.bytes as f64 / MB, s.upload);
-        match (d, u) {
-            (Some(d), Some(u)) => Some(d.min(u)),
-            (d, u) => d.or(u),
-        }
-    };
-    add("transfer phase, s", &|s| {
-        f2(s.best().and_then(|r| r.transfer))
-    });
-    add("transfer phase, MB/s", &|s| {
-        f1(s.best().and_then(|r| rate(s.bytes as f64 / MB, r.transfer)))
-    });
-    add("transfer phase, resources/s", &|s| {
-        f0(s.best().and_then(|r| rate(s.resources as f64, r.transfer)))
-    });
-    add("transfer ÷ slower baseline", &|s| {
-        pct(s
-            .best()
-            .and_then(|r| rate(s.bytes as f64 / MB, r.transfer))
-            .zip(slower(s))
-            .map(|(a, b)| a / b))
-    });
-    add("transfer ÷ (c) plain copy", &|s| {
-        pct(s
-            .best()
-            .and_then(|r| rate(s.bytes as f64 / MB, r.transfer))
-            .zip(rate(s.bytes as f64 / MB, s.copy))
-            .map(|(a, b)| a / b))
-    });
-    add("end to end (wall), s", &|s| f2(s.best().map(|r| r.wall)));
-    add("end to end, MB/s", &|s| {
-        f1(s.best()
-            .and_then(|r| rate(s.bytes as f64 / MB, Some(r.wall))))
-    });
-    add("end to end, resources/s", &|s| {
-        f0(s.best()
-            .and_then(|r| rate(s.resources as f64, Some(r.wall))))
-    });
-    add("end to end ÷ slower baseline", &|s| {
-        pct(s
-            .best()
-            .and_then(|r| rate(s.bytes as f64 / MB, Some(r.wall)))
-            .zip(slower(s))
-            .map(|(a, b)| a / b))
-    });
-    add("  of which Pathling import, s", &|s| {
-        f2(s.best().and_then(|r| r.import))
-    });
-    add("peak RSS (VmHWM), MiB", &|s| {
-        let v: Vec<String> = s
-            .runs
-            .iter()
-            .map(|r| format!("{:.1}", r.peak_rss_kib() as f64 / 1024.0))
-            .collect();
-        v.join(" / ")
-    });
-    add("max RSS during transfer, MiB", &|s| {
-        f1(s.best().map(|r| r.transfer_rss_kib as f64 / 1024.0))
-    });
     let share = |c: Option<CpuShare>, with_child: bool| {
         c.map(|c| {
             if with_child {
@@ -1278,6 +1269,26 @@ fn print_table(o: &Options, sizes: &[SizeFigures]) {
         })
         .unwrap_or_else(|| "–".into())
     };
+    let mb = |s: &SizeFigures| s.bytes as f64 / MB;
+    let slower = |s: &SizeFigures| -> Option<f64> {
+        let d = rate(mb(s), s.download);
+        let u = rate(mb(s), s.upload);
+        match (d, u) {
+            (Some(d), Some(u)) => Some(d.min(u)),
+            (d, u) => d.or(u),
+        }
+    };
+    let mut add = |name: &str, f: &dyn Fn(&SizeFigures) -> String| {
+        rows.push((name.to_string(), sizes.iter().map(f).collect()));
+    };
+    add("files (1 large + small)", &|s| s.files.to_string());
+    add("export size (MB)", &|s| format!("{:.1}", mb(s)));
+    add("resources", &|s| s.resources.to_string());
+    add("(a) plain download, MB/s", &|s| f1(rate(mb(s), s.download)));
+    add("(b) plain S3 upload, MB/s", &|s| f1(rate(mb(s), s.upload)));
+    add("(c) plain streaming copy, MB/s", &|s| {
+        f1(rate(mb(s), s.copy))
+    });
     add("cores during (a): p-i / bench / S3 / other", &|s| {
         share(s.download_cpu, false)
     });
@@ -1287,14 +1298,74 @@ fn print_table(o: &Options, sizes: &[SizeFigures]) {
     add("cores during (c): p-i / bench / S3 / other", &|s| {
         share(s.copy_cpu, false)
     });
-    add("cores in transfer: p-i / bench / S3 / other", &|s| {
-        share(s.best().and_then(|r| r.transfer_cpu), true)
-    });
-    add("pathling-import CPU user+sys, s", &|s| {
-        f2(s.best()
-            .and_then(|r| r.user_s.zip(r.sys_s))
-            .map(|(u, y)| u + y))
-    });
+    for (v, (label, _)) in o.binaries.iter().enumerate() {
+        let name = |n: &str| {
+            if o.binaries.len() > 1 {
+                format!("[{label}] {n}")
+            } else {
+                n.to_string()
+            }
+        };
+        let transfer_rate = |s: &SizeFigures| s.best(v).and_then(|r| rate(mb(s), r.transfer));
+        add(&name("transfer phase, s"), &|s| {
+            f2(s.best(v).and_then(|r| r.transfer))
+        });
+        add(&name("transfer phase, MB/s"), &|s| f1(transfer_rate(s)));
+        add(&name("transfer phase, resources/s"), &|s| {
+            f0(s.best(v).and_then(|r| rate(s.resources as f64, r.transfer)))
+        });
+        add(&name("transfer ÷ slower of (a), (b)"), &|s| {
+            pct(transfer_rate(s).zip(slower(s)).map(|(a, b)| a / b))
+        });
+        add(&name("transfer ÷ (c) plain copy"), &|s| {
+            pct(transfer_rate(s)
+                .zip(rate(mb(s), s.copy))
+                .map(|(a, b)| a / b))
+        });
+        add(&name("cores in transfer: p-i / bench / S3 / other"), &|s| {
+            share(s.best(v).and_then(|r| r.transfer_cpu), true)
+        });
+        add(&name("end to end (wall), s"), &|s| {
+            f2(s.best(v).map(|r| r.wall))
+        });
+        add(&name("end to end, MB/s"), &|s| {
+            f1(s.best(v).and_then(|r| rate(mb(s), Some(r.wall))))
+        });
+        add(&name("end to end, resources/s"), &|s| {
+            f0(s.best(v)
+                .and_then(|r| rate(s.resources as f64, Some(r.wall))))
+        });
+        add(&name("  of which Pathling import, s"), &|s| {
+            f2(s.best(v).and_then(|r| r.import))
+        });
+        add(&name("peak RSS (VmHWM) per run, MiB"), &|s| {
+            let v: Vec<String> = s
+                .runs
+                .iter()
+                .filter(|r| r.variant == v)
+                .map(|r| format!("{:.1}", r.peak_rss_kib() as f64 / 1024.0))
+                .collect();
+            v.join(" / ")
+        });
+        add(&name("RSS growth within the transfer, MiB"), &|s| {
+            let v: Vec<String> = s
+                .runs
+                .iter()
+                .filter(|r| r.variant == v)
+                .map(|r| {
+                    r.transfer_rss_growth_kib
+                        .map(|g| format!("{:+.1}", g as f64 / 1024.0))
+                        .unwrap_or_else(|| "–".into())
+                })
+                .collect();
+            v.join(" / ")
+        });
+        add(&name("pathling-import CPU user+sys, s"), &|s| {
+            f2(s.best(v)
+                .and_then(|r| r.user_s.zip(r.sys_s))
+                .map(|(u, y)| u + y))
+        });
+    }
     let label_width = rows
         .iter()
         .map(|(n, _)| n.chars().count())
@@ -1304,7 +1375,7 @@ fn print_table(o: &Options, sizes: &[SizeFigures]) {
         .map(|i| {
             rows.iter()
                 .map(|(_, v)| v.get(i).map_or(0, |s| s.chars().count()))
-                .chain(std::iter::once(sizes[i].label.len()))
+                .chain(std::iter::once(sizes[i].label.chars().count()))
                 .max()
                 .unwrap_or(8)
         })
@@ -1330,57 +1401,87 @@ fn print_table(o: &Options, sizes: &[SizeFigures]) {
     }
     println!();
     println!(
-        "pathling-import bench: part size {} MiB, {} transfer(s) at once, gzip {}, {} B padding/resource, fake-source chunk {} KiB; MB = 10^6 bytes",
+        "pathling-import bench: part size {} MiB, {} transfer(s) at once, gzip {}, {} B padding/resource, \
+         fake-source chunk {} KiB, source latency {} ms; MB = 10^6 bytes; best of {} run(s) per binary and size",
         o.part_mib,
         o.concurrency,
         if o.gzip { "on" } else { "off" },
         o.padding,
-        o.chunk_kib
+        o.chunk_kib,
+        o.source_latency.as_millis(),
+        o.repeat
     );
     print!("{out}");
     println!(
         "cores: average CPUs busy in that phase for pathling-import (p-i), this process (the fake source and Pathling, \
          the baseline clients), the S3 server, and other processes on the machine (noise)"
     );
+    println!(
+        "RSS growth: highest RSS in the second half of the transfer minus that in the first half \
+         (about 0 when memory does not grow with the bytes moved)"
+    );
 
     // Verdicts on the targets.
-    let peaks: Vec<f64> = sizes
-        .iter()
-        .flat_map(|s| s.runs.iter().map(|r| r.peak_rss_kib() as f64 / 1024.0))
-        .collect();
-    let max_peak = peaks.iter().copied().fold(0.0, f64::max);
-    let min_peak = peaks.iter().copied().fold(f64::INFINITY, f64::min);
     println!();
-    println!(
-        "target peak RSS < 100 MiB: {} (highest {max_peak:.1} MiB)",
-        if max_peak < 100.0 { "met" } else { "MISSED" }
-    );
-    if sizes.len() >= 2 {
-        let spread = max_peak - min_peak;
-        let (first, last) = (&sizes[0], &sizes[sizes.len() - 1]);
+    let bound = f64::from(o.concurrency) * 2.0 * o.part_mib as f64;
+    for (v, (label, _)) in o.binaries.iter().enumerate() {
+        let peaks: Vec<(usize, f64)> = sizes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                s.runs
+                    .iter()
+                    .filter(move |r| r.variant == v)
+                    .map(move |r| (i, r.peak_rss_kib() as f64 / 1024.0))
+            })
+            .collect();
+        let max_peak = peaks.iter().map(|p| p.1).fold(0.0, f64::max);
         println!(
-            "peak RSS vs export size: {:.1} MB → {:.1} MB of export ({:.1}×), peak RSS spread {spread:.1} MiB: {}",
-            first.bytes as f64 / MB,
-            last.bytes as f64 / MB,
-            last.bytes as f64 / first.bytes.max(1) as f64,
-            if spread <= 0.1 * max_peak.max(1.0) + 4.0 { "independent of export size" } else { "GROWS with export size" }
+            "[{label}] target peak RSS < 100 MiB: {} (highest {max_peak:.1} MiB; part buffers are bounded by \
+             {} transfers × 2 × {} MiB = {bound:.0} MiB)",
+            if max_peak < 100.0 { "met" } else { "MISSED" },
+            o.concurrency,
+            o.part_mib
         );
-    }
-    for s in sizes {
-        let ratio = s
-            .best()
-            .and_then(|r| rate(s.bytes as f64 / MB, r.transfer))
-            .zip(slower(s))
-            .map(|(a, b)| a / b);
-        println!(
-            "target transfer ≥ 80 % of the slower baseline [{}]: {}",
-            s.label,
-            match ratio {
-                Some(r) if r >= 0.8 => format!("met ({:.0} %)", r * 100.0),
-                Some(r) => format!("MISSED ({:.0} %)", r * 100.0),
-                None => "not measured".into(),
-            }
-        );
+        if sizes.len() >= 2 {
+            let peak_of = |i: usize| {
+                peaks
+                    .iter()
+                    .filter(|p| p.0 == i)
+                    .map(|p| p.1)
+                    .fold(0.0, f64::max)
+            };
+            let (first, last) = (peak_of(0), peak_of(sizes.len() - 1));
+            let (a, b) = (&sizes[0], &sizes[sizes.len() - 1]);
+            println!(
+                "[{label}] peak RSS vs export size: {:.0} MB → {:.0} MB ({:.1}×): {first:.1} → {last:.1} MiB ({:+.1} MiB): {}",
+                mb(a),
+                mb(b),
+                mb(b) / mb(a).max(1e-9),
+                last - first,
+                if last - first <= 0.1 * first.max(1.0) + 4.0 {
+                    "independent of export size"
+                } else {
+                    "GROWS with export size"
+                }
+            );
+        }
+        for s in sizes {
+            let ratio = s
+                .best(v)
+                .and_then(|r| rate(mb(s), r.transfer))
+                .zip(slower(s))
+                .map(|(a, b)| a / b);
+            println!(
+                "[{label}] target transfer ≥ 80 % of the slower baseline [{}]: {}",
+                s.label,
+                match ratio {
+                    Some(r) if r >= 0.8 => format!("met ({:.0} %)", r * 100.0),
+                    Some(r) => format!("MISSED ({:.0} %)", r * 100.0),
+                    None => "not measured".into(),
+                }
+            );
+        }
     }
     if let Some(pid) = o.s3_server_pid {
         if let Some(hwm) = proc_status_kib(pid, "VmHWM") {
@@ -1402,19 +1503,15 @@ async fn run(o: Options) -> Res<()> {
         .map_err(err("HTTP client"))?;
     let large = o.large_gb * 1e9;
     let small = o.small_mb * 1e6;
+    // Two exports that differ only in the size of the large file: the same small files, so
+    // the same pattern of concurrent transfers.
+    let label = |large: f64| format!("{:.0} MB", large / 1e6 + small * f64::from(o.files) / 1e6);
     let mut layouts = Vec::new();
     if o.scale_down > 1 {
-        let k = f64::from(o.scale_down);
-        let files = (o.files / o.scale_down).max(u32::from(o.files > 0));
-        layouts.push(Layout::new(
-            &format!("1/{}", o.scale_down),
-            large / k,
-            small,
-            files,
-            o.padding,
-        ));
+        let large = large / f64::from(o.scale_down);
+        layouts.push(Layout::new(&label(large), large, small, o.files, o.padding));
     }
-    layouts.push(Layout::new("full", large, small, o.files, o.padding));
+    layouts.push(Layout::new(&label(large), large, small, o.files, o.padding));
     let mut figures = Vec::new();
     for layout in &layouts {
         figures.push(measure_size(&o, layout, &s3, &http).await?);
