@@ -1335,6 +1335,13 @@ fn print_table(o: &Options, sizes: &[SizeFigures]) {
             f0(s.best(v)
                 .and_then(|r| rate(s.resources as f64, Some(r.wall))))
         });
+        add(&name("end to end ÷ slower of (a), (b)"), &|s| {
+            pct(s
+                .best(v)
+                .and_then(|r| rate(mb(s), Some(r.wall)))
+                .zip(slower(s))
+                .map(|(a, b)| a / b))
+        });
         add(&name("  of which Pathling import, s"), &|s| {
             f2(s.best(v).and_then(|r| r.import))
         });
