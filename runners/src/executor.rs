@@ -674,7 +674,7 @@ const MAX_LINE: usize = 16 * 1024 * 1024;
 impl LineSplitter {
     fn push(&mut self, chunk: &[u8], on_line: &mut impl FnMut(u64, &[u8])) {
         let mut rest = chunk;
-        while let Some(pos) = rest.iter().position(|b| *b == b'\n') {
+        while let Some(pos) = memchr::memchr(b'\n', rest) {
             self.line_no += 1;
             if self.partial.is_empty() {
                 on_line(self.line_no, &rest[..pos]);

@@ -1,5 +1,5 @@
 //! End-to-end: the local runner survives being killed (SIGKILL) at several points and being
-//! interrupted (SIGINT): running the same command again finishes the same run, with one export
+//! interrupted (SIGINT, SIGTERM): running the same command again finishes the same run, with one export
 //! kick-off at the source, no staged file downloaded twice, and the same data in Pathling as
 //! an uninterrupted run.
 
@@ -217,6 +217,16 @@ async fn killed_after_the_import_kickoff_polls_the_same_import() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_during_a_slow_transfer_exits_130_and_resumes() {
+    interrupted_during_a_slow_transfer("INT").await;
+}
+
+/// What a service manager (systemd, Kubernetes) sends before SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_slow_transfer_exits_130_and_resumes() {
+    interrupted_during_a_slow_transfer("TERM").await;
+}
+
+async fn interrupted_during_a_slow_transfer(signal: &str) {
     let w = world(slow_transfer(300), 0).await;
     let mut child = w.sandbox.spawn(&[]);
     w.sandbox
@@ -225,7 +235,7 @@ async fn ctrl_c_during_a_slow_transfer_exits_130_and_resumes() {
         })
         .await;
     let sent = Instant::now();
-    child.signal("INT");
+    child.signal(signal);
     let out = child.wait(Duration::from_secs(15)).await;
     let took = sent.elapsed();
     out.assert_code(130).assert_stderr_contains("interrupted");

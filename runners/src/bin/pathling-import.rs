@@ -45,7 +45,7 @@ mod exit {
 /// again after an interruption and it continues where it stopped.
 ///
 /// Exit codes: 0 imported, 3 succeeded with nothing to import, 1 the run failed, 2 bad
-/// configuration or arguments, 4 cancelled, 130 interrupted (resumable).
+/// configuration or arguments, 4 cancelled, 130 interrupted by Ctrl-C or SIGTERM (resumable).
 #[derive(Parser, Debug)]
 #[command(
     name = "pathling-import",
@@ -282,9 +282,7 @@ async fn run(args: RunArgs) -> u8 {
         max_sleep: Duration::MAX,
         budget_until: None,
     };
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let interrupt = interrupted();
     let result = driver::drive(
         run.clone(),
         &executor,
@@ -603,5 +601,30 @@ impl Observer for Progress {
 
     fn rejected(&self, request: &Request, why: &str) {
         tracing::debug!(id = ?request.id, "result not applied: {why}");
+    }
+}
+
+/// Ctrl-C, or SIGTERM from a service manager or `kill`: both stop the run at the next step
+/// boundary with the state saved (exit 130), where SIGKILL would lose the in-flight step.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the run cleanly");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

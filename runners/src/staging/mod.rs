@@ -191,13 +191,19 @@ impl BodyStats {
             self.last_byte = Some(last);
         }
         self.bytes += chunk.len() as u64;
-        for &b in chunk {
-            if b == b'\n' {
-                self.lines += u64::from(self.line_has_content);
-                self.line_has_content = false;
-            } else if !b.is_ascii_whitespace() {
+        // Per line: one SIMD search for its end, and a content check that stops at the first
+        // non-blank byte (a resource's opening brace).
+        let mut rest = chunk;
+        loop {
+            let end = memchr::memchr(b'\n', rest);
+            let segment = &rest[..end.unwrap_or(rest.len())];
+            if !self.line_has_content && segment.iter().any(|b| !b.is_ascii_whitespace()) {
                 self.line_has_content = true;
             }
+            let Some(end) = end else { break };
+            self.lines += u64::from(self.line_has_content);
+            self.line_has_content = false;
+            rest = &rest[end + 1..];
         }
     }
 
@@ -255,5 +261,37 @@ mod tests {
         assert_eq!(s.bytes(), 20);
         assert!(!s.needs_newline());
         assert!(!BodyStats::default().needs_newline());
+    }
+
+    proptest::proptest! {
+        /// However a body is cut into chunks, the count is its non-blank lines.
+        #[test]
+        fn stats_count_non_blank_lines(
+            body in proptest::collection::vec(
+                proptest::sample::select(vec![b'\n', b' ', b'\t', b'\r', b'{', b'a']),
+                0..300,
+            ),
+            cuts in proptest::collection::vec(0usize..300, 0..8),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(body.len())).collect();
+            cuts.sort_unstable();
+            let mut s = BodyStats::default();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([body.len()]) {
+                s.observe(&body[from..cut]);
+                from = cut;
+            }
+            let expected = body
+                .split(|b| *b == b'\n')
+                .enumerate()
+                // The text after the last newline is a line only once it ends.
+                .filter(|(i, line)| {
+                    *i < body.iter().filter(|b| **b == b'\n').count()
+                        && line.iter().any(|b| !b.is_ascii_whitespace())
+                })
+                .count() as u64;
+            proptest::prop_assert_eq!(s.report(false).lines, expected);
+            proptest::prop_assert_eq!(s.bytes(), body.len() as u64);
+        }
     }
 }
