@@ -1,7 +1,7 @@
 //! End-to-end: the local runner survives being killed (SIGKILL) at several points and being
-//! interrupted (SIGINT, SIGTERM): running the same command again finishes the same run, with one export
-//! kick-off at the source, no staged file downloaded twice, and the same data in Pathling as
-//! an uninterrupted run.
+//! interrupted (SIGINT, SIGTERM): running the same command again finishes the same run, with
+//! one export kick-off at the source, no staged file downloaded twice, and the same data in
+//! Pathling as an uninterrupted run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
