@@ -110,7 +110,7 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("TYPES", false, "(all)", "Comma-separated resource types to export (`_type`)."),
     ("SINCE", false, "(full export)", "FHIR instant for `_since`, or `auto` for the last successful run's transactionTime."),
     ("EXPORT_LEVEL", true, "system", "`system`, `patient`, or `group/<id>`."),
-    ("TYPE_FILTERS", true, "", "`_typeFilter` values; in the environment separated by spaces (each is a URL-encoded `Type?query`)."),
+    ("TYPE_FILTERS", true, "", "`_typeFilter` values, each `Type?query` as written or URL-encoded as in a query string (`Type%3Fquery`); in the environment separated by spaces."),
     ("ELEMENTS", true, "", "Comma-separated `_elements`."),
     ("OUTPUT_FORMAT", true, "application/fhir+ndjson", "`_outputFormat`."),
     ("PATIENTS", true, "", "Comma-separated `Patient/id` references; the kick-off becomes a POST with `patient` parameters (patient or group level)."),
@@ -123,6 +123,7 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("SOURCE_PRIVATE_KEY", true, "", "Signing key for `private_key_jwt`: a JWK (JSON) or a PEM; `secretsmanager:`/`ssm:` references allowed."),
     ("SOURCE_KEY_ID", true, "(the JWK's kid)", "The `kid` of the source signing key."),
     ("SOURCE_SIGNING_ALGORITHM", true, "(from the key)", "`RS384` or `ES384`."),
+    ("SOURCE_ALLOW_INSECURE_AUTH", true, "false", "Allow the SMART token endpoint over plain http (never do this outside a test network)."),
     ("STAGING_URL", false, "(required; the CLI defaults to ./pathling-import-staging)", "`s3://bucket/prefix/` or `file:///absolute/dir/`."),
     ("TARGET_ENDPOINT", false, "(required)", "Base URL of the target Pathling server."),
     ("TARGET_AUTHENTICATION_ENABLED", false, "true", "`false` disables authentication to the target."),
@@ -133,6 +134,7 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("TARGET_PRIVATE_KEY", true, "", "As SOURCE_PRIVATE_KEY."),
     ("TARGET_KEY_ID", true, "(the JWK's kid)", "As SOURCE_KEY_ID."),
     ("TARGET_SIGNING_ALGORITHM", true, "(from the key)", "As SOURCE_SIGNING_ALGORITHM."),
+    ("TARGET_ALLOW_INSECURE_AUTH", true, "false", "As SOURCE_ALLOW_INSECURE_AUTH."),
     ("IMPORT_MODE", false, "merge", "`merge` or `overwrite`; on Pathling 9.2+ also `append`, `ignore`, `error`."),
     ("PATHLING_API", true, "auto", "`auto` (detect), `7` (7.x `source` shape) or `9` (9.2+ `input` shape)."),
     ("APPLY_DELETIONS", true, "false", "Apply the export's `deleted[]` entries to Pathling (9.x only)."),
@@ -294,6 +296,73 @@ impl RawConfig {
     }
 }
 
+/// Whether a URL's text names a user (`scheme://user[:password]@host`). Judged on the text,
+/// so that even an unparseable URL's credentials are never echoed.
+fn has_userinfo(text: &str) -> bool {
+    let Some((_, rest)) = text.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains('@')
+}
+
+/// A Sentry DSN: `http(s)://<public key>@<host>/<project id>`. Checked here so that a typo is
+/// reported with the rest of the configuration instead of crashing the program later.
+fn dsn_problem(dsn: &str) -> Option<&'static str> {
+    let Ok(u) = url::Url::parse(dsn) else {
+        return Some("is not a URL (expected https://<public key>@<host>/<project id>)");
+    };
+    if !matches!(u.scheme(), "http" | "https") {
+        return Some("must be an http(s) URL (https://<public key>@<host>/<project id>)");
+    }
+    if u.username().is_empty() {
+        return Some("has no public key (https://<public key>@<host>/<project id>)");
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Some("has no host (https://<public key>@<host>/<project id>)");
+    }
+    let project = u
+        .path()
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("");
+    if project.is_empty() {
+        return Some("has no project id (https://<public key>@<host>/<project id>)");
+    }
+    None
+}
+
+/// `Type%3Fquery` (the `_typeFilter` value as it appears URL-encoded in a query string, the
+/// form the Bulk Data specification's examples use) becomes `Type?query`; a filter that
+/// already has its `?` is kept as written (its search values may be encoded on purpose).
+fn decode_type_filter(filter: &str) -> String {
+    if filter.contains('?') || !filter.to_ascii_lowercase().contains("%3f") {
+        return filter.to_string();
+    }
+    let bytes = filter.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn known(key: &str, extra: &[&str]) -> bool {
     KEYS.iter().any(|k| k.0 == key) || extra.contains(&key)
 }
@@ -441,6 +510,19 @@ impl Reader<'_> {
 
     fn endpoint(&mut self, key: &str) -> Option<String> {
         let s = self.required(key)?;
+        if has_userinfo(&s) {
+            let side = key.split('_').next().unwrap_or("SOURCE");
+            self.bad(
+                key,
+                format!(
+                    "must not carry credentials (user:password@ in the URL would be stored with \
+                     the run and sent as Basic auth); use {} and {}",
+                    self.raw.display_key(&format!("{side}_CLIENT_ID")),
+                    self.raw.display_key(&format!("{side}_CLIENT_SECRET"))
+                ),
+            );
+            return None;
+        }
         match url::Url::parse(&s) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
                 if u.query().is_some() || u.fragment().is_some() {
@@ -520,6 +602,7 @@ impl Reader<'_> {
                 None
             }
         };
+        let allow_insecure = self.boolean(&k("ALLOW_INSECURE_AUTH"), false);
         if enabled {
             if client_id.is_none() {
                 self.bad(&k("CLIENT_ID"), "required when authentication is enabled");
@@ -575,6 +658,7 @@ impl Reader<'_> {
                 private_key,
                 key_id,
                 signing_algorithm,
+                allow_insecure,
             },
             secret_value,
             key_value,
@@ -674,7 +758,11 @@ pub fn parse(raw: &RawConfig, extra_keys: &[&str]) -> Result<Config, ConfigError
     if !patients.is_empty() && level == ExportLevel::System {
         r.bad("PATIENTS", "needs EXPORT_LEVEL patient or group/<id>");
     }
-    let type_filters = r.list("TYPE_FILTERS", ' ');
+    let type_filters: Vec<String> = r
+        .list("TYPE_FILTERS", ' ')
+        .iter()
+        .map(|f| decode_type_filter(f))
+        .collect();
     for f in &type_filters {
         let ok = f
             .split_once('?')
@@ -703,6 +791,14 @@ pub fn parse(raw: &RawConfig, extra_keys: &[&str]) -> Result<Config, ConfigError
     let (target_auth, target_client_secret, target_private_key) = r.auth("TARGET", "user/*.write");
 
     let staging = r.required("STAGING_URL").and_then(|s| {
+        if has_userinfo(&s) {
+            r.bad(
+                "STAGING_URL",
+                "must not carry credentials (user:password@); S3 credentials come from the AWS \
+                 environment (AWS_PROFILE, AWS_ACCESS_KEY_ID, an instance or Lambda role)",
+            );
+            return None;
+        }
         StagingLocation::parse(&s)
             .map_err(|e| r.bad("STAGING_URL", format!("{s:?}: {e}")))
             .ok()
@@ -765,6 +861,9 @@ pub fn parse(raw: &RawConfig, extra_keys: &[&str]) -> Result<Config, ConfigError
         read_timeout_ms: r.integer("HTTP_READ_TIMEOUT", 1, 3600).unwrap_or(60) * 1000,
     };
     let (_, dsn) = r.secret("SENTRY_DSN");
+    if let Some(problem) = dsn.as_ref().and_then(|d| dsn_problem(d.expose())) {
+        r.bad("SENTRY_DSN", problem);
+    }
     let sentry = SentryConfig {
         dsn,
         environment: r.string("SENTRY_ENVIRONMENT"),
@@ -979,6 +1078,61 @@ mod tests {
             Some(SecretRef::SecretsManager {
                 id: "arn:aws:secretsmanager:x".into()
             })
+        );
+    }
+
+    #[test]
+    fn credentials_in_urls_are_refused_without_echo() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.retain(|(k, _)| !matches!(*k, "SOURCE_ENDPOINT" | "STAGING_URL"));
+        pairs.push((
+            "SOURCE_ENDPOINT",
+            "https://alice:pa55-w0rd@fhir.example.org/fhir",
+        ));
+        pairs.push(("STAGING_URL", "s3://key:s3-pa55@bucket/prefix"));
+        let err = parse(&env(&pairs), &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains("pa55"), "{text}");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["SOURCE_ENDPOINT", "STAGING_URL"], "{text}");
+        assert!(text.contains("SOURCE_CLIENT_SECRET"), "{text}");
+    }
+
+    #[test]
+    fn a_malformed_sentry_dsn_is_a_configuration_problem() {
+        for bad in [
+            "not a dsn",
+            "https://sentry.example/42",
+            "ftp://k@s.example/1",
+            "https://k@s.example/",
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("SENTRY_DSN", bad));
+            let err = parse(&env(&pairs), &[]).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{bad}: {err}");
+            assert_eq!(err.problems[0].key, "SENTRY_DSN");
+            assert!(!err.to_string().contains(bad), "the DSN is a secret: {err}");
+        }
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("SENTRY_DSN", "https://abc123@o1.ingest.sentry.io/4506"));
+        assert!(parse(&env(&pairs), &[]).is_ok());
+    }
+
+    #[test]
+    fn type_filters_accept_the_raw_and_the_url_encoded_form() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push((
+            "TYPE_FILTERS",
+            "MedicationRequest%3Fstatus%3Dactive Observation?code=http%3A%2F%2Floinc.org%7C1234 Condition%3fcode%3Dhttp%253A%252F%252Fsnomed.info%252Fsct%257C1",
+        ));
+        let c = parse(&env(&pairs), &[]).unwrap();
+        assert_eq!(
+            c.spec.export.type_filters,
+            [
+                "MedicationRequest?status=active",
+                "Observation?code=http%3A%2F%2Floinc.org%7C1234",
+                "Condition?code=http%3A%2F%2Fsnomed.info%2Fsct%7C1",
+            ]
         );
     }
 

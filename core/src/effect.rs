@@ -79,7 +79,8 @@ pub enum Effect {
         api: PathlingApi,
         parameters: serde_json::Value,
     },
-    /// Poll the import job. Answer `ImportInProgress`, `ImportCompleted` or `Failed`.
+    /// Poll the import job. Answer `ImportInProgress`, `ImportCompleted` with the facts of a
+    /// `200` answer (the core decides whether they mean success), or `Failed`.
     PollImport { job_url: String },
     /// Read the staged `deleted[]` file at `key` ([`crate::bulk::deleted_refs`] per line) and
     /// delete those resources from the target; an absent resource counts as done. Answer
@@ -108,7 +109,18 @@ pub enum Input {
     /// The result of the effect `id`.
     Completed { id: EffectId, result: EffectResult },
     /// Stop the run: the export job is deleted (best effort) and the run ends `Cancelled`.
+    /// Also abandons a failed run that could be retried (its kept export job is deleted).
+    /// The reason is cut to [`crate::machine::MAX_REASON_BYTES`] and control characters are
+    /// dropped: it may come from an untrusted execution input.
     Cancel { reason: String },
+    /// Continue a failed run from its [`crate::state::ResumePoint`]. The run adopts `spec`'s
+    /// import, retry and transfer settings (the operator may have fixed them); its export
+    /// and bound settings stay.
+    Retry { spec: Box<RunSpec> },
+    /// The driver is about to perform `id`, an effect that must not be repeated blindly
+    /// ([`crate::SyncRun::record_before`]); persist the run before performing it. The
+    /// effect is then expected under the new `seq` ([`crate::SyncRun::sending`]).
+    Sending { id: EffectId },
 }
 
 /// What an effect achieved, as facts.
@@ -144,7 +156,9 @@ pub enum EffectResult {
         progress: Option<String>,
         retry_after: Option<String>,
     },
-    ImportCompleted,
+    ImportCompleted {
+        answer: crate::pathling::ImportAnswer,
+    },
     DeletionsApplied {
         deleted: u64,
         absent: u64,
@@ -182,6 +196,8 @@ pub enum Rejected {
     Stale { got: EffectId },
     #[error("result {result} does not answer the effect the run is waiting for ({phase})")]
     Mismatch { result: String, phase: &'static str },
+    #[error("the run ({phase}) cannot be retried: only a run that failed after its export's manifest was known can")]
+    NotRetryable { phase: &'static str },
 }
 
 impl Effect {

@@ -9,6 +9,7 @@
 //! - [`time`]: `Timestamp` (Unix ms, passed in), FHIR instants, HTTP-dates, `Retry-After`.
 //! - [`config`]: environment / JSON configuration → validated [`spec::RunSpec`] + secrets.
 //! - [`spec`]: the run's snapshotted settings (no secret values, only references).
+//! - [`binding`]: which of them a stored run must share with the configuration to be driven.
 //! - [`staging`]: staging locations and deterministic, safe object keys.
 //! - [`bulk`]: manifest decoding, `error[]` summaries, `deleted[]` references.
 //! - [`pathling`]: both `$import` request shapes, generation detection, delete Bundles.
@@ -65,6 +66,7 @@
 //! ```
 //! Terminal phases absorb every input (`Rejected::Ended`).
 
+pub mod binding;
 pub mod bulk;
 pub mod config;
 pub mod effect;

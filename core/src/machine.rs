@@ -3,11 +3,12 @@
 
 use crate::bulk::{FileKind, OutcomeSummary};
 use crate::effect::*;
-use crate::pathling::{import_parameters, is_wrong_generation, ImportInput};
+use crate::pathling::{import_parameters, is_wrong_generation, judge_import_answer, ImportInput};
 use crate::retry::{
-    classify, failure_delay_ms, patience_ms, poll_delay_ms, stable_hash, Failure, Verdict,
+    classify, failure_delay_ms, patience_ms, poll_delay_ms, retry_limit, stable_hash, Failure,
+    FailureKind, Verdict,
 };
-use crate::spec::{PathlingApi, PathlingApiChoice, PhasePolicy, RunSpec, SinceSpec};
+use crate::spec::{ImportMode, PathlingApi, PathlingApiChoice, PhasePolicy, RunSpec, SinceSpec};
 use crate::state::*;
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -30,12 +31,84 @@ pub struct SyncRun {
     /// The last successful run's mark (this run's own once it succeeds).
     pub watermark: Option<Watermark>,
     pub state: SyncState,
+    /// The schema version this run was stored with, when [`crate::persist::decode`] had to
+    /// upgrade it (runners log that once); never stored.
+    #[serde(default, skip_serializing)]
+    pub upgraded_from: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StartError {
     #[error("run id {0:?} must be 1 to 64 characters of A-Z a-z 0-9 - _")]
     BadRunId(String),
+    #[error(
+        "the previous run's watermark {0:?} is not a FHIR instant, so it cannot become _since"
+    )]
+    BadWatermark(String),
+}
+
+/// The longest cancel reason a run keeps, in bytes: reasons may come from an execution input
+/// anyone allowed to start one can write.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// `text` without control characters, cut to [`MAX_REASON_BYTES`] at a character boundary.
+pub fn bounded_reason(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > MAX_REASON_BYTES {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The three phases with a patience of their own, and the setting that overrides it.
+#[derive(Clone, Copy)]
+enum Patience {
+    Export,
+    Transfer,
+    Import,
+}
+
+impl Patience {
+    fn policy(self, spec: &RunSpec) -> &PhasePolicy {
+        match self {
+            Patience::Export => &spec.retry.export,
+            Patience::Transfer => &spec.retry.transfer,
+            Patience::Import => &spec.retry.import,
+        }
+    }
+    fn key(self) -> &'static str {
+        match self {
+            Patience::Export => "EXPORT_TIMEOUT",
+            Patience::Transfer => "TRANSFER_TIMEOUT",
+            Patience::Import => "IMPORT_TIMEOUT",
+        }
+    }
+}
+
+/// How a run fails: [`SyncRun::fail`] builds the terminal from it.
+struct Failing<'a> {
+    phase: &'static str,
+    reason: String,
+    summary: Summary,
+    /// The export job to DELETE at the source first.
+    cleanup: Option<&'a str>,
+    cause: Option<&'a Failure>,
+    resume: Option<ResumePoint>,
+}
+
+fn resume_point(from: ResumeFrom, export: &Exported) -> ResumePoint {
+    ResumePoint {
+        from,
+        export: export.clone(),
+        import_job: None,
+        deleted: 0,
+        absent: 0,
+        export_kept: false,
+        export_expired: false,
+    }
 }
 
 /// Files handed out per `Next::Run`, relative to the transfer concurrency: enough to keep
@@ -63,6 +136,14 @@ impl SyncRun {
             SinceSpec::At(s) => Some(s.clone()),
             SinceSpec::LastSuccess => watermark.as_ref().map(|w| w.transaction_time.clone()),
         };
+        if let Some(w) = &watermark {
+            if crate::time::parse_fhir_instant(&w.transaction_time).is_none() {
+                return Err(StartError::BadWatermark(crate::bulk::truncate(
+                    &w.transaction_time,
+                    80,
+                )));
+            }
+        }
         let deadline = now.plus_ms(patience_ms(&spec.retry.export));
         Ok(SyncRun {
             run_id: run_id.to_string(),
@@ -75,6 +156,7 @@ impl SyncRun {
                 retry: Retrying::default(),
                 deadline,
             }),
+            upgraded_from: None,
         })
     }
 
@@ -269,16 +351,26 @@ impl SyncRun {
     }
 
     /// Applies one input. A refused input leaves the run unchanged.
+    ///
+    /// Ended runs refuse everything, except that a failed run with a
+    /// [`ResumePoint`] takes [`Input::Retry`] (continue it) and [`Input::Cancel`] (abandon it).
     pub fn step(&self, input: Input, now: Timestamp) -> Result<SyncRun, Rejected> {
-        if self.is_done() {
-            return Err(Rejected::Ended);
-        }
+        let mut next = self.clone();
         let state = match input {
-            Input::Cancel { reason } => self.cancel(reason),
+            Input::Retry { spec } => {
+                next.spec = self.retry_spec(&spec)?;
+                next.retried(now)?
+            }
+            Input::Cancel { reason } if self.resumable().is_some() => {
+                self.abandon(bounded_reason(&reason))
+            }
+            _ if self.is_done() => return Err(Rejected::Ended),
+            Input::Cancel { reason } => self.cancel(bounded_reason(&reason)),
+            Input::Sending { id } => self.sending_state(id, now)?,
             Input::Completed { id, result } => self.complete(id, result, now)?,
         };
-        let mut next = self.clone();
         next.seq = self.seq.saturating_add(1);
+        next.upgraded_from = None;
         if let SyncState::Succeeded(summary) = &state {
             if let Some(tt) = &summary.transaction_time {
                 next.watermark = Some(Watermark {
@@ -289,6 +381,170 @@ impl SyncRun {
         }
         next.state = state;
         Ok(next)
+    }
+
+    /// The resume point of a failed run that can be retried.
+    pub fn resumable(&self) -> Option<&ResumePoint> {
+        match &self.state {
+            SyncState::Failed(f) => f.resume.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether the driver must persist [`Input::Sending`] before performing `request`: an
+    /// `$import` kick-off with `IMPORT_MODE=append`, which imports the data twice if it is
+    /// repeated after Pathling accepted it.
+    pub fn record_before(&self, request: &Request) -> bool {
+        matches!(&self.state, SyncState::KickingOffImport(s) if self.must_record(s))
+            && matches!(request.effect, Effect::KickoffImport { .. })
+            && request.id == (EffectId::Run { seq: self.seq })
+    }
+
+    fn must_record(&self, s: &KickingOffImport) -> bool {
+        self.spec.target.import_mode == ImportMode::Append
+            && matches!(s.api, ApiState::Known { .. } | ApiState::Guessed { .. })
+    }
+
+    /// Steps [`Input::Sending`] for `request` and returns the run to persist before
+    /// performing it, with the request as the run now expects it (under the new `seq`), or
+    /// `None` when the run no longer wants it performed (the answer to an earlier send was
+    /// lost, and the run stopped).
+    pub fn sending(
+        &self,
+        request: &Request,
+        now: Timestamp,
+    ) -> Result<(SyncRun, Option<Request>), Rejected> {
+        let next = self.step(Input::Sending { id: request.id }, now)?;
+        let still = matches!(&next.state, SyncState::KickingOffImport(s) if s.sent_at.is_some());
+        let request = still.then(|| Request {
+            id: EffectId::Run { seq: next.seq },
+            effect: request.effect.clone(),
+        });
+        Ok((next, request))
+    }
+
+    fn sending_state(&self, id: EffectId, now: Timestamp) -> Result<SyncState, Rejected> {
+        let SyncState::KickingOffImport(s) = &self.state else {
+            return Err(Rejected::Stale { got: id });
+        };
+        if id != (EffectId::Run { seq: self.seq }) {
+            return Err(Rejected::Stale { got: id });
+        }
+        if !self.must_record(s) {
+            return Err(Rejected::Mismatch {
+                result: "sending".into(),
+                phase: "kicking_off_import",
+            });
+        }
+        let Some(sent_at) = s.sent_at else {
+            return Ok(SyncState::KickingOffImport(KickingOffImport {
+                sent_at: Some(now),
+                ..s.clone()
+            }));
+        };
+        Ok(self.fail(Failing {
+            phase: "kicking_off_import",
+            reason: format!(
+                "the answer to the $import kick-off sent at {sent_at} was lost (the process \
+                 stopped or the connection dropped), and with IMPORT_MODE=append sending it \
+                 again would import the data twice if Pathling had accepted it. Check \
+                 Pathling for an import job started then: if there is none, run \
+                 `pathling-import retry`; if there is, let it finish and start the next run \
+                 with --fresh"
+            ),
+            summary: self.import_summary(&s.export, None),
+            cleanup: Some(&s.export.status_url),
+            cause: None,
+            resume: Some(resume_point(ResumeFrom::KickingOffImport, &s.export)),
+        }))
+    }
+
+    /// The spec a retried run continues with: the import, retry and transfer settings may
+    /// have been corrected; what defines the export and the bound settings stay as recorded.
+    fn retry_spec(&self, current: &RunSpec) -> Result<RunSpec, Rejected> {
+        if self.resumable().is_none() {
+            return Err(Rejected::NotRetryable {
+                phase: self.state.name(),
+            });
+        }
+        let mut spec = self.spec.clone();
+        spec.target.import_mode = current.target.import_mode;
+        spec.target.api = current.target.api;
+        spec.target.apply_deletions = current.target.apply_deletions;
+        spec.retry = current.retry.clone();
+        spec.transfer = current.transfer.clone();
+        Ok(spec)
+    }
+
+    /// The state a retry continues in (`self.spec` is already the retried run's).
+    fn retried(&self, now: Timestamp) -> Result<SyncState, Rejected> {
+        let Some(point) = self.resumable() else {
+            return Err(Rejected::NotRetryable {
+                phase: self.state.name(),
+            });
+        };
+        let mut export = point.export.clone();
+        Ok(match point.from {
+            ResumeFrom::StagingFiles if point.export_expired => {
+                SyncState::KickingOffExport(KickingOffExport {
+                    since: export.since.clone(),
+                    retry: Retrying::default(),
+                    deadline: now.plus_ms(patience_ms(&self.spec.retry.export)),
+                })
+            }
+            ResumeFrom::StagingFiles => {
+                for row in export.files.rows.iter_mut() {
+                    if row.status == FileStatus::Failed {
+                        row.status = FileStatus::Pending;
+                    }
+                    if row.status == FileStatus::Pending {
+                        row.failures = 0;
+                        row.not_before = Timestamp::ZERO;
+                    }
+                }
+                export.files.errors.clear();
+                self.after_staging_step(export, now)
+            }
+            ResumeFrom::KickingOffImport => self.import_kickoff(export, now),
+            ResumeFrom::ApplyingDeletions => {
+                for row in export.files.rows.iter_mut() {
+                    if row.kind == FileKind::Deleted && row.status == FileStatus::Staged {
+                        row.failures = 0;
+                        row.not_before = Timestamp::ZERO;
+                    }
+                }
+                export.files.errors.clear();
+                SyncState::ApplyingDeletions(ApplyingDeletions {
+                    export,
+                    import_job: point.import_job.clone(),
+                    deleted: point.deleted,
+                    absent: point.absent,
+                })
+            }
+        })
+    }
+
+    /// Gives up on a failed run that could have been retried; a kept export job is deleted.
+    fn abandon(&self, reason: String) -> SyncState {
+        let (summary, kept) = match &self.state {
+            SyncState::Failed(f) => (
+                f.summary.clone(),
+                f.resume
+                    .as_ref()
+                    .filter(|r| r.export_kept)
+                    .map(|r| r.export.status_url.clone()),
+            ),
+            _ => (Summary::default(), None),
+        };
+        let cancelled = Terminal::Cancelled(CancelledRun {
+            phase: self.state.name().to_string(),
+            reason,
+            summary,
+        });
+        match kept {
+            Some(status_url) => self.cleanup_then(&status_url, cancelled),
+            None => cancelled.into_state(),
+        }
     }
 
     fn cancel(&self, reason: String) -> SyncState {
@@ -334,7 +590,7 @@ impl SyncRun {
     fn retry_after_failure(
         &self,
         retry: &Retrying,
-        policy: &PhasePolicy,
+        patience: Patience,
         deadline: Timestamp,
         failure: &Failure,
         op: &str,
@@ -343,12 +599,17 @@ impl SyncRun {
         if classify(failure) == Verdict::Permanent {
             return Err(failure.to_string());
         }
+        let policy = patience.policy(&self.spec);
         let failures = retry.failures.saturating_add(1);
-        if failures > policy.times {
+        if failures > retry_limit(failure, policy) {
             return Err(format!("gave up after {failures} attempt(s): {failure}"));
         }
         if now >= deadline {
-            return Err(format!("deadline passed: {failure}"));
+            return Err(format!(
+                "gave up: the phase took longer than its patience ({} s; {} sets it): {failure}",
+                patience_ms(policy) / 1000,
+                patience.key()
+            ));
         }
         let delay = failure_delay_ms(
             policy,
@@ -361,25 +622,29 @@ impl SyncRun {
         Ok(Retrying {
             failures,
             not_before: Some(now.plus_ms(delay).min(deadline)),
-            last_error: Some(failure.to_string()),
+            last_error: Some(crate::bulk::truncate(&failure.to_string(), 300)),
         })
     }
 
     /// Schedules the next poll of a running job, or says it took too long.
+    #[allow(clippy::too_many_arguments)]
     fn next_poll(
         &self,
         polls: u32,
-        policy: &PhasePolicy,
+        patience: Patience,
         deadline: Timestamp,
         retry_after: Option<&str>,
+        throttled: bool,
         what: &str,
         now: Timestamp,
     ) -> Result<Retrying, String> {
+        let policy = patience.policy(&self.spec);
         if now >= deadline {
             return Err(format!(
-                "{what} did not complete within {} s ({} polls)",
+                "{what} did not complete within {} s ({} polls); set {} to wait longer",
                 patience_ms(policy) / 1000,
-                polls.saturating_add(1)
+                polls.saturating_add(1),
+                patience.key()
             ));
         }
         let delay = poll_delay_ms(
@@ -388,6 +653,7 @@ impl SyncRun {
             retry_after,
             self.spec.retry.retry_after_max_ms,
             now,
+            throttled,
         );
         Ok(Retrying {
             failures: 0,
@@ -420,12 +686,14 @@ impl SyncRun {
                 match result {
                     EffectResult::ExportAccepted { status_url } => {
                         if crate::bulk::origin_of(&status_url).is_none() {
-                            return Ok(self.fail(
-                                "kicking_off_export",
-                                format!("the source answered 202 with Content-Location {status_url:?}, which is not an absolute http(s) URL"),
-                                Summary::default(),
-                                None,
-                            ));
+                            return Ok(self.fail(Failing {
+                                phase: "kicking_off_export",
+                                reason: format!("the source answered 202 with Content-Location {:?}, which is not an absolute http(s) URL", crate::bulk::truncate(&status_url, 200)),
+                                summary: Summary::default(),
+                                cleanup: None,
+                                cause: None,
+                                resume: None,
+                            }));
                         }
                         Ok(SyncState::PollingExport(PollingExport {
                             since: s.since.clone(),
@@ -434,12 +702,13 @@ impl SyncRun {
                             progress: None,
                             retry: Retrying::default(),
                             deadline: s.deadline,
+                            throttled: false,
                         }))
                     }
                     EffectResult::Failed(f) => {
                         match self.retry_after_failure(
                             &s.retry,
-                            &spec.retry.export,
+                            Patience::Export,
                             s.deadline,
                             &f,
                             "kickoff-export",
@@ -449,12 +718,14 @@ impl SyncRun {
                                 retry,
                                 ..s.clone()
                             })),
-                            Err(reason) => Ok(self.fail(
-                                "kicking_off_export",
-                                format!("export kick-off failed: {reason}"),
-                                Summary::default(),
-                                None,
-                            )),
+                            Err(reason) => Ok(self.fail(Failing {
+                                phase: "kicking_off_export",
+                                reason: format!("export kick-off failed: {reason}"),
+                                summary: Summary::default(),
+                                cleanup: None,
+                                cause: Some(&f),
+                                resume: None,
+                            })),
                         }
                     }
                     other => Err(mismatch("kicking_off_export", &other)),
@@ -469,9 +740,10 @@ impl SyncRun {
                     } => {
                         match self.next_poll(
                             s.polls,
-                            &spec.retry.export,
+                            Patience::Export,
                             s.deadline,
                             retry_after.as_deref(),
+                            s.throttled,
                             "the export",
                             now,
                         ) {
@@ -481,19 +753,21 @@ impl SyncRun {
                                 retry,
                                 ..s.clone()
                             })),
-                            Err(reason) => Ok(self.fail(
-                                "polling_export",
+                            Err(reason) => Ok(self.fail(Failing {
+                                phase: "polling_export",
                                 reason,
-                                Summary::default(),
-                                Some(&s.status_url),
-                            )),
+                                summary: Summary::default(),
+                                cleanup: Some(&s.status_url),
+                                cause: None,
+                                resume: None,
+                            })),
                         }
                     }
                     EffectResult::ExportCompleted { digest } => Ok(self.exported(s, digest, now)),
                     EffectResult::Failed(f) => {
                         match self.retry_after_failure(
                             &s.retry,
-                            &spec.retry.export,
+                            Patience::Export,
                             s.deadline,
                             &f,
                             "poll-export",
@@ -501,14 +775,17 @@ impl SyncRun {
                         ) {
                             Ok(retry) => Ok(SyncState::PollingExport(PollingExport {
                                 retry,
+                                throttled: s.throttled || f.status() == Some(429),
                                 ..s.clone()
                             })),
-                            Err(reason) => Ok(self.fail(
-                                "polling_export",
-                                format!("export status check failed: {reason}"),
-                                Summary::default(),
-                                Some(&s.status_url),
-                            )),
+                            Err(reason) => Ok(self.fail(Failing {
+                                phase: "polling_export",
+                                reason: format!("export status check failed: {reason}"),
+                                summary: Summary::default(),
+                                cleanup: Some(&s.status_url),
+                                cause: Some(&f),
+                                resume: None,
+                            })),
                         }
                     }
                     other => Err(mismatch("polling_export", &other)),
@@ -549,10 +826,14 @@ impl SyncRun {
                         let failures = row.failures.saturating_add(1);
                         let give_up = if classify(&f) == Verdict::Permanent {
                             Some(f.to_string())
-                        } else if failures > spec.retry.transfer.times {
+                        } else if failures > retry_limit(&f, &spec.retry.transfer) {
                             Some(format!("gave up after {failures} attempt(s): {f}"))
                         } else if now >= s.stall_deadline {
-                            Some(format!("no file staged within the transfer patience: {f}"))
+                            Some(format!(
+                                "no file was staged for {} s ({} sets this patience): {f}",
+                                patience_ms(&spec.retry.transfer) / 1000,
+                                Patience::Transfer.key()
+                            ))
                         } else {
                             None
                         };
@@ -565,13 +846,27 @@ impl SyncRun {
                         r.failures = failures;
                         if let Some(reason) = give_up {
                             r.status = FileStatus::Failed;
-                            let summary = summarise(&export);
-                            return Ok(self.fail(
-                                "staging_files",
-                                format!("could not stage {what}: {reason}"),
-                                summary,
-                                Some(&export.status_url),
-                            ));
+                            // The source no longer serves the file: its export has expired
+                            // (or was deleted), so a retry must export again.
+                            let expired = matches!(f.status(), Some(404 | 410));
+                            let mut resume = resume_point(ResumeFrom::StagingFiles, &export);
+                            resume.export_expired = expired;
+                            // Files remain to be downloaded: keep the export job for the retry
+                            // unless it is of no use any more.
+                            resume.export_kept = !expired;
+                            let hint = if expired {
+                                "; the source no longer serves it, so its export has probably expired: a retry exports again"
+                            } else {
+                                ""
+                            };
+                            return Ok(self.fail(Failing {
+                                phase: "staging_files",
+                                reason: format!("could not stage {what}: {reason}{hint}"),
+                                summary: summarise(&export),
+                                cleanup: expired.then_some(export.status_url.as_str()),
+                                cause: Some(&f),
+                                resume: Some(resume),
+                            }));
                         }
                         let delay = failure_delay_ms(
                             &spec.retry.transfer,
@@ -596,6 +891,16 @@ impl SyncRun {
             }
             SyncState::PollingImport(s) => {
                 run_level(id)?;
+                let failed = |reason: String, cause: Option<&Failure>| {
+                    self.fail(Failing {
+                        phase: "polling_import",
+                        reason,
+                        summary: self.import_summary(&s.export, Some(&s.job_url)),
+                        cleanup: Some(&s.export.status_url),
+                        cause,
+                        resume: Some(resume_point(ResumeFrom::KickingOffImport, &s.export)),
+                    })
+                };
                 match result {
                     EffectResult::ImportInProgress {
                         progress,
@@ -603,9 +908,10 @@ impl SyncRun {
                     } => {
                         match self.next_poll(
                             s.polls,
-                            &spec.retry.import,
+                            Patience::Import,
                             s.deadline,
                             retry_after.as_deref(),
+                            s.throttled,
                             "the import",
                             now,
                         ) {
@@ -615,21 +921,25 @@ impl SyncRun {
                                 retry,
                                 ..s.clone()
                             })),
-                            Err(reason) => Ok(self.fail(
-                                "polling_import",
-                                reason,
-                                self.import_summary(&s.export, Some(&s.job_url)),
-                                Some(&s.export.status_url),
-                            )),
+                            Err(reason) => Ok(failed(reason, None)),
                         }
                     }
-                    EffectResult::ImportCompleted => {
-                        Ok(self.after_import(s.export.clone(), Some(&s.job_url)))
+                    EffectResult::ImportCompleted { answer } => {
+                        match judge_import_answer(&answer) {
+                            Ok(()) => Ok(self.after_import(s.export.clone(), Some(&s.job_url))),
+                            Err(reason) => {
+                                let cause = Failure::new(FailureKind::Undecodable, reason.clone());
+                                Ok(failed(
+                                    format!("the import did not succeed: {reason}"),
+                                    Some(&cause),
+                                ))
+                            }
+                        }
                     }
                     EffectResult::Failed(f) => {
                         match self.retry_after_failure(
                             &s.retry,
-                            &spec.retry.import,
+                            Patience::Import,
                             s.deadline,
                             &f,
                             "poll-import",
@@ -637,14 +947,10 @@ impl SyncRun {
                         ) {
                             Ok(retry) => Ok(SyncState::PollingImport(PollingImport {
                                 retry,
+                                throttled: s.throttled || f.status() == Some(429),
                                 ..s.clone()
                             })),
-                            Err(reason) => Ok(self.fail(
-                                "polling_import",
-                                format!("import failed: {reason}"),
-                                self.import_summary(&s.export, Some(&s.job_url)),
-                                Some(&s.export.status_url),
-                            )),
+                            Err(reason) => Ok(failed(format!("import failed: {reason}"), Some(&f))),
                         }
                     }
                     other => Err(mismatch("polling_import", &other)),
@@ -667,7 +973,7 @@ impl SyncRun {
                             return Ok(SyncState::ApplyingDeletions(next));
                         }
                         let mut summary =
-                            self.import_summary(&next.export, next.import_job.as_deref());
+                            self.completed_summary(&next.export, next.import_job.as_deref());
                         summary.deleted = next.deleted;
                         summary.already_absent = next.absent;
                         summary.nothing_to_import = next.import_job.is_none();
@@ -687,18 +993,26 @@ impl SyncRun {
                             .files
                             .errors
                             .insert(index, crate::bulk::truncate(&f.to_string(), 300));
-                        if classify(&f) == Verdict::Permanent || failures > spec.retry.import.times
+                        if classify(&f) == Verdict::Permanent
+                            || failures > retry_limit(&f, &spec.retry.import)
                         {
                             let mut summary =
-                                self.import_summary(&next.export, next.import_job.as_deref());
+                                self.completed_summary(&next.export, next.import_job.as_deref());
                             summary.deleted = next.deleted;
                             summary.already_absent = next.absent;
-                            return Ok(self.fail(
-                                "applying_deletions",
-                                format!("could not apply the deletions of {what}: {f}"),
+                            let mut resume =
+                                resume_point(ResumeFrom::ApplyingDeletions, &next.export);
+                            resume.import_job = next.import_job.clone();
+                            resume.deleted = next.deleted;
+                            resume.absent = next.absent;
+                            return Ok(self.fail(Failing {
+                                phase: "applying_deletions",
+                                reason: format!("could not apply the deletions of {what}: {f}"),
                                 summary,
-                                Some(&next.export.status_url),
-                            ));
+                                cleanup: Some(&next.export.status_url),
+                                cause: Some(&f),
+                                resume: Some(resume),
+                            }));
                         }
                         let delay = failure_delay_ms(
                             &spec.retry.import,
@@ -781,32 +1095,46 @@ impl SyncRun {
         }
         let errors = &export.source_errors;
         if errors.fatal > 0 {
+            // The export itself is broken: retrying the import cannot help, so this failure
+            // keeps no resume point (a new run exports again).
             let reason = format!(
                 "the source reported {} fatal error(s) during the export: {}",
                 errors.fatal,
                 errors.samples.join("; ")
             );
-            let summary = summarise(&export);
-            return self.fail("staging_files", reason, summary, Some(&export.status_url));
-        }
-        if export.files.count(FileKind::Output) > 0 {
-            let api = match self.spec.target.api {
-                PathlingApiChoice::Auto => ApiState::Detecting,
-                PathlingApiChoice::V7 => ApiState::Known {
-                    api: PathlingApi::V7,
-                },
-                PathlingApiChoice::V9 => ApiState::Known {
-                    api: PathlingApi::V9,
-                },
-            };
-            return SyncState::KickingOffImport(KickingOffImport {
-                export,
-                api,
-                retry: Retrying::default(),
-                deadline: now.plus_ms(patience_ms(&self.spec.retry.import)),
+            return self.fail(Failing {
+                phase: "staging_files",
+                reason,
+                summary: summarise(&export),
+                cleanup: Some(&export.status_url),
+                cause: None,
+                resume: None,
             });
         }
+        if export.files.count(FileKind::Output) > 0 {
+            return self.import_kickoff(export, now);
+        }
         self.after_import(export, None)
+    }
+
+    /// The import's kick-off, first asking Pathling's generation when configured `auto`.
+    fn import_kickoff(&self, export: Exported, now: Timestamp) -> SyncState {
+        let api = match self.spec.target.api {
+            PathlingApiChoice::Auto => ApiState::Detecting,
+            PathlingApiChoice::V7 => ApiState::Known {
+                api: PathlingApi::V7,
+            },
+            PathlingApiChoice::V9 => ApiState::Known {
+                api: PathlingApi::V9,
+            },
+        };
+        SyncState::KickingOffImport(KickingOffImport {
+            export,
+            api,
+            retry: Retrying::default(),
+            deadline: now.plus_ms(patience_ms(&self.spec.retry.import)),
+            sent_at: None,
+        })
     }
 
     fn kicking_off_import(
@@ -816,21 +1144,30 @@ impl SyncRun {
         now: Timestamp,
     ) -> Result<SyncState, Rejected> {
         let spec = &self.spec;
+        let failed = |reason: String, cause: Option<&Failure>| {
+            self.fail(Failing {
+                phase: "kicking_off_import",
+                reason,
+                summary: self.import_summary(&s.export, None),
+                cleanup: Some(&s.export.status_url),
+                cause,
+                resume: Some(resume_point(ResumeFrom::KickingOffImport, &s.export)),
+            })
+        };
         let retry_or_fail = |f: Failure, op: &str| match self.retry_after_failure(
             &s.retry,
-            &spec.retry.import,
+            Patience::Import,
             s.deadline,
             &f,
             op,
             now,
         ) {
-            Ok(retry) => SyncState::KickingOffImport(KickingOffImport { retry, ..s.clone() }),
-            Err(reason) => self.fail(
-                "kicking_off_import",
-                format!("import kick-off failed: {reason}"),
-                self.import_summary(&s.export, None),
-                Some(&s.export.status_url),
-            ),
+            Ok(retry) => SyncState::KickingOffImport(KickingOffImport {
+                retry,
+                sent_at: None,
+                ..s.clone()
+            }),
+            Err(reason) => failed(format!("import kick-off failed: {reason}"), Some(&f)),
         };
         match (s.api, result) {
             (ApiState::Detecting, EffectResult::PathlingDetected { api, version }) => {
@@ -846,10 +1183,10 @@ impl SyncRun {
                 if api == PathlingApi::V7 {
                     let version = version.unwrap_or_else(|| "7.x".into());
                     if !spec.target.import_mode.supported_by_v7() {
-                        return Ok(self.fail("kicking_off_import", format!("IMPORT_MODE {} needs Pathling 9.2+, but the target is Pathling {version}", spec.target.import_mode.as_code()), self.import_summary(&s.export, None), Some(&s.export.status_url)));
+                        return Ok(failed(format!("IMPORT_MODE {} needs Pathling 9.2+, but the target is Pathling {version}", spec.target.import_mode.as_code()), None));
                     }
                     if spec.target.apply_deletions && s.export.files.count(FileKind::Deleted) > 0 {
-                        return Ok(self.fail("kicking_off_import", format!("APPLY_DELETIONS needs Pathling 9.x, but the target is Pathling {version}, which cannot delete"), self.import_summary(&s.export, None), Some(&s.export.status_url)));
+                        return Ok(failed(format!("APPLY_DELETIONS needs Pathling 9.x, but the target is Pathling {version}, which cannot delete"), None));
                     }
                 }
                 Ok(SyncState::KickingOffImport(KickingOffImport {
@@ -876,7 +1213,7 @@ impl SyncRun {
                 EffectResult::ImportAccepted { job_url },
             ) => {
                 if crate::bulk::origin_of(&job_url).is_none() {
-                    return Ok(self.fail("kicking_off_import", format!("Pathling answered 202 with Content-Location {job_url:?}, which is not an absolute http(s) URL"), self.import_summary(&s.export, None), Some(&s.export.status_url)));
+                    return Ok(failed(format!("Pathling answered 202 with Content-Location {:?}, which is not an absolute http(s) URL", crate::bulk::truncate(&job_url, 200)), None));
                 }
                 Ok(SyncState::PollingImport(PollingImport {
                     export: s.export.clone(),
@@ -886,6 +1223,7 @@ impl SyncRun {
                     progress: None,
                     retry: Retrying::default(),
                     deadline: s.deadline,
+                    throttled: false,
                 }))
             }
             (ApiState::Known { api } | ApiState::Guessed { api }, EffectResult::Failed(f)) => {
@@ -903,6 +1241,7 @@ impl SyncRun {
                     return Ok(SyncState::KickingOffImport(KickingOffImport {
                         api: ApiState::Known { api: other },
                         retry: Retrying::default(),
+                        sent_at: None,
                         ..s.clone()
                     }));
                 }
@@ -912,12 +1251,7 @@ impl SyncRun {
                         PathlingApi::V9 => "9",
                     };
                     let reason = format!("import kick-off failed: {f} (the target looks like the other Pathling generation; set PATHLING_API={hint} or auto)");
-                    return Ok(self.fail(
-                        "kicking_off_import",
-                        reason,
-                        self.import_summary(&s.export, None),
-                        Some(&s.export.status_url),
-                    ));
+                    return Ok(failed(reason, Some(&f)));
                 }
                 Ok(retry_or_fail(f, "kickoff-import"))
             }
@@ -939,14 +1273,22 @@ impl SyncRun {
                 absent: 0,
             });
         }
-        let mut summary = self.import_summary(&export, job_url);
+        let mut summary = self.completed_summary(&export, job_url);
         summary.nothing_to_import = job_url.is_none();
         self.cleanup_then(&export.status_url, Terminal::Succeeded(summary))
     }
 
+    /// The summary of a run whose import has not (or not yet) succeeded: no file counts as
+    /// imported.
     fn import_summary(&self, export: &Exported, job_url: Option<&str>) -> Summary {
         let mut summary = summarise(export);
         summary.import_job = job_url.map(str::to_string);
+        summary
+    }
+
+    /// The summary once the import job (if any) has succeeded.
+    fn completed_summary(&self, export: &Exported, job_url: Option<&str>) -> Summary {
+        let mut summary = self.import_summary(export, job_url);
         if job_url.is_some() {
             summary.imported_files = export
                 .files
@@ -965,20 +1307,19 @@ impl SyncRun {
         })
     }
 
-    /// A failed run; the export job is cleaned up first when one is known.
-    fn fail(
-        &self,
-        phase: &str,
-        reason: String,
-        summary: Summary,
-        status_url: Option<&str>,
-    ) -> SyncState {
+    /// A failed run; the export job is cleaned up first when asked.
+    fn fail(&self, f: Failing<'_>) -> SyncState {
         let failed = Terminal::Failed(FailedRun {
-            phase: phase.to_string(),
-            reason,
-            summary,
+            phase: f.phase.to_string(),
+            reason: f.reason,
+            summary: f.summary,
+            cause: f.cause.map(|c| Failure {
+                message: crate::bulk::truncate(&c.message, 500),
+                ..c.clone()
+            }),
+            resume: f.resume.map(Box::new),
         });
-        match status_url {
+        match f.cleanup {
             Some(url) => self.cleanup_then(url, failed),
             None => failed.into_state(),
         }
@@ -1025,7 +1366,7 @@ fn result_name(r: &EffectResult) -> &'static str {
         EffectResult::PathlingDetected { .. } => "pathling_detected",
         EffectResult::ImportAccepted { .. } => "import_accepted",
         EffectResult::ImportInProgress { .. } => "import_in_progress",
-        EffectResult::ImportCompleted => "import_completed",
+        EffectResult::ImportCompleted { .. } => "import_completed",
         EffectResult::DeletionsApplied { .. } => "deletions_applied",
         EffectResult::ExportJobDeleted => "export_job_deleted",
         EffectResult::Failed(_) => "failed",

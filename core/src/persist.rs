@@ -11,12 +11,25 @@ use crate::machine::SyncRun;
 use serde_json::Value;
 
 /// The version this build writes.
-pub const SCHEMA_VERSION: u64 = 1;
+///
+/// - 1: the first release.
+/// - 2: failed runs keep a resume point and their cause, a kick-off that must not be repeated
+///   records when it was sent, polls remember a `429`. Every new field is optional, so a v1
+///   envelope reads as v2 unchanged; the version still moved on so that a v1 binary refuses
+///   a v2 envelope instead of silently dropping what it does not know.
+pub const SCHEMA_VERSION: u64 = 2;
 
-/// Upgrades an envelope from version `i + 1` to `i + 2` (index 0 upgrades v1 to v2). Empty
-/// while version 1 is the only one released.
+/// Upgrades an envelope from version `i + 1` to `i + 2` (index 0 upgrades v1 to v2).
 pub type Upcaster = fn(Value) -> Result<Value, String>;
-pub const UPCASTERS: &[Upcaster] = &[];
+pub const UPCASTERS: &[Upcaster] = &[v1_to_v2];
+
+/// v1 → v2: nothing to rewrite (see [`SCHEMA_VERSION`]).
+fn v1_to_v2(v: Value) -> Result<Value, String> {
+    if !v.is_object() {
+        return Err("not a JSON object".into());
+    }
+    Ok(v)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PersistError {
@@ -66,6 +79,7 @@ pub fn decode_value(mut v: Value, upcasters: &[Upcaster]) -> Result<SyncRun, Per
     if version == 0 {
         return Err(PersistError::NoVersion);
     }
+    let found = version;
     while version < current {
         let up = upcasters[(version - 1) as usize];
         v = up(v).map_err(|reason| PersistError::Upcast { version, reason })?;
@@ -73,6 +87,9 @@ pub fn decode_value(mut v: Value, upcasters: &[Upcaster]) -> Result<SyncRun, Per
     }
     if let Value::Object(map) = &mut v {
         map.remove("schema_version");
+        if found < current {
+            map.insert("upgraded_from".into(), Value::from(found));
+        }
     }
     serde_json::from_value(v).map_err(|e| PersistError::Malformed(e.to_string()))
 }

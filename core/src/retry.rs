@@ -23,15 +23,25 @@ pub struct Failure {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FailureKind {
-    /// Connection refused or reset, DNS, TLS.
+    /// The connection broke (reset, closed mid-answer) or could not be made for another
+    /// reason than the three below.
     Network,
+    /// The host name did not resolve.
+    Dns,
+    /// The server refused the connection (nothing listens on the port).
+    Refused,
+    /// The TLS handshake failed: an untrusted or invalid certificate, a protocol mismatch.
+    Tls,
     /// No progress within the read timeout, or the connect timeout.
     Timeout,
-    /// An HTTP error status. `transient_outcome`: the body was an OperationOutcome with an
-    /// issue of code `transient` (Bulk Data's "ask again later").
+    /// An HTTP error status. `outcome`: the body was a FHIR OperationOutcome;
+    /// `transient_outcome`: one of its issues has code `transient` (Bulk Data's "ask again
+    /// later").
     Http {
         status: u16,
         transient_outcome: bool,
+        #[serde(default)]
+        outcome: bool,
     },
     /// A success status with a body that could not be understood (bad manifest, no
     /// Content-Location, not JSON).
@@ -57,6 +67,7 @@ impl Failure {
             FailureKind::Http {
                 status,
                 transient_outcome: false,
+                outcome: false,
             },
             message,
         )
@@ -78,6 +89,9 @@ impl std::fmt::Display for Failure {
         match self.kind {
             FailureKind::Http { status, .. } => write!(f, "HTTP {status}: {}", self.message),
             FailureKind::Network => write!(f, "network error: {}", self.message),
+            FailureKind::Dns => write!(f, "host name not found: {}", self.message),
+            FailureKind::Refused => write!(f, "connection refused: {}", self.message),
+            FailureKind::Tls => write!(f, "TLS error: {}", self.message),
             FailureKind::Timeout => write!(f, "timed out: {}", self.message),
             FailureKind::Undecodable => write!(f, "unexpected answer: {}", self.message),
             FailureKind::Storage { .. } => write!(f, "staging store: {}", self.message),
@@ -94,15 +108,24 @@ pub enum Verdict {
 
 /// 408, 429, 5xx, network errors, timeouts and Bulk Data `transient` outcomes are worth
 /// another try (Pathling's 503 "another import in progress" among them); other 4xx and
-/// undecodable answers are not.
+/// undecodable answers are not. A 5xx other than 503 whose body is an OperationOutcome
+/// without a `transient` issue is the server's considered answer (Bulk Data: "the export
+/// failed"), not a hiccup: it is permanent. A TLS failure (an untrusted certificate) does not
+/// heal by waiting.
 pub fn classify(f: &Failure) -> Verdict {
     match f.kind {
-        FailureKind::Network | FailureKind::Timeout => Verdict::Transient,
+        FailureKind::Network | FailureKind::Timeout | FailureKind::Dns | FailureKind::Refused => {
+            Verdict::Transient
+        }
+        FailureKind::Tls => Verdict::Permanent,
         FailureKind::Http {
             status,
             transient_outcome,
+            outcome,
         } => {
-            if transient_outcome || status == 408 || status == 429 || (500..600).contains(&status) {
+            let asked_to_retry = transient_outcome || matches!(status, 408 | 429 | 503);
+            let unexplained_5xx = (500..600).contains(&status) && !outcome;
+            if asked_to_retry || unexplained_5xx {
                 Verdict::Transient
             } else {
                 Verdict::Permanent
@@ -115,10 +138,28 @@ pub fn classify(f: &Failure) -> Verdict {
     }
 }
 
+/// Retries after an unresolvable host name or a refused connection: enough to ride out a
+/// restart or a resolver hiccup, not hours against a typo in an endpoint.
+pub const FAST_FAIL_RETRIES: u32 = 3;
+
+/// How many times a transient failure of this kind is retried under `policy`.
+pub fn retry_limit(f: &Failure, policy: &PhasePolicy) -> u32 {
+    match f.kind {
+        FailureKind::Dns | FailureKind::Refused => policy.times.min(FAST_FAIL_RETRIES),
+        _ => policy.times,
+    }
+}
+
 /// The first backoff after a transient failure; it doubles per consecutive failure.
 pub const BACKOFF_BASE_MS: u64 = 1_000;
-/// Poll no faster than this, whatever a server says.
-pub const MIN_POLL_MS: u64 = 1_000;
+/// Poll no faster than this, whatever a server says: obeying `Retry-After: 1` exactly meets
+/// a limit of 60 requests a minute and leaves no room for any other request (the SMART
+/// reference server then blocks the client for minutes).
+pub const MIN_POLL_MS: u64 = 2_000;
+/// Without `*_TIMEOUT`, a phase may take at least this long whatever the poll interval: the
+/// server sets the pace with `Retry-After`, so a short `*_RETRY_WAIT` must not shorten the
+/// patience (24 polls of 1 s would give up on any export longer than half a minute).
+pub const MIN_DEFAULT_PATIENCE_MS: u64 = 3_600_000;
 /// Jitter shortens a wait by at most a quarter: with a doubling base, jittered waits stay
 /// monotone until the cap.
 const JITTER_SPAN: f64 = 0.25;
@@ -155,20 +196,27 @@ pub fn backoff_ms(policy: &PhasePolicy, failures: u32, jitter_key: u64) -> u64 {
 
 /// The wait before poll number `poll + 1` of a running job: the server's `Retry-After` when
 /// it gave one (clamped to `[MIN_POLL_MS, retry_after_max_ms]`), else the original's schedule
-/// `wait × back_off^poll`.
+/// `wait × back_off^poll`; doubled for the rest of the phase once the server has answered
+/// `429` (`throttled`), so the client stays clear of its limit.
 pub fn poll_delay_ms(
     policy: &PhasePolicy,
     poll: u32,
     retry_after: Option<&str>,
     retry_after_max_ms: u64,
     now: Timestamp,
+    throttled: bool,
 ) -> u64 {
     let scheduled = schedule_ms(policy, poll);
     let chosen = retry_after
         .and_then(|v| retry_after_delay_ms(v, now))
         .map(|ms| ms.min(retry_after_max_ms))
-        .unwrap_or(scheduled);
-    chosen.max(MIN_POLL_MS)
+        .unwrap_or(scheduled)
+        .max(MIN_POLL_MS);
+    if throttled {
+        chosen.saturating_mul(2)
+    } else {
+        chosen
+    }
 }
 
 /// Honours a failure's `Retry-After` (429, 503) when it asks for longer than the backoff.
@@ -201,12 +249,18 @@ fn schedule_ms(policy: &PhasePolicy, i: u32) -> u64 {
 }
 
 /// How long a phase may take in all: the configured timeout, or the original's total
-/// patience `Σ max(wait × back_off^i, MIN_POLL_MS)` over `i < times`.
+/// patience `Σ max(wait × back_off^i, MIN_POLL_MS)` over `i < times`, but at least
+/// [`MIN_DEFAULT_PATIENCE_MS`] (an explicit `times = 0` still means "one attempt only").
 pub fn patience_ms(policy: &PhasePolicy) -> u64 {
     policy.timeout_ms.unwrap_or_else(|| {
-        (0..policy.times).fold(0u64, |acc, i| {
-            acc.saturating_add(schedule_ms(policy, i).max(MIN_POLL_MS))
-        })
+        if policy.times == 0 {
+            return 0;
+        }
+        (0..policy.times)
+            .fold(0u64, |acc, i| {
+                acc.saturating_add(schedule_ms(policy, i).max(MIN_POLL_MS))
+            })
+            .max(MIN_DEFAULT_PATIENCE_MS)
     })
 }
 
@@ -231,14 +285,30 @@ mod tests {
         assert_eq!(t(503), Verdict::Transient);
         assert_eq!(t(404), Verdict::Permanent);
         assert_eq!(t(400), Verdict::Permanent);
-        let transient_oo = Failure::new(
-            FailureKind::Http {
-                status: 400,
-                transient_outcome: true,
-            },
-            "",
+        let oo = |status, transient_outcome| {
+            classify(&Failure::new(
+                FailureKind::Http {
+                    status,
+                    transient_outcome,
+                    outcome: true,
+                },
+                "",
+            ))
+        };
+        assert_eq!(oo(400, true), Verdict::Transient);
+        // The SMART reference server's kick-off 500 with code `processing`: fail fast.
+        assert_eq!(oo(500, false), Verdict::Permanent);
+        assert_eq!(oo(500, true), Verdict::Transient);
+        assert_eq!(oo(503, false), Verdict::Transient, "503 stays retryable");
+        assert_eq!(t(500), Verdict::Transient, "a 500 without an outcome");
+        assert_eq!(
+            classify(&Failure::new(FailureKind::Tls, "")),
+            Verdict::Permanent
         );
-        assert_eq!(classify(&transient_oo), Verdict::Transient);
+        let p = policy(24, 900, 1.0);
+        assert_eq!(retry_limit(&Failure::new(FailureKind::Dns, ""), &p), 3);
+        assert_eq!(retry_limit(&Failure::new(FailureKind::Refused, ""), &p), 3);
+        assert_eq!(retry_limit(&Failure::new(FailureKind::Network, ""), &p), 24);
         assert_eq!(
             classify(&Failure::new(FailureKind::Undecodable, "")),
             Verdict::Permanent
@@ -250,27 +320,53 @@ mod tests {
     }
 
     #[test]
-    fn seed_patience_is_times_times_wait() {
+    fn seed_patience_is_times_times_wait_but_at_least_an_hour() {
         assert_eq!(patience_ms(&policy(24, 900, 1.0)), 24 * 900_000);
         assert_eq!(patience_ms(&policy(0, 900, 1.0)), 0);
-        assert_eq!(patience_ms(&policy(3, 10, 2.0)), 10_000 + 20_000 + 40_000);
+        assert_eq!(patience_ms(&policy(3, 1000, 2.0)), 7_000_000);
+        // EXPORT_RETRY_WAIT=1 no longer shrinks the patience to 24 s.
+        assert_eq!(patience_ms(&policy(24, 1, 1.0)), MIN_DEFAULT_PATIENCE_MS);
+        let explicit = PhasePolicy {
+            timeout_ms: Some(30_000),
+            ..policy(24, 1, 1.0)
+        };
+        assert_eq!(patience_ms(&explicit), 30_000);
     }
 
     #[test]
     fn poll_delay_prefers_retry_after_and_clamps() {
         let p = policy(24, 900, 1.0);
         let now = Timestamp::from_secs(1_800_000_000);
-        assert_eq!(poll_delay_ms(&p, 0, None, 3_600_000, now), 900_000);
-        assert_eq!(poll_delay_ms(&p, 0, Some("5"), 3_600_000, now), 5_000);
-        assert_eq!(poll_delay_ms(&p, 0, Some("0"), 3_600_000, now), MIN_POLL_MS);
+        assert_eq!(poll_delay_ms(&p, 0, None, 3_600_000, now, false), 900_000);
         assert_eq!(
-            poll_delay_ms(&p, 0, Some("1900000000"), 3_600_000, now),
+            poll_delay_ms(&p, 0, Some("5"), 3_600_000, now, false),
+            5_000
+        );
+        assert_eq!(
+            poll_delay_ms(&p, 0, Some("0"), 3_600_000, now, false),
+            MIN_POLL_MS
+        );
+        // Retry-After: 1 keeps a margin under a 60-a-minute limit.
+        assert_eq!(
+            poll_delay_ms(&p, 0, Some("1"), 3_600_000, now, false),
+            2_000
+        );
+        assert_eq!(
+            poll_delay_ms(&p, 0, Some("1900000000"), 3_600_000, now, false),
             3_600_000
         );
         assert_eq!(
-            poll_delay_ms(&p, 0, Some("garbage"), 3_600_000, now),
+            poll_delay_ms(&p, 0, Some("garbage"), 3_600_000, now, false),
             900_000
         );
+    }
+
+    #[test]
+    fn after_a_429_polls_are_twice_as_far_apart() {
+        let p = policy(24, 900, 1.0);
+        let now = Timestamp::from_secs(1_800_000_000);
+        assert_eq!(poll_delay_ms(&p, 0, Some("1"), 3_600_000, now, true), 4_000);
+        assert_eq!(poll_delay_ms(&p, 3, None, 3_600_000, now, true), 1_800_000);
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct AuthSpec {
     pub key_id: Option<String>,
     /// `None`: taken from the key (RSA → RS384, EC P-384 → ES384).
     pub signing_algorithm: Option<SigningAlgorithm>,
+    /// Allow a SMART token endpoint over plain http (outside loopback test setups).
+    #[serde(default)]
+    pub allow_insecure: bool,
 }
 
 impl AuthSpec {
@@ -61,6 +64,7 @@ impl AuthSpec {
             private_key: None,
             key_id: None,
             signing_algorithm: None,
+            allow_insecure: false,
         }
     }
 }

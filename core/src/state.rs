@@ -2,6 +2,7 @@
 //! doing or awaiting, and the compact per-file table.
 
 use crate::bulk::{FileKind, OutcomeSummary};
+use crate::retry::Failure;
 use crate::spec::PathlingApi;
 use crate::staging::StagingKey;
 use crate::time::Timestamp;
@@ -77,6 +78,13 @@ pub struct PollingExport {
     pub progress: Option<String>,
     pub retry: Retrying,
     pub deadline: Timestamp,
+    /// The server answered `429` in this phase: polls stay twice as far apart from then on.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub throttled: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// What the export produced, carried through every later phase.
@@ -117,6 +125,11 @@ pub struct KickingOffImport {
     pub api: ApiState,
     pub retry: Retrying,
     pub deadline: Timestamp,
+    /// When a kick-off that must not be repeated blindly (`IMPORT_MODE=append`) was sent and
+    /// its answer is not recorded yet. Found set when the kick-off is due again, it means the
+    /// answer was lost (a kill, a dropped connection): Pathling may have started the import.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<Timestamp>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -128,6 +141,9 @@ pub struct PollingImport {
     pub progress: Option<String>,
     pub retry: Retrying,
     pub deadline: Timestamp,
+    /// As [`PollingExport::throttled`].
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub throttled: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -195,6 +211,59 @@ pub struct FailedRun {
     pub phase: String,
     pub reason: String,
     pub summary: Summary,
+    /// The failure fact that ended the run, when one did (reports read its status and kind
+    /// instead of parsing `reason`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Failure>,
+    /// Where a retry continues, for failures after the export's manifest was known: its
+    /// staged files are kept and a retry ([`crate::effect::Input::Retry`]) picks up from
+    /// there instead of exporting again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Box<ResumePoint>>,
+}
+
+/// What a failed run keeps so that a retry can continue it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    pub from: ResumeFrom,
+    pub export: Exported,
+    /// The `$import` job that ran before a deletions failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_job: Option<String>,
+    #[serde(default)]
+    pub deleted: u64,
+    #[serde(default)]
+    pub absent: u64,
+    /// The export job was left at the source (files remain to be downloaded); it is deleted
+    /// when the run finally ends or is abandoned.
+    #[serde(default)]
+    pub export_kept: bool,
+    /// The source answered 404/410 for a file: its export has expired, and a retry must
+    /// export again.
+    #[serde(default)]
+    pub export_expired: bool,
+}
+
+/// The phase a retry continues in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeFrom {
+    /// Stage the files not staged yet (the failed ones again).
+    StagingFiles,
+    /// Kick off the import of every staged file again.
+    KickingOffImport,
+    /// Apply the deletions not applied yet.
+    ApplyingDeletions,
+}
+
+impl ResumeFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResumeFrom::StagingFiles => "staging_files",
+            ResumeFrom::KickingOffImport => "kicking_off_import",
+            ResumeFrom::ApplyingDeletions => "applying_deletions",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

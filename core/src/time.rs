@@ -193,16 +193,22 @@ pub fn parse_http_date(s: &str) -> Option<Timestamp> {
 /// real server (the SMART reference server) sends epoch seconds. 10^9 s is 2001 as an epoch
 /// and 31 years as a delay, so the two readings cannot be confused in practice.
 const EPOCH_THRESHOLD_SECS: u64 = 1_000_000_000;
+/// ... and a number at least this large is epoch *milliseconds* (the same server's 429 answers
+/// carry `Date.now()`): 10^12 s would be the year 33,658, 10^12 ms is 2001.
+const EPOCH_THRESHOLD_MS: u64 = 1_000_000_000_000;
 
 /// Interprets a `Retry-After` header value at `now`: delta seconds, an HTTP-date, or an
-/// absolute epoch-seconds number. Returns the delay in milliseconds (zero for times in the
-/// past), or `None` when the value is unparseable — an unreadable hint is ignored, not fatal.
+/// absolute epoch number in seconds or milliseconds. Returns the delay in milliseconds (zero
+/// for times in the past), or `None` when the value is unparseable — an unreadable hint is
+/// ignored, not fatal.
 pub fn retry_after_delay_ms(value: &str, now: Timestamp) -> Option<u64> {
     let v = value.trim();
     if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
         // An absurdly long number saturates to "as late as possible"; the caller clamps.
         let n = v.parse::<u64>().unwrap_or(u64::MAX);
-        return Some(if n >= EPOCH_THRESHOLD_SECS {
+        return Some(if n >= EPOCH_THRESHOLD_MS {
+            now.until(Timestamp(n))
+        } else if n >= EPOCH_THRESHOLD_SECS {
             now.until(Timestamp::from_secs(n))
         } else {
             n.saturating_mul(1000)
@@ -264,5 +270,17 @@ mod tests {
         assert_eq!(retry_after_delay_ms("1000000000", now), Some(0));
         assert_eq!(retry_after_delay_ms("soon", now), None);
         assert_eq!(retry_after_delay_ms("-5", now), None);
+    }
+
+    #[test]
+    fn retry_after_epoch_milliseconds_are_not_read_as_seconds() {
+        // The SMART reference server's 429: `Retry-After: <Date.now() + 5 min>` in ms.
+        let now = parse_fhir_instant("2026-11-30T10:00:00Z").unwrap();
+        let in_five_minutes = now.0 + 300_000;
+        assert_eq!(
+            retry_after_delay_ms(&in_five_minutes.to_string(), now),
+            Some(300_000)
+        );
+        assert_eq!(retry_after_delay_ms("1000000000000", now), Some(0));
     }
 }

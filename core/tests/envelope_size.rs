@@ -86,6 +86,7 @@ fn long_failure(i: usize) -> EffectResult {
         FailureKind::Http {
             status: 502,
             transient_outcome: false,
+            outcome: false,
         },
         message,
     ))

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 /// Every fixture name of a complete set. `key` below maps each state to one of them with an
 /// exhaustive match: a new variant does not compile until it has a name here (and then a
 /// fixture, blessed for the version that introduces it).
-const ALL_KEYS: [&str; 14] = [
+const ALL_KEYS: [&str; 15] = [
     "kicking_off_export",
     "polling_export",
     "staging_files",
@@ -39,6 +39,7 @@ const ALL_KEYS: [&str; 14] = [
     "cleaning_up_cancelled",
     "succeeded",
     "failed",
+    "failed_resumable",
     "cancelled",
 ];
 
@@ -60,6 +61,7 @@ fn key(run: &SyncRun) -> &'static str {
             Terminal::Cancelled(_) => "cleaning_up_cancelled",
         },
         SyncState::Succeeded(_) => "succeeded",
+        SyncState::Failed(f) if f.resume.is_some() => "failed_resumable",
         SyncState::Failed(_) => "failed",
         SyncState::Cancelled(_) => "cancelled",
     }
@@ -132,7 +134,9 @@ fn polling_export() -> SyncRun {
     ]);
     let run = answer(&start(spec), export_accepted(), at(2));
     let run = answer(&run, export_in_progress(Some("60")), at(3));
-    answer(&run, failed(transient_outcome(503)), at(63))
+    // A 429: polls stay twice as far apart from now on (`throttled`, schema v2).
+    let f = Failure::http(429, "Too Many Requests").with_retry_after(Some("5".into()));
+    answer(&run, EffectResult::Failed(f), at(63))
 }
 
 /// A directory staging store; staged, retrying and fresh files; error outcomes folded.
@@ -174,16 +178,21 @@ fn kicking_off_import_known() -> SyncRun {
     answer(&run, EffectResult::Failed(f), at(20))
 }
 
+/// IMPORT_MODE=append: the kick-off is recorded as sent before it goes out (schema v2).
 fn kicking_off_import_guessed() -> SyncRun {
     let run = kicking_off_import(spec_with(&[("IMPORT_MODE", "append")]), FILES);
-    answer(
+    let run = answer(
         &run,
         EffectResult::PathlingDetected {
             api: None,
             version: Some("UNKNOWN".into()),
         },
         at(21),
-    )
+    );
+    let request = requests(&run, at(22)).remove(0);
+    let (run, still) = run.sending(&request, at(22)).unwrap();
+    assert!(still.is_some());
+    run
 }
 
 fn polling_import() -> SyncRun {
@@ -205,7 +214,7 @@ fn polling_import_of(spec: pathling_import_core::spec::RunSpec) -> SyncRun {
 /// One deleted[] file applied, the other waiting to retry.
 fn applying_deletions() -> SyncRun {
     let run = polling_import_of(spec_with(&[("APPLY_DELETIONS", "true")]));
-    let run = answer(&run, EffectResult::ImportCompleted, at(40));
+    let run = answer(&run, import_completed(), at(40));
     let reqs = requests(&run, at(40));
     let run = step_ok(
         &run,
@@ -220,14 +229,20 @@ fn applying_deletions() -> SyncRun {
 }
 
 fn cleaning_up_succeeded() -> SyncRun {
+    answer(&polling_import_of(spec()), import_completed(), at(50))
+}
+
+/// Pathling refused the import: the export job is deleted, the run can be retried.
+fn cleaning_up_failed() -> SyncRun {
     answer(
         &polling_import_of(spec()),
-        EffectResult::ImportCompleted,
-        at(50),
+        http(400, "Error parsing s3a://bucket/x.ndjson"),
+        at(45),
     )
 }
 
-fn cleaning_up_failed() -> SyncRun {
+/// A file the source refuses for good: the export job is kept for a retry.
+fn failed_resumable() -> SyncRun {
     let run = staging(spec(), FILES);
     let req = requests(&run, T0).remove(1);
     step_ok(
@@ -289,6 +304,7 @@ fn fixture_runs() -> Vec<SyncRun> {
         cleaning_up_cancelled(),
         succeeded(),
         failed_run(),
+        failed_resumable(),
         cancelled(),
     ]
 }
@@ -436,7 +452,11 @@ fn the_envelope_has_the_documented_shape() {
     let failed = persist::encode(&cleaning_up_failed());
     assert_eq!(failed["state"]["phase"], "cleaning_up");
     assert_eq!(failed["state"]["then"]["status"], "failed");
-    assert_eq!(failed["state"]["then"]["in_phase"], "staging_files");
+    assert_eq!(failed["state"]["then"]["in_phase"], "polling_import");
+    assert_eq!(
+        failed["state"]["then"]["resume"]["from"],
+        "kicking_off_import"
+    );
     let failed = persist::encode(&failed_run());
     assert_eq!(failed["state"]["phase"], "failed");
     assert_eq!(failed["state"]["in_phase"], "kicking_off_export");
@@ -519,8 +539,14 @@ fn an_upcaster_chain_upgrades_an_older_envelope() {
     let expected = persist::decode(current.to_string().as_bytes()).unwrap();
     let chain: &[Upcaster] = &[rename_started];
 
-    let upgraded = persist::decode_value(as_old_version(current.clone(), 1), chain).unwrap();
+    let mut upgraded = persist::decode_value(as_old_version(current.clone(), 1), chain).unwrap();
 
+    assert_eq!(
+        upgraded.upgraded_from,
+        Some(1),
+        "the runner logs the upgrade"
+    );
+    upgraded.upgraded_from = None;
     assert_eq!(upgraded, expected);
     // Without the upcaster the old shape does not decode.
     let err = persist::decode_value(as_old_version(current, 1), UPCASTERS).unwrap_err();
@@ -543,14 +569,19 @@ fn upcasters_run_in_order_from_the_stored_version() {
     let current = fixture_value("succeeded");
     let expected = persist::decode(current.to_string().as_bytes()).unwrap();
 
+    let upgraded = |v: Value| {
+        let mut run = persist::decode_value(v, chain).unwrap();
+        run.upgraded_from = None;
+        run
+    };
     let mut v1 = as_old_version(current.clone(), 1);
     let started = v1.as_object_mut().unwrap().remove("started").unwrap();
     v1["a"] = started;
-    assert_eq!(persist::decode_value(v1, chain).unwrap(), expected);
+    assert_eq!(upgraded(v1), expected);
 
     // A v2 envelope only goes through the second step.
     let v2 = as_old_version(current.clone(), 2);
-    assert_eq!(persist::decode_value(v2, chain).unwrap(), expected);
+    assert_eq!(upgraded(v2), expected);
 
     // v3 is current for this chain: no upcaster runs.
     let v3 = with_version(current.clone(), json!(3));

@@ -477,12 +477,19 @@ proptest! {
         ra in prop::option::of((0u64..99_999_999_999).prop_map(|s| s.to_string())),
         ra_max in 1_000u64..86_400_000,
         now in 0u64..4_000_000_000_000,
+        throttled in any::<bool>(),
     ) {
-        let d = poll_delay_ms(&policy, poll, ra.as_deref(), ra_max, Timestamp(now));
-        prop_assert!(d >= MIN_POLL_MS);
-        prop_assert!(d <= ra_max.max(7 * 86_400_000).max(MIN_POLL_MS));
+        let d = poll_delay_ms(&policy, poll, ra.as_deref(), ra_max, Timestamp(now), throttled);
+        // After a 429 every wait is doubled, so the client stays clear of the server's limit.
+        let factor = if throttled { 2 } else { 1 };
+        prop_assert!(d >= MIN_POLL_MS * factor);
+        prop_assert!(d <= ra_max.max(7 * 86_400_000).max(MIN_POLL_MS) * factor);
         if ra.is_some() {
-            prop_assert!(d <= ra_max.max(MIN_POLL_MS));
+            prop_assert!(d <= ra_max.max(MIN_POLL_MS) * factor);
+        }
+        if throttled {
+            let plain = poll_delay_ms(&policy, poll, ra.as_deref(), ra_max, Timestamp(now), false);
+            prop_assert_eq!(d, plain * 2);
         }
     }
 }

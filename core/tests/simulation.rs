@@ -229,7 +229,11 @@ fn export_job_gone_fails_polling_and_cleans_up() {
 
 #[test]
 fn an_export_that_never_finishes_fails_at_its_deadline() {
-    let spec = quick_spec(&[("EXPORT_RETRY_TIMES", "3"), ("EXPORT_RETRY_WAIT", "60")]);
+    let spec = quick_spec(&[
+        ("EXPORT_RETRY_TIMES", "3"),
+        ("EXPORT_RETRY_WAIT", "60"),
+        ("EXPORT_TIMEOUT", "180"),
+    ]);
     let mut plan = Plan::happy(Plan::outputs(1));
     plan.hiccups = vec![Hiccup::InProgress(Hint::None); 50];
 
@@ -238,7 +242,29 @@ fn an_export_that_never_finishes_fails_at_its_deadline() {
     let (phase, reason) = failed(&outcome);
     assert_eq!(phase, "polling_export");
     assert!(reason.contains("did not complete within 180 s"), "{reason}");
-    assert_eq!(world.export_polls, 4, "times + 1 polls, as the original");
+    assert!(
+        reason.contains("set EXPORT_TIMEOUT to wait longer"),
+        "{reason}"
+    );
+    assert_eq!(world.export_polls, 4);
+}
+
+#[test]
+fn a_short_poll_interval_does_not_shorten_the_export_patience() {
+    // EXPORT_RETRY_WAIT=1 once made the whole patience 24 polls of 1 s: an export that the
+    // server paces at 5 s per poll for ten minutes then failed.
+    let spec = quick_spec(&[("EXPORT_RETRY_TIMES", "24"), ("EXPORT_RETRY_WAIT", "1")]);
+    let mut plan = Plan::happy(Plan::outputs(1));
+    plan.hiccups = vec![Hiccup::InProgress(Hint::Delta(5)); 120];
+
+    let (outcome, world) = run_plan(&spec, &plan, &Options::default());
+
+    assert!(
+        matches!(outcome.terminal, Terminal::Succeeded(_)),
+        "{:?}",
+        outcome.terminal
+    );
+    assert_eq!(world.export_polls, 121);
 }
 
 #[test]
@@ -297,7 +323,9 @@ fn a_permanently_failing_file_fails_the_run_naming_it() {
         "{reason}"
     );
     assert!(world.accepted_import.is_none());
-    assert_eq!(world.export_job_deletes, 1);
+    // Files remain to be staged: the export job is kept so that a retry can download them.
+    assert_eq!(world.export_job_deletes, 0);
+    assert!(outcome.run.resumable().is_some_and(|r| r.export_kept));
 }
 
 #[test]

@@ -9,9 +9,9 @@ use common::*;
 use pathling_import_core::bulk::{FileKind, OutcomeSummary};
 use pathling_import_core::effect::{Effect, EffectId, EffectResult, Input, Next};
 use pathling_import_core::retry::{patience_ms, Failure, FailureKind, MIN_POLL_MS};
-use pathling_import_core::spec::{PathlingApi, PathlingApiChoice};
+use pathling_import_core::spec::{ImportMode, PathlingApi, PathlingApiChoice};
 use pathling_import_core::state::*;
-use pathling_import_core::{Rejected, SyncRun, Timestamp};
+use pathling_import_core::{Rejected, SyncRun, Timestamp, Watermark};
 use serde_json::{json, Value};
 
 const OUT: FileKind = FileKind::Output;
@@ -297,8 +297,6 @@ fn failure_keeps_the_previous_watermark() {
     let req = requests(&run, T0).remove(0);
     let run = step_ok(&run, req.id, http(403, "Forbidden"), T0);
 
-    let run = answer(&run, EffectResult::ExportJobDeleted, T0);
-
     assert!(matches!(run.state, SyncState::Failed(_)));
     let mark = run.watermark.as_ref().unwrap();
     assert_eq!(mark.transaction_time, "2026-12-01T10:00:00.000Z");
@@ -450,7 +448,10 @@ fn kickoff_fails_at_its_deadline() {
 
     let (phase, reason) = failure_of(&next);
     assert_eq!(phase, "kicking_off_export");
-    assert!(reason.contains("deadline passed"), "{reason}");
+    assert!(
+        reason.contains("(60 s; EXPORT_TIMEOUT sets it)"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -1003,7 +1004,14 @@ fn per_file_permanent_failure_fails_naming_the_file() {
 
     let next = step_ok(&run, req.id, http(403, "signature expired"), T0);
 
-    assert_eq!(cleaning_up(&next).status_url, STATUS_URL);
+    // Files remain to be staged: the export job is kept for a retry, not deleted.
+    assert!(
+        matches!(next.state, SyncState::Failed(_)),
+        "{:?}",
+        next.state
+    );
+    let point = next.resumable().expect("a retry can continue the run");
+    assert!(point.export_kept && !point.export_expired);
     let (phase, reason) = failure_of(&next);
     assert_eq!(phase, "staging_files");
     assert!(
@@ -1089,7 +1097,7 @@ fn staging_fails_when_no_file_is_staged_within_the_transfer_patience() {
     let (phase, reason) = failure_of(&next);
     assert_eq!(phase, "staging_files");
     assert!(
-        reason.contains("no file staged within the transfer patience"),
+        reason.contains("no file was staged for 60 s (TRANSFER_TIMEOUT sets this patience)"),
         "{reason}"
     );
 }
@@ -1292,7 +1300,7 @@ fn staging_refuses_results_of_the_wrong_kind() {
     let run = staging(spec(), FILES);
     let id = requests(&run, T0)[0].id;
     for result in [
-        EffectResult::ImportCompleted,
+        import_completed(),
         export_in_progress(None),
         EffectResult::DeletionsApplied {
             deleted: 1,
@@ -1639,7 +1647,10 @@ fn import_kickoff_fails_at_its_deadline() {
     let deadline = import_kickoff(&run).deadline;
     let next = answer(&run, http(503, "busy"), deadline);
     let (_, reason) = failure_of(&next);
-    assert!(reason.contains("deadline passed"), "{reason}");
+    assert!(
+        reason.contains("(120 s; IMPORT_TIMEOUT sets it)"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -1808,7 +1819,7 @@ fn import_kickoff_refuses_results_of_the_wrong_kind() {
                 EffectId::Run {
                     seq: id_seq(id) - 1
                 },
-                EffectResult::ImportCompleted
+                import_completed()
             ),
             T0
         ),
@@ -1919,7 +1930,7 @@ fn import_job_failure_fails_naming_the_reason() {
 fn import_completed_cleans_up_then_succeeds_with_the_watermark_set() {
     let run = polling_import(spec(), FILES);
 
-    let next = answer(&run, EffectResult::ImportCompleted, at(30));
+    let next = answer(&run, import_completed(), at(30));
 
     let c = cleaning_up(&next);
     let Terminal::Succeeded(s) = &c.then else {
@@ -1948,7 +1959,7 @@ fn import_completed_cleans_up_then_succeeds_with_the_watermark_set() {
 fn import_completed_with_apply_deletions_and_deleted_files_applies_them() {
     let run = polling_import(spec_with(&[("APPLY_DELETIONS", "true")]), FILES);
 
-    let next = answer(&run, EffectResult::ImportCompleted, T0);
+    let next = answer(&run, import_completed(), T0);
 
     let s = deleting(&next);
     assert_eq!(s.import_job.as_deref(), Some(JOB_URL));
@@ -1977,14 +1988,14 @@ fn import_completed_with_apply_deletions_but_no_deleted_files_cleans_up() {
         spec_with(&[("APPLY_DELETIONS", "true")]),
         &[(OUT, "Patient")],
     );
-    let next = answer(&run, EffectResult::ImportCompleted, T0);
+    let next = answer(&run, import_completed(), T0);
     assert!(matches!(cleaning_up(&next).then, Terminal::Succeeded(_)));
 }
 
 #[test]
 fn import_completed_without_apply_deletions_ignores_deleted_files() {
     let run = polling_import(spec(), FILES);
-    let next = answer(&run, EffectResult::ImportCompleted, T0);
+    let next = answer(&run, import_completed(), T0);
     assert!(matches!(cleaning_up(&next).then, Terminal::Succeeded(_)));
 }
 
@@ -2008,7 +2019,7 @@ const TWO_DELETED: &[(FileKind, &str)] = &[(OUT, "Patient"), (DEL, "Bundle"), (D
 
 fn applying(files: &[(FileKind, &str)]) -> SyncRun {
     let run = polling_import(spec_with(&[("APPLY_DELETIONS", "true")]), files);
-    answer(&run, EffectResult::ImportCompleted, T0)
+    answer(&run, import_completed(), T0)
 }
 
 #[test]
@@ -2121,7 +2132,7 @@ fn deletion_retries_spent_fail() {
         spec_with(&[("APPLY_DELETIONS", "true"), ("IMPORT_RETRY_TIMES", "1")]),
         &[(OUT, "Patient"), (DEL, "Bundle")],
     );
-    run = answer(&run, EffectResult::ImportCompleted, T0);
+    run = answer(&run, import_completed(), T0);
     let req = requests(&run, T0).remove(0);
     run = step_ok(&run, req.id, network(), T0);
     let nb = deleting(&run).export.files.rows[1].not_before;
@@ -2215,11 +2226,7 @@ fn deletions_refuse_stale_ids() {
     );
     let run_level = EffectId::Run { seq: run.seq };
     assert_eq!(
-        refused(
-            &run,
-            completed(run_level, EffectResult::ImportCompleted),
-            T0
-        ),
+        refused(&run, completed(run_level, import_completed()), T0),
         Rejected::Stale { got: run_level }
     );
 }
@@ -2288,7 +2295,7 @@ fn cleanup_refuses_other_results_and_stale_ids() {
     let run = cleaning_up_after_failure();
     let id = single(&run, T0).id;
     assert!(matches!(
-        refused(&run, completed(id, EffectResult::ImportCompleted), T0),
+        refused(&run, completed(id, import_completed()), T0),
         Rejected::Mismatch {
             phase: "cleaning_up",
             ..
@@ -2434,7 +2441,7 @@ fn every_input() -> Vec<Input> {
             progress: None,
             retry_after: None,
         },
-        EffectResult::ImportCompleted,
+        import_completed(),
         EffectResult::DeletionsApplied {
             deleted: 1,
             absent: 1,
@@ -2529,7 +2536,7 @@ fn results_that_do_not_answer_the_phase_are_mismatches() {
         (export_completed(&[]), "export_completed"),
         (export_in_progress(None), "export_in_progress"),
         (file_staged(), "file_staged"),
-        (EffectResult::ImportCompleted, "import_completed"),
+        (import_completed(), "import_completed"),
         (EffectResult::ExportJobDeleted, "export_job_deleted"),
     ] {
         assert_eq!(
@@ -2583,4 +2590,408 @@ fn http_date_helper_matches_the_core_parser() {
 fn pathling_api_choice_is_snapshotted_into_the_run() {
     let run = start(spec_with(&[("PATHLING_API", "9")]));
     assert_eq!(run.spec.target.api, PathlingApiChoice::V9);
+}
+
+// =============================================================================================
+// Failure semantics: only a real import result is success; failed runs can be retried.
+
+fn poll_answer(body: &str) -> EffectResult {
+    EffectResult::ImportCompleted {
+        answer: pathling_import_core::pathling::read_import_answer(body.as_bytes()),
+    }
+}
+
+#[test]
+fn a_200_that_is_not_an_import_result_fails_the_run_and_keeps_the_watermark() {
+    for body in [
+        "",
+        "<html><body>Please log in</body></html>",
+        "[]",
+        r#"{"resourceType":"Patient","id":"p"}"#,
+        r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception","diagnostics":"Import failed: disk full"}]}"#,
+    ] {
+        let run = start_with_watermark(spec_with(&[("SINCE", "auto")]), "2026-12-01T10:00:00.000Z");
+        let run = answer(&run, export_accepted(), T0);
+        let run = answer(&run, export_completed(&[(OUT, "Patient")]), T0);
+        let run = stage_all(&run, T0);
+        let run = answer(
+            &run,
+            EffectResult::PathlingDetected {
+                api: Some(PathlingApi::V9),
+                version: None,
+            },
+            T0,
+        );
+        let run = answer(
+            &run,
+            EffectResult::ImportAccepted {
+                job_url: JOB_URL.into(),
+            },
+            T0,
+        );
+        let next = answer(&run, poll_answer(body), at(1));
+        let (phase, reason) = failure_of(&next);
+        assert_eq!(phase, "polling_import", "{body:?}");
+        assert!(reason.starts_with("the import did not succeed"), "{reason}");
+        if body.contains("disk full") {
+            assert!(reason.contains("Import failed: disk full"), "{reason}");
+        }
+        // Never a success: the watermark stays where the last real success put it.
+        let done = answer(&next, EffectResult::ExportJobDeleted, at(2));
+        assert_eq!(
+            done.watermark.as_ref().unwrap().transaction_time,
+            "2026-12-01T10:00:00.000Z"
+        );
+        assert_eq!(
+            done.resumable().map(|r| r.from),
+            Some(ResumeFrom::KickingOffImport)
+        );
+        let SyncState::Failed(f) = &done.state else {
+            panic!()
+        };
+        assert_eq!(f.summary.imported_files, 0, "nothing counts as imported");
+    }
+}
+
+#[test]
+fn an_information_outcome_and_an_import_result_are_success() {
+    for body in [
+        r#"{"resourceType":"OperationOutcome","issue":[{"severity":"information","code":"informational","diagnostics":"Data import completed successfully"}]}"#,
+        r#"{"resourceType":"Parameters","parameter":[{"name":"transactionTime","valueInstant":"2027-01-15T08:00:00Z"}]}"#,
+    ] {
+        let run = polling_import(spec(), FILES);
+        let next = answer(&run, poll_answer(body), at(1));
+        let SyncState::CleaningUp(c) = &next.state else {
+            panic!("{body}: {:?}", next.state)
+        };
+        assert!(matches!(c.then, Terminal::Succeeded(_)), "{body}");
+    }
+}
+
+/// Staging fails on file 1 (403); file 0 is staged, files 2.. are pending.
+fn failed_while_staging() -> SyncRun {
+    let run = staging(spec(), FILES);
+    let reqs = requests(&run, T0);
+    let run = step_ok(&run, reqs[0].id, file_staged(), T0);
+    step_ok(&run, reqs[1].id, http(403, "Forbidden"), at(1))
+}
+
+#[test]
+fn a_retry_after_a_staging_failure_stages_only_what_is_missing() {
+    let failed = failed_while_staging();
+    assert!(failed.is_done());
+    let retried = failed
+        .step(
+            Input::Retry {
+                spec: Box::new(spec()),
+            },
+            at(100),
+        )
+        .unwrap();
+    assert_eq!(retried.seq, failed.seq + 1);
+    let s = staging_state(&retried);
+    assert_eq!(s.export.files.rows[0].status, FileStatus::Staged);
+    assert_eq!(s.export.files.rows[1].status, FileStatus::Pending);
+    assert_eq!(
+        s.export.files.rows[1].failures, 0,
+        "a fresh set of attempts"
+    );
+    assert!(s.export.files.errors.is_empty());
+    let asked: Vec<u32> = requests(&retried, at(100))
+        .iter()
+        .map(|r| match r.id {
+            EffectId::File { index, .. } => index,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(!asked.contains(&0), "file 0 is staged already: {asked:?}");
+    assert!(asked.contains(&1), "{asked:?}");
+    // The run completes from there, cleaning up the export job it kept.
+    let run = stage_all(&retried, at(101));
+    assert!(matches!(run.state, SyncState::KickingOffImport(_)));
+}
+
+#[test]
+fn a_retry_adopts_corrected_import_settings_but_keeps_the_export_and_binding() {
+    let run = polling_import(spec_with(&[("TYPES", "Patient")]), FILES);
+    let failed = answer(&run, http(403, "not allowed"), at(1));
+    let failed = answer(&failed, EffectResult::ExportJobDeleted, at(2));
+    let corrected = spec_with(&[
+        ("IMPORT_MODE", "overwrite"),
+        ("TYPES", "Observation"),
+        ("TARGET_ENDPOINT", "https://elsewhere.example.org/fhir"),
+    ]);
+    let retried = failed
+        .step(
+            Input::Retry {
+                spec: Box::new(corrected),
+            },
+            at(3),
+        )
+        .unwrap();
+    assert_eq!(retried.spec.target.import_mode, ImportMode::Overwrite);
+    assert_eq!(retried.spec.export.types, ["Patient"], "the export stays");
+    assert_eq!(retried.spec.target.endpoint, TARGET, "bound settings stay");
+    assert!(matches!(import_kickoff(&retried).api, ApiState::Detecting));
+}
+
+#[test]
+fn an_expired_export_is_exported_again_on_retry() {
+    let run = staging(spec(), FILES);
+    let req = requests(&run, T0).remove(0);
+    let next = step_ok(&run, req.id, http(404, "Not Found"), T0);
+    // The useless export job is deleted right away.
+    assert_eq!(cleaning_up(&next).status_url, STATUS_URL);
+    let failed = answer(&next, EffectResult::ExportJobDeleted, at(1));
+    let point = failed.resumable().unwrap();
+    assert!(point.export_expired && !point.export_kept);
+    let (_, reason) = failure_of(&failed);
+    assert!(reason.contains("export has probably expired"), "{reason}");
+    let retried = failed
+        .step(
+            Input::Retry {
+                spec: Box::new(spec()),
+            },
+            at(2),
+        )
+        .unwrap();
+    assert!(matches!(retried.state, SyncState::KickingOffExport(_)));
+    assert_eq!(
+        retried.run_id, failed.run_id,
+        "same run, same staging prefix"
+    );
+}
+
+#[test]
+fn only_a_failure_after_the_manifest_can_be_retried() {
+    let run = start(spec());
+    let failed = answer(&run, http(400, "bad _type"), T0);
+    assert!(failed.resumable().is_none());
+    let err = failed
+        .step(
+            Input::Retry {
+                spec: Box::new(spec()),
+            },
+            T0,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Rejected::NotRetryable { .. }), "{err}");
+    // Nor is a running one.
+    let polling = answer(&start(spec()), export_accepted(), T0);
+    assert!(polling
+        .step(
+            Input::Retry {
+                spec: Box::new(spec())
+            },
+            T0
+        )
+        .is_err());
+}
+
+#[test]
+fn abandoning_a_failed_run_deletes_the_export_job_it_kept() {
+    let failed = failed_while_staging();
+    let abandoned = failed
+        .step(
+            Input::Cancel {
+                reason: "--fresh".into(),
+            },
+            at(5),
+        )
+        .unwrap();
+    assert_eq!(cleaning_up(&abandoned).status_url, STATUS_URL);
+    let done = answer(&abandoned, EffectResult::ExportJobDeleted, at(6));
+    assert!(matches!(done.state, SyncState::Cancelled(_)));
+    assert!(done.resumable().is_none());
+    // A failed run that kept nothing ends at once.
+    let plain = answer(&start(spec()), http(400, "no"), T0);
+    assert!(plain
+        .step(Input::Cancel { reason: "x".into() }, T0)
+        .is_err());
+}
+
+#[test]
+fn an_append_kickoff_whose_answer_was_lost_is_not_sent_again() {
+    let run = kicking_off_import(
+        spec_with(&[("PATHLING_API", "9"), ("IMPORT_MODE", "append")]),
+        FILES,
+    );
+    let request = single(&run, T0);
+    assert!(run.record_before(&request));
+    let (sending, again) = run.sending(&request, T0).unwrap();
+    let again = again.expect("the kick-off goes out under the new seq");
+    assert_eq!(again.id, EffectId::Run { seq: sending.seq });
+    assert_eq!(import_kickoff(&sending).sent_at, Some(T0));
+    // Its answer is accepted under the new id.
+    let accepted = step_ok(
+        &sending,
+        again.id,
+        EffectResult::ImportAccepted {
+            job_url: JOB_URL.into(),
+        },
+        at(1),
+    );
+    assert!(matches!(accepted.state, SyncState::PollingImport(_)));
+
+    // A crash after the send: reloaded, the kick-off is due again, and recording it fails the
+    // run instead of sending it twice.
+    let reloaded = pathling_import_core::persist::decode(
+        pathling_import_core::persist::encode_string(&sending).as_bytes(),
+    )
+    .unwrap();
+    let request = single(&reloaded, at(60));
+    assert!(reloaded.record_before(&request));
+    let (stopped, none) = reloaded.sending(&request, at(60)).unwrap();
+    assert!(none.is_none());
+    let stopped = answer(&stopped, EffectResult::ExportJobDeleted, at(61));
+    let (phase, reason) = failure_of(&stopped);
+    assert_eq!(phase, "kicking_off_import");
+    assert!(reason.contains("pathling-import retry"), "{reason}");
+    assert_eq!(
+        stopped.resumable().map(|r| r.from),
+        Some(ResumeFrom::KickingOffImport)
+    );
+}
+
+#[test]
+fn merge_kickoffs_are_not_recorded_first() {
+    let run = kicking_off_import(spec_with(&[("PATHLING_API", "9")]), FILES);
+    let request = single(&run, T0);
+    assert!(!run.record_before(&request));
+    assert!(matches!(
+        run.step(Input::Sending { id: request.id }, T0),
+        Err(Rejected::Mismatch { .. })
+    ));
+}
+
+#[test]
+fn a_cancel_reason_is_bounded_and_stripped_of_control_characters() {
+    let run = answer(&start(spec()), export_accepted(), T0);
+    let huge = format!("stop\n\x1b[31m{}", "x".repeat(1024 * 1024));
+    let next = run.step(Input::Cancel { reason: huge }, T0).unwrap();
+    let Terminal::Cancelled(c) = &cleaning_up(&next).then else {
+        panic!()
+    };
+    assert!(c.reason.len() <= pathling_import_core::machine::MAX_REASON_BYTES);
+    assert!(c.reason.starts_with("stop[31m"), "{:?}", &c.reason[..20]);
+    assert!(!c.reason.chars().any(char::is_control));
+    assert!(pathling_import_core::persist::encode_string(&next).len() < 16 * 1024);
+}
+
+#[test]
+fn a_watermark_that_is_not_an_instant_is_refused() {
+    let mark = Watermark {
+        transaction_time: "'; DROP TABLE".into(),
+        run_id: "x".into(),
+    };
+    let err = SyncRun::start(RUN_ID, spec_with(&[("SINCE", "auto")]), Some(mark), T0).unwrap_err();
+    assert!(err.to_string().contains("not a FHIR instant"), "{err}");
+}
+
+#[test]
+fn after_a_429_the_export_is_polled_half_as_often() {
+    let run = polling_export(spec_with(&[("EXPORT_RETRY_WAIT", "10")]));
+    let run = answer(&run, http(429, "slow down"), T0);
+    assert!(polling(&run).throttled);
+    let run = answer(&run, export_in_progress(Some("3")), at(60));
+    assert_eq!(polling(&run).retry.not_before, Some(at(66)));
+}
+
+#[test]
+fn a_non_transient_500_at_kickoff_fails_at_once_with_the_server_message() {
+    let run = start(spec());
+    let f = Failure::new(
+        FailureKind::Http {
+            status: 500,
+            transient_outcome: false,
+            outcome: true,
+        },
+        "export kick-off: 500 Internal Server Error: Unsupported _type Foo",
+    );
+    let next = answer(&run, failed(f), T0);
+    let (phase, reason) = failure_of(&next);
+    assert_eq!(phase, "kicking_off_export");
+    assert!(reason.contains("Unsupported _type Foo"), "{reason}");
+}
+
+#[test]
+fn an_unresolvable_host_is_retried_only_a_few_times() {
+    let mut run = start(spec());
+    for i in 0..10u64 {
+        let next = answer(
+            &run,
+            failed(Failure::new(FailureKind::Dns, "fhir.example.invalid")),
+            at(i * 1000),
+        );
+        if next.is_done() {
+            let (_, reason) = failure_of(&next);
+            assert!(reason.contains("host name not found"), "{reason}");
+            assert_eq!(i, 3, "3 retries, then the cause");
+            return;
+        }
+        run = next;
+    }
+    panic!("a DNS failure was retried more than 3 times");
+}
+
+// =============================================================================================
+// Binding: a stored run is only driven with the settings it was started with.
+
+#[test]
+fn bound_settings_are_compared_and_named_without_secret_values() {
+    use pathling_import_core::binding::differences;
+    let recorded = spec_with(&[
+        ("SOURCE_AUTHENTICATION_ENABLED", "true"),
+        ("SOURCE_CLIENT_ID", "c"),
+        ("SOURCE_CLIENT_SECRET", "old-secret-value"),
+    ]);
+    // Rotating a configured value is no difference; other non-bound settings neither.
+    let rotated = spec_with(&[
+        ("SOURCE_AUTHENTICATION_ENABLED", "true"),
+        ("SOURCE_CLIENT_ID", "c"),
+        ("SOURCE_CLIENT_SECRET", "new-secret-value"),
+        ("TRANSFER_CONCURRENCY", "8"),
+        ("TYPES", "Patient"),
+    ]);
+    assert!(differences(&recorded, &rotated).is_empty());
+    let moved = spec_with(&[
+        ("SOURCE_ENDPOINT", "https://evil.example.net/fhir"),
+        ("SOURCE_AUTHENTICATION_ENABLED", "true"),
+        ("SOURCE_CLIENT_ID", "c"),
+        ("SOURCE_CLIENT_SECRET", "secretsmanager:arn:other"),
+        ("SOURCE_AUTH_METHOD", "client_secret_post"),
+        ("STAGING_URL", "s3://other-bucket/x/"),
+    ]);
+    let diff = differences(&recorded, &moved);
+    let keys: Vec<&str> = diff.iter().map(|d| d.key).collect();
+    assert_eq!(
+        keys,
+        [
+            "SOURCE_ENDPOINT",
+            "SOURCE_AUTH_METHOD",
+            "SOURCE_CLIENT_SECRET",
+            "STAGING_URL"
+        ]
+    );
+    let text: String = diff.iter().map(|d| d.to_string()).collect();
+    assert!(!text.contains("old-secret-value"), "{text}");
+    assert!(text.contains("evil.example.net"), "{text}");
+}
+
+#[test]
+fn rebinding_takes_the_configured_endpoints_but_never_moves_staged_files() {
+    let run = polling_import(spec(), FILES);
+    let configured = spec_with(&[("TARGET_ENDPOINT", "https://fixed.example.org/fhir")]);
+    let rebound = run.rebind(&configured).unwrap();
+    assert_eq!(
+        rebound.spec.target.endpoint,
+        "https://fixed.example.org/fhir"
+    );
+    assert_eq!(rebound.seq, run.seq + 1);
+    assert!(pathling_import_core::binding::differences(&rebound.spec, &configured).is_empty());
+    let elsewhere = spec_with(&[("STAGING_URL", "s3://other-bucket/x/")]);
+    assert!(run.rebind(&elsewhere).is_err());
+    // Before anything is staged the location may still change.
+    let early = polling_export(spec());
+    assert!(early.rebind(&elsewhere).is_ok());
 }

@@ -1364,6 +1364,7 @@ mod tests {
             }),
             key_id: Some("k".into()),
             signing_algorithm: None,
+            allow_insecure: false,
         };
         for text in [
             "hunter2-not-a-key",

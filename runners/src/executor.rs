@@ -17,7 +17,9 @@ use pathling_import_core::config::Secrets;
 use pathling_import_core::effect::{
     Effect, EffectResult, ExportKickoffRequest, ManifestDigest, Request,
 };
-use pathling_import_core::pathling::{api_from_capability, delete_batch_bundle};
+use pathling_import_core::pathling::{
+    api_from_capability, delete_batch_bundle, read_import_answer, ImportAnswer,
+};
 use pathling_import_core::retry::{Failure, FailureKind};
 use pathling_import_core::spec::{PathlingApi, RunSpec};
 use pathling_import_core::staging::{StagingKey, StagingLocation};
@@ -70,7 +72,11 @@ pub enum JobPoll {
         retry_after: Option<String>,
     },
     /// `200 OK`, with the body as sent (a Bulk Data manifest, or Pathling's answer).
-    Completed { body: Bytes },
+    Completed {
+        body: Bytes,
+        /// The origin the answer came from, when redirects led away from the job URL's.
+        redirected_to: Option<String>,
+    },
 }
 
 pub struct Executor {
@@ -243,7 +249,7 @@ impl Executor {
                 progress,
                 retry_after,
             }),
-            JobPoll::Completed { body } => {
+            JobPoll::Completed { body, .. } => {
                 let manifest = parse_manifest(&body, &self.source_base)
                     .map_err(|e| Failure::new(FailureKind::Undecodable, e.to_string()))?;
                 let digest = self.store_manifest(manifest_key, manifest).await?;
@@ -272,8 +278,14 @@ impl Executor {
                 retry_after: header(resp.headers(), "retry-after"),
             }),
             StatusCode::OK => {
+                let origin = pathling_import_core::bulk::origin_of;
+                let redirected_to = origin(resp.url().as_str())
+                    .filter(|final_origin| origin(status_url).as_ref() != Some(final_origin));
                 let body = resp.bytes().await.map_err(|e| transport_failure(ctx, e))?;
-                Ok(JobPoll::Completed { body })
+                Ok(JobPoll::Completed {
+                    body,
+                    redirected_to,
+                })
             }
             _ => Err(status_failure(ctx, resp).await),
         }
@@ -458,7 +470,15 @@ impl Executor {
                 progress,
                 retry_after,
             },
-            JobPoll::Completed { .. } => EffectResult::ImportCompleted,
+            JobPoll::Completed {
+                body,
+                redirected_to,
+            } => EffectResult::ImportCompleted {
+                answer: ImportAnswer {
+                    redirected_to,
+                    ..read_import_answer(&body)
+                },
+            },
         })
     }
 

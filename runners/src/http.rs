@@ -76,7 +76,8 @@ pub async fn status_failure(context: &str, response: Response) -> Failure {
     let status = response.status();
     let retry_after = header(response.headers(), "retry-after");
     let body = read_limited(response).await;
-    let (detail, transient_outcome) = describe_body(&body);
+    let described = describe_body(&body);
+    let detail = described.text;
     let reason = status.canonical_reason().unwrap_or("");
     let message = if detail.is_empty() {
         format!("{context}: {} {reason}", status.as_u16())
@@ -86,7 +87,8 @@ pub async fn status_failure(context: &str, response: Response) -> Failure {
     Failure::new(
         FailureKind::Http {
             status: status.as_u16(),
-            transient_outcome,
+            transient_outcome: described.transient,
+            outcome: described.outcome,
         },
         message,
     )
@@ -105,13 +107,28 @@ async fn read_limited(mut response: Response) -> Vec<u8> {
     body
 }
 
-/// Summarises an error body; the flag is true when an OperationOutcome issue is `transient`.
-pub fn describe_body(body: &[u8]) -> (String, bool) {
+/// What an error body says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BodyText {
+    /// An OperationOutcome's diagnostics, an OAuth error, or the start of the text.
+    pub text: String,
+    /// The body is a FHIR OperationOutcome (the server's considered answer).
+    pub outcome: bool,
+    /// One of its issues has code `transient`.
+    pub transient: bool,
+}
+
+/// Summarises an error body.
+pub fn describe_body(body: &[u8]) -> BodyText {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
         let text = String::from_utf8_lossy(body);
         let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        return (text.chars().take(300).collect(), false);
+        return BodyText {
+            text: text.chars().take(300).collect(),
+            ..BodyText::default()
+        };
     };
+    let outcome = v.get("resourceType").and_then(|t| t.as_str()) == Some("OperationOutcome");
     if let Some(issues) = v.get("issue").and_then(|i| i.as_array()) {
         let transient = issues
             .iter()
@@ -127,7 +144,11 @@ pub fn describe_body(body: &[u8]) -> (String, bool) {
             .map(|s| s.chars().take(300).collect())
             .take(3)
             .collect();
-        return (texts.join("; "), transient);
+        return BodyText {
+            text: texts.join("; "),
+            outcome,
+            transient,
+        };
     }
     if let Some(error) = v.get("error").and_then(|e| e.as_str()) {
         let desc = v
@@ -135,9 +156,16 @@ pub fn describe_body(body: &[u8]) -> (String, bool) {
             .and_then(|d| d.as_str())
             .map(|d| format!(" ({})", d.chars().take(200).collect::<String>()))
             .unwrap_or_default();
-        return (format!("{error}{desc}"), false);
+        return BodyText {
+            text: format!("{error}{desc}"),
+            ..BodyText::default()
+        };
     }
-    (v.to_string().chars().take(300).collect(), false)
+    BodyText {
+        text: v.to_string().chars().take(300).collect(),
+        outcome,
+        transient: false,
+    }
 }
 
 #[cfg(test)]
@@ -146,16 +174,20 @@ mod tests {
 
     #[test]
     fn outcome_bodies_are_described_and_transient_detected() {
-        let (text, transient) = describe_body(
+        let d = describe_body(
             br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"transient","diagnostics":"try later"}]}"#,
         );
-        assert_eq!(text, "try later");
-        assert!(transient);
-        let (text, transient) =
-            describe_body(br#"{"error":"invalid_client","error_description":"bad"}"#);
-        assert_eq!(text, "invalid_client (bad)");
-        assert!(!transient);
-        let (text, _) = describe_body(b"<html>\n  Bad   gateway </html>");
-        assert_eq!(text, "<html> Bad gateway </html>");
+        assert_eq!(d.text, "try later");
+        assert!(d.transient && d.outcome);
+        let d = describe_body(
+            br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"processing","diagnostics":"Unsupported _type"}]}"#,
+        );
+        assert!(d.outcome && !d.transient);
+        let d = describe_body(br#"{"error":"invalid_client","error_description":"bad"}"#);
+        assert_eq!(d.text, "invalid_client (bad)");
+        assert!(!d.transient && !d.outcome);
+        let d = describe_body(b"<html>\n  Bad   gateway </html>");
+        assert_eq!(d.text, "<html> Bad gateway </html>");
+        assert!(!d.outcome);
     }
 }

@@ -69,6 +69,7 @@ fn spec(method: Option<AuthMethod>, secret: bool, key: bool) -> AuthSpec {
         },
         key_id: None,
         signing_algorithm: None,
+        allow_insecure: false,
     }
 }
 

@@ -206,9 +206,19 @@ pub fn transient_outcome(status: u16) -> Failure {
         FailureKind::Http {
             status,
             transient_outcome: true,
+            outcome: true,
         },
         "OperationOutcome: transient: try again later",
     )
+}
+
+/// What a finished Pathling 9.2+ job answers: the import result `Parameters`.
+pub fn import_completed() -> EffectResult {
+    EffectResult::ImportCompleted {
+        answer: pathling_import_core::pathling::read_import_answer(
+            br#"{"resourceType":"Parameters","parameter":[]}"#,
+        ),
+    }
 }
 
 pub fn network() -> EffectResult {

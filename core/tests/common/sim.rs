@@ -417,6 +417,7 @@ impl World {
                 FailureKind::Http {
                     status: 503,
                     transient_outcome: true,
+                    outcome: true,
                 },
                 "transient: try again later",
             ),
@@ -475,6 +476,7 @@ impl World {
                             FailureKind::Http {
                                 status: 503,
                                 transient_outcome: true,
+                                outcome: true,
                             },
                             "transient",
                         )),
@@ -621,7 +623,7 @@ impl World {
                         "Import failed: resource Patient has no id",
                     ));
                 }
-                EffectResult::ImportCompleted
+                super::import_completed()
             }
             Effect::ApplyDeletions { index, key } => {
                 let i = *index as usize;
@@ -1060,10 +1062,17 @@ pub fn check_accounting(
         .events
         .iter()
         .any(|e| matches!(e.input, Input::Cancel { .. }));
+    // A run that failed while files remained to be staged keeps its export job for a retry.
+    let kept_for_retry = matches!(
+        &outcome.run.state,
+        pathling_import_core::state::SyncState::Failed(f)
+            if f.resume.as_ref().is_some_and(|r| r.export_kept)
+    );
     if accepted_export && !skipped_by_cancel {
         assert_eq!(
-            world.export_job_deletes, 1,
-            "the export job is deleted once"
+            world.export_job_deletes,
+            u32::from(!kept_for_retry),
+            "the export job is deleted once (unless kept for a retry)"
         );
     }
     if !accepted_export {

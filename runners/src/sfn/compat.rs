@@ -40,7 +40,10 @@ use bytes::Bytes;
 use pathling_import_core::bulk::parse_manifest;
 use pathling_import_core::config::Config;
 use pathling_import_core::effect::{Effect, EffectId, EffectResult, Input, Request};
-use pathling_import_core::pathling::{import_parameters, is_wrong_generation, ImportInput};
+use pathling_import_core::pathling::{
+    import_parameters, is_wrong_generation, judge_import_answer, read_import_answer, ImportAnswer,
+    ImportInput,
+};
 use pathling_import_core::persist;
 use pathling_import_core::retry::{classify, stable_hash, Failure, Verdict};
 use pathling_import_core::spec::{ImportMode, PathlingApi, PathlingApiChoice, SinceSpec};
@@ -185,7 +188,7 @@ impl Handlers {
             Ok(JobPoll::InProgress { progress, .. }) => {
                 return Err(in_progress("Export job", progress.as_deref()))
             }
-            Ok(JobPoll::Completed { body }) => body,
+            Ok(JobPoll::Completed { body, .. }) => body,
             Err(f) => return Err(effect_failure("export status", &f)),
         };
         // Validate as the machine would, so that a bad manifest fails here, clearly.
@@ -467,9 +470,20 @@ async fn check_import_status(
         Ok(JobPoll::InProgress { progress, .. }) => {
             Err(in_progress("Import job", progress.as_deref()))
         }
-        Ok(JobPoll::Completed { body }) => {
+        Ok(JobPoll::Completed {
+            body,
+            redirected_to,
+        }) => {
+            // The same judgement as the machine's: only a real import result is success.
+            let answer = ImportAnswer {
+                redirected_to,
+                ..read_import_answer(&body)
+            };
+            judge_import_answer(&answer).map_err(|reason| {
+                LambdaFailure::sync_failed(format!("Pathling import: {reason}"))
+            })?;
             let result = serde_json::from_slice::<Value>(&body)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+                .map_err(|e| LambdaFailure::sync_failed(format!("Pathling import: {e}")))?;
             Ok(json!({ "result": result }))
         }
         Err(f) => Err(effect_failure("Pathling import status", &f)),
