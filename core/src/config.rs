@@ -48,11 +48,21 @@ pub struct SentryConfig {
     pub release: Option<String>,
 }
 
+/// Trust settings of this process (not part of a run: a new CA applies at once).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// A PEM file of extra root certificates trusted for the source (and its file URLs).
+    pub source_ca_file: Option<String>,
+    /// The same for the target.
+    pub target_ca_file: Option<String>,
+}
+
 /// Everything configuration yields.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub spec: RunSpec,
     pub secrets: Secrets,
+    pub tls: TlsConfig,
     pub sentry: SentryConfig,
     /// Runner-specific keys the caller asked for (by CONSTANT_CASE name), as given.
     pub extras: BTreeMap<String, String>,
@@ -124,6 +134,7 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("SOURCE_KEY_ID", true, "(the JWK's kid)", "The `kid` of the source signing key."),
     ("SOURCE_SIGNING_ALGORITHM", true, "(from the key)", "`RS384` or `ES384`."),
     ("SOURCE_ALLOW_INSECURE_AUTH", true, "false", "Allow the SMART token endpoint over plain http (never do this outside a test network)."),
+    ("SOURCE_CA_FILE", true, "", "A PEM file of extra root certificates to trust for the source (an internal CA); the system's trust store (honouring SSL_CERT_FILE/SSL_CERT_DIR) is always used too."),
     ("STAGING_URL", false, "(required; the CLI defaults to ./pathling-import-staging)", "`s3://bucket/prefix/` or `file:///absolute/dir/`."),
     ("TARGET_ENDPOINT", false, "(required)", "Base URL of the target Pathling server."),
     ("TARGET_AUTHENTICATION_ENABLED", false, "true", "`false` disables authentication to the target."),
@@ -135,6 +146,7 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("TARGET_KEY_ID", true, "(the JWK's kid)", "As SOURCE_KEY_ID."),
     ("TARGET_SIGNING_ALGORITHM", true, "(from the key)", "As SOURCE_SIGNING_ALGORITHM."),
     ("TARGET_ALLOW_INSECURE_AUTH", true, "false", "As SOURCE_ALLOW_INSECURE_AUTH."),
+    ("TARGET_CA_FILE", true, "", "As SOURCE_CA_FILE, for the target."),
     ("IMPORT_MODE", false, "merge", "`merge` or `overwrite`; on Pathling 9.2+ also `append`, `ignore`, `error`."),
     ("PATHLING_API", true, "auto", "`auto` (detect), `7` (7.x `source` shape) or `9` (9.2+ `input` shape)."),
     ("APPLY_DELETIONS", true, "false", "Apply the export's `deleted[]` entries to Pathling (9.x only)."),
@@ -155,6 +167,7 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("TRANSFER_PART_SIZE", true, "8", "S3 multipart part size in MiB (5 to 512)."),
     ("HTTP_CONNECT_TIMEOUT", true, "10", "Seconds to establish a connection."),
     ("HTTP_READ_TIMEOUT", true, "60", "Seconds without any progress before a request fails."),
+    ("MANIFEST_MAX_SIZE", true, "64", "Largest export manifest read, in MiB (a larger answer fails the run clearly instead of exhausting memory)."),
     ("SENTRY_DSN", false, "", "Report failures to Sentry."),
     ("SENTRY_ENVIRONMENT", false, "", "Sentry environment."),
     ("SENTRY_RELEASE", false, "", "Sentry release."),
@@ -859,6 +872,11 @@ pub fn parse(raw: &RawConfig, extra_keys: &[&str]) -> Result<Config, ConfigError
         part_size: r.integer("TRANSFER_PART_SIZE", 5, 512).unwrap_or(8) * 1024 * 1024,
         connect_timeout_ms: r.integer("HTTP_CONNECT_TIMEOUT", 1, 600).unwrap_or(10) * 1000,
         read_timeout_ms: r.integer("HTTP_READ_TIMEOUT", 1, 3600).unwrap_or(60) * 1000,
+        manifest_max_bytes: r.integer("MANIFEST_MAX_SIZE", 1, 4096).unwrap_or(64) * 1024 * 1024,
+    };
+    let tls = TlsConfig {
+        source_ca_file: r.string("SOURCE_CA_FILE"),
+        target_ca_file: r.string("TARGET_CA_FILE"),
     };
     let (_, dsn) = r.secret("SENTRY_DSN");
     if let Some(problem) = dsn.as_ref().and_then(|d| dsn_problem(d.expose())) {
@@ -901,6 +919,7 @@ pub fn parse(raw: &RawConfig, extra_keys: &[&str]) -> Result<Config, ConfigError
                 target_client_secret,
                 target_private_key,
             },
+            tls,
             sentry,
             extras,
         }),

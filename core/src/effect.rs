@@ -90,6 +90,22 @@ pub enum Effect {
     DeleteExportJob { status_url: String },
 }
 
+impl Effect {
+    /// A short, stable name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Effect::KickoffExport(_) => "kickoff_export",
+            Effect::PollExport { .. } => "poll_export",
+            Effect::StageFile { .. } => "stage_file",
+            Effect::DetectPathling => "detect_pathling",
+            Effect::KickoffImport { .. } => "kickoff_import",
+            Effect::PollImport { .. } => "poll_import",
+            Effect::ApplyDeletions { .. } => "apply_deletions",
+            Effect::DeleteExportJob { .. } => "delete_export_job",
+        }
+    }
+}
+
 /// A Bulk Data kick-off, fully resolved.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportKickoffRequest {

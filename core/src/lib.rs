@@ -18,6 +18,8 @@
 //! - [`effect`]: `Next`, `Request`, `Effect`, `Input`, `EffectResult`, `Rejected`.
 //! - [`machine`]: `SyncRun::{start, next, step}`.
 //! - [`persist`]: the versioned envelope and its upcasters.
+//! - [`plan`]: what a runner does with the run it finds stored (continue, retry, start, idle)
+//!   and how watermarks combine.
 //!
 //! ## The driver contract
 //!
@@ -73,6 +75,7 @@ pub mod effect;
 pub mod machine;
 pub mod pathling;
 pub mod persist;
+pub mod plan;
 pub mod retry;
 pub mod spec;
 pub mod staging;

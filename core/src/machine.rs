@@ -107,7 +107,6 @@ fn resume_point(from: ResumeFrom, export: &Exported) -> ResumePoint {
         deleted: 0,
         absent: 0,
         export_kept: false,
-        export_expired: false,
     }
 }
 
@@ -155,9 +154,39 @@ impl SyncRun {
                 since,
                 retry: Retrying::default(),
                 deadline,
+                superseded_job: None,
             }),
             upgraded_from: None,
         })
+    }
+
+    /// A just-started run that first deletes `job`, the export job of the run it replaces.
+    pub fn superseding(mut self, job: Option<String>) -> SyncRun {
+        if let SyncState::KickingOffExport(k) = &mut self.state {
+            k.superseded_job = job;
+        }
+        self
+    }
+
+    /// The export job this run holds at the source: one that is running or whose files are
+    /// still wanted (a failed run that can be retried).
+    pub fn export_job(&self) -> Option<&str> {
+        match &self.state {
+            SyncState::KickingOffExport(_) | SyncState::Succeeded(_) | SyncState::Cancelled(_) => {
+                None
+            }
+            SyncState::PollingExport(s) => Some(&s.status_url),
+            SyncState::StagingFiles(s) => Some(&s.export.status_url),
+            SyncState::KickingOffImport(s) => Some(&s.export.status_url),
+            SyncState::PollingImport(s) => Some(&s.export.status_url),
+            SyncState::ApplyingDeletions(s) => Some(&s.export.status_url),
+            SyncState::CleaningUp(s) => Some(&s.status_url),
+            SyncState::Failed(f) => f
+                .resume
+                .as_ref()
+                .filter(|r| r.export_kept)
+                .map(|r| r.export.status_url.as_str()),
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -178,10 +207,20 @@ impl SyncRun {
                 .filter(|t| *t > now)
                 .map(|until| Next::SleepUntil {
                     until,
-                    reason: reason.to_string(),
+                    // The cause goes with every retry line an operator reads.
+                    reason: match &retry.last_error {
+                        Some(cause) => format!("{reason} after: {cause}"),
+                        None => reason.to_string(),
+                    },
                 })
         };
         match &self.state {
+            SyncState::KickingOffExport(KickingOffExport {
+                superseded_job: Some(job),
+                ..
+            }) => run_req(Effect::DeleteExportJob {
+                status_url: job.clone(),
+            }),
             SyncState::KickingOffExport(s) => waiting(&s.retry, "retrying the export kick-off")
                 .unwrap_or_else(|| {
                     run_req(Effect::KickoffExport(Effect::export_kickoff(
@@ -296,13 +335,19 @@ impl SyncRun {
             .files
             .rows
             .iter()
-            .filter(|r| eligible(r))
-            .map(|r| r.not_before)
-            .min()
+            .enumerate()
+            .filter(|(_, r)| eligible(r))
+            .min_by_key(|(_, r)| r.not_before)
         {
-            Some(until) => Next::SleepUntil {
-                until,
-                reason: reason.to_string(),
+            Some((index, row)) => Next::SleepUntil {
+                until: row.not_before,
+                reason: match export.files.errors.get(&(index as u32)) {
+                    Some(cause) => format!(
+                        "{reason} ({} after: {cause})",
+                        export.files.describe(index as u32)
+                    ),
+                    None => reason.to_string(),
+                },
             },
             // Unreachable by construction: `step` leaves the phase when its last file settles.
             None => Next::SleepUntil {
@@ -485,26 +530,18 @@ impl SyncRun {
         };
         let mut export = point.export.clone();
         Ok(match point.from {
-            ResumeFrom::StagingFiles if point.export_expired => {
-                SyncState::KickingOffExport(KickingOffExport {
-                    since: export.since.clone(),
-                    retry: Retrying::default(),
-                    deadline: now.plus_ms(patience_ms(&self.spec.retry.export)),
-                })
-            }
-            ResumeFrom::StagingFiles => {
-                for row in export.files.rows.iter_mut() {
-                    if row.status == FileStatus::Failed {
-                        row.status = FileStatus::Pending;
-                    }
-                    if row.status == FileStatus::Pending {
-                        row.failures = 0;
-                        row.not_before = Timestamp::ZERO;
-                    }
-                }
-                export.files.errors.clear();
-                self.after_staging_step(export, now)
-            }
+            // Ask the source first whether the export still stands (pre-signed file URLs
+            // expire, and so do exports): see `PollingExport::resuming`.
+            ResumeFrom::StagingFiles => SyncState::PollingExport(PollingExport {
+                since: export.since.clone(),
+                status_url: export.status_url.clone(),
+                polls: 0,
+                progress: None,
+                retry: Retrying::default(),
+                deadline: now.plus_ms(patience_ms(&self.spec.retry.export)),
+                throttled: false,
+                resuming: Some(Box::new(export)),
+            }),
             ResumeFrom::KickingOffImport => self.import_kickoff(export, now),
             ResumeFrom::ApplyingDeletions => {
                 for row in export.files.rows.iter_mut() {
@@ -681,6 +718,19 @@ impl SyncRun {
         };
         let spec = &self.spec;
         match &self.state {
+            SyncState::KickingOffExport(s) if s.superseded_job.is_some() => {
+                run_level(id)?;
+                match result {
+                    // Best effort, as any clean-up: the old job expires at the source anyway.
+                    EffectResult::ExportJobDeleted | EffectResult::Failed(_) => {
+                        Ok(SyncState::KickingOffExport(KickingOffExport {
+                            superseded_job: None,
+                            ..s.clone()
+                        }))
+                    }
+                    other => Err(mismatch("kicking_off_export", &other)),
+                }
+            }
             SyncState::KickingOffExport(s) => {
                 run_level(id)?;
                 match result {
@@ -703,6 +753,7 @@ impl SyncRun {
                             retry: Retrying::default(),
                             deadline: s.deadline,
                             throttled: false,
+                            resuming: None,
                         }))
                     }
                     EffectResult::Failed(f) => {
@@ -764,6 +815,17 @@ impl SyncRun {
                         }
                     }
                     EffectResult::ExportCompleted { digest } => Ok(self.exported(s, digest, now)),
+                    // A retried run whose export is gone at the source: export again.
+                    EffectResult::Failed(f)
+                        if s.resuming.is_some() && matches!(f.status(), Some(404 | 410)) =>
+                    {
+                        Ok(SyncState::KickingOffExport(KickingOffExport {
+                            since: s.since.clone(),
+                            retry: Retrying::default(),
+                            deadline: now.plus_ms(patience_ms(&spec.retry.export)),
+                            superseded_job: None,
+                        }))
+                    }
                     EffectResult::Failed(f) => {
                         match self.retry_after_failure(
                             &s.retry,
@@ -837,37 +899,36 @@ impl SyncRun {
                         } else {
                             None
                         };
-                        export
-                            .files
-                            .errors
-                            .insert(index, crate::bulk::truncate(&f.to_string(), 300));
-                        let what = export.files.describe(index);
                         let r = &mut export.files.rows[index as usize];
                         r.failures = failures;
                         if let Some(reason) = give_up {
                             r.status = FileStatus::Failed;
-                            // The source no longer serves the file: its export has expired
-                            // (or was deleted), so a retry must export again.
-                            let expired = matches!(f.status(), Some(404 | 410));
-                            let mut resume = resume_point(ResumeFrom::StagingFiles, &export);
-                            resume.export_expired = expired;
-                            // Files remain to be downloaded: keep the export job for the retry
-                            // unless it is of no use any more.
-                            resume.export_kept = !expired;
-                            let hint = if expired {
-                                "; the source no longer serves it, so its export has probably expired: a retry exports again"
-                            } else {
-                                ""
-                            };
-                            return Ok(self.fail(Failing {
-                                phase: "staging_files",
-                                reason: format!("could not stage {what}: {reason}{hint}"),
-                                summary: summarise(&export),
-                                cleanup: expired.then_some(export.status_url.as_str()),
-                                cause: Some(&f),
-                                resume: Some(resume),
-                            }));
+                            export
+                                .files
+                                .errors
+                                .insert(index, crate::bulk::truncate(&reason, 300));
+                            // The staging store failing is every file's problem: stop now. A
+                            // file the source cannot serve is its own: the others go on, so
+                            // that a retry has only the failed ones left to stage.
+                            let store_failed =
+                                matches!(f.kind, FailureKind::Storage { .. } | FailureKind::Local);
+                            let pending = export
+                                .files
+                                .rows
+                                .iter()
+                                .any(|r| r.status == FileStatus::Pending);
+                            if pending && !store_failed {
+                                return Ok(SyncState::StagingFiles(StagingFiles {
+                                    export,
+                                    stall_deadline: s.stall_deadline,
+                                }));
+                            }
+                            return Ok(self.staging_failed(export, Some(&f)));
                         }
+                        export
+                            .files
+                            .errors
+                            .insert(index, crate::bulk::truncate(&f.to_string(), 300));
                         let delay = failure_delay_ms(
                             &spec.retry.transfer,
                             failures,
@@ -1068,6 +1129,31 @@ impl SyncRun {
     }
 
     fn exported(&self, s: &PollingExport, digest: ManifestDigest, now: Timestamp) -> SyncState {
+        if let Some(previous) = s.resuming.as_deref() {
+            let same =
+                previous.transaction_time == digest.transaction_time
+                    && previous.files.rows.len() == digest.files.len()
+                    && previous.files.rows.iter().zip(&digest.files).all(
+                        |(row, (kind, type_name))| {
+                            row.kind == *kind && previous.files.type_name(row) == type_name
+                        },
+                    );
+            if same {
+                let mut export = previous.clone();
+                for row in export.files.rows.iter_mut() {
+                    if row.status == FileStatus::Failed {
+                        row.status = FileStatus::Pending;
+                    }
+                    if row.status == FileStatus::Pending {
+                        row.failures = 0;
+                        row.not_before = Timestamp::ZERO;
+                    }
+                }
+                export.files.errors.clear();
+                return self.after_staging_step(export, now);
+            }
+            // Another manifest for the same job (the source re-ran it): stage it all anew.
+        }
         let export = Exported {
             since: s.since.clone(),
             status_url: s.status_url.clone(),
@@ -1093,6 +1179,14 @@ impl SyncRun {
                 stall_deadline: now.plus_ms(patience_ms(&self.spec.retry.transfer)),
             });
         }
+        if export
+            .files
+            .rows
+            .iter()
+            .any(|r| r.status == FileStatus::Failed)
+        {
+            return self.staging_failed(export, None);
+        }
         let errors = &export.source_errors;
         if errors.fatal > 0 {
             // The export itself is broken: retrying the import cannot help, so this failure
@@ -1115,6 +1209,38 @@ impl SyncRun {
             return self.import_kickoff(export, now);
         }
         self.after_import(export, None)
+    }
+
+    /// Staging ends with files that could not be staged: the run fails naming them, and keeps
+    /// the export job so that a retry stages only those.
+    fn staging_failed(&self, export: Exported, cause: Option<&Failure>) -> SyncState {
+        let failed: Vec<u32> = export
+            .files
+            .rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.status == FileStatus::Failed)
+            .map(|(i, _)| i as u32)
+            .collect();
+        let first = failed.first().copied().unwrap_or(0);
+        let why = export.files.errors.get(&first).cloned().unwrap_or_default();
+        let more = match failed.len() {
+            0 | 1 => String::new(),
+            n => format!(" (and {} other file(s))", n - 1),
+        };
+        let mut resume = resume_point(ResumeFrom::StagingFiles, &export);
+        resume.export_kept = true;
+        self.fail(Failing {
+            phase: "staging_files",
+            reason: format!(
+                "could not stage {}: {why}{more}",
+                export.files.describe(first)
+            ),
+            summary: summarise(&export),
+            cleanup: None,
+            cause,
+            resume: Some(resume),
+        })
     }
 
     /// The import's kick-off, first asking Pathling's generation when configured `auto`.

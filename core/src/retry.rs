@@ -54,6 +54,23 @@ pub enum FailureKind {
     Local,
 }
 
+impl FailureKind {
+    /// A short, stable name for logs and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FailureKind::Network => "network",
+            FailureKind::Dns => "dns",
+            FailureKind::Refused => "refused",
+            FailureKind::Tls => "tls",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Http { .. } => "http",
+            FailureKind::Undecodable => "undecodable",
+            FailureKind::Storage { .. } => "storage",
+            FailureKind::Local => "local",
+        }
+    }
+}
+
 impl Failure {
     pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
         Failure {

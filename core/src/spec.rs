@@ -223,4 +223,11 @@ pub struct TransferSpec {
     pub connect_timeout_ms: u64,
     /// A download or request with no progress for this long fails (and is retried).
     pub read_timeout_ms: u64,
+    /// The largest export manifest read into memory.
+    #[serde(default = "default_manifest_max_bytes")]
+    pub manifest_max_bytes: u64,
+}
+
+fn default_manifest_max_bytes() -> u64 {
+    64 * 1024 * 1024
 }

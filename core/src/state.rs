@@ -67,6 +67,11 @@ pub struct KickingOffExport {
     pub since: Option<String>,
     pub retry: Retrying,
     pub deadline: Timestamp,
+    /// The export job of the run this one replaced (`--fresh`), deleted at the source
+    /// (best effort) before the new export starts. Part of the new run, so that a kill at
+    /// any point leaves either the old run or the new one, never half of each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_job: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,6 +86,12 @@ pub struct PollingExport {
     /// The server answered `429` in this phase: polls stay twice as far apart from then on.
     #[serde(default, skip_serializing_if = "is_false")]
     pub throttled: bool,
+    /// A retried run asking whether its export still stands: the file table it had. When the
+    /// source answers with the same manifest, staging continues with it (already staged files
+    /// stay staged; the manifest's URLs, which may have been re-signed, are stored anew);
+    /// when the export is gone (404/410), the run exports again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resuming: Option<Box<Exported>>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -238,10 +249,6 @@ pub struct ResumePoint {
     /// when the run finally ends or is abandoned.
     #[serde(default)]
     pub export_kept: bool,
-    /// The source answered 404/410 for a file: its export has expired, and a retry must
-    /// export again.
-    #[serde(default)]
-    pub export_expired: bool,
 }
 
 /// The phase a retry continues in.

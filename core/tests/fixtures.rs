@@ -241,16 +241,18 @@ fn cleaning_up_failed() -> SyncRun {
     )
 }
 
-/// A file the source refuses for good: the export job is kept for a retry.
+/// A file the source refuses for good: the others are staged, the export job is kept for a
+/// retry.
 fn failed_resumable() -> SyncRun {
     let run = staging(spec(), FILES);
     let req = requests(&run, T0).remove(1);
-    step_ok(
+    let run = step_ok(
         &run,
         req.id,
         http(403, "Forbidden: signature expired"),
         at(5),
-    )
+    );
+    stage_all(&run, at(6))
 }
 
 fn cleaning_up_cancelled() -> SyncRun {

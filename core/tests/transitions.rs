@@ -1003,15 +1003,18 @@ fn per_file_permanent_failure_fails_naming_the_file() {
     let req = requests(&run, T0).remove(2);
 
     let next = step_ok(&run, req.id, http(403, "signature expired"), T0);
+    // The other files go on: a retry then has only this one left.
+    assert!(matches!(next.state, SyncState::StagingFiles(_)));
+    let next = stage_all(&next, T0);
 
-    // Files remain to be staged: the export job is kept for a retry, not deleted.
+    // A file remains to be staged: the export job is kept for a retry, not deleted.
     assert!(
         matches!(next.state, SyncState::Failed(_)),
         "{:?}",
         next.state
     );
     let point = next.resumable().expect("a retry can continue the run");
-    assert!(point.export_kept && !point.export_expired);
+    assert!(point.export_kept);
     let (phase, reason) = failure_of(&next);
     assert_eq!(phase, "staging_files");
     assert!(
@@ -2668,12 +2671,12 @@ fn an_information_outcome_and_an_import_result_are_success() {
     }
 }
 
-/// Staging fails on file 1 (403); file 0 is staged, files 2.. are pending.
+/// Staging fails on file 1 (403); every other file is staged.
 fn failed_while_staging() -> SyncRun {
     let run = staging(spec(), FILES);
     let reqs = requests(&run, T0);
-    let run = step_ok(&run, reqs[0].id, file_staged(), T0);
-    step_ok(&run, reqs[1].id, http(403, "Forbidden"), at(1))
+    let run = step_ok(&run, reqs[1].id, http(403, "Forbidden"), at(1));
+    stage_all(&run, at(1))
 }
 
 #[test]
@@ -2689,8 +2692,15 @@ fn a_retry_after_a_staging_failure_stages_only_what_is_missing() {
         )
         .unwrap();
     assert_eq!(retried.seq, failed.seq + 1);
+    // The retry first asks the source whether the export still stands; it does, with the
+    // same manifest (its URLs stored anew: pre-signed ones may have been re-signed).
+    let p = polling(&retried);
+    assert_eq!(p.status_url, STATUS_URL);
+    assert!(p.resuming.is_some());
+    let retried = answer(&retried, export_completed(FILES), at(100));
     let s = staging_state(&retried);
     assert_eq!(s.export.files.rows[0].status, FileStatus::Staged);
+    assert_eq!(s.export.files.rows[2].status, FileStatus::Staged);
     assert_eq!(s.export.files.rows[1].status, FileStatus::Pending);
     assert_eq!(
         s.export.files.rows[1].failures, 0,
@@ -2704,8 +2714,7 @@ fn a_retry_after_a_staging_failure_stages_only_what_is_missing() {
             other => panic!("{other:?}"),
         })
         .collect();
-    assert!(!asked.contains(&0), "file 0 is staged already: {asked:?}");
-    assert!(asked.contains(&1), "{asked:?}");
+    assert_eq!(asked, [1], "only the failed file is staged again");
     // The run completes from there, cleaning up the export job it kept.
     let run = stage_all(&retried, at(101));
     assert!(matches!(run.state, SyncState::KickingOffImport(_)));
@@ -2739,14 +2748,7 @@ fn a_retry_adopts_corrected_import_settings_but_keeps_the_export_and_binding() {
 fn an_expired_export_is_exported_again_on_retry() {
     let run = staging(spec(), FILES);
     let req = requests(&run, T0).remove(0);
-    let next = step_ok(&run, req.id, http(404, "Not Found"), T0);
-    // The useless export job is deleted right away.
-    assert_eq!(cleaning_up(&next).status_url, STATUS_URL);
-    let failed = answer(&next, EffectResult::ExportJobDeleted, at(1));
-    let point = failed.resumable().unwrap();
-    assert!(point.export_expired && !point.export_kept);
-    let (_, reason) = failure_of(&failed);
-    assert!(reason.contains("export has probably expired"), "{reason}");
+    let failed = stage_all(&step_ok(&run, req.id, http(404, "Not Found"), T0), T0);
     let retried = failed
         .step(
             Input::Retry {
@@ -2755,11 +2757,33 @@ fn an_expired_export_is_exported_again_on_retry() {
             at(2),
         )
         .unwrap();
-    assert!(matches!(retried.state, SyncState::KickingOffExport(_)));
-    assert_eq!(
-        retried.run_id, failed.run_id,
-        "same run, same staging prefix"
-    );
+    // The source no longer knows the export job: export again, into the same run.
+    let next = answer(&retried, http(404, "Unknown job"), at(3));
+    assert!(matches!(next.state, SyncState::KickingOffExport(_)));
+    assert_eq!(next.run_id, failed.run_id, "same run, same staging prefix");
+}
+
+#[test]
+fn a_retried_export_with_another_manifest_is_staged_anew() {
+    let failed = failed_while_staging();
+    let retried = failed
+        .step(
+            Input::Retry {
+                spec: Box::new(spec()),
+            },
+            at(2),
+        )
+        .unwrap();
+    let other = &[(OUT, "Patient"), (OUT, "Condition")];
+    let next = answer(&retried, export_completed(other), at(3));
+    let s = staging_state(&next);
+    assert_eq!(s.export.files.rows.len(), 2);
+    assert!(s
+        .export
+        .files
+        .rows
+        .iter()
+        .all(|r| r.status == FileStatus::Pending));
 }
 
 #[test]
@@ -2994,4 +3018,38 @@ fn rebinding_takes_the_configured_endpoints_but_never_moves_staged_files() {
     // Before anything is staged the location may still change.
     let early = polling_export(spec());
     assert!(early.rebind(&elsewhere).is_ok());
+}
+
+#[test]
+fn a_failing_staging_store_stops_the_phase_at_once() {
+    let run = staging(spec(), FILES);
+    let req = requests(&run, T0).remove(0);
+    let next = step_ok(
+        &run,
+        req.id,
+        failed(Failure::new(
+            FailureKind::Storage { transient: false },
+            "AccessDenied",
+        )),
+        T0,
+    );
+    let (phase, reason) = failure_of(&next);
+    assert_eq!(phase, "staging_files");
+    assert!(reason.contains("AccessDenied"), "{reason}");
+    assert!(next.resumable().is_some());
+}
+
+#[test]
+fn several_failed_files_are_counted_in_the_reason() {
+    let run = staging(spec(), FILES);
+    let reqs = requests(&run, T0);
+    let run = step_ok(&run, reqs[1].id, http(403, "Forbidden"), T0);
+    let run = step_ok(&run, reqs[2].id, http(404, "Gone"), T0);
+    let run = stage_all(&run, T0);
+    let (_, reason) = failure_of(&run);
+    assert!(
+        reason.starts_with("could not stage output[1] Observation: HTTP 403"),
+        "{reason}"
+    );
+    assert!(reason.ends_with("(and 1 other file(s))"), "{reason}");
 }

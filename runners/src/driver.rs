@@ -7,7 +7,7 @@
 
 use crate::executor::{now, Executor};
 use futures::stream::{FuturesUnordered, StreamExt};
-use pathling_import_core::effect::{EffectId, Input, Next, Request};
+use pathling_import_core::effect::{EffectId, EffectResult, Input, Next, Request};
 use pathling_import_core::{SyncRun, Terminal, Timestamp};
 use std::collections::VecDeque;
 use std::future::Future;
@@ -158,9 +158,27 @@ pub async fn drive_until<S: RunStore>(
                                 );
                             }
                         }
-                        let Some(request) = queue.pop_front() else {
+                        let Some(mut request) = queue.pop_front() else {
                             break;
                         };
+                        if run.record_before(&request) {
+                            // An effect that must not be repeated blindly: persist that it
+                            // is going out before it does, so a lost answer is recognised.
+                            match run.sending(&request, now()) {
+                                Ok((recorded, still)) => {
+                                    store.save(&recorded).await?;
+                                    run = recorded;
+                                    match still {
+                                        Some(r) => request = r,
+                                        None => continue,
+                                    }
+                                }
+                                Err(why) => {
+                                    observer.rejected(&request, &why.to_string());
+                                    continue;
+                                }
+                            }
+                        }
                         in_flight_ids.push(request.id);
                         in_flight.push(async move {
                             let result = executor.execute(&request).await;
@@ -175,6 +193,18 @@ pub async fn drive_until<S: RunStore>(
                         break;
                     };
                     in_flight_ids.retain(|id| *id != request.id);
+                    if let EffectResult::Failed(f) = &result {
+                        // Every failure is logged with its cause as it happens; the machine
+                        // decides (and the next wait line says) whether it is retried.
+                        tracing::warn!(
+                            run_id = %run.run_id,
+                            phase = run.state.name(),
+                            effect = request.effect.name(),
+                            status = f.status().unwrap_or(0),
+                            kind = f.kind.name(),
+                            "{f}"
+                        );
+                    }
                     match run.step(
                         Input::Completed {
                             id: request.id,

@@ -6,14 +6,15 @@
 //! core decides about retries. It never returns a secret in a result.
 
 use crate::auth::{Authenticator, BearerToken, Side};
-use crate::http::{header, status_failure, transport_failure};
+use crate::http::{header, read_capped, status_failure, transport_failure, MAX_JSON_ANSWER};
+use crate::net::{AddressPolicy, Clients};
 use crate::staging::{FailureSide, S3Options, S3Store, StagingError, StagingStore};
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use pathling_import_core::bulk::{
     deleted_refs, parse_manifest, FileKind, Manifest, OutcomeSummary, ResourceRef,
 };
-use pathling_import_core::config::Secrets;
+use pathling_import_core::config::{Secrets, TlsConfig};
 use pathling_import_core::effect::{
     Effect, EffectResult, ExportKickoffRequest, ManifestDigest, Request,
 };
@@ -57,10 +58,34 @@ pub struct Counters {
 pub enum SetupError {
     #[error("{0}")]
     Auth(#[from] crate::auth::AuthSetupError),
+    #[error("{0}")]
+    CaFile(#[from] crate::net::CaFileError),
     #[error("HTTP client: {0}")]
     Http(String),
     #[error("staging store: {0}")]
     Staging(#[from] StagingError),
+}
+
+/// What the preflight found wrong, before any export is started.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error("the staging location {location} is not usable: {failure}")]
+    Staging { location: String, failure: Failure },
+    #[error("the target refused our credentials: {0}")]
+    TargetAuth(Failure),
+}
+
+impl PreflightError {
+    /// Whether waiting might fix it (the service was unreachable), rather than configuration.
+    pub fn is_transient(&self) -> bool {
+        let failure = match self {
+            PreflightError::Staging { failure, .. } | PreflightError::TargetAuth(failure) => {
+                failure
+            }
+        };
+        pathling_import_core::retry::classify(failure)
+            == pathling_import_core::retry::Verdict::Transient
+    }
 }
 
 /// What one poll of an asynchronous job answered ([`Executor::poll_job`]).
@@ -71,7 +96,8 @@ pub enum JobPoll {
         progress: Option<String>,
         retry_after: Option<String>,
     },
-    /// `200 OK`, with the body as sent (a Bulk Data manifest, or Pathling's answer).
+    /// `200 OK`, with the body as sent (a Bulk Data manifest, or Pathling's answer), read up
+    /// to the side's cap.
     Completed {
         body: Bytes,
         /// The origin the answer came from, when redirects led away from the job URL's.
@@ -80,7 +106,11 @@ pub enum JobPoll {
 }
 
 pub struct Executor {
-    http: reqwest::Client,
+    /// The source's client (and its file URLs'): its trust, the address policy, redirects.
+    source_http: reqwest::Client,
+    target_http: reqwest::Client,
+    policy: Arc<AddressPolicy>,
+    manifest_max_bytes: u64,
     source_base: String,
     target_base: String,
     source_auth: Authenticator,
@@ -102,11 +132,28 @@ impl std::fmt::Debug for Executor {
 
 impl Executor {
     /// Builds clients and parses credentials once (per process or Lambda container).
-    pub async fn new(spec: &RunSpec, secrets: &Secrets) -> Result<Executor, SetupError> {
-        let http = crate::http::build_client(&spec.transfer)
-            .map_err(|e| SetupError::Http(e.to_string()))?;
+    pub async fn new(
+        spec: &RunSpec,
+        secrets: &Secrets,
+        tls: &TlsConfig,
+    ) -> Result<Executor, SetupError> {
+        let policy =
+            AddressPolicy::new([spec.source.endpoint.as_str(), spec.target.endpoint.as_str()]);
+        let clients = Clients::new(&spec.transfer, policy.clone(), tls)?;
+        let http_error = |e: reqwest::Error| SetupError::Http(e.to_string());
+        let source_http = clients.build(Side::Source).map_err(http_error)?;
+        let target_http = clients.build(Side::Target).map_err(http_error)?;
+        // Discovery and token requests never follow a redirect: a 307 would re-send the
+        // client secret or the signed assertion to wherever it points.
+        let no_redirects = |side| {
+            clients
+                .builder(side)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(http_error)
+        };
         let source_auth = Authenticator::new(
-            http.clone(),
+            no_redirects(Side::Source)?,
             &spec.source.endpoint,
             &spec.source.auth,
             secrets.source_client_secret.clone(),
@@ -114,16 +161,34 @@ impl Executor {
             Side::Source,
         )?;
         let target_auth = Authenticator::new(
-            http.clone(),
+            no_redirects(Side::Target)?,
             &spec.target.endpoint,
             &spec.target.auth,
             secrets.target_client_secret.clone(),
             secrets.target_private_key.clone(),
             Side::Target,
         )?;
+        for (side, endpoint, auth) in [
+            ("source", &spec.source.endpoint, &spec.source.auth),
+            ("target", &spec.target.endpoint, &spec.target.auth),
+        ] {
+            if auth.enabled
+                && endpoint.starts_with("http://")
+                && !crate::net::is_loopback_url(endpoint)
+            {
+                tracing::warn!(
+                    side,
+                    "credentials for the {side} travel over plain http to a host that is not \
+                     this machine; use https"
+                );
+            }
+        }
         let staging = open_staging(&spec.staging, spec.transfer.part_size).await?;
         Ok(Executor {
-            http,
+            source_http,
+            target_http,
+            policy,
+            manifest_max_bytes: spec.transfer.manifest_max_bytes,
             source_base: spec.source.endpoint.clone(),
             target_base: spec.target.endpoint.clone(),
             source_auth,
@@ -136,6 +201,47 @@ impl Executor {
 
     pub fn staging(&self) -> &StagingStore {
         &self.staging
+    }
+
+    /// Fails in seconds what would otherwise fail hours later, after the export: the staging
+    /// location is written to and cleaned (a marker under `prefix`), and the target's token
+    /// is obtained when authentication is on.
+    pub async fn preflight(&self, prefix: &str) -> Result<(), PreflightError> {
+        let key = format!("{prefix}.pathling-import-preflight");
+        let location = format!("{:?}", self.staging);
+        let staging = |e: StagingError, what: &str| PreflightError::Staging {
+            location: location.clone(),
+            failure: staging_failure(what, &e),
+        };
+        self.staging
+            .put_bytes(&key, Bytes::from_static(b"preflight\n"))
+            .await
+            .map_err(|e| staging(e, &format!("writing {key}")))?;
+        self.staging
+            .delete(&key)
+            .await
+            .map_err(|e| staging(e, &format!("deleting {key}")))?;
+        self.target_auth
+            .token(now().0)
+            .await
+            .map_err(PreflightError::TargetAuth)?;
+        Ok(())
+    }
+
+    /// The client for a side.
+    fn http(&self, side: Side) -> &reqwest::Client {
+        match side {
+            Side::Source => &self.source_http,
+            Side::Target => &self.target_http,
+        }
+    }
+
+    /// A URL a server handed us (a file, a status or job URL) must pass the address policy
+    /// before it is requested.
+    fn allowed(&self, context: &str, url: &str) -> Result<(), Failure> {
+        self.policy
+            .check_url(url)
+            .map_err(|why| Failure::new(FailureKind::Local, format!("{context}: {why}")))
     }
 
     /// Performs one effect. Never panics on external data; every problem is a `Failed` fact.
@@ -212,11 +318,11 @@ impl Executor {
             .send(Side::Source, true, ctx, || {
                 let req = match &k.post_body {
                     Some(body) => self
-                        .http
+                        .source_http
                         .post(&k.url)
                         .header("content-type", FHIR_JSON)
                         .body(body.to_string()),
-                    None => self.http.get(&k.url).query(&k.query),
+                    None => self.source_http.get(&k.url).query(&k.query),
                 };
                 req.header("accept", FHIR_JSON)
                     .header("prefer", "respond-async")
@@ -266,10 +372,11 @@ impl Executor {
             Side::Source => ("export status", &self.source_base, "application/json"),
             Side::Target => ("Pathling import status", &self.target_base, FHIR_JSON),
         };
+        self.allowed(ctx, status_url)?;
         let authenticate = same_origin(status_url, base);
         let resp = self
             .send(side, authenticate, ctx, || {
-                self.http.get(status_url).header("accept", accept)
+                self.http(side).get(status_url).header("accept", accept)
             })
             .await?;
         match resp.status() {
@@ -281,7 +388,17 @@ impl Executor {
                 let origin = pathling_import_core::bulk::origin_of;
                 let redirected_to = origin(resp.url().as_str())
                     .filter(|final_origin| origin(status_url).as_ref() != Some(final_origin));
-                let body = resp.bytes().await.map_err(|e| transport_failure(ctx, e))?;
+                let body = match side {
+                    Side::Source => {
+                        read_capped(resp, self.manifest_max_bytes, ctx, "MANIFEST_MAX_SIZE").await?
+                    }
+                    // A 9.2+ import result lists every input (1.5 MB at 10,000 files): it is
+                    // bounded like a manifest.
+                    Side::Target => {
+                        let limit = self.manifest_max_bytes.max(MAX_JSON_ANSWER);
+                        read_capped(resp, limit, ctx, "MANIFEST_MAX_SIZE").await?
+                    }
+                };
                 Ok(JobPoll::Completed {
                     body,
                     redirected_to,
@@ -322,6 +439,7 @@ impl Executor {
             .get_bytes(key.as_str())
             .await
             .map_err(|e| staging_failure("reading the stored manifest", &e))?
+            .filter(|b| (b.len() as u64) <= self.manifest_max_bytes.saturating_mul(2))
             .ok_or_else(|| {
                 Failure::new(
                     FailureKind::Local,
@@ -362,9 +480,14 @@ impl Executor {
                 )
             })?;
         let ctx = format!("download of {} file #{index} ({type_name})", kind.as_str());
+        self.allowed(&ctx, &file.url)?;
+        // Decided here, at the moment of the request, from the URL itself: the stored
+        // manifest may have been rewritten by whoever can write the staging prefix.
+        let send_token =
+            manifest.requires_access_token && same_origin(&file.url, &self.source_base);
         let resp = self
-            .send(Side::Source, file.send_token, &ctx, || {
-                self.http.get(&file.url).header("accept", NDJSON)
+            .send(Side::Source, send_token, &ctx, || {
+                self.source_http.get(&file.url).header("accept", NDJSON)
             })
             .await?;
         if resp.status() != StatusCode::OK {
@@ -407,18 +530,15 @@ impl Executor {
         let url = format!("{}/metadata", self.target_base);
         let resp = self
             .send(Side::Target, true, ctx, || {
-                self.http.get(&url).header("accept", FHIR_JSON)
+                self.target_http.get(&url).header("accept", FHIR_JSON)
             })
             .await?;
         if resp.status() != StatusCode::OK {
             return Err(status_failure(ctx, resp).await);
         }
-        let body: serde_json::Value = resp.json().await.map_err(|e| {
-            Failure::new(
-                FailureKind::Undecodable,
-                format!("{ctx}: {}", e.without_url()),
-            )
-        })?;
+        let body = read_capped(resp, MAX_JSON_ANSWER, ctx, "a fixed limit").await?;
+        let body: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| Failure::new(FailureKind::Undecodable, format!("{ctx}: not JSON: {e}")))?;
         Ok(EffectResult::PathlingDetected {
             api: api_from_capability(&body),
             version: body
@@ -441,7 +561,7 @@ impl Executor {
         let body = parameters.to_string();
         let resp = self
             .send(Side::Target, true, ctx, || {
-                self.http
+                self.target_http
                     .post(&url)
                     .header("content-type", FHIR_JSON)
                     .header("accept", FHIR_JSON)
@@ -536,7 +656,7 @@ impl Executor {
         let bundle = delete_batch_bundle(refs).to_string();
         let resp = self
             .send(Side::Target, true, ctx, || {
-                self.http
+                self.target_http
                     .request(Method::POST, &self.target_base)
                     .header("content-type", FHIR_JSON)
                     .header("accept", FHIR_JSON)
@@ -546,12 +666,9 @@ impl Executor {
         if resp.status() != StatusCode::OK {
             return Err(status_failure(ctx, resp).await);
         }
-        let body: serde_json::Value = resp.json().await.map_err(|e| {
-            Failure::new(
-                FailureKind::Undecodable,
-                format!("{ctx}: {}", e.without_url()),
-            )
-        })?;
+        let body = read_capped(resp, MAX_JSON_ANSWER, ctx, "a fixed limit").await?;
+        let body: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| Failure::new(FailureKind::Undecodable, format!("{ctx}: not JSON: {e}")))?;
         let entries = body
             .get("entry")
             .and_then(|e| e.as_array())
@@ -597,10 +714,11 @@ impl Executor {
 
     async fn delete_export_job(&self, status_url: &str) -> Result<EffectResult, Failure> {
         let ctx = "export job clean-up";
+        self.allowed(ctx, status_url)?;
         let authenticate = same_origin(status_url, &self.source_base);
         let resp = self
             .send(Side::Source, authenticate, ctx, || {
-                self.http.delete(status_url)
+                self.source_http.delete(status_url)
             })
             .await?;
         if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {

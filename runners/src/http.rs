@@ -1,41 +1,33 @@
-//! The HTTP client every effect uses, and the translation of HTTP outcomes into the core's
-//! [`Failure`] facts.
+//! The translation of HTTP outcomes into the core's [`Failure`] facts, and capped reads of
+//! answers. (The clients themselves are built in [`crate::net`].)
 //!
-//! - rustls; a connect timeout and a read-idle timeout (a stalled download fails and is
-//!   retried by the machine instead of hanging — the original hung forever);
-//! - `Accept-Encoding: gzip` with transparent decoding (Bulk Data servers send ~20× fewer
-//!   bytes), chunked bodies without Content-Length are fine;
-//! - redirects are followed, and reqwest drops `Authorization` whenever a redirect leaves the
-//!   original host or port, so a token never reaches object storage or another origin.
-//!
-//! Error messages are built without URLs (`reqwest::Error::without_url`): a pre-signed file
-//! URL carries a signature that must not end up in logs or persisted state.
+//! - Transport errors are classified by walking their source chain: an unresolvable host,
+//!   a refused connection, a TLS failure and an address the policy forbids each become their
+//!   own fact, so the core can fail fast with the cause instead of retrying for hours.
+//! - Error messages are built without URLs (`reqwest::Error::without_url`): a pre-signed file
+//!   URL carries a signature that must not end up in logs or persisted state.
+//! - Every body read into memory is capped ([`read_capped`]): a broken or hostile server
+//!   cannot exhaust a Lambda's memory.
 
+use bytes::{Bytes, BytesMut};
 use pathling_import_core::retry::{Failure, FailureKind};
-use pathling_import_core::spec::TransferSpec;
 use reqwest::header::HeaderMap;
-use reqwest::{Client, Response};
-use std::time::Duration;
+use reqwest::Response;
 
 pub const USER_AGENT: &str = concat!("pathling-import/", env!("CARGO_PKG_VERSION"));
 
 /// Error bodies are read up to this size for diagnostics.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
-pub fn build_client(transfer: &TransferSpec) -> Result<Client, reqwest::Error> {
-    Client::builder()
-        .user_agent(USER_AGENT)
-        .connect_timeout(Duration::from_millis(transfer.connect_timeout_ms))
-        .read_timeout(Duration::from_millis(transfer.read_timeout_ms))
-        .gzip(true)
-        .redirect(reqwest::redirect::Policy::limited(10))
-        .build()
-}
+/// JSON answers other than manifests (Pathling's job results, `/metadata`, batch answers).
+pub const MAX_JSON_ANSWER: u64 = 1024 * 1024;
 
-/// A transport-level failure (no HTTP status) as a fact.
+/// A transport-level failure (no HTTP status) as a fact, its kind read from the cause.
 pub fn transport_failure(context: &str, err: reqwest::Error) -> Failure {
     let kind = if err.is_timeout() {
         FailureKind::Timeout
+    } else if let Some(kind) = cause_kind(&err) {
+        kind
     } else if err.is_decode() && !err.is_body() {
         FailureKind::Undecodable
     } else {
@@ -43,6 +35,73 @@ pub fn transport_failure(context: &str, err: reqwest::Error) -> Failure {
     };
     let err = err.without_url();
     Failure::new(kind, format!("{context}: {}", error_chain(&err)))
+}
+
+/// The specific cause in an error's source chain: the address policy's refusal, DNS, a
+/// refused connection, TLS.
+fn cause_kind(err: &(dyn std::error::Error + 'static)) -> Option<FailureKind> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        if e.is::<crate::net::AddressRefused>() {
+            return Some(FailureKind::Local);
+        }
+        if e.is::<crate::net::DnsFailure>() {
+            return Some(FailureKind::Dns);
+        }
+        if e.is::<rustls::Error>() {
+            return Some(FailureKind::Tls);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return Some(FailureKind::Refused);
+            }
+            // tokio-rustls wraps handshake errors in an io::Error, whose `source()` skips
+            // the wrapped error itself.
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return Some(FailureKind::Tls);
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// Reads a whole answer, refusing one larger than `limit` bytes (`setting` names what sets
+/// the limit, for the message).
+pub async fn read_capped(
+    mut response: Response,
+    limit: u64,
+    context: &str,
+    setting: &str,
+) -> Result<Bytes, Failure> {
+    let too_large = |size: String| {
+        Failure::new(
+            FailureKind::Undecodable,
+            format!(
+                "{context}: the answer is {size}, more than the {} MiB pathling-import reads \
+                 ({setting})",
+                limit / (1024 * 1024)
+            ),
+        )
+    };
+    if let Some(length) = response.content_length().filter(|l| *l > limit) {
+        return Err(too_large(format!("{length} bytes")));
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| transport_failure(context, e))?
+    {
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(too_large("larger".into()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// `err` and its sources, joined: reqwest's own message alone is often just "error sending

@@ -8,8 +8,10 @@
 //!
 //! - [`executor`]: performs a core `Request` (Bulk Data kick-off, polling, downloads,
 //!   Pathling detection, `$import`, deletions, export clean-up) and reports facts.
-//! - [`http`]: the shared reqwest client (rustls, timeouts, gzip, safe redirects) and the
-//!   translation of HTTP answers into `Failure` facts.
+//! - [`http`]: the translation of HTTP answers into `Failure` facts, and capped body reads.
+//! - [`net`]: the clients' trust (system roots, `*_CA_FILE`) and address policy (no
+//!   server-supplied URL reaches metadata, link-local or internal addresses unless a
+//!   configured endpoint is on such a network).
 //! - [`auth`]: SMART discovery and client-credentials tokens (`client_secret_basic`,
 //!   `client_secret_post`, `private_key_jwt` with RS384/ES384), cached and refreshed.
 //! - [`staging`]: S3 streaming multipart uploads and atomic directory writes.
@@ -19,10 +21,12 @@
 //! - [`dynamo_store`]: the single Lambda's store: one DynamoDB item per sync, conditional
 //!   writes on `seq`, a lease so overlapping invocations never both perform effects.
 //! - [`report`]: Sentry capture and human summaries.
+//! - [`resume`]: admitting a stored run: its bound settings must match the configuration's.
 //! - [`sfn`]: the Step Functions task (`pathling-import-sfn`, driven by `state-machine.json`)
 //!   and the original's five handlers ([`sfn::compat`], `pathling-import-handlers`).
 //! - [`single_lambda`]: the `pathling-import-lambda` runner: lease, load, drive within the
 //!   invocation's budget, save, release, summary.
+//! - [`watermark`]: the incremental starting point kept next to the staged data.
 //! - [`aws`]: shared Lambda plumbing: stable `errorType` names ([`aws::ErrorType`]),
 //!   configuration with `secretsmanager:`/`ssm:` references resolved, the invocation's time
 //!   budget, run ids, JSON logs.
@@ -42,7 +46,10 @@ pub mod dynamo_store;
 pub mod executor;
 pub mod file_store;
 pub mod http;
+pub mod net;
 pub mod report;
+pub mod resume;
 pub mod sfn;
 pub mod single_lambda;
 pub mod staging;
+pub mod watermark;

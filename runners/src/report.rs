@@ -7,14 +7,25 @@ use pathling_import_core::Terminal;
 
 /// Starts Sentry when a DSN is configured. Keep the guard alive until exit: dropping it
 /// flushes queued events.
+///
+/// The DSN is parsed here rather than by `sentry::init`, which panics on a malformed one; the
+/// configuration already refuses such a DSN, so this only guards the runners' own paths.
 pub fn init_sentry(config: &SentryConfig) -> Option<sentry::ClientInitGuard> {
     let dsn = config.dsn.as_ref()?;
+    let dsn: sentry::types::Dsn = match dsn.expose().parse() {
+        Ok(dsn) => dsn,
+        Err(_) => {
+            tracing::error!("SENTRY_DSN is not a valid DSN; failures are not reported to Sentry");
+            return None;
+        }
+    };
     let mut options = sentry::ClientOptions::default();
+    options.dsn = Some(dsn);
     options.release = config.release.clone().map(Into::into);
     options.environment = config.environment.clone().map(Into::into);
     // Bodies, headers and URLs with signatures must never leave the process.
     options.send_default_pii = false;
-    Some(sentry::init((dsn.expose(), options)))
+    Some(sentry::init(options))
 }
 
 /// The HTTP status a failure reason names (`Failure`'s Display writes `HTTP nnn:`).

@@ -19,7 +19,7 @@
 //! - No envelope: a new run starts from the configuration (the environment). With
 //!   `SINCE=auto` its `_since` is the input's `watermark` when given (a previous execution's
 //!   output `watermark`), else the one the last successful run recorded at
-//!   `{prefix}sfn-watermark.json` in the staging store (see [`watermark_key`]), so that a
+//!   `{prefix}watermark.json` in the staging store (see [`crate::watermark`]), so that a
 //!   scheduled execution started with `{}` is incremental.
 //! - `continue`: the budget ran out with work left; call again at once.
 //! - `wait`: the machine waits (a server's `Retry-After`, a poll interval, a backoff) longer
@@ -38,10 +38,12 @@ use crate::aws::{self, LambdaFailure};
 use crate::driver::{self, DriveOptions, Observer, RunStore, Stopped, StoreError};
 use crate::executor::{now, Executor};
 use crate::report;
+use crate::resume::admit;
 use crate::staging::{StagingError, StagingStore};
-use pathling_import_core::config::{Config, Secrets};
-use pathling_import_core::effect::{Next, Request};
+use pathling_import_core::config::{Config, Secrets, TlsConfig};
+use pathling_import_core::effect::{Input, Next, Request};
 use pathling_import_core::persist;
+use pathling_import_core::plan::latest;
 use pathling_import_core::spec::{RunSpec, SinceSpec};
 use pathling_import_core::staging::StagingLocation;
 use pathling_import_core::state::{FileStatus, SyncState};
@@ -75,13 +77,15 @@ pub const EXTRA_KEYS: &[&str] = &[aws::LAMBDA_TIME_BUDGET, LAMBDA_MAX_SLEEP];
 /// the current configuration (a run started before a redeploy keeps its own settings).
 pub struct ExecutorCache {
     secrets: Secrets,
+    tls: TlsConfig,
     slot: Mutex<Option<(RunSpec, Arc<Executor>)>>,
 }
 
 impl ExecutorCache {
-    pub fn new(secrets: Secrets) -> Self {
+    pub fn new(config: &Config) -> Self {
         ExecutorCache {
-            secrets,
+            secrets: config.secrets.clone(),
+            tls: config.tls.clone(),
             slot: Mutex::new(None),
         }
     }
@@ -94,7 +98,7 @@ impl ExecutorCache {
                 return Ok(executor.clone());
             }
         }
-        let executor = Executor::new(spec, &self.secrets)
+        let executor = Executor::new(spec, &self.secrets, &self.tls)
             .await
             .map_err(|e| LambdaFailure::configuration(e.to_string()))?;
         let executor = Arc::new(executor);
@@ -140,7 +144,7 @@ impl Task {
     pub async fn new(config: Config) -> Result<Task, LambdaFailure> {
         let max_sleep = seconds_setting(&config, LAMBDA_MAX_SLEEP, DEFAULT_MAX_SLEEP)?;
         let budget = aws::configured_budget(&config)?;
-        let executors = ExecutorCache::new(config.secrets.clone());
+        let executors = ExecutorCache::new(&config);
         executors.for_spec(&config.spec).await?;
         Ok(Task {
             config,
@@ -153,6 +157,15 @@ impl Task {
     /// `LAMBDA_TIME_BUDGET`, for [`aws::budget_until`].
     pub fn configured_budget(&self) -> Option<Duration> {
         self.budget
+    }
+
+    /// A stored run is only driven when bound to the configured settings; the task never
+    /// rebinds (whoever can start an execution could otherwise choose the endpoints).
+    fn admitted(&self, run: SyncRun) -> Result<SyncRun, LambdaFailure> {
+        match admit(run, &self.config.spec, false) {
+            Ok(admitted) => Ok(admitted.run().clone()),
+            Err(refused) => Err(LambdaFailure::state(refused.to_string())),
+        }
     }
 
     /// One invocation: decode (or start) the run, drive it until `budget_until`, and say what
@@ -173,27 +186,70 @@ impl Task {
                 )))
             }
         };
-        let run = match input.get("envelope").filter(|v| !v.is_null()) {
-            Some(envelope) => persist::decode_value(envelope.clone(), persist::UPCASTERS)
-                .map_err(|e| LambdaFailure::state(format!("the task input's envelope: {e}")))?,
-            None => {
-                let watermark = match parse_watermark(input.get("watermark"))? {
-                    Some(w) => Some(w),
-                    None if self.config.spec.export.since == SinceSpec::LastSuccess => {
-                        let executor = self.executors.for_spec(&self.config.spec).await?;
-                        read_watermark(executor.staging(), &self.config.spec.staging).await?
-                    }
-                    None => None,
-                };
-                let run_id = aws::new_run_id(now(), salt);
-                let run = SyncRun::start(&run_id, self.config.spec.clone(), watermark, now())
-                    .map_err(|e| LambdaFailure::state(e.to_string()))?;
-                tracing::info!(run_id = %run.run_id, "starting a new run");
-                run
+        let cancel = match input.get("cancel") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(reason)) => Some(reason.as_str()),
+            Some(other) => {
+                return Err(LambdaFailure::state(format!(
+                    "the task input's cancel must be a string (the reason), got {}",
+                    json_kind(other)
+                )))
             }
         };
+        let home = self.executors.for_spec(&self.config.spec).await?;
+        let staging = home.staging();
+        let location = &self.config.spec.staging;
         let mut store = PayloadStore::default();
-        let run = match input.get("cancel").and_then(Value::as_str) {
+        let run = match input.get("envelope").filter(|v| !v.is_null()) {
+            Some(envelope) => {
+                let run = persist::decode_value(envelope.clone(), persist::UPCASTERS)
+                    .map_err(|e| LambdaFailure::state(format!("the task input's envelope: {e}")))?;
+                self.admitted(run)?
+            }
+            None => match read_resume(staging, location).await? {
+                // A run that failed after its export was known: this execution continues it.
+                Some(failed) => {
+                    let failed = self.admitted(failed)?;
+                    match cancel {
+                        Some(_) => failed,
+                        None => {
+                            home.preflight(&location.run_prefix(&failed.run_id))
+                                .await
+                                .map_err(preflight_failure)?;
+                            let retried = failed
+                                .step(
+                                    Input::Retry {
+                                        spec: Box::new(self.config.spec.clone()),
+                                    },
+                                    now(),
+                                )
+                                .map_err(|e| LambdaFailure::state(e.to_string()))?;
+                            tracing::info!(run_id = %retried.run_id, phase = retried.state.name(), "retrying a failed run");
+                            retried
+                        }
+                    }
+                }
+                None => {
+                    let watermark = if self.config.spec.export.since == SinceSpec::LastSuccess {
+                        let recorded = crate::watermark::read(staging, location)
+                            .await
+                            .map_err(watermark_failure)?;
+                        latest(parse_watermark(input.get("watermark"))?, recorded)
+                    } else {
+                        None
+                    };
+                    let run_id = aws::new_run_id(now(), salt);
+                    home.preflight(&location.run_prefix(&run_id))
+                        .await
+                        .map_err(preflight_failure)?;
+                    let run = SyncRun::start(&run_id, self.config.spec.clone(), watermark, now())
+                        .map_err(|e| LambdaFailure::state(e.to_string()))?;
+                    tracing::info!(run_id = %run.run_id, "starting a new run");
+                    run
+                }
+            },
+        };
+        let run = match cancel {
             Some(reason) => driver::cancel(&run, &mut store, reason)
                 .await
                 .map_err(LambdaFailure::from)?
@@ -216,15 +272,17 @@ impl Task {
         .await
         .map_err(|e| LambdaFailure::transient(e.to_string()))?;
         if let Stopped::Done(terminal) = &stopped {
-            match terminal.as_ref() {
-                Terminal::Failed(f) => report::capture_failure(&run.run_id, "step-functions", f),
-                Terminal::Succeeded(_) => {
-                    if let Some(w) = run.watermark.as_ref().filter(|w| w.run_id == run.run_id) {
-                        write_watermark(executor.staging(), &run.spec.staging, w).await?;
-                    }
-                }
-                Terminal::Cancelled(_) => {}
+            if let Terminal::Failed(f) = terminal.as_ref() {
+                report::capture_failure(&run.run_id, "step-functions", f);
             }
+            if let Some(w) = run.watermark.as_ref().filter(|w| w.run_id == run.run_id) {
+                crate::watermark::record(executor.staging(), &run.spec.staging, w)
+                    .await
+                    .map_err(watermark_failure)?;
+            }
+            // A run that can still be retried waits at `{prefix}sfn-resume.json` for the
+            // next execution; any other end clears it.
+            record_resume(executor.staging(), &run.spec.staging, &run).await?;
         }
         let output = task_output(&run, &stopped, now());
         let bytes = serde_json::to_vec(&output).map(|v| v.len()).unwrap_or(0);
@@ -260,17 +318,16 @@ impl RunStore for PayloadStore {
     }
 }
 
-/// `{prefix}sfn-watermark.json`: the last successful run's watermark, so that a scheduled
-/// execution started with `{}` continues incrementally (`SINCE=auto`).
-pub fn watermark_key(location: &StagingLocation) -> String {
+/// `{prefix}sfn-resume.json`: a run that failed after its export was known, continued by the
+/// next execution started without an envelope (as the CLI and the single Lambda continue
+/// theirs).
+pub fn resume_key(location: &StagingLocation) -> String {
     let prefix = match location {
         StagingLocation::S3 { prefix, .. } => prefix.as_str(),
         StagingLocation::Directory { .. } => "",
     };
-    format!("{prefix}{WATERMARK_OBJECT}")
+    format!("{prefix}sfn-resume.json")
 }
-
-const WATERMARK_OBJECT: &str = "sfn-watermark.json";
 
 fn storage_failure(what: &str, e: &StagingError) -> LambdaFailure {
     if e.is_transient() {
@@ -280,11 +337,27 @@ fn storage_failure(what: &str, e: &StagingError) -> LambdaFailure {
     }
 }
 
-async fn read_watermark(
+fn watermark_failure(e: crate::watermark::WatermarkError) -> LambdaFailure {
+    if e.is_transient() {
+        LambdaFailure::transient(e.to_string())
+    } else {
+        LambdaFailure::state(e.to_string())
+    }
+}
+
+fn preflight_failure(e: crate::executor::PreflightError) -> LambdaFailure {
+    if e.is_transient() {
+        LambdaFailure::transient(format!("preflight: {e}"))
+    } else {
+        LambdaFailure::configuration(format!("preflight: {e}"))
+    }
+}
+
+async fn read_resume(
     staging: &StagingStore,
     location: &StagingLocation,
-) -> Result<Option<Watermark>, LambdaFailure> {
-    let key = watermark_key(location);
+) -> Result<Option<SyncRun>, LambdaFailure> {
+    let key = resume_key(location);
     let Some(bytes) = staging
         .get_bytes(&key)
         .await
@@ -292,47 +365,57 @@ async fn read_watermark(
     else {
         return Ok(None);
     };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| LambdaFailure::state(format!("{key} is not a watermark: {e}")))
+    let run = persist::decode(&bytes).map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?;
+    // Only a failed run that can be retried belongs there.
+    Ok(run.resumable().is_some().then_some(run))
 }
 
-/// Records `watermark` unless the stored one is newer (a late or repeated execution must not
-/// move the next incremental export back).
-async fn write_watermark(
+async fn record_resume(
     staging: &StagingStore,
     location: &StagingLocation,
-    watermark: &Watermark,
+    run: &SyncRun,
 ) -> Result<(), LambdaFailure> {
-    let instant = |w: &Watermark| parse_fhir_instant(&w.transaction_time);
-    if let Some(stored) = read_watermark(staging, location).await? {
-        if stored == *watermark || instant(&stored) >= instant(watermark) {
-            return Ok(());
-        }
+    let key = resume_key(location);
+    if run.resumable().is_some() {
+        return staging
+            .put_bytes(&key, bytes::Bytes::from(persist::encode_string(run)))
+            .await
+            .map_err(|e| storage_failure(&format!("writing {key}"), &e));
     }
-    let key = watermark_key(location);
-    let body = serde_json::to_vec(watermark)
-        .map_err(|e| LambdaFailure::state(format!("encoding the watermark: {e}")))?;
-    staging
-        .put_bytes(&key, bytes::Bytes::from(body))
-        .await
-        .map_err(|e| storage_failure(&format!("writing {key}"), &e))
+    // Clear it only when it is this run's (an overlapping execution may have left its own).
+    let ours = read_resume(staging, location)
+        .await?
+        .is_some_and(|stored| stored.run_id == run.run_id);
+    if ours {
+        staging
+            .delete(&key)
+            .await
+            .map_err(|e| storage_failure(&format!("deleting {key}"), &e))?;
+    }
+    Ok(())
 }
 
 fn parse_watermark(value: Option<&Value>) -> Result<Option<Watermark>, LambdaFailure> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
+    let mark = match value {
+        None | Some(Value::Null) => return Ok(None),
         // The previous execution's output `watermark`, or just its transactionTime.
-        Some(Value::String(t)) => Ok(Some(Watermark {
+        Some(Value::String(t)) => Watermark {
             transaction_time: t.clone(),
             run_id: String::new(),
-        })),
-        Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
+        },
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
             LambdaFailure::state(format!(
                 "the task input's watermark must be {{\"transaction_time\", \"run_id\"}} or a FHIR instant: {e}"
             ))
-        }),
+        })?,
+    };
+    // It becomes `_since`: only a FHIR instant may.
+    if parse_fhir_instant(&mark.transaction_time).is_none() {
+        return Err(LambdaFailure::state(
+            "the task input's watermark is not a FHIR instant (e.g. 2026-01-01T00:00:00Z)",
+        ));
     }
+    Ok(Some(mark))
 }
 
 fn json_kind(v: &Value) -> &'static str {

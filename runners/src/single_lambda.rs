@@ -38,15 +38,17 @@
 //! longer than any invocation), `RUN_RETENTION_DAYS` (history TTL, default 30).
 
 use crate::aws::{self, ErrorType, LambdaFailure, LAMBDA_TIME_BUDGET};
-use crate::driver::{self, DriveError, DriveOptions, Observer, Stopped};
+use crate::driver::{self, DriveError, DriveOptions, Observer, RunStore, Stopped};
 use crate::dynamo_store::{
     Acquired, DynamoStore, DynamoTable, Lease, DEFAULT_LEASE, DEFAULT_RETENTION,
 };
 use crate::executor::{now, Executor};
 use crate::report;
+use crate::resume::{admit, Admitted};
 use lambda_runtime::Context;
 use pathling_import_core::config::Config;
-use pathling_import_core::effect::{Next, Request};
+use pathling_import_core::effect::{Input, Next, Request};
+use pathling_import_core::plan::{latest, next_run, NextRun};
 use pathling_import_core::{SyncRun, Terminal, Timestamp};
 use serde::Serialize;
 use serde_json::Value;
@@ -139,8 +141,11 @@ pub struct Invocation {
     pub scheduled: bool,
     /// Direct: start a run if none is unfinished.
     pub start: bool,
-    /// Direct: cancel the unfinished run.
+    /// Direct: cancel the unfinished run (or abandon a failed one that could be retried).
     pub cancel: bool,
+    /// Direct: continue the stored run with the configured settings although they differ
+    /// from the ones it was started with (never implied by a schedule).
+    pub rebind: bool,
 }
 
 impl Invocation {
@@ -157,6 +162,7 @@ impl Invocation {
                     scheduled: false,
                     start: false,
                     cancel: false,
+                    rebind: false,
                 })
             }
             Value::Object(o) => o,
@@ -184,6 +190,7 @@ impl Invocation {
             scheduled: from_eventbridge || flag("scheduled")?,
             start: flag("start")?,
             cancel: flag("cancel")?,
+            rebind: flag("rebind")?,
         })
     }
 }
@@ -290,7 +297,7 @@ impl SingleLambda {
         dynamo: aws_sdk_dynamodb::Client,
     ) -> Result<SingleLambda, LambdaFailure> {
         let settings = Settings::from_config(&config)?;
-        let executor = Executor::new(&config.spec, &config.secrets)
+        let executor = Executor::new(&config.spec, &config.secrets, &config.tls)
             .await
             .map_err(|e| LambdaFailure::configuration(e.to_string()))?;
         let table = DynamoTable::new(
@@ -310,6 +317,27 @@ impl SingleLambda {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The stored run, if bound to the configured settings — or rebound on request, and
+    /// saved so. Never rebinds implicitly.
+    async fn admitted(
+        &self,
+        run: SyncRun,
+        rebind: bool,
+        store: &mut DynamoStore,
+    ) -> Result<SyncRun, LambdaFailure> {
+        match admit(run, &self.config.spec, rebind) {
+            Ok(Admitted::AsStored(run)) => Ok(run),
+            Ok(Admitted::Rebound { run, .. }) => {
+                store.save(&run).await?;
+                Ok(run)
+            }
+            Err(refused) => Err(LambdaFailure::state(format!(
+                "{refused}; restore the settings it was started with, or invoke with \
+                 {{\"rebind\": true}} to continue it with the configured ones"
+            ))),
+        }
     }
 
     pub fn table(&self) -> &DynamoTable {
@@ -369,43 +397,87 @@ impl SingleLambda {
         started: Timestamp,
     ) -> Result<Summary, LambdaFailure> {
         let sync_id = invocation.sync_id.as_str();
-        let mut run = match stored {
-            Some(run) if !run.is_done() => {
+        let want_new = (invocation.scheduled || invocation.start) && !invocation.cancel;
+        let mut run = match (next_run(stored.as_ref(), want_new), stored) {
+            (NextRun::Continue, Some(stored)) => {
+                let run = self.admitted(stored, invocation.rebind, store).await?;
                 if invocation.cancel {
-                    match driver::cancel(&run, store, "cancelled by a direct invocation").await? {
-                        Some(cancelled) => cancelled,
-                        None => run,
-                    }
+                    driver::cancel(&run, store, "cancelled by a direct invocation")
+                        .await?
+                        .unwrap_or(run)
                 } else {
                     run
                 }
             }
-            previous => {
-                if !(invocation.scheduled || invocation.start) || invocation.cancel {
-                    let stopped = if previous.is_some() {
-                        StopReason::Done
-                    } else {
-                        StopReason::Idle
-                    };
-                    return Ok(Summary::of(sync_id, previous.as_ref(), stopped));
-                }
-                let watermark = previous.as_ref().and_then(|r| r.watermark.clone());
+            (NextRun::Retry, Some(failed)) => {
+                let failed = self.admitted(failed, invocation.rebind, store).await?;
+                self.executor
+                    .preflight(&self.config.spec.staging.run_prefix(&failed.run_id))
+                    .await
+                    .map_err(preflight_failure)?;
+                let retried = failed
+                    .step(
+                        Input::Retry {
+                            spec: Box::new(self.config.spec.clone()),
+                        },
+                        now(),
+                    )
+                    .map_err(|e| LambdaFailure::state(e.to_string()))?;
+                store.save(&retried).await?;
+                tracing::info!(sync_id, run_id = %retried.run_id, phase = retried.state.name(), "retrying a failed run");
+                retried
+            }
+            (NextRun::Start { watermark }, previous) => {
+                let recorded =
+                    crate::watermark::read(self.executor.staging(), &self.config.spec.staging)
+                        .await
+                        .map_err(|e| {
+                            if e.is_transient() {
+                                LambdaFailure::transient(e.to_string())
+                            } else {
+                                LambdaFailure::state(e.to_string())
+                            }
+                        })?;
+                let watermark = latest(watermark, recorded);
                 let run_id = aws::new_run_id(started, store.owner());
+                self.executor
+                    .preflight(&self.config.spec.staging.run_prefix(&run_id))
+                    .await
+                    .map_err(preflight_failure)?;
                 let run = SyncRun::start(&run_id, self.config.spec.clone(), watermark, started)
                     .map_err(|e| LambdaFailure::state(e.to_string()))?;
+                if previous.as_ref().is_some_and(|p| p.resumable().is_some()) {
+                    tracing::warn!(
+                        sync_id,
+                        "a failed run that could have been retried is replaced by a new one"
+                    );
+                }
                 store.replace(&run).await?;
                 tracing::info!(sync_id, run_id = %run.run_id, "starting a new run");
                 run
             }
+            // A cancel also abandons a failed run that could still be retried (its kept
+            // export job is deleted).
+            (_, Some(failed)) if invocation.cancel && failed.resumable().is_some() => {
+                let failed = self.admitted(failed, invocation.rebind, store).await?;
+                driver::cancel(&failed, store, "abandoned by a direct invocation")
+                    .await?
+                    .unwrap_or(failed)
+            }
+            (_, previous) => {
+                let stopped = if previous.is_some() {
+                    StopReason::Done
+                } else {
+                    StopReason::Idle
+                };
+                return Ok(Summary::of(sync_id, previous.as_ref(), stopped));
+            }
         };
-        if run.spec != self.config.spec {
-            tracing::warn!(sync_id, run_id = %run.run_id, "the unfinished run was started with other settings; it continues with those");
-        }
         let own_executor;
         let executor = if run.spec == self.config.spec {
             &self.executor
         } else {
-            own_executor = Executor::new(&run.spec, &self.config.secrets)
+            own_executor = Executor::new(&run.spec, &self.config.secrets, &self.config.tls)
                 .await
                 .map_err(|e| LambdaFailure::configuration(e.to_string()))?;
             &own_executor
@@ -457,6 +529,14 @@ impl SingleLambda {
                 if let (Terminal::Failed(f), false) = (terminal.as_ref(), was_done) {
                     report::capture_failure(&run.run_id, "lambda", f);
                 }
+                if let Some(w) = run.watermark.as_ref().filter(|w| w.run_id == run.run_id) {
+                    // Best effort: the item holds the watermark too.
+                    if let Err(e) =
+                        crate::watermark::record(executor.staging(), &run.spec.staging, w).await
+                    {
+                        tracing::warn!(run_id = %run.run_id, "could not record the watermark in the staging store: {e}");
+                    }
+                }
             }
             Stopped::Sleeping { until } => {
                 summary.stopped = StopReason::Sleeping;
@@ -470,6 +550,14 @@ impl SingleLambda {
             }
         }
         Ok(summary)
+    }
+}
+
+fn preflight_failure(e: crate::executor::PreflightError) -> LambdaFailure {
+    if e.is_transient() {
+        LambdaFailure::transient(format!("preflight: {e}"))
+    } else {
+        LambdaFailure::configuration(format!("preflight: {e}"))
     }
 }
 
@@ -528,7 +616,8 @@ mod tests {
                 sync_id: "s1".into(),
                 scheduled: false,
                 start: true,
-                cancel: false
+                cancel: false,
+                rebind: false
             }
         );
         let rule = json!({"version": "0", "source": "aws.events", "detail-type": "Scheduled Event", "detail": {}});

@@ -231,10 +231,38 @@ async fn a_missing_file_fails_the_run_naming_it() {
     assert_eq!(state["state"]["in_phase"], json!("staging_files"));
     let failed_run = w.sandbox.run_id();
     assert_eq!(w.pathling.stats().import_kickoffs, 0, "nothing imported");
+    assert!(
+        !w.src.jobs()[0].deleted,
+        "the export job is kept for a retry"
+    );
+    // The other files were staged while the run went on without the missing one.
+    let status = state["state"]["resume"]["export"]["files"]["status"]
+        .as_str()
+        .unwrap();
+    assert_eq!(status.matches('f').count(), 1, "{status}");
+    assert_eq!(status.matches('s').count(), status.len() - 1, "{status}");
+    let completed_before = w.src.stats().files_completed;
 
+    // The cause is fixed: the same command continues the failed run.
     w.src.update(|c| c.dataset = complete);
-    w.sandbox.run(&[]).await.assert_code(0);
-    assert_ne!(w.sandbox.run_id(), failed_run, "a new run");
+    let out = w.sandbox.run(&[]).await;
+    out.assert_code(0)
+        .assert_stderr_contains(&format!("retrying run {failed_run} from staging_files"));
+    assert_eq!(w.sandbox.run_id(), failed_run, "the failed run continues");
+    assert_eq!(
+        w.src.stats().kickoffs,
+        1,
+        "the export is not requested again"
+    );
+    assert_eq!(
+        w.src.stats().files_completed - completed_before,
+        1,
+        "only the missing file is downloaded again"
+    );
+    assert!(
+        w.src.jobs()[0].deleted,
+        "the export job is cleaned up at the end"
+    );
     assert_pathling_holds_export(&w.pathling, &w.src);
 }
 

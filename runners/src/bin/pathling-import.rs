@@ -4,26 +4,29 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pathling_import_core::config::{self, Config, RawConfig};
-use pathling_import_core::effect::{Effect, Next, Request};
-use pathling_import_core::spec::RunSpec;
-use pathling_import_core::state::SyncState;
-use pathling_import_core::{SyncRun, Terminal};
-use pathling_import_runners::driver::{self, DriveOptions, Observer, Stopped};
+use pathling_import_core::effect::{Effect, Input, Next, Request};
+use pathling_import_core::plan::{latest, next_run, NextRun};
+use pathling_import_core::state::{FileStatus, SyncState};
+use pathling_import_core::{SyncRun, Terminal, Watermark};
+use pathling_import_runners::driver::{self, DriveOptions, Observer, RunStore, Stopped};
 use pathling_import_runners::executor::{now, Counters, Executor};
-use pathling_import_runners::file_store::FileStore;
+use pathling_import_runners::file_store::{FileStore, FileStoreError, Stored};
 use pathling_import_runners::report;
+use pathling_import_runners::resume::{admit, Admitted, Refused};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const DEFAULT_CONFIG: &str = "pathling-import.config.json";
 const DEFAULT_STATE: &str = "pathling-import.state.json";
 const DEFAULT_STAGING_DIR: &str = "pathling-import-staging";
 /// Runner-only configuration keys (also accepted in the JSON file, as `stateFile`).
 const EXTRA_KEYS: &[&str] = &["STATE_FILE"];
+/// Without a terminal, staging progress is logged this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// Exit codes: distinct for every way a run can end.
 mod exit {
@@ -42,7 +45,8 @@ mod exit {
 /// "sourceEndpoint"), else from ./pathling-import.config.json when present, else from
 /// environment variables (SOURCE_ENDPOINT, TARGET_ENDPOINT, STAGING_URL, ...); the README
 /// lists every key. The run is saved to a state file after every step: run the same command
-/// again after an interruption and it continues where it stopped.
+/// again after an interruption, or after a failure once its cause is fixed, and it continues
+/// where it stopped.
 ///
 /// Exit codes: 0 imported, 3 succeeded with nothing to import, 1 the run failed, 2 bad
 /// configuration or arguments, 4 cancelled, 130 interrupted by Ctrl-C or SIGTERM (resumable).
@@ -67,7 +71,8 @@ struct Common {
     /// Where the run is persisted [default: STATE_FILE, else ./pathling-import.state.json].
     #[arg(long, value_name = "PATH")]
     state_file: Option<PathBuf>,
-    /// Log format when not showing a progress display.
+    /// Log format when not showing a progress display (json: one JSON object per line, and
+    /// nothing else).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -76,22 +81,53 @@ struct Common {
 struct RunArgs {
     #[command(flatten)]
     common: Common,
-    /// Abandon an unfinished run (cancelling its export job) and start a new one.
+    /// Replace an unfinished or failed run with a new one (its export job is deleted at the
+    /// source first); also replaces a corrupt state file.
     #[arg(long)]
     fresh: bool,
+    /// Continue the stored run with the configured endpoints, credentials and staging
+    /// location although they differ from the ones it was started with (lists what differs).
+    #[arg(long)]
+    rebind: bool,
     /// Never show the progress display, even on a terminal.
     #[arg(long)]
     no_progress: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RetryArgs {
+    #[command(flatten)]
+    common: Common,
+    /// As for `run`.
+    #[arg(long)]
+    rebind: bool,
+    /// Never show the progress display, even on a terminal.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct CancelArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Cancel with the configured settings although the run was started with others.
+    #[arg(long)]
+    rebind: bool,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run (or resume) the sync. The default when no subcommand is given.
     Run(RunArgs),
-    /// Show the current or last run from the state file, as JSON with --log-format json.
+    /// Continue a failed run from where it failed (its staged files are kept), after the
+    /// cause is fixed. A plain run does the same; `retry` refuses to start a new run.
+    Retry(RetryArgs),
+    /// Show the current or last run from the state file (also while a run is in progress),
+    /// as JSON with --log-format json.
     Status(Common),
-    /// Cancel the unfinished run: its export job is deleted at the source.
-    Cancel(Common),
+    /// Cancel the unfinished run (its export job is deleted at the source), or abandon a
+    /// failed one; clears a corrupt state file.
+    Cancel(CancelArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,36 +150,81 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         match cli.command {
-            None => run(cli.run).await,
-            Some(Command::Run(args)) => run(args).await,
+            None => run(cli.run, false).await,
+            Some(Command::Run(args)) => run(args, false).await,
+            Some(Command::Retry(args)) => {
+                let args = RunArgs {
+                    common: args.common,
+                    fresh: false,
+                    rebind: args.rebind,
+                    no_progress: args.no_progress,
+                };
+                run(args, true).await
+            }
             Some(Command::Status(common)) => status(common),
-            Some(Command::Cancel(common)) => cancel(common).await,
+            Some(Command::Cancel(args)) => cancel(args).await,
         }
     });
     ExitCode::from(code)
 }
 
-fn init_logging(format: LogFormat, quiet: bool) {
+/// Messages for the user: plain lines on stderr, or — with `--log-format json` — JSON log
+/// events like everything else, so a JSON consumer never meets a plain-text line.
+#[derive(Clone, Copy)]
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn error(&self, text: &str) {
+        if self.json {
+            tracing::error!("{text}");
+        } else {
+            eprintln!("error: {text}");
+        }
+    }
+    fn warn(&self, text: &str) {
+        if self.json {
+            tracing::warn!("{text}");
+        } else {
+            eprintln!("warning: {text}");
+        }
+    }
+    fn say(&self, text: &str) {
+        if self.json {
+            tracing::info!("{text}");
+        } else {
+            eprintln!("{text}");
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, quiet: bool) -> Out {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("PATHLING_IMPORT_LOG").unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only where a terminal renders them.
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    Out {
+        json: format == LogFormat::Json,
+    }
 }
 
 /// Loads configuration as the original did: a named file, else the default file when present,
-/// else the environment. Problems are printed together, naming each key.
-fn load_config(common: &Common) -> Result<Config, u8> {
+/// else the environment. Problems are reported together, naming each key.
+fn load_config(common: &Common, out: Out) -> Result<Config, u8> {
     let (raw, from) = match &common.config {
-        Some(path) => (read_config_file(path)?, path.display().to_string()),
+        Some(path) => (read_config_file(path, out)?, path.display().to_string()),
         None if Path::new(DEFAULT_CONFIG).exists() => (
-            read_config_file(Path::new(DEFAULT_CONFIG))?,
+            read_config_file(Path::new(DEFAULT_CONFIG), out)?,
             DEFAULT_CONFIG.to_string(),
         ),
         None => (
@@ -158,7 +239,10 @@ fn load_config(common: &Common) -> Result<Config, u8> {
         }
     }
     config::parse(&raw, EXTRA_KEYS).map_err(|e| {
-        eprintln!("error: configuration from {from} is {e}");
+        out.error(&format!(
+            "configuration from {from} is {}",
+            e.to_string().trim_end()
+        ));
         report::capture_error(
             "cli",
             &format!("invalid configuration: {} problem(s)", e.problems.len()),
@@ -167,14 +251,14 @@ fn load_config(common: &Common) -> Result<Config, u8> {
     })
 }
 
-fn read_config_file(path: &Path) -> Result<RawConfig, u8> {
+fn read_config_file(path: &Path, out: Out) -> Result<RawConfig, u8> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(RawConfig::from_json(&text, EXTRA_KEYS)),
         Err(e) => {
-            eprintln!(
-                "error: cannot read configuration file {}: {e}",
+            out.error(&format!(
+                "cannot read configuration file {}: {e}",
                 path.display()
-            );
+            ));
             Err(exit::BAD_CONFIG)
         }
     }
@@ -192,147 +276,385 @@ fn state_path(common: &Common, config: Option<&Config>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE))
 }
 
-fn open_store(path: &Path) -> Result<(FileStore, Option<SyncRun>), u8> {
+fn open_store(path: &Path, out: Out) -> Result<(FileStore, Stored), u8> {
     FileStore::open(path).map_err(|e| {
-        eprintln!("error: {e}");
+        match &e {
+            FileStoreError::Locked(_) => {
+                out.error(&format!("{e}; `pathling-import status` shows its progress"))
+            }
+            FileStoreError::Io { .. } => out.error(&e.to_string()),
+        }
         exit::FAILED
     })
 }
 
 fn new_run_id() -> String {
-    let t = now();
-    let stamp = t.to_fhir_instant().replace(['-', ':'], "");
-    let stamp = stamp.split('.').next().unwrap_or("run").to_string();
-    // Uniqueness across runs started within the same second: the process id and a hash of
-    // the clock's nanoseconds.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let salt = pathling_import_core::retry::stable_hash(&[
-        &nanos.to_le_bytes(),
-        &std::process::id().to_le_bytes(),
-    ]);
-    format!("{stamp}Z-{:06x}", salt & 0xff_ffff)
+    pathling_import_runners::aws::new_run_id(now(), "cli")
 }
 
-async fn run(args: RunArgs) -> u8 {
-    let config = match load_config(&args.common) {
+/// A corrupt state file: `--fresh` and `cancel` replace it after saying what is lost.
+fn corrupt_notice(
+    path: &Path,
+    state: &pathling_import_runners::file_store::CorruptState,
+) -> String {
+    let kept = match &state.watermark {
+        Some(w) => format!(
+            "the incremental starting point ({}) is kept",
+            w.transaction_time
+        ),
+        None => "no incremental starting point could be read from it".to_string(),
+    };
+    format!(
+        "{} cannot be read ({}); the run it held is lost (an export job it started is left to \
+         expire at the source), and {kept}",
+        path.display(),
+        state.error
+    )
+}
+
+async fn run(args: RunArgs, retry_only: bool) -> u8 {
+    let show_progress = !args.no_progress
+        && args.common.log_format == LogFormat::Text
+        && std::io::stderr().is_terminal();
+    let out = init_logging(args.common.log_format, show_progress);
+    let config = match load_config(&args.common, out) {
         Ok(c) => c,
-        Err(code) => {
-            init_logging(args.common.log_format, false);
-            return code;
-        }
+        Err(code) => return code,
     };
     let _sentry = report::init_sentry(&config.sentry);
-    let show_progress = !args.no_progress && std::io::stderr().is_terminal();
-    init_logging(args.common.log_format, show_progress);
 
     let path = state_path(&args.common, Some(&config));
-    let (mut store, stored) = match open_store(&path) {
+    let (mut store, stored) = match open_store(&path, out) {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let (mut run, executor) = match stored {
-        Some(run) if !run.is_done() && !args.fresh => {
-            if run.spec != config.spec {
-                tracing::warn!(run_id = %run.run_id, "the unfinished run was started with other settings; it continues with those (use --fresh to start over)");
-            }
-            tracing::info!(run_id = %run.run_id, phase = run.state.name(), "resuming");
-            let executor = match executor_for(&run.spec, &config).await {
-                Ok(e) => e,
-                Err(code) => return code,
-            };
-            (run, executor)
+    let mut salvaged: Option<Watermark> = None;
+    let stored = match stored {
+        Stored::Nothing => None,
+        Stored::Run(run) => Some(*run),
+        Stored::Corrupt(state) if args.fresh => {
+            out.warn(&format!(
+                "--fresh: {}",
+                corrupt_notice(store.path(), &state)
+            ));
+            salvaged = state.watermark;
+            None
         }
-        stored => {
-            // Credentials are checked before a new run is persisted (or an old one cancelled):
-            // a saved run snapshots its settings, so a run that could never start would make
-            // every rerun resume it with the bad settings, even after they were corrected.
-            let executor = match executor_for(&config.spec, &config).await {
-                Ok(e) => e,
-                Err(code) => return code,
-            };
-            let mut watermark = stored.as_ref().and_then(|r| r.watermark.clone());
-            if let Some(unfinished) = stored.filter(|r| !r.is_done()) {
-                // --fresh: cancel the old run first so its export job is cleaned up.
-                match cancel_run(unfinished, &config, &mut store).await {
-                    Ok(cancelled) => watermark = cancelled.watermark,
-                    Err(code) => return code,
+        Stored::Corrupt(state) => {
+            out.error(&format!(
+                "the state file {} cannot be read: {}. Nothing was changed. `pathling-import \
+                 --fresh` (or `cancel`) replaces it: the run it held is lost{}",
+                store.path().display(),
+                state.error,
+                match &state.watermark {
+                    Some(w) => format!(
+                        ", its incremental starting point ({}) is kept",
+                        w.transaction_time
+                    ),
+                    None => String::new(),
+                }
+            ));
+            return exit::FAILED;
+        }
+    };
+
+    // --fresh: the stored run is replaced by a new one, which deletes the old export job
+    // itself (so a kill at any moment leaves one whole run, never half of two).
+    let mut superseded = None;
+    let decision = match &stored {
+        Some(previous) if args.fresh && (!previous.is_done() || previous.resumable().is_some()) => {
+            let job = previous.export_job().map(str::to_string);
+            if job.is_some() {
+                if pathling_import_core::binding::differences(&previous.spec, &config.spec)
+                    .is_empty()
+                {
+                    superseded = job;
+                } else {
+                    out.warn(&format!(
+                        "--fresh: run {} was started with other settings; its export job is left \
+                         to expire at the source (the current credentials are never sent to \
+                         another server)",
+                        previous.run_id
+                    ));
                 }
             }
+            out.say(&format!(
+                "--fresh: replacing run {} ({})",
+                previous.run_id,
+                previous.state.name()
+            ));
+            NextRun::Start {
+                watermark: previous.watermark.clone(),
+            }
+        }
+        other => next_run(other.as_ref(), true),
+    };
+    if retry_only && matches!(decision, NextRun::Start { .. } | NextRun::Idle) {
+        let what = match &stored {
+            Some(run) => format!(
+                "run {} ended {} and cannot be retried (only a run that failed after its export \
+                 was known can); `pathling-import` starts the next one",
+                run.run_id,
+                run.state.name()
+            ),
+            None => format!("there is no run in {}", path.display()),
+        };
+        out.error(&format!("nothing to retry: {what}"));
+        return exit::FAILED;
+    }
+
+    let (run, executor) = match decision {
+        NextRun::Continue | NextRun::Retry => {
+            let Some(stored) = stored else {
+                return exit::FAILED;
+            };
+            let run = match admitted(stored, &config, args.rebind, &mut store, out).await {
+                Ok(run) => run,
+                Err(code) => return code,
+            };
+            let executor = match executor_for(&run, &config, out).await {
+                Ok(e) => e,
+                Err(code) => return code,
+            };
+            if matches!(decision, NextRun::Retry) {
+                if let Err(code) = preflight(&executor, &run.run_id, &config, out).await {
+                    return code;
+                }
+                let reason = match &run.state {
+                    SyncState::Failed(f) => f.reason.clone(),
+                    _ => String::new(),
+                };
+                let from = run.resumable().map(|r| r.from.as_str()).unwrap_or("");
+                let retried = match run.step(
+                    Input::Retry {
+                        spec: Box::new(config.spec.clone()),
+                    },
+                    now(),
+                ) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        out.error(&e.to_string());
+                        return exit::FAILED;
+                    }
+                };
+                if let Err(e) = store.save(&retried).await {
+                    out.error(&e.to_string());
+                    return exit::FAILED;
+                }
+                out.say(&format!(
+                    "retrying run {} from {from} (it failed: {reason})",
+                    retried.run_id
+                ));
+                (retried, executor)
+            } else {
+                tracing::info!(run_id = %run.run_id, phase = run.state.name(), "resuming");
+                (run, executor)
+            }
+        }
+        NextRun::Start { watermark } => {
+            // Credentials and the staging location are checked before a new run is
+            // persisted: a run that could never start would otherwise be resumed, with its
+            // snapshotted bad settings, by every rerun.
             let run_id = new_run_id();
-            let run = match SyncRun::start(&run_id, config.spec.clone(), watermark, now()) {
-                Ok(r) => r,
+            let executor = match Executor::new(&config.spec, &config.secrets, &config.tls).await {
+                Ok(e) => e,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    out.error(&e.to_string());
+                    report::capture_error("cli", &e.to_string());
+                    return exit::BAD_CONFIG;
+                }
+            };
+            if let Err(code) = preflight(&executor, &run_id, &config, out).await {
+                return code;
+            }
+            let recorded = match pathling_import_runners::watermark::read(
+                executor.staging(),
+                &config.spec.staging,
+            )
+            .await
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    out.warn(&format!(
+                        "the watermark recorded in the staging store is not used: {e}"
+                    ));
+                    None
+                }
+            };
+            let watermark = latest(latest(watermark, salvaged), recorded);
+            let run = match SyncRun::start(&run_id, config.spec.clone(), watermark, now()) {
+                Ok(r) => r.superseding(superseded),
+                Err(e) => {
+                    out.error(&e.to_string());
                     return exit::FAILED;
                 }
             };
             if let Err(e) = store.replace(&run) {
-                eprintln!("error: {e}");
+                out.error(&e.to_string());
                 return exit::FAILED;
             }
             tracing::info!(run_id = %run.run_id, since = ?run.state_since(), "starting a new run");
             (run, executor)
         }
+        // Not asked for by `next_run(_, true)`; nothing to do.
+        NextRun::Idle => return exit::IMPORTED,
     };
+    drive_to_end(run, executor, &mut store, show_progress, out).await
+}
+
+/// The stored run if bound to the configured settings, or rebound on request (saved so).
+async fn admitted(
+    run: SyncRun,
+    config: &Config,
+    rebind: bool,
+    store: &mut FileStore,
+    out: Out,
+) -> Result<SyncRun, u8> {
+    match admit(run, &config.spec, rebind) {
+        Ok(Admitted::AsStored(run)) => Ok(run),
+        Ok(Admitted::Rebound { run, differences }) => {
+            let mut text = format!(
+                "--rebind: run {} continues with the configured settings:",
+                run.run_id
+            );
+            for d in &differences {
+                text.push_str(&format!("\n  {d}"));
+            }
+            out.say(&text);
+            if let Err(e) = store.save(&run).await {
+                out.error(&e.to_string());
+                return Err(exit::FAILED);
+            }
+            Ok(run)
+        }
+        Err(Refused::Differs {
+            run_id,
+            differences,
+        }) => {
+            let keys: Vec<&str> = differences.iter().map(|d| d.key).collect();
+            out.error(&format!(
+                "run {run_id} was started with other settings than the configuration has now: \
+                 {}. Its credentials are never paired with other settings. Either restore the \
+                 settings it was started with and run again; or start anew with `--fresh`; or \
+                 continue it with the new settings with `--rebind` (which lists what changes)",
+                keys.join(", ")
+            ));
+            Err(exit::BAD_CONFIG)
+        }
+        Err(refused @ Refused::CannotRebind { .. }) => {
+            out.error(&refused.to_string());
+            Err(exit::BAD_CONFIG)
+        }
+    }
+}
+
+/// Builds the executor for a stored run; credentials that cannot be used are bad
+/// configuration.
+async fn executor_for(run: &SyncRun, config: &Config, out: Out) -> Result<Executor, u8> {
+    Executor::new(&run.spec, &config.secrets, &config.tls)
+        .await
+        .map_err(|e| {
+            out.error(&e.to_string());
+            report::capture_error("cli", &e.to_string());
+            exit::BAD_CONFIG
+        })
+}
+
+/// The staging location and the target's credentials, tried in seconds before an export
+/// that may take hours.
+async fn preflight(executor: &Executor, run_id: &str, config: &Config, out: Out) -> Result<(), u8> {
+    match executor
+        .preflight(&config.spec.staging.run_prefix(run_id))
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let transient = e.is_transient();
+            out.error(&format!(
+                "preflight: {e}{}",
+                if transient {
+                    " (try again later)"
+                } else {
+                    " (nothing was exported; fix the configuration and run again)"
+                }
+            ));
+            report::capture_error("cli", &format!("preflight: {e}"));
+            Err(if transient {
+                exit::FAILED
+            } else {
+                exit::BAD_CONFIG
+            })
+        }
+    }
+}
+
+async fn drive_to_end(
+    run: SyncRun,
+    executor: Executor,
+    store: &mut FileStore,
+    show_progress: bool,
+    out: Out,
+) -> u8 {
+    let path = store.path().to_path_buf();
     let progress = Progress::new(show_progress, executor.counters.clone());
     let options = DriveOptions {
         max_sleep: Duration::MAX,
         budget_until: None,
     };
-    let interrupt = interrupted();
     let result = driver::drive(
         run.clone(),
         &executor,
-        &mut store,
+        store,
         &options,
         &progress,
-        interrupt,
+        interrupted(),
     )
     .await;
     progress.finish();
-    let stopped = match result {
-        Ok((latest, stopped)) => {
-            run = latest;
-            stopped
-        }
+    let (run, stopped) = match result {
+        Ok(x) => x,
         Err(e) => {
-            eprintln!("error: {e}");
+            out.error(&e.to_string());
             report::capture_error("cli", &e.to_string());
             return exit::FAILED;
         }
     };
     match stopped {
-        Stopped::Done(terminal) => finish(&run, &terminal),
+        Stopped::Done(terminal) => {
+            if let Some(w) = run.watermark.as_ref().filter(|w| w.run_id == run.run_id) {
+                if let Err(e) = pathling_import_runners::watermark::record(
+                    executor.staging(),
+                    &run.spec.staging,
+                    w,
+                )
+                .await
+                {
+                    out.warn(&format!(
+                        "could not record the watermark next to the staged data (the state file \
+                         has it): {e}"
+                    ));
+                }
+            }
+            finish(&run, &terminal, out)
+        }
         Stopped::Interrupted => {
-            eprintln!(
-                "interrupted in {}; the run is saved in {} — run the same command again to continue",
+            out.say(&format!(
+                "interrupted in {}; the run is saved in {} — run the same command again to \
+                 continue",
                 run.state.name(),
                 path.display()
-            );
+            ));
             exit::INTERRUPTED
         }
         Stopped::Sleeping { .. } | Stopped::OutOfBudget => exit::FAILED,
     }
 }
 
-/// Builds the executor for `spec`; credentials that cannot be used are bad configuration.
-async fn executor_for(spec: &RunSpec, config: &Config) -> Result<Executor, u8> {
-    Executor::new(spec, &config.secrets).await.map_err(|e| {
-        eprintln!("error: {e}");
-        report::capture_error("cli", &e.to_string());
-        exit::BAD_CONFIG
-    })
-}
-
-fn finish(run: &SyncRun, terminal: &Terminal) -> u8 {
+fn finish(run: &SyncRun, terminal: &Terminal, out: Out) -> u8 {
     let text = report::describe_terminal(terminal);
     match terminal {
         Terminal::Succeeded(s) => {
-            tracing::info!(run_id = %run.run_id, "{text}");
-            eprintln!("pathling-import run {} {text}", run.run_id);
+            out.say(&format!("pathling-import run {} {text}", run.run_id));
             if s.nothing_to_import {
                 exit::NOTHING_TO_IMPORT
             } else {
@@ -340,34 +662,42 @@ fn finish(run: &SyncRun, terminal: &Terminal) -> u8 {
             }
         }
         Terminal::Failed(f) => {
-            tracing::error!(run_id = %run.run_id, phase = %f.phase, "{text}");
-            eprintln!("pathling-import run {} {text}", run.run_id);
+            let next = match &f.resume {
+                Some(point) => format!(
+                    " Run `pathling-import` again (or `pathling-import retry`) once the cause is \
+                     fixed: it continues from {} with the files already staged; `--fresh` starts \
+                     over.",
+                    point.from.as_str()
+                ),
+                None => " The next run starts anew.".to_string(),
+            };
+            out.error(&format!("pathling-import run {} {text}.{next}", run.run_id));
             report::capture_failure(&run.run_id, "cli", f);
             exit::FAILED
         }
         Terminal::Cancelled(_) => {
-            eprintln!("pathling-import run {} {text}", run.run_id);
+            out.say(&format!("pathling-import run {} {text}", run.run_id));
             exit::CANCELLED
         }
     }
 }
 
 /// Cancels `run` and drives it to its end (the export job DELETE), returning the final run.
-async fn cancel_run(run: SyncRun, config: &Config, store: &mut FileStore) -> Result<SyncRun, u8> {
+async fn cancel_run(
+    run: SyncRun,
+    config: &Config,
+    store: &mut FileStore,
+    out: Out,
+) -> Result<SyncRun, u8> {
     let cancelled = match driver::cancel(&run, store, "cancelled by the user").await {
         Ok(Some(c)) => c,
         Ok(None) => return Ok(run),
         Err(e) => {
-            eprintln!("error: {e}");
+            out.error(&e.to_string());
             return Err(exit::FAILED);
         }
     };
-    let executor = Executor::new(&cancelled.spec, &config.secrets)
-        .await
-        .map_err(|e| {
-            eprintln!("error: {e}");
-            exit::BAD_CONFIG
-        })?;
+    let executor = executor_for(&cancelled, config, out).await?;
     let options = DriveOptions {
         max_sleep: Duration::from_secs(0),
         budget_until: None,
@@ -384,42 +714,75 @@ async fn cancel_run(run: SyncRun, config: &Config, store: &mut FileStore) -> Res
     {
         Ok((run, _)) => Ok(run),
         Err(e) => {
-            eprintln!("error: {e}");
+            out.error(&e.to_string());
             Err(exit::FAILED)
         }
     }
 }
 
 fn status(common: Common) -> u8 {
-    init_logging(common.log_format, false);
-    let config = load_config(&common).ok();
+    let out = init_logging(common.log_format, false);
+    let config = load_config(&common, out).ok();
     let path = state_path(&common, config.as_ref());
-    if !path.exists() {
-        eprintln!("no run recorded in {}", path.display());
-        return exit::IMPORTED;
-    }
-    let (_, stored) = match open_store(&path) {
-        Ok(x) => x,
-        Err(code) => return code,
+    let stored = match FileStore::peek(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            out.error(&e.to_string());
+            return exit::FAILED;
+        }
     };
-    let Some(run) = stored else {
-        eprintln!("no run recorded in {}", path.display());
-        return exit::IMPORTED;
+    let run = match stored {
+        Stored::Nothing => {
+            out.say(&format!("no run recorded in {}", path.display()));
+            return exit::IMPORTED;
+        }
+        Stored::Corrupt(state) => {
+            out.error(&format!(
+                "{}; `pathling-import --fresh` or `cancel` replaces it",
+                corrupt_notice(&path, &state)
+            ));
+            return exit::FAILED;
+        }
+        Stored::Run(run) => *run,
     };
+    let live = FileStore::in_use(&path);
     if common.log_format == LogFormat::Json {
         println!("{}", pathling_import_core::persist::encode(&run));
         return exit::IMPORTED;
     }
     println!(
-        "run {} ({}), started {}",
+        "run {} ({}{}), started {}",
         run.run_id,
         run.state.name(),
+        if live {
+            ", in progress in another process"
+        } else {
+            ""
+        },
         run.started_at
     );
+    if let SyncState::StagingFiles(s) = &run.state {
+        let rows = &s.export.files.rows;
+        let staged = rows
+            .iter()
+            .filter(|r| r.status == FileStatus::Staged)
+            .count();
+        println!(
+            "{staged}/{} file(s) staged, {:.1} MB",
+            rows.len(),
+            s.export.files.bytes as f64 / 1e6
+        );
+    }
     match run.next(now()) {
         Next::Done { terminal } => println!("{}", report::describe_terminal(&terminal)),
         Next::SleepUntil { until, reason } => println!("{reason} until {until}"),
         Next::Run { requests } => println!("next: {}", describe_requests(&requests)),
+    }
+    if let Some(point) = run.resumable() {
+        println!(
+            "can be retried from {} (`pathling-import retry`, or a plain run)",
+            point.from.as_str()
+        );
     }
     if let Some(w) = &run.watermark {
         println!(
@@ -430,27 +793,63 @@ fn status(common: Common) -> u8 {
     exit::IMPORTED
 }
 
-async fn cancel(common: Common) -> u8 {
-    init_logging(common.log_format, false);
-    let config = match load_config(&common) {
+async fn cancel(args: CancelArgs) -> u8 {
+    let out = init_logging(args.common.log_format, false);
+    let config = match load_config(&args.common, out) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let path = state_path(&common, Some(&config));
-    let (mut store, stored) = match open_store(&path) {
+    let path = state_path(&args.common, Some(&config));
+    let (mut store, stored) = match open_store(&path, out) {
         Ok(x) => x,
         Err(code) => return code,
     };
     match stored {
-        Some(run) if !run.is_done() => match cancel_run(run, &config, &mut store).await {
-            Ok(run) => {
-                eprintln!("run {} {}", run.run_id, run.state.name());
-                exit::CANCELLED
+        Stored::Run(run) if !run.is_done() || run.resumable().is_some() => {
+            let run = match admitted(*run, &config, args.rebind, &mut store, out).await {
+                Ok(run) => run,
+                Err(code) => return code,
+            };
+            match cancel_run(run, &config, &mut store, out).await {
+                Ok(run) => {
+                    out.say(&format!("run {} {}", run.run_id, run.state.name()));
+                    exit::CANCELLED
+                }
+                Err(code) => code,
             }
-            Err(code) => code,
-        },
-        _ => {
-            eprintln!("no unfinished run in {}", path.display());
+        }
+        Stored::Corrupt(state) => {
+            out.warn(&format!("cancel: {}", corrupt_notice(store.path(), &state)));
+            // The salvaged watermark goes next to the staged data, where a new run finds it.
+            if let Some(w) = &state.watermark {
+                let recorded = match Executor::new(&config.spec, &config.secrets, &config.tls).await
+                {
+                    Ok(executor) => pathling_import_runners::watermark::record(
+                        executor.staging(),
+                        &config.spec.staging,
+                        w,
+                    )
+                    .await
+                    .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = recorded {
+                    out.error(&format!(
+                        "the incremental starting point could not be saved ({e}); the state \
+                         file is left as it is"
+                    ));
+                    return exit::FAILED;
+                }
+            }
+            if let Err(e) = std::fs::remove_file(store.path()) {
+                out.error(&format!("{}: {e}", store.path().display()));
+                return exit::FAILED;
+            }
+            out.say(&format!("removed {}", store.path().display()));
+            exit::CANCELLED
+        }
+        Stored::Run(_) | Stored::Nothing => {
+            out.say(&format!("no unfinished run in {}", path.display()));
             exit::IMPORTED
         }
     }
@@ -486,12 +885,14 @@ impl RunExt for SyncRun {
 }
 
 /// A progress display on a terminal (files, bytes, resources, throughput, server progress);
-/// structured log lines otherwise.
+/// structured log lines otherwise: phase changes, waits, and staging progress every
+/// [`PROGRESS_EVERY`].
 struct Progress {
     bar: Option<ProgressBar>,
     counters: Arc<Counters>,
     last_phase: Mutex<String>,
-    started: std::time::Instant,
+    last_log: Mutex<Instant>,
+    started: Instant,
 }
 
 impl Progress {
@@ -509,7 +910,8 @@ impl Progress {
             bar,
             counters,
             last_phase: Mutex::new(String::new()),
-            started: std::time::Instant::now(),
+            last_log: Mutex::new(Instant::now()),
+            started: Instant::now(),
         }
     }
 
@@ -537,7 +939,7 @@ impl Progress {
                     .files
                     .rows
                     .iter()
-                    .filter(|r| r.status != pathling_import_core::state::FileStatus::Pending)
+                    .filter(|r| r.status != FileStatus::Pending)
                     .count();
                 let bytes = self.counters.bytes_downloaded.load(Ordering::Relaxed);
                 let secs = self.started.elapsed().as_secs_f64().max(0.001);
@@ -566,6 +968,18 @@ impl Progress {
             }
         }
     }
+
+    /// Without a terminal: a staging line at a steady interval, so a long phase is visible.
+    fn periodic(&self, run: &SyncRun) {
+        if !matches!(run.state, SyncState::StagingFiles(_)) {
+            return;
+        }
+        let mut last = self.last_log.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= PROGRESS_EVERY {
+            tracing::info!(run_id = %run.run_id, phase = run.state.name(), "{}", self.line(run));
+            *last = Instant::now();
+        }
+    }
 }
 
 impl Observer for Progress {
@@ -585,18 +999,22 @@ impl Observer for Progress {
         if *last != phase || !wait.is_empty() {
             tracing::info!(run_id = %run.run_id, phase = %phase, "{line}{wait}");
             *last = phase;
+            *self.last_log.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         }
     }
 
     fn stepped(&self, run: &SyncRun, request: &Request) {
         if let Some(bar) = &self.bar {
             bar.set_message(self.line(run));
-        } else if let Effect::StageFile {
+            return;
+        }
+        if let Effect::StageFile {
             index, type_name, ..
         } = &request.effect
         {
             tracing::debug!(run_id = %run.run_id, index, type_name = %type_name, "file staged");
         }
+        self.periodic(run);
     }
 
     fn rejected(&self, request: &Request, why: &str) {

@@ -35,6 +35,7 @@ use crate::auth::Side;
 use crate::aws::{self, LambdaFailure};
 use crate::driver::{self, DriveOptions, RunStore, Stopped, StoreError};
 use crate::executor::{now, Executor, JobPoll};
+use crate::resume::admit;
 use crate::staging::StagingStore;
 use bytes::Bytes;
 use pathling_import_core::bulk::parse_manifest;
@@ -124,7 +125,7 @@ impl Handlers {
         // Read for validation only: the handlers sleep through any wait within their budget.
         seconds_setting(&config, LAMBDA_MAX_SLEEP, super::DEFAULT_MAX_SLEEP)?;
         let budget = aws::configured_budget(&config)?;
-        let executors = ExecutorCache::new(config.secrets.clone());
+        let executors = ExecutorCache::new(&config);
         executors.for_spec(&config.spec).await?;
         Ok(Handlers {
             handler,
@@ -241,8 +242,34 @@ impl Handlers {
             .await
             .map_err(|e| storage_failure(&format!("reading {state_key}"), &e))?
         {
-            Some(stored) => persist::decode(&stored)
-                .map_err(|e| LambdaFailure::state(format!("{state_key}: {e}")))?,
+            Some(stored) => {
+                let run = persist::decode(&stored)
+                    .map_err(|e| LambdaFailure::state(format!("{state_key}: {e}")))?;
+                // The stored progress is only used with the settings it was made with: the
+                // staging bucket's writers must not choose where our credentials go.
+                let run = match admit(run, &self.config.spec, false) {
+                    Ok(admitted) => admitted.run().clone(),
+                    Err(refused) => {
+                        return Err(LambdaFailure::state(format!("{state_key}: {refused}")))
+                    }
+                };
+                // A transfer that failed for good is retried by the definition's `Retry`:
+                // continue it, re-staging only what is missing.
+                if run.resumable().is_some() {
+                    let retried = run
+                        .step(
+                            Input::Retry {
+                                spec: Box::new(self.config.spec.clone()),
+                            },
+                            now(),
+                        )
+                        .map_err(|e| LambdaFailure::state(e.to_string()))?;
+                    tracing::info!(run_id = %retried.run_id, "retrying a failed transfer");
+                    retried
+                } else {
+                    run
+                }
+            }
             None => {
                 let run = self.new_transfer(executor, &run_id, &body).await?;
                 write_run(&staging, &state_key, &run).await?;

@@ -118,6 +118,16 @@ impl DirStore {
         }
     }
 
+    /// Removes an object; an absent one is fine.
+    pub async fn delete(&self, key: &str) -> Result<(), StagingError> {
+        let path = self.path_of(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StagingError::io("remove", key, &e)),
+        }
+    }
+
     pub async fn open_read(&self, key: &str) -> Result<ReadStream, StagingError> {
         let path = self.path_of(key)?;
         let file = match tokio::fs::File::open(&path).await {

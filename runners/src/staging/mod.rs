@@ -117,6 +117,14 @@ impl StagingStore {
         }
     }
 
+    /// Remove an object (the preflight's marker); an absent key is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StagingError> {
+        match self {
+            StagingStore::S3(s) => s.delete(key).await,
+            StagingStore::Dir(d) => d.delete(key).await,
+        }
+    }
+
     /// Stream an object. A missing key is [`StagingError::NotFound`].
     pub async fn open_read(&self, key: &str) -> Result<ReadStream, StagingError> {
         match self {

@@ -190,6 +190,19 @@ impl S3Store {
         Ok(Some(data.into_bytes()))
     }
 
+    /// Removes an object; an absent one is fine (S3's DeleteObject says so itself).
+    pub async fn delete(&self, key: &str) -> Result<(), StagingError> {
+        validate_key(key)?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_error("DeleteObject", key, e))
+    }
+
     pub async fn open_read(&self, key: &str) -> Result<ReadStream, StagingError> {
         validate_key(key)?;
         let resp = self.get_object(key).await?;
