@@ -22,7 +22,7 @@ use pathling_import_core::spec::{AuthMethod, AuthSpec, SecretRef, SigningAlgorit
 use pathling_import_runners::auth::{Authenticator, BearerToken, Side, JWT_BEARER};
 use pathling_import_tests::auth::{AuthConfig, AuthMethod as FakeMethod};
 use pathling_import_tests::fake_source::{FakeSource, FakeSourceHandle, SourceConfig};
-use pathling_import_tests::keys::TestKey;
+use pathling_import_tests::keys::{TestKey, EC_1_SEC1_PEM, RSA_1_PKCS1_PEM};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
@@ -118,25 +118,6 @@ async fn token(a: &Authenticator) -> BearerToken {
 
 fn pem_one_line(pem: &str) -> String {
     pem.trim().replace('\n', "\\n")
-}
-
-fn pkcs1_pem(key: &TestKey) -> String {
-    use rsa::pkcs1::EncodeRsaPrivateKey as _;
-    use rsa::pkcs8::DecodePrivateKey as _;
-    rsa::RsaPrivateKey::from_pkcs8_pem(&key.private_pem)
-        .unwrap()
-        .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
-        .unwrap()
-        .to_string()
-}
-
-fn sec1_pem(key: &TestKey) -> String {
-    use p384::pkcs8::DecodePrivateKey as _;
-    p384::SecretKey::from_pkcs8_pem(&key.private_pem)
-        .unwrap()
-        .to_sec1_pem(p384::pkcs8::LineEnding::LF)
-        .unwrap()
-        .to_string()
 }
 
 fn decode_part(part: &str) -> Value {
@@ -347,7 +328,7 @@ async fn private_key_jwt_with_rsa_and_ec_keys_in_jwk_and_pem_forms() {
         (
             "RSA PKCS#1 PEM",
             with_key_id(jwt.clone(), &rsa.kid),
-            pkcs1_pem(&rsa),
+            RSA_1_PKCS1_PEM.to_string(),
         ),
         (
             "EC PKCS#8 PEM",
@@ -357,7 +338,7 @@ async fn private_key_jwt_with_rsa_and_ec_keys_in_jwk_and_pem_forms() {
         (
             "EC SEC1 PEM",
             with_key_id(jwt.clone(), &ec.kid),
-            sec1_pem(&ec),
+            EC_1_SEC1_PEM.to_string(),
         ),
         (
             "EC PEM on one line with \\n escapes",
@@ -936,6 +917,13 @@ fn setup_errors_name_the_config_key_and_hide_the_value() {
 
     let e = new(&jwt, None, Some(&rsa.private_pem));
     assert_eq!(e.key, "SOURCE_KEY_ID", "{e}");
+
+    // A key that does not parse is reported as such, kid or no kid.
+    let damaged = rsa.private_pem.replacen("MII", "MIX", 1);
+    for s in [&jwt, &with_key_id(jwt.clone(), &rsa.kid)] {
+        let e = new(s, None, Some(&damaged));
+        assert_eq!(e.key, "SOURCE_PRIVATE_KEY", "{e}");
+    }
 
     let e = new(&jwt, None, Some(&rsa.public_jwk.to_string()));
     assert_eq!(e.key, "SOURCE_PRIVATE_KEY");
