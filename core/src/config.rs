@@ -123,6 +123,7 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("SOURCE_PRIVATE_KEY", true, "", "Signing key for `private_key_jwt`: a JWK (JSON) or a PEM; `secretsmanager:`/`ssm:` references allowed."),
     ("SOURCE_KEY_ID", true, "(the JWK's kid)", "The `kid` of the source signing key."),
     ("SOURCE_SIGNING_ALGORITHM", true, "(from the key)", "`RS384` or `ES384`."),
+    ("SOURCE_ALLOW_INSECURE_AUTH", true, "false", "Allow the SMART token endpoint over plain http (never do this outside a test network)."),
     ("STAGING_URL", false, "(required; the CLI defaults to ./pathling-import-staging)", "`s3://bucket/prefix/` or `file:///absolute/dir/`."),
     ("TARGET_ENDPOINT", false, "(required)", "Base URL of the target Pathling server."),
     ("TARGET_AUTHENTICATION_ENABLED", false, "true", "`false` disables authentication to the target."),
@@ -133,6 +134,7 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("TARGET_PRIVATE_KEY", true, "", "As SOURCE_PRIVATE_KEY."),
     ("TARGET_KEY_ID", true, "(the JWK's kid)", "As SOURCE_KEY_ID."),
     ("TARGET_SIGNING_ALGORITHM", true, "(from the key)", "As SOURCE_SIGNING_ALGORITHM."),
+    ("TARGET_ALLOW_INSECURE_AUTH", true, "false", "Allow the SMART token endpoint over plain http (never do this outside a test network)."),
     ("IMPORT_MODE", false, "merge", "`merge` or `overwrite`; on Pathling 9.2+ also `append`, `ignore`, `error`."),
     ("PATHLING_API", true, "auto", "`auto` (detect), `7` (7.x `source` shape) or `9` (9.2+ `input` shape)."),
     ("APPLY_DELETIONS", true, "false", "Apply the export's `deleted[]` entries to Pathling (9.x only)."),
@@ -520,6 +522,7 @@ impl Reader<'_> {
                 None
             }
         };
+        let allow_insecure = self.boolean(&k("ALLOW_INSECURE_AUTH"), false);
         if enabled {
             if client_id.is_none() {
                 self.bad(&k("CLIENT_ID"), "required when authentication is enabled");
@@ -560,6 +563,7 @@ impl Reader<'_> {
                 private_key,
                 key_id,
                 signing_algorithm,
+                allow_insecure,
             },
             secret_value,
             key_value,
@@ -947,6 +951,21 @@ mod tests {
         assert_eq!(c.spec.export.patients.len(), 2);
         assert_eq!(c.spec.source.auth.key_id, None);
         assert!(c.secrets.source_private_key.is_some());
+    }
+
+    #[test]
+    fn insecure_auth_is_off_unless_asked_for() {
+        let c = parse(&env(MINIMAL), &[]).unwrap();
+        assert!(!c.spec.source.auth.allow_insecure);
+        assert!(!c.spec.target.auth.allow_insecure);
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("TARGET_ALLOW_INSECURE_AUTH", "true"));
+        let c = parse(&env(&pairs), &[]).unwrap();
+        assert!(!c.spec.source.auth.allow_insecure);
+        assert!(c.spec.target.auth.allow_insecure);
+        pairs.push(("SOURCE_ALLOW_INSECURE_AUTH", "maybe"));
+        let err = parse(&env(&pairs), &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "SOURCE_ALLOW_INSECURE_AUTH");
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub struct AuthSpec {
     pub key_id: Option<String>,
     /// `None`: taken from the key (RSA → RS384, EC P-384 → ES384).
     pub signing_algorithm: Option<SigningAlgorithm>,
+    /// Allow a token endpoint over plain http outside a loopback test setup. Absent (false)
+    /// in runs persisted before it existed; not written when false, so their JSON is
+    /// unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure: bool,
 }
 
 impl AuthSpec {
@@ -61,6 +66,7 @@ impl AuthSpec {
             private_key: None,
             key_id: None,
             signing_algorithm: None,
+            allow_insecure: false,
         }
     }
 }

@@ -99,8 +99,10 @@ impl Executor {
     pub async fn new(spec: &RunSpec, secrets: &Secrets) -> Result<Executor, SetupError> {
         let http = crate::http::build_client(&spec.transfer)
             .map_err(|e| SetupError::Http(e.to_string()))?;
+        // Each authenticator builds its own client from the shared settings, with redirects
+        // off (a followed 307 would re-send the client secret or assertion).
         let source_auth = Authenticator::new(
-            http.clone(),
+            crate::http::client_builder(&spec.transfer),
             &spec.source.endpoint,
             &spec.source.auth,
             secrets.source_client_secret.clone(),
@@ -108,7 +110,7 @@ impl Executor {
             Side::Source,
         )?;
         let target_auth = Authenticator::new(
-            http.clone(),
+            crate::http::client_builder(&spec.transfer),
             &spec.target.endpoint,
             &spec.target.auth,
             secrets.target_client_secret.clone(),

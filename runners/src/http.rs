@@ -23,13 +23,20 @@ pub const USER_AGENT: &str = concat!("pathling-import/", env!("CARGO_PKG_VERSION
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 pub fn build_client(transfer: &TransferSpec) -> Result<Client, reqwest::Error> {
+    client_builder(transfer)
+        .redirect(reqwest::redirect::Policy::limited(10))
+        .build()
+}
+
+/// The settings every client of a run shares (timeouts, user agent, and whatever transport
+/// trust is configured). The SMART authenticators build their own clients from it with
+/// redirects turned off, so anything added here reaches them too.
+pub fn client_builder(transfer: &TransferSpec) -> reqwest::ClientBuilder {
     Client::builder()
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_millis(transfer.connect_timeout_ms))
         .read_timeout(Duration::from_millis(transfer.read_timeout_ms))
         .gzip(true)
-        .redirect(reqwest::redirect::Policy::limited(10))
-        .build()
 }
 
 /// A transport-level failure (no HTTP status) as a fact.

@@ -14,9 +14,18 @@
 //!   the configuration key and never echo a secret.
 //! - Signing uses aws-lc-rs (constant-time, blinded RSA; the `rsa` crate is open to the Marvin
 //!   timing attack, RUSTSEC-2023-0071). ES384 signatures are in JWS's fixed-size r‖s form.
+//! - The authenticator builds its own HTTP client from the caller's `reqwest::ClientBuilder`
+//!   (timeouts, user agent, trusted roots) with redirects turned off: a token request
+//!   followed through a 307/308 would re-send the secret or assertion to wherever the
+//!   `Location` points. A 3xx answer to discovery or a token request is a permanent failure
+//!   naming only the status and the target's origin.
 //! - Discovery is `GET {base}/.well-known/smart-configuration`; `token_endpoint` must be an
-//!   absolute http(s) URL. The document is cached, and dropped after a failed token request
-//!   so that a retry picks up a moved endpoint or a changed list of methods.
+//!   absolute http(s) URL, and https unless both the base and the endpoint are on a loopback
+//!   address with an http base (a test machine) or `allow_insecure` is set (an https base that
+//!   names an http endpoint is refused as a downgrade). Refusal is a permanent
+//!   [`FailureKind::Local`] failure naming `*_ALLOW_INSECURE_AUTH`, before any token request.
+//!   The document is cached, and dropped after a failed token request so that a retry picks
+//!   up a moved endpoint or a changed list of methods.
 //! - The method is the spec's `method` when set. Otherwise it is chosen from the server's
 //!   `token_endpoint_auth_methods_supported`: `private_key_jwt` when a key is configured and the
 //!   server lists it (or lists nothing and no secret is configured); else, with a secret,
@@ -43,9 +52,9 @@
 //! - Time is passed in (`now_unix_ms`) for expiry decisions and assertion times, so tests can
 //!   move the clock.
 //!
-//! Layout: [`discovery`] (the document), [`token`] (the grant, method choice, answers,
-//! scrubbing), [`keys`] (key formats), [`jws`] (assertions), [`der`] (the little ASN.1 the
-//! key formats need).
+//! Layout: [`discovery`] (the document and the token endpoint rule), [`token`] (the grant,
+//! method choice, answers, scrubbing), [`keys`] (key formats), [`jws`] (assertions), [`der`]
+//! (the little ASN.1 the key formats need).
 
 mod der;
 mod discovery;
@@ -60,7 +69,7 @@ use std::time::Duration;
 use pathling_import_core::config::{Secret, Secrets};
 use pathling_import_core::retry::{Failure, FailureKind};
 use pathling_import_core::spec::{AuthMethod, AuthSpec, RunSpec, SecretRef};
-use reqwest::header::{HeaderValue, RETRY_AFTER};
+use reqwest::header::{HeaderValue, LOCATION, RETRY_AFTER};
 use tokio::sync::Mutex;
 
 use discovery::Discovery;
@@ -117,7 +126,8 @@ impl Side {
 #[error("{key}: {message}")]
 pub struct AuthSetupError {
     /// The configuration key at fault (`SOURCE_PRIVATE_KEY`, or `sourcePrivateKey` when the
-    /// configuration came from a JSON file).
+    /// configuration came from a JSON file); `source HTTP client` when the caller's client
+    /// settings cannot be built.
     pub key: String,
     /// What is wrong with it. Never contains the value.
     pub message: String,
@@ -264,6 +274,7 @@ pub struct Authenticator {
 
 /// What an enabled authenticator holds.
 struct Enabled {
+    /// Built here from the caller's builder, with redirects off.
     http: reqwest::Client,
     credentials: Credentials,
 }
@@ -275,6 +286,9 @@ struct Credentials {
     method: Option<AuthMethod>,
     secret: Option<Secret>,
     key: Option<SigningKey>,
+    allow_insecure: bool,
+    /// `SOURCE_ALLOW_INSECURE_AUTH` (or its camelCase), for the refusal message.
+    allow_insecure_key: String,
 }
 
 #[derive(Default)]
@@ -295,7 +309,8 @@ impl fmt::Debug for Authenticator {
                 .field("scopes", &c.scopes)
                 .field("method", &c.method)
                 .field("client_secret", &c.secret.as_ref().map(|_| "***"))
-                .field("private_key", &c.key),
+                .field("private_key", &c.key)
+                .field("allow_insecure", &c.allow_insecure),
         };
         d.finish_non_exhaustive()
     }
@@ -304,10 +319,12 @@ impl fmt::Debug for Authenticator {
 impl Authenticator {
     /// Validates the spec and parses the credentials; no network call is made.
     ///
-    /// `client_secret` and `private_key` are the resolved values of the spec's references.
-    /// The first problem found is returned; [`check_credentials`] lists them all.
+    /// `http` carries the caller's client settings (timeouts, user agent, trusted roots); the
+    /// authenticator builds its own client from it with redirects turned off, whatever the
+    /// builder said. `client_secret` and `private_key` are the resolved values of the spec's
+    /// references. The first problem found is returned; [`check_credentials`] lists them all.
     pub fn new(
-        http: reqwest::Client,
+        http: reqwest::ClientBuilder,
         base_url: &str,
         spec: &AuthSpec,
         client_secret: Option<Secret>,
@@ -328,7 +345,21 @@ impl Authenticator {
                 AuthSetupError::new(&format!("{} authentication", side.word()), "is invalid")
             })
         })?;
-        let enabled = credentials.map(|credentials| Enabled { http, credentials });
+        let enabled = match credentials {
+            None => None,
+            Some(credentials) => {
+                let http = http
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .map_err(|e| {
+                        AuthSetupError::new(
+                            &format!("{} HTTP client", side.word()),
+                            format!("cannot be built: {}", crate::http::error_chain(&e)),
+                        )
+                    })?;
+                Some(Enabled { http, credentials })
+            }
+        };
         Ok(Authenticator {
             side,
             base_url,
@@ -389,7 +420,14 @@ impl Authenticator {
         let discovery = match &cache.discovery {
             Some(d) => d.clone(),
             None => {
-                let d = discovery::discover(&enabled.http, &self.base_url, self.side).await?;
+                let d = discovery::discover(
+                    &enabled.http,
+                    &self.base_url,
+                    self.side,
+                    c.allow_insecure,
+                    &c.allow_insecure_key,
+                )
+                .await?;
                 cache.discovery = Some(d.clone());
                 d
             }
@@ -533,6 +571,8 @@ fn validate(
             method: spec.method,
             secret,
             key,
+            allow_insecure: spec.allow_insecure,
+            allow_insecure_key: names.plain("ALLOW_INSECURE_AUTH"),
         })),
         _ => Err(problems),
     }
@@ -594,13 +634,15 @@ impl KeyNames {
 // Transport shared by discovery and the token request
 // ---------------------------------------------------------------------------------------------
 
-/// Sends a request and reads its whole answer: status, `Retry-After` and body.
+/// Sends a request and reads its whole answer: status, `Retry-After` and body. A redirect is
+/// refused here (`purpose` completes "redirects are never followed for …").
 ///
 /// The deadline wraps the client's own timeouts rather than replacing them (a per-request
 /// reqwest timeout would override a shorter one the caller configured).
 async fn exchange(
     request: reqwest::RequestBuilder,
     what: &str,
+    purpose: &str,
 ) -> Result<(reqwest::StatusCode, Option<String>, Vec<u8>), Failure> {
     let attempt = async {
         let response = request
@@ -608,6 +650,21 @@ async fn exchange(
             .await
             .map_err(|e| transport_failure(what, &e))?;
         let status = response.status();
+        if status.is_redirection() {
+            // Only the origin: a Location's path or query may carry anything.
+            let target = header_string(&response, LOCATION)
+                .and_then(|l| response.url().join(&l).ok())
+                .and_then(|u| origin(&u))
+                .unwrap_or_else(|| "(no usable Location)".into());
+            return Err(Failure::http(
+                status.as_u16(),
+                format!(
+                    "{what}: answered {} redirect to {target}; redirects are never followed for \
+                     {purpose}",
+                    status.as_u16()
+                ),
+            ));
+        }
         let retry_after = header_string(&response, RETRY_AFTER);
         let body = read_body(response, what).await?;
         Ok((status, retry_after, body))
@@ -623,6 +680,13 @@ async fn exchange(
                 ),
             ))
         })
+}
+
+/// `scheme://host:port`, the port always written.
+fn origin(url: &url::Url) -> Option<String> {
+    let host = url.host_str()?;
+    let port = url.port_or_known_default()?;
+    Some(format!("{}://{host}:{port}", url.scheme()))
 }
 
 fn header_string(
@@ -697,8 +761,8 @@ mod tests {
     use super::*;
     use pathling_import_core::spec::SigningAlgorithm;
 
-    fn builder() -> reqwest::Client {
-        reqwest::Client::new()
+    fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
     }
 
     /// Callers spawn token requests onto a multi-threaded runtime.
@@ -730,6 +794,20 @@ mod tests {
         let short = BearerToken::new("t".into(), 0, 10, None).unwrap();
         assert!(!short.needs_refresh(7_999));
         assert!(short.needs_refresh(8_000));
+    }
+
+    #[test]
+    fn redirect_targets_are_reduced_to_their_origin() {
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        assert_eq!(
+            origin(&u("https://other.example/steal?secret=x")).as_deref(),
+            Some("https://other.example:443")
+        );
+        assert_eq!(
+            origin(&u("http://[::1]:8080/a")).as_deref(),
+            Some("http://[::1]:8080")
+        );
+        assert_eq!(origin(&u("data:text/plain,x")), None);
     }
 
     fn key_spec(key: &str) -> AuthSpec {

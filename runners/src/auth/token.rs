@@ -76,7 +76,8 @@ pub(super) async fn request_token(
             sensitive.push(assertion);
         }
     }
-    let (status, retry_after, body) = exchange(request.body(form_body(&form)), &what).await?;
+    let (status, retry_after, body) =
+        exchange(request.body(form_body(&form)), &what, "token requests").await?;
     if !status.is_success() {
         let detail = oauth_error_text(&body, &sensitive);
         return Err(Failure::http(
