@@ -645,21 +645,6 @@ impl Reader<'_> {
                     ),
                 );
             }
-            // A PEM carries no kid; a JWK may carry its own.
-            let jwk_has_kid = key_value
-                .as_ref()
-                .and_then(|s| serde_json::from_str::<serde_json::Value>(s.expose()).ok())
-                .is_some_and(|v| v.get("kid").and_then(serde_json::Value::as_str).is_some());
-            let key_in_aws = matches!(
-                private_key,
-                Some(SecretRef::SecretsManager { .. } | SecretRef::Ssm { .. })
-            );
-            if private_key.is_some() && key_id.is_none() && !jwk_has_kid && !key_in_aws {
-                self.bad(
-                    &k("KEY_ID"),
-                    "required with a PEM private key (a JWK may carry its own kid)",
-                );
-            }
         }
         (
             AuthSpec {
@@ -1073,13 +1058,28 @@ mod tests {
             ("SOURCE_AUTH_METHOD", "private_key_jwt"),
             ("SOURCE_PRIVATE_KEY", "-----BEGIN PRIVATE KEY-----"),
         ]);
-        let err = parse(&env(&pairs), &[]).unwrap_err();
-        assert_eq!(err.problems.len(), 1);
-        assert_eq!(err.problems[0].key, "SOURCE_KEY_ID");
-        pairs.push(("SOURCE_KEY_ID", "k1"));
+        // The key and its kid are the authenticator's to judge, after parsing the key: a
+        // broken key must be reported as such, not as a missing SOURCE_KEY_ID.
         let c = parse(&env(&pairs), &[]).unwrap();
         assert_eq!(c.spec.export.level, ExportLevel::Group("abc-1".into()));
         assert_eq!(c.spec.export.patients.len(), 2);
+        assert_eq!(c.spec.source.auth.key_id, None);
+        assert!(c.secrets.source_private_key.is_some());
+    }
+
+    #[test]
+    fn insecure_auth_is_off_unless_asked_for() {
+        let c = parse(&env(MINIMAL), &[]).unwrap();
+        assert!(!c.spec.source.auth.allow_insecure);
+        assert!(!c.spec.target.auth.allow_insecure);
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("TARGET_ALLOW_INSECURE_AUTH", "true"));
+        let c = parse(&env(&pairs), &[]).unwrap();
+        assert!(!c.spec.source.auth.allow_insecure);
+        assert!(c.spec.target.auth.allow_insecure);
+        pairs.push(("SOURCE_ALLOW_INSECURE_AUTH", "maybe"));
+        let err = parse(&env(&pairs), &[]).unwrap_err();
+        assert_eq!(err.problems[0].key, "SOURCE_ALLOW_INSECURE_AUTH");
     }
 
     #[test]

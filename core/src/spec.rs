@@ -48,8 +48,10 @@ pub struct AuthSpec {
     pub key_id: Option<String>,
     /// `None`: taken from the key (RSA → RS384, EC P-384 → ES384).
     pub signing_algorithm: Option<SigningAlgorithm>,
-    /// Allow a SMART token endpoint over plain http (outside loopback test setups).
-    #[serde(default)]
+    /// Allow a token endpoint over plain http outside a loopback test setup. Absent (false)
+    /// in runs persisted before it existed; not written when false, so their JSON is
+    /// unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_insecure: bool,
 }
 

@@ -143,17 +143,10 @@ impl Executor {
         let http_error = |e: reqwest::Error| SetupError::Http(e.to_string());
         let source_http = clients.build(Side::Source).map_err(http_error)?;
         let target_http = clients.build(Side::Target).map_err(http_error)?;
-        // Discovery and token requests never follow a redirect: a 307 would re-send the
-        // client secret or the signed assertion to wherever it points.
-        let no_redirects = |side| {
-            clients
-                .builder(side)
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .map_err(http_error)
-        };
+        // Each authenticator builds its own client from the side's settings, with redirects
+        // off (a followed 307 would re-send the client secret or assertion).
         let source_auth = Authenticator::new(
-            no_redirects(Side::Source)?,
+            clients.builder(Side::Source),
             &spec.source.endpoint,
             &spec.source.auth,
             secrets.source_client_secret.clone(),
@@ -161,7 +154,7 @@ impl Executor {
             Side::Source,
         )?;
         let target_auth = Authenticator::new(
-            no_redirects(Side::Target)?,
+            clients.builder(Side::Target),
             &spec.target.endpoint,
             &spec.target.auth,
             secrets.target_client_secret.clone(),

@@ -18,6 +18,10 @@
 //! - Tokens are opaque, live [`AuthConfig::token_lifetime`] (set it to 2 s to exercise refresh),
 //!   and are checked on every protected request: missing, unknown or expired tokens get 401.
 //!
+//! - [`AuthConfig::token_redirect`] makes the token endpoint answer every request with that
+//!   redirect status and `Location` instead (to check that clients do not follow it: a 307 or
+//!   308 would have them re-send their credentials to the `Location`).
+//!
 //! Knobs live in [`AuthConfig`] and can be changed while a fake runs (through the fake's
 //! `update` method); [`AuthStats`] counts what happened.
 
@@ -80,6 +84,8 @@ pub struct AuthConfig {
     pub granted_scope: Option<String>,
     /// The furthest `exp` of a client assertion accepted (SMART: five minutes).
     pub max_assertion_lifetime: Duration,
+    /// `(status, Location)`: answer every token request with this redirect instead.
+    pub token_redirect: Option<(u16, String)>,
 }
 
 impl AuthConfig {
@@ -94,6 +100,7 @@ impl AuthConfig {
             token_lifetime: Duration::from_secs(300),
             granted_scope: None,
             max_assertion_lifetime: Duration::from_secs(300),
+            token_redirect: None,
         }
     }
 
@@ -124,6 +131,12 @@ impl AuthConfig {
     /// Replaces the token lifetime.
     pub fn with_token_lifetime(mut self, lifetime: Duration) -> Self {
         self.token_lifetime = lifetime;
+        self
+    }
+
+    /// Answers every token request with `status` (a 3xx) and `Location: location`.
+    pub fn with_token_redirect(mut self, status: u16, location: &str) -> Self {
+        self.token_redirect = Some((status, location.into()));
         self
     }
 
@@ -247,6 +260,13 @@ impl AuthRuntime {
         body: &[u8],
     ) -> Response {
         self.stats.token_requests += 1;
+        if let Some((status, location)) = &cfg.token_redirect {
+            self.stats.token_failures += 1;
+            let mut resp = Response::new(axum::body::Body::empty());
+            *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND);
+            set_header(&mut resp, header::LOCATION, location);
+            return resp;
+        }
         match self.issue(cfg, token_url, headers, body) {
             Ok((method, answer)) => {
                 self.stats.tokens_issued += 1;

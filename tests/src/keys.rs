@@ -2,27 +2,34 @@
 //! client assertions with them.
 //!
 //! RSA keys come from `tests/fixtures/keys/` because generating a 2048-bit RSA key in a debug
-//! build takes seconds; P-384 keys are cheap and can also be generated fresh. Each [`TestKey`]
-//! carries the private key as PKCS#8 PEM, the private key as a JWK (with `kid` and `alg`, the
-//! form clients are usually configured with), and the public JWK a server registers.
+//! build takes seconds; their JWK forms were written once with openssl next to them (see the
+//! README there), since no RSA library in this workspace exposes a private key's components.
+//! P-384 keys are cheap and can also be generated fresh. Each [`TestKey`] carries the private
+//! key as PKCS#8 PEM, the private key as a JWK (with `kid` and `alg`, the form clients are
+//! usually configured with), and the public JWK a server registers.
 //!
 //! These keys protect nothing. Never use them outside tests.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use aws_lc_rs::encoding::AsBigEndian;
+use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, RsaKeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use p384::pkcs8::{EncodePrivateKey, LineEnding};
-use rsa::pkcs8::DecodePrivateKey;
-use rsa::traits::{PrivateKeyParts, PublicKeyParts};
-use rsa::BigUint;
 use serde_json::{json, Value};
 
 const RSA_1: &str = include_str!("../fixtures/keys/rsa-test-1.pem");
+const RSA_1_JWK: &str = include_str!("../fixtures/keys/rsa-test-1.jwk.json");
 const RSA_2: &str = include_str!("../fixtures/keys/rsa-test-2.pem");
+const RSA_2_JWK: &str = include_str!("../fixtures/keys/rsa-test-2.jwk.json");
 const EC_1: &str = include_str!("../fixtures/keys/ec-p384-test-1.pem");
+
+/// The first fixed RSA key as PKCS#1 (`RSA PRIVATE KEY`), written by openssl.
+pub const RSA_1_PKCS1_PEM: &str = include_str!("../fixtures/keys/rsa-test-1.pkcs1.pem");
+/// The fixed EC key as SEC1 (`EC PRIVATE KEY`, with its curve named), written by openssl.
+pub const EC_1_SEC1_PEM: &str = include_str!("../fixtures/keys/ec-p384-test-1.sec1.pem");
 
 /// Errors from building or using a test key.
 #[derive(Debug, thiserror::Error)]
@@ -79,26 +86,50 @@ pub struct TestKey {
 /// Makes sure `jsonwebtoken` has a crypto provider. When another crate of the workspace turns
 /// on a second backend feature, the crate can no longer pick one by itself and would panic.
 pub fn ensure_crypto_provider() {
-    let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+    let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
 }
 
 fn b64(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn b64_uint(n: &BigUint) -> String {
-    b64(&n.to_bytes_be())
+fn invalid(e: impl std::fmt::Display) -> KeyError {
+    KeyError::Invalid(e.to_string())
+}
+
+/// The DER inside the first PEM block of `pem`.
+fn pem_der(pem: &str) -> Result<Vec<u8>, KeyError> {
+    let body: String = pem
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| !l.starts_with("-----BEGIN "))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END "))
+        .collect();
+    STANDARD.decode(body).map_err(invalid)
+}
+
+/// A PEM block of `der` under `label`, 64 characters a line.
+fn to_pem(label: &str, der: &[u8]) -> String {
+    let text = STANDARD.encode(der);
+    let mut pem = format!("-----BEGIN {label}-----\n");
+    for chunk in text.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(chunk));
+        pem.push('\n');
+    }
+    pem.push_str(&format!("-----END {label}-----\n"));
+    pem
 }
 
 impl TestKey {
     /// The first fixed RS384 key (`kid` = `rsa-test-1`).
     pub fn rsa() -> Result<Self, KeyError> {
-        Self::from_rsa_pem(RSA_1, "rsa-test-1")
+        Self::from_rsa_fixture(RSA_1, RSA_1_JWK, "rsa-test-1")
     }
 
     /// A second fixed RS384 key (`kid` = `rsa-test-2`), e.g. as an unregistered key.
     pub fn rsa_alternate() -> Result<Self, KeyError> {
-        Self::from_rsa_pem(RSA_2, "rsa-test-2")
+        Self::from_rsa_fixture(RSA_2, RSA_2_JWK, "rsa-test-2")
     }
 
     /// The fixed ES384 key (`kid` = `ec-test-1`).
@@ -108,39 +139,35 @@ impl TestKey {
 
     /// A freshly generated ES384 key with a random `kid`.
     pub fn generate_ec() -> Result<Self, KeyError> {
-        let secret = p384::SecretKey::random(&mut rand_core::OsRng);
-        let pem = secret
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| KeyError::Invalid(e.to_string()))?;
+        let pair = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING).map_err(invalid)?;
+        let pkcs8 = pair.to_pkcs8v1().map_err(invalid)?;
         let kid = format!("ec-{}", uuid::Uuid::new_v4().simple());
-        Self::from_ec_pem(pem.as_str(), &kid)
+        Self::from_ec_pem(&to_pem("PRIVATE KEY", pkcs8.as_ref()), &kid)
     }
 
-    /// An RS384 key from a PKCS#8 PEM.
-    pub fn from_rsa_pem(pem: &str, kid: &str) -> Result<Self, KeyError> {
-        let key = rsa::RsaPrivateKey::from_pkcs8_pem(pem)
-            .map_err(|e| KeyError::Invalid(e.to_string()))?;
-        let primes = key.primes();
-        let (p, q) = match primes {
-            [p, q] => (p, q),
-            _ => return Err(KeyError::Invalid("expected a two-prime RSA key".into())),
-        };
-        let one = BigUint::from(1u32);
-        let d = key.d();
-        // Fermat's little theorem gives q^-1 mod p, as p is prime; avoids signed big integers.
-        let qi = q.modpow(&(p - BigUint::from(2u32)), p);
-        let public_jwk = json!({
-            "kty": "RSA", "kid": kid, "alg": "RS384", "use": "sig",
-            "n": b64_uint(key.n()), "e": b64_uint(key.e()),
-        });
-        let mut private_jwk = public_jwk.clone();
-        if let Some(obj) = private_jwk.as_object_mut() {
-            obj.insert("d".into(), b64_uint(d).into());
-            obj.insert("p".into(), b64_uint(p).into());
-            obj.insert("q".into(), b64_uint(q).into());
-            obj.insert("dp".into(), b64_uint(&(d % (p - &one))).into());
-            obj.insert("dq".into(), b64_uint(&(d % (q - &one))).into());
-            obj.insert("qi".into(), b64_uint(&qi).into());
+    /// An RS384 key from a PKCS#8 PEM and the private JWK of the same key (as written by
+    /// openssl into `tests/fixtures/keys`). The JWK gets `kid` and must match the PEM.
+    pub fn from_rsa_fixture(pem: &str, private_jwk: &str, kid: &str) -> Result<Self, KeyError> {
+        let pair = RsaKeyPair::from_pkcs8(&pem_der(pem)?).map_err(invalid)?;
+        let mut private_jwk: Value = serde_json::from_str(private_jwk).map_err(invalid)?;
+        let n = b64(pair
+            .public_key()
+            .modulus()
+            .big_endian_without_leading_zero());
+        if private_jwk["n"].as_str() != Some(n.as_str()) {
+            return Err(KeyError::Invalid("the JWK is not the PEM's key".into()));
+        }
+        let obj = private_jwk
+            .as_object_mut()
+            .ok_or_else(|| KeyError::Invalid("the JWK is not an object".into()))?;
+        obj.insert("kid".into(), kid.into());
+        obj.insert("alg".into(), "RS384".into());
+        obj.insert("use".into(), "sig".into());
+        let mut public_jwk = private_jwk.clone();
+        if let Some(obj) = public_jwk.as_object_mut() {
+            for private in ["d", "p", "q", "dp", "dq", "qi"] {
+                obj.remove(private);
+            }
         }
         Ok(Self {
             alg: KeyAlg::RS384,
@@ -153,19 +180,23 @@ impl TestKey {
 
     /// An ES384 key from a PKCS#8 PEM.
     pub fn from_ec_pem(pem: &str, kid: &str) -> Result<Self, KeyError> {
-        use p384::pkcs8::DecodePrivateKey as _;
-        let secret =
-            p384::SecretKey::from_pkcs8_pem(pem).map_err(|e| KeyError::Invalid(e.to_string()))?;
-        let mut private_jwk: Value = serde_json::from_str(secret.to_jwk_string().as_str())
-            .map_err(|e| KeyError::Invalid(e.to_string()))?;
-        let mut public_jwk: Value = serde_json::from_str(&secret.public_key().to_jwk_string())
-            .map_err(|e| KeyError::Invalid(e.to_string()))?;
-        for jwk in [&mut private_jwk, &mut public_jwk] {
-            if let Some(obj) = jwk.as_object_mut() {
-                obj.insert("kid".into(), kid.into());
-                obj.insert("alg".into(), "ES384".into());
-                obj.insert("use".into(), "sig".into());
-            }
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &pem_der(pem)?)
+            .map_err(invalid)?;
+        let d = pair.private_key().as_be_bytes().map_err(invalid)?;
+        // The uncompressed point: 0x04, then x and y of 48 bytes each.
+        let point = pair.public_key().as_ref();
+        if point.len() != 97 || point[0] != 4 {
+            return Err(KeyError::Invalid(
+                "unexpected EC public key encoding".into(),
+            ));
+        }
+        let public_jwk = json!({
+            "kty": "EC", "crv": "P-384", "kid": kid, "alg": "ES384", "use": "sig",
+            "x": b64(&point[1..49]), "y": b64(&point[49..]),
+        });
+        let mut private_jwk = public_jwk.clone();
+        if let Some(obj) = private_jwk.as_object_mut() {
+            obj.insert("d".into(), b64(d.as_ref()).into());
         }
         Ok(Self {
             alg: KeyAlg::ES384,
@@ -243,5 +274,29 @@ mod tests {
         assert!(ec.public_jwk.get("d").is_none());
         let fresh = TestKey::generate_ec().unwrap();
         assert_ne!(fresh.kid, ec.kid);
+        // The openssl-written JWK is the same key as the PEM (checked on load) and the EC JWK
+        // derived here agrees with openssl's.
+        let openssl_ec: Value =
+            serde_json::from_str(include_str!("../fixtures/keys/ec-p384-test-1.jwk.json")).unwrap();
+        for member in ["x", "y", "d"] {
+            assert_eq!(ec.private_jwk[member], openssl_ec[member], "{member}");
+        }
+        assert!(TestKey::from_rsa_fixture(RSA_1, RSA_2_JWK, "x").is_err());
+    }
+
+    #[test]
+    fn both_algorithms_sign_assertions_jsonwebtoken_accepts() {
+        for key in [TestKey::rsa().unwrap(), TestKey::generate_ec().unwrap()] {
+            let jws = key.sign_client_assertion("c", "http://t/token").unwrap();
+            let jwk = key.public_jwk_typed().unwrap();
+            let mut v = jsonwebtoken::Validation::new(key.alg.jwt_alg());
+            v.set_audience(&["http://t/token"]);
+            jsonwebtoken::decode::<Value>(
+                &jws,
+                &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap(),
+                &v,
+            )
+            .unwrap();
+        }
     }
 }

@@ -22,7 +22,7 @@ use pathling_import_core::spec::{AuthMethod, AuthSpec, SecretRef, SigningAlgorit
 use pathling_import_runners::auth::{Authenticator, BearerToken, Side, JWT_BEARER};
 use pathling_import_tests::auth::{AuthConfig, AuthMethod as FakeMethod};
 use pathling_import_tests::fake_source::{FakeSource, FakeSourceHandle, SourceConfig};
-use pathling_import_tests::keys::TestKey;
+use pathling_import_tests::keys::{TestKey, EC_1_SEC1_PEM, RSA_1_PKCS1_PEM};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
@@ -40,10 +40,12 @@ fn now_ms() -> u64 {
 }
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    builder().build().unwrap()
+}
+
+/// What a runner hands an authenticator: its client settings, not a client.
+fn builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().timeout(Duration::from_secs(30))
 }
 
 fn config_ref(key: &str) -> Option<SecretRef> {
@@ -80,7 +82,7 @@ fn with_key_id(mut s: AuthSpec, kid: &str) -> AuthSpec {
 
 fn auth(base: &str, spec: &AuthSpec, secret: Option<&str>, key: Option<&str>) -> Authenticator {
     Authenticator::new(
-        http(),
+        builder(),
         base,
         spec,
         secret.map(Secret::new),
@@ -121,25 +123,6 @@ fn pem_one_line(pem: &str) -> String {
     pem.trim().replace('\n', "\\n")
 }
 
-fn pkcs1_pem(key: &TestKey) -> String {
-    use rsa::pkcs1::EncodeRsaPrivateKey as _;
-    use rsa::pkcs8::DecodePrivateKey as _;
-    rsa::RsaPrivateKey::from_pkcs8_pem(&key.private_pem)
-        .unwrap()
-        .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
-        .unwrap()
-        .to_string()
-}
-
-fn sec1_pem(key: &TestKey) -> String {
-    use p384::pkcs8::DecodePrivateKey as _;
-    p384::SecretKey::from_pkcs8_pem(&key.private_pem)
-        .unwrap()
-        .to_sec1_pem(p384::pkcs8::LineEnding::LF)
-        .unwrap()
-        .to_string()
-}
-
 fn decode_part(part: &str) -> Value {
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
 }
@@ -173,6 +156,12 @@ struct Recorder {
     discovery_paths: Vec<String>,
     /// `(Authorization header, form body)` of each token request.
     token_requests: Vec<TokenRequest>,
+    /// `METHOD path?query` of every request, whatever it was for.
+    seen: Vec<String>,
+    /// `(status, Location)` answered to discovery instead of the document.
+    discovery_redirect: Option<(u16, String)>,
+    /// The `token_endpoint` discovery names; `None` names this server's `/auth/token`.
+    token_endpoint: Option<String>,
 }
 
 #[derive(Clone)]
@@ -191,6 +180,9 @@ impl RecorderHandle {
             discovery_delay: Duration::ZERO,
             discovery_paths: Vec::new(),
             token_requests: Vec::new(),
+            seen: Vec::new(),
+            discovery_redirect: None,
+            token_endpoint: None,
         })));
         let app = axum::Router::new()
             .fallback(record)
@@ -215,6 +207,17 @@ impl RecorderHandle {
         self.0.lock().unwrap().token_requests.clone()
     }
 
+    fn seen(&self) -> Vec<String> {
+        self.0.lock().unwrap().seen.clone()
+    }
+
+    fn port(&self) -> u16 {
+        url::Url::parse(&self.0.lock().unwrap().origin)
+            .unwrap()
+            .port()
+            .unwrap()
+    }
+
     fn assertions(&self) -> Vec<String> {
         self.requests()
             .iter()
@@ -235,12 +238,23 @@ async fn record(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
+    h.0.lock().unwrap().seen.push(format!("{method} {uri}"));
     if method == Method::GET && path.ends_with("/.well-known/smart-configuration") {
         let (delay, doc) = {
             let mut r = h.0.lock().unwrap();
             r.discovery_paths.push(path);
+            if let Some((status, location)) = r.discovery_redirect.clone() {
+                let mut resp = StatusCode::from_u16(status).unwrap().into_response();
+                resp.headers_mut()
+                    .insert("location", location.parse().unwrap());
+                return resp;
+            }
+            let token_endpoint = r
+                .token_endpoint
+                .clone()
+                .unwrap_or_else(|| format!("{}/auth/token", r.origin));
             let mut doc = json!({
-                "token_endpoint": format!("{}/auth/token", r.origin),
+                "token_endpoint": token_endpoint,
                 "grant_types_supported": ["client_credentials"],
             });
             if let Some(m) = &r.methods {
@@ -348,7 +362,7 @@ async fn private_key_jwt_with_rsa_and_ec_keys_in_jwk_and_pem_forms() {
         (
             "RSA PKCS#1 PEM",
             with_key_id(jwt.clone(), &rsa.kid),
-            pkcs1_pem(&rsa),
+            RSA_1_PKCS1_PEM.to_string(),
         ),
         (
             "EC PKCS#8 PEM",
@@ -358,7 +372,7 @@ async fn private_key_jwt_with_rsa_and_ec_keys_in_jwk_and_pem_forms() {
         (
             "EC SEC1 PEM",
             with_key_id(jwt.clone(), &ec.kid),
-            sec1_pem(&ec),
+            EC_1_SEC1_PEM.to_string(),
         ),
         (
             "EC PEM on one line with \\n escapes",
@@ -589,7 +603,7 @@ async fn method_is_chosen_from_discovery_when_unset() {
 async fn without_a_methods_list_a_secret_uses_form_encoded_basic() {
     let rec = RecorderHandle::start(None).await;
     let a = Authenticator::new(
-        http(),
+        builder(),
         &format!("{}/", rec.base()),
         &AuthSpec {
             client_id: Some("client:id".into()),
@@ -798,7 +812,7 @@ async fn error_answers_become_failure_facts() {
     let rec = RecorderHandle::start(Some(&["client_secret_post"])).await;
     let secret = "echo-me-not";
     let a = Authenticator::new(
-        http(),
+        builder(),
         &rec.base(),
         &spec(None, true, false),
         Some(Secret::new(secret)),
@@ -863,10 +877,7 @@ async fn error_answers_become_failure_facts() {
 
     // A server that does not answer in time: a timeout.
     rec.set(|r| r.discovery_delay = Duration::from_secs(3));
-    let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300));
     let a = Authenticator::new(
         impatient,
         &rec.base(),
@@ -901,7 +912,7 @@ async fn discovery_without_smart_support_is_explained() {
 #[tokio::test]
 async fn disabled_auth_gives_no_token() {
     let a = Authenticator::new(
-        http(),
+        builder(),
         "http://127.0.0.1:9/fhir",
         &AuthSpec::disabled(),
         None,
@@ -920,7 +931,7 @@ fn setup_errors_name_the_config_key_and_hide_the_value() {
     let base = "https://fhir.example.org/fhir";
     let new = |s: &AuthSpec, secret: Option<&str>, key: Option<&str>| {
         Authenticator::new(
-            http(),
+            builder(),
             base,
             s,
             secret.map(Secret::new),
@@ -937,6 +948,13 @@ fn setup_errors_name_the_config_key_and_hide_the_value() {
 
     let e = new(&jwt, None, Some(&rsa.private_pem));
     assert_eq!(e.key, "SOURCE_KEY_ID", "{e}");
+
+    // A key that does not parse is reported as such, kid or no kid.
+    let damaged = rsa.private_pem.replacen("MII", "MIX", 1);
+    for s in [&jwt, &with_key_id(jwt.clone(), &rsa.kid)] {
+        let e = new(s, None, Some(&damaged));
+        assert_eq!(e.key, "SOURCE_PRIVATE_KEY", "{e}");
+    }
 
     let e = new(&jwt, None, Some(&rsa.public_jwk.to_string()));
     assert_eq!(e.key, "SOURCE_PRIVATE_KEY");
@@ -1012,4 +1030,183 @@ async fn debug_output_never_shows_secrets_keys_or_tokens() {
         assert!(!shown.contains(&v[..16]), "{part} leaked");
     }
     assert!(shown.contains(CLIENT) && shown.contains(&rsa.kid));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redirects and plain http
+// ---------------------------------------------------------------------------------------------
+
+/// Messages and `Debug` output that must not show `secrets`.
+fn assert_hidden(shown: &[String], secrets: &[&str]) {
+    for text in shown {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{secret:?} in {text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn token_endpoint_redirects_are_never_followed() {
+    // A 307 or 308 would have the client re-send its form body (secret or assertion) to the
+    // Location; the recording server there must see nothing.
+    let elsewhere = RecorderHandle::start(Some(&["client_secret_post", "private_key_jwt"])).await;
+    let secret = "s3cr3t-redirect-7Qx";
+    let rsa = TestKey::rsa().unwrap();
+    let location = format!("{}/steal/token?keep=private-query", elsewhere.base());
+    for status in [307u16, 308] {
+        let cases = [
+            (
+                AuthConfig::client_secret_post(CLIENT, secret),
+                spec(None, true, false),
+                Some(secret),
+                None,
+            ),
+            (
+                AuthConfig::private_key_jwt(CLIENT, &[&rsa]),
+                spec(None, false, true),
+                None,
+                Some(rsa.private_jwk.to_string()),
+            ),
+        ];
+        for (config, s, secret_value, key) in cases {
+            let source = fake(config.with_token_redirect(status, &location)).await;
+            // Even a caller whose settings ask for redirects gets none.
+            let a = Authenticator::new(
+                builder().redirect(reqwest::redirect::Policy::limited(10)),
+                &source.base_url(),
+                &s,
+                secret_value.map(Secret::new),
+                key.clone().map(Secret::new),
+                Side::Source,
+            )
+            .unwrap();
+            let f = a.token(now_ms()).await.unwrap_err();
+            assert_eq!(f.status(), Some(status), "{f}");
+            assert_eq!(
+                f.message,
+                format!(
+                    "source token endpoint: answered {status} redirect to http://127.0.0.1:{}; \
+                     redirects are never followed for token requests",
+                    elsewhere.port()
+                )
+            );
+            assert_eq!(
+                pathling_import_core::retry::classify(&f),
+                pathling_import_core::retry::Verdict::Permanent
+            );
+            assert_eq!(source.auth_stats().token_requests, 1);
+            let d = rsa.private_jwk["d"].as_str().unwrap();
+            assert_hidden(
+                &[f.to_string(), format!("{f:?}"), format!("{a:?}")],
+                &[secret, &d[..16], "steal", "private-query"],
+            );
+        }
+    }
+    assert_eq!(elsewhere.seen(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn discovery_redirects_are_never_followed() {
+    let rec = RecorderHandle::start(Some(&["client_secret_basic"])).await;
+    let elsewhere = RecorderHandle::start(Some(&["client_secret_basic"])).await;
+    let secret = "s3cr3t-discovery-9Wv";
+    rec.set(|r| {
+        r.discovery_redirect = Some((
+            302,
+            format!("{}/.well-known/smart-configuration", elsewhere.base()),
+        ))
+    });
+    let a = auth(&rec.base(), &spec(None, true, false), Some(secret), None);
+    let f = a.token(now_ms()).await.unwrap_err();
+    assert_eq!(f.status(), Some(302), "{f}");
+    assert!(
+        f.message.ends_with(&format!(
+            "answered 302 redirect to http://127.0.0.1:{}; redirects are never followed for SMART \
+             discovery",
+            elsewhere.port()
+        )),
+        "{f}"
+    );
+    assert!(elsewhere.seen().is_empty());
+    assert!(rec.requests().is_empty());
+
+    // A relative Location is resolved, and still only its origin is named.
+    rec.set(|r| r.discovery_redirect = Some((301, "/moved/here?ticket=abc".into())));
+    let f = a.token(now_ms()).await.unwrap_err();
+    assert_eq!(f.status(), Some(301), "{f}");
+    assert!(
+        f.message
+            .contains(&format!("redirect to http://127.0.0.1:{};", rec.port())),
+        "{f}"
+    );
+    assert!(
+        !f.message.contains("moved") && !f.message.contains("ticket"),
+        "{f}"
+    );
+    assert_hidden(
+        &[f.to_string(), format!("{f:?}"), format!("{a:?}")],
+        &[secret],
+    );
+    assert_eq!(rec.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn a_plain_http_token_endpoint_off_this_machine_needs_allow_insecure() {
+    let rec = RecorderHandle::start(Some(&["client_secret_post"])).await;
+    // A name that is not loopback, resolved to the recorder so that an allowed request lands
+    // there (and a refused one provably did not).
+    let endpoint = format!("http://token.invalid:{}/auth/token", rec.port());
+    rec.set(|r| r.token_endpoint = Some(endpoint.clone()));
+    let resolving = || builder().resolve("token.invalid", "127.0.0.1:0".parse().unwrap());
+    let secret = "s3cr3t-insecure-4Jd";
+    for side in [Side::Source, Side::Target] {
+        let a = Authenticator::new(
+            resolving(),
+            &rec.base(),
+            &spec(None, true, false),
+            Some(Secret::new(secret)),
+            None,
+            side,
+        )
+        .unwrap();
+        let f = a.token(now_ms()).await.unwrap_err();
+        assert_eq!(f.kind, FailureKind::Local, "{f}");
+        let (word, prefix) = match side {
+            Side::Source => ("source", "SOURCE"),
+            Side::Target => ("target", "TARGET"),
+        };
+        assert_eq!(
+            f.message,
+            format!(
+                "{word} SMART discovery: token_endpoint {endpoint} is not https; set \
+                 {prefix}_ALLOW_INSECURE_AUTH=true to allow it"
+            )
+        );
+        assert_hidden(
+            &[f.to_string(), format!("{f:?}"), format!("{a:?}")],
+            &[secret],
+        );
+    }
+    // Refused before any token request: the server saw discovery only.
+    assert!(rec.requests().is_empty());
+    assert!(rec
+        .seen()
+        .iter()
+        .all(|r| r == "GET /fhir/.well-known/smart-configuration"));
+
+    let allowed = Authenticator::new(
+        resolving(),
+        &rec.base(),
+        &AuthSpec {
+            allow_insecure: true,
+            ..spec(None, true, false)
+        },
+        Some(Secret::new(secret)),
+        None,
+        Side::Source,
+    )
+    .unwrap();
+    allowed.token(now_ms()).await.unwrap().unwrap();
+    assert_eq!(rec.requests().len(), 1);
+    assert!(format!("{allowed:?}").contains("allow_insecure: true"));
 }
