@@ -276,6 +276,7 @@ impl SyncRun {
                         kind: r.kind,
                         type_name: export.files.type_name(r).to_string(),
                         key,
+                        validate: self.spec.transfer.validate,
                     }
                 };
                 let attempt = r.failures;

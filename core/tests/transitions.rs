@@ -817,6 +817,7 @@ fn staging_hands_out_every_file_with_its_key_and_attempt() {
             kind: k,
             type_name: t,
             key,
+            ..
         } = &req.effect
         else {
             panic!("{:?}", req.effect)
@@ -825,6 +826,25 @@ fn staging_hands_out_every_file_with_its_key_and_attempt() {
         assert_eq!(*index, i as u32);
         assert_eq!((*k, t.as_str()), (kind, type_name));
         assert_eq!(key.0, key_of(&run, i as u32, kind, type_name));
+    }
+}
+
+#[test]
+fn staging_requests_carry_the_runs_validation_mode() {
+    use pathling_import_core::spec::Validation;
+    for (setting, want) in [
+        (None, Validation::Sample),
+        (Some("full"), Validation::Full),
+        (Some("off"), Validation::Off),
+    ] {
+        let extra: Vec<(&str, &str)> = setting.map(|v| ("VALIDATE", v)).into_iter().collect();
+        let run = staging(spec_with(&extra), FILES);
+        for req in requests(&run, T0) {
+            let Effect::StageFile { validate, .. } = req.effect else {
+                panic!("{:?}", req.effect)
+            };
+            assert_eq!(validate, want);
+        }
     }
 }
 
