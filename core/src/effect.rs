@@ -178,6 +178,13 @@ pub enum EffectResult {
 pub struct ManifestDigest {
     pub transaction_time: String,
     pub files: Vec<(FileKind, String)>,
+    /// File URLs the manifest listed again after their first listing (not in `files`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub duplicates: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl crate::bulk::Manifest {
@@ -189,6 +196,7 @@ impl crate::bulk::Manifest {
                 .iter()
                 .map(|f| (f.kind, f.type_name.clone()))
                 .collect(),
+            duplicates: self.duplicates,
         }
     }
 }

@@ -1076,6 +1076,7 @@ impl SyncRun {
             manifest_key: self.spec.staging.manifest_key(&self.run_id),
             files: FileTable::from_digest(&digest.files),
             source_errors: OutcomeSummary::default(),
+            duplicate_urls: digest.duplicates,
         };
         self.after_staging_step(export, now)
     }
@@ -1355,6 +1356,7 @@ fn summarise(export: &Exported) -> Summary {
         already_absent: 0,
         source_errors: export.source_errors.clone(),
         import_job: None,
+        duplicate_urls: export.duplicate_urls,
     }
 }
 

@@ -97,6 +97,13 @@ pub struct Exported {
     pub manifest_key: StagingKey,
     pub files: FileTable,
     pub source_errors: OutcomeSummary,
+    /// File URLs the manifest listed more than once: each is staged (and imported) once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub duplicate_urls: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -201,6 +208,9 @@ pub struct Summary {
     pub already_absent: u64,
     pub source_errors: OutcomeSummary,
     pub import_job: Option<String>,
+    /// File URLs the export's manifest listed more than once (each staged once).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub duplicate_urls: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
