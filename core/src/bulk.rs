@@ -38,6 +38,10 @@ pub struct Manifest {
     pub transaction_time: String,
     pub requires_access_token: bool,
     pub files: Vec<ManifestFile>,
+    /// Entries whose URL an earlier entry (of any array) already listed: left out of `files`,
+    /// so that each file is staged and imported once.
+    #[serde(default)]
+    pub duplicates: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,7 +107,9 @@ pub fn origin_of(url: &str) -> Option<String> {
 }
 
 /// Decodes and validates a completed export's manifest (the 200 answer to a status poll).
-/// Every problem names the offending field, e.g. `output[3].type`.
+/// Every problem names the offending field, e.g. `output[3].type`. An entry whose URL (as
+/// written) an earlier entry already listed, in the same array or another, is skipped and
+/// counted in [`Manifest::duplicates`]: staging it again would import its resources twice.
 pub fn parse_manifest(body: &[u8], source_endpoint: &str) -> Result<Manifest, ManifestError> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| ManifestError::NotJson(e.to_string()))?;
@@ -134,6 +140,8 @@ pub fn parse_manifest(body: &[u8], source_endpoint: &str) -> Result<Manifest, Ma
     }
     let source_origin = origin_of(source_endpoint);
     let mut files = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut duplicates = 0u32;
     for (name, kind, required) in [
         ("output", FileKind::Output, true),
         ("deleted", FileKind::Deleted, false),
@@ -167,6 +175,10 @@ pub fn parse_manifest(body: &[u8], source_endpoint: &str) -> Result<Manifest, Ma
                     format!("{:?} is not an absolute http(s) URL", truncate(url, 120)),
                 )
             })?;
+            if !seen.insert(url) {
+                duplicates = duplicates.saturating_add(1);
+                continue;
+            }
             files.push(ManifestFile {
                 kind,
                 type_name: type_name.to_string(),
@@ -188,6 +200,7 @@ pub fn parse_manifest(body: &[u8], source_endpoint: &str) -> Result<Manifest, Ma
         transaction_time,
         requires_access_token,
         files,
+        duplicates,
     })
 }
 
@@ -407,6 +420,45 @@ mod tests {
             parse_manifest(b"<html>", SRC),
             Err(ManifestError::NotJson(_))
         ));
+    }
+
+    #[test]
+    fn a_url_listed_twice_is_kept_once_and_counted() {
+        let m = manifest(json!({
+            "transactionTime": "2026-11-26T10:00:00Z",
+            "output": [
+                {"type": "Patient", "url": "https://fhir.example.org/files/1"},
+                {"type": "Observation", "url": "https://fhir.example.org/files/2"},
+                {"type": "Patient", "url": "https://fhir.example.org/files/1"}
+            ],
+            "deleted": [{"type": "Bundle", "url": "https://fhir.example.org/files/2"}],
+            "error": [
+                {"type": "OperationOutcome", "url": "https://fhir.example.org/files/e"},
+                {"type": "OperationOutcome", "url": "https://fhir.example.org/files/e"}
+            ]
+        }))
+        .unwrap();
+        let urls: Vec<&str> = m.files.iter().map(|f| f.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "https://fhir.example.org/files/1",
+                "https://fhir.example.org/files/2",
+                "https://fhir.example.org/files/e"
+            ]
+        );
+        assert_eq!(
+            m.files[1].type_name, "Observation",
+            "the first listing wins"
+        );
+        assert_eq!(m.duplicates, 3);
+        assert_eq!(m.digest().duplicates, 3);
+        assert_eq!(m.digest().files.len(), 3);
+        // A stored manifest of an older version (no count) still decodes.
+        let mut stored = serde_json::to_value(&m).unwrap();
+        stored.as_object_mut().unwrap().remove("duplicates");
+        let old: Manifest = serde_json::from_value(stored).unwrap();
+        assert_eq!(old.duplicates, 0);
     }
 
     #[test]

@@ -168,6 +168,7 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("HTTP_CONNECT_TIMEOUT", true, "10", "Seconds to establish a connection."),
     ("HTTP_READ_TIMEOUT", true, "60", "Seconds without any progress before a request fails."),
     ("MANIFEST_MAX_SIZE", true, "64", "Largest export manifest read, in MiB (a larger answer fails the run clearly instead of exhausting memory)."),
+    ("VALIDATE", true, "sample", "How downloaded files are checked while they stream: `sample` (every non-blank line must look like a JSON object, and the first one's `resourceType` must be the manifest's type for the file), `full` (every line is also parsed as JSON and its `resourceType` checked) or `off` (no check: an escape hatch for a source that violates the NDJSON format; Pathling then judges the files). A file that fails the check fails the run, naming the file and line."),
     ("SENTRY_DSN", false, "", "Report failures to Sentry."),
     ("SENTRY_ENVIRONMENT", false, "", "Sentry environment."),
     ("SENTRY_RELEASE", false, "", "Sentry release."),
@@ -857,6 +858,19 @@ pub fn parse(raw: &RawConfig, extra_keys: &[&str]) -> Result<Config, ConfigError
         part_size: r.integer("TRANSFER_PART_SIZE", 5, 512).unwrap_or(8) * 1024 * 1024,
         connect_timeout_ms: r.integer("HTTP_CONNECT_TIMEOUT", 1, 600).unwrap_or(10) * 1000,
         read_timeout_ms: r.integer("HTTP_READ_TIMEOUT", 1, 3600).unwrap_or(60) * 1000,
+        validate: match r
+            .string("VALIDATE")
+            .map(|s| s.to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("sample") => Validation::Sample,
+            Some("full") => Validation::Full,
+            Some("off") => Validation::Off,
+            Some(other) => {
+                r.bad("VALIDATE", format!("{other:?} is not sample, full or off"));
+                Validation::Sample
+            }
+        },
         manifest_max_bytes: r.integer("MANIFEST_MAX_SIZE", 1, 4096).unwrap_or(64) * 1024 * 1024,
     };
     let tls = TlsConfig {
@@ -1152,6 +1166,37 @@ mod tests {
                 "Observation?code=http%3A%2F%2Floinc.org%7C1234",
                 "Condition?code=http%3A%2F%2Fsnomed.info%2Fsct%7C1",
             ]
+        );
+    }
+
+    #[test]
+    fn validate_defaults_to_sample_and_accepts_full_and_off() {
+        let c = parse(&env(MINIMAL), &[]).unwrap();
+        assert_eq!(c.spec.transfer.validate, Validation::Sample);
+        for (given, want) in [
+            ("full", Validation::Full),
+            ("OFF", Validation::Off),
+            ("sample", Validation::Sample),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("VALIDATE", given));
+            assert_eq!(
+                parse(&env(&pairs), &[]).unwrap().spec.transfer.validate,
+                want
+            );
+        }
+        let raw = RawConfig::from_json(
+            r#"{"sourceEndpoint": "https://s/fhir", "sourceAuthenticationEnabled": false,
+                "stagingUrl": "file:///tmp/x", "targetEndpoint": "https://t/fhir",
+                "targetAuthenticationEnabled": false, "validate": "strict"}"#,
+            &[],
+        );
+        let err = parse(&raw, &[]).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "validate");
+        assert!(
+            err.problems[0].message.contains("sample, full or off"),
+            "{err}"
         );
     }
 

@@ -8,7 +8,7 @@
 
 use crate::bulk::{FileKind, OutcomeSummary};
 use crate::retry::Failure;
-use crate::spec::{PathlingApi, RunSpec};
+use crate::spec::{PathlingApi, RunSpec, Validation};
 use crate::staging::StagingKey;
 use crate::state::Terminal;
 use crate::time::Timestamp;
@@ -61,14 +61,20 @@ pub enum Effect {
         manifest_key: StagingKey,
     },
     /// Download manifest file `index` (its URL and token rule are in the stored manifest) and
-    /// stream it to `key`, ensuring it ends with a newline. For `error[]` files, fold each line
-    /// into an [`OutcomeSummary`]. Answer: `FileStaged` or `Failed`.
+    /// stream it to `key`, ensuring it ends with a newline. The bytes are checked as they
+    /// stream with [`crate::content::NdjsonCheck`] (`type_name`, `validate`): a violation
+    /// aborts the upload and answers `Failed` with [`crate::retry::FailureKind::Undecodable`].
+    /// For `error[]` files, fold each line into an [`OutcomeSummary`]. Answer: `FileStaged` or
+    /// `Failed`.
     StageFile {
         manifest_key: StagingKey,
         index: u32,
         kind: FileKind,
         type_name: String,
         key: StagingKey,
+        /// The run's `VALIDATE` setting (absent: the default).
+        #[serde(default, skip_serializing_if = "Validation::is_default")]
+        validate: Validation,
     },
     /// `GET {target}/metadata`; answer `PathlingDetected` (with
     /// [`crate::pathling::api_from_capability`]) or `Failed`.
@@ -188,6 +194,13 @@ pub enum EffectResult {
 pub struct ManifestDigest {
     pub transaction_time: String,
     pub files: Vec<(FileKind, String)>,
+    /// File URLs the manifest listed again after their first listing (not in `files`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub duplicates: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl crate::bulk::Manifest {
@@ -199,6 +212,7 @@ impl crate::bulk::Manifest {
                 .iter()
                 .map(|f| (f.kind, f.type_name.clone()))
                 .collect(),
+            duplicates: self.duplicates,
         }
     }
 }

@@ -12,6 +12,8 @@
 //! - [`binding`]: which of them a stored run must share with the configuration to be driven.
 //! - [`staging`]: staging locations and deterministic, safe object keys.
 //! - [`bulk`]: manifest decoding, `error[]` summaries, `deleted[]` references.
+//! - [`content`]: the incremental check that a downloaded file is NDJSON of the manifest's
+//!   resource type ([`content::NdjsonCheck`]), run by the executor on the bytes as they stream.
 //! - [`pathling`]: both `$import` request shapes, generation detection, delete Bundles.
 //! - [`retry`]: failure facts, classification, backoff, polling schedule, deadlines.
 //! - [`state`]: the closed enum of phases and the compact per-file table.
@@ -71,6 +73,7 @@
 pub mod binding;
 pub mod bulk;
 pub mod config;
+pub mod content;
 pub mod effect;
 pub mod machine;
 pub mod pathling;
@@ -82,6 +85,7 @@ pub mod staging;
 pub mod state;
 pub mod time;
 
+pub use content::{ContentError, NdjsonCheck, Validation};
 pub use effect::{Effect, EffectId, EffectResult, Input, Next, Rejected, Request};
 pub use machine::{SyncRun, Watermark};
 pub use state::{SyncState, Terminal};

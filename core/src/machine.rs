@@ -315,6 +315,7 @@ impl SyncRun {
                         kind: r.kind,
                         type_name: export.files.type_name(r).to_string(),
                         key,
+                        validate: self.spec.transfer.validate,
                     }
                 };
                 let attempt = r.failures;
@@ -881,7 +882,7 @@ impl SyncRun {
                         if let Some(o) = outcomes {
                             export.source_errors.merge(&o);
                         }
-                        Ok(self.after_staging_step(export, now))
+                        Ok(self.after_staging_step(export, s.failed.as_ref(), now))
                     }
                     EffectResult::Failed(f) => {
                         let row = export.files.rows[index as usize];
@@ -917,13 +918,15 @@ impl SyncRun {
                                 .rows
                                 .iter()
                                 .any(|r| r.status == FileStatus::Pending);
+                            let first = s.failed.clone().unwrap_or(f);
                             if pending && !store_failed {
                                 return Ok(SyncState::StagingFiles(StagingFiles {
                                     export,
                                     stall_deadline: s.stall_deadline,
+                                    failed: Some(first),
                                 }));
                             }
-                            return Ok(self.staging_failed(export, Some(&f)));
+                            return Ok(self.staging_failed(export, Some(&first)));
                         }
                         export
                             .files
@@ -941,6 +944,7 @@ impl SyncRun {
                         Ok(SyncState::StagingFiles(StagingFiles {
                             export,
                             stall_deadline: s.stall_deadline,
+                            failed: s.failed.clone(),
                         }))
                     }
                     other => Err(mismatch("staging_files", &other)),
@@ -1150,7 +1154,7 @@ impl SyncRun {
                     }
                 }
                 export.files.errors.clear();
-                return self.after_staging_step(export, now);
+                return self.after_staging_step(export, None, now);
             }
             // Another manifest for the same job (the source re-ran it): stage it all anew.
         }
@@ -1161,13 +1165,19 @@ impl SyncRun {
             manifest_key: self.spec.staging.manifest_key(&self.run_id),
             files: FileTable::from_digest(&digest.files),
             source_errors: OutcomeSummary::default(),
+            duplicate_urls: digest.duplicates,
         };
-        self.after_staging_step(export, now)
+        self.after_staging_step(export, None, now)
     }
 
     /// Stays in staging while files are pending (a staged file renews the stall deadline);
     /// otherwise moves on.
-    fn after_staging_step(&self, export: Exported, now: Timestamp) -> SyncState {
+    fn after_staging_step(
+        &self,
+        export: Exported,
+        failed: Option<&Failure>,
+        now: Timestamp,
+    ) -> SyncState {
         if export
             .files
             .rows
@@ -1177,6 +1187,7 @@ impl SyncRun {
             return SyncState::StagingFiles(StagingFiles {
                 export,
                 stall_deadline: now.plus_ms(patience_ms(&self.spec.retry.transfer)),
+                failed: failed.cloned(),
             });
         }
         if export
@@ -1185,7 +1196,7 @@ impl SyncRun {
             .iter()
             .any(|r| r.status == FileStatus::Failed)
         {
-            return self.staging_failed(export, None);
+            return self.staging_failed(export, failed);
         }
         let errors = &export.source_errors;
         if errors.fatal > 0 {
@@ -1480,6 +1491,7 @@ fn summarise(export: &Exported) -> Summary {
         already_absent: 0,
         source_errors: export.source_errors.clone(),
         import_job: None,
+        duplicate_urls: export.duplicate_urls,
     }
 }
 

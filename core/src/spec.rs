@@ -228,6 +228,40 @@ pub struct TransferSpec {
     /// The largest export manifest read into memory.
     #[serde(default = "default_manifest_max_bytes")]
     pub manifest_max_bytes: u64,
+    /// How each staged file's content is checked as it streams ([`crate::content`]).
+    /// Absent in runs started before the setting existed: they check with the default.
+    #[serde(default, skip_serializing_if = "Validation::is_default")]
+    pub validate: Validation,
+}
+
+/// How much of each downloaded NDJSON file is checked while it streams to the staging store
+/// (configuration key `VALIDATE`; see [`crate::content::NdjsonCheck`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Validation {
+    /// Every non-blank line must look like a JSON object (`{` … `}`), and the first one is
+    /// parsed: its `resourceType` must be the manifest's type for the file.
+    #[default]
+    Sample,
+    /// As `Sample`, and every line is parsed as JSON and must have that `resourceType`.
+    Full,
+    /// No check at all: an escape hatch for sources that violate the format (the file is
+    /// staged as sent and Pathling judges it).
+    Off,
+}
+
+impl Validation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Validation::Sample => "sample",
+            Validation::Full => "full",
+            Validation::Off => "off",
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == Validation::default()
+    }
 }
 
 fn default_manifest_max_bytes() -> u64 {

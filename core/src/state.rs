@@ -108,6 +108,13 @@ pub struct Exported {
     pub manifest_key: StagingKey,
     pub files: FileTable,
     pub source_errors: OutcomeSummary,
+    /// File URLs the manifest listed more than once: each is staged (and imported) once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub duplicate_urls: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -115,6 +122,10 @@ pub struct StagingFiles {
     pub export: Exported,
     /// The phase fails when no file has been staged for the transfer patience.
     pub stall_deadline: Timestamp,
+    /// Why the first file that could not be staged failed: the other files go on, and the
+    /// run then fails with this as its cause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<Failure>,
 }
 
 /// Which `$import` shape to send.
@@ -212,6 +223,9 @@ pub struct Summary {
     pub already_absent: u64,
     pub source_errors: OutcomeSummary,
     pub import_job: Option<String>,
+    /// File URLs the export's manifest listed more than once (each staged once).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub duplicate_urls: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -817,6 +817,7 @@ fn staging_hands_out_every_file_with_its_key_and_attempt() {
             kind: k,
             type_name: t,
             key,
+            ..
         } = &req.effect
         else {
             panic!("{:?}", req.effect)
@@ -826,6 +827,69 @@ fn staging_hands_out_every_file_with_its_key_and_attempt() {
         assert_eq!((*k, t.as_str()), (kind, type_name));
         assert_eq!(key.0, key_of(&run, i as u32, kind, type_name));
     }
+}
+
+#[test]
+fn staging_requests_carry_the_runs_validation_mode() {
+    use pathling_import_core::spec::Validation;
+    for (setting, want) in [
+        (None, Validation::Sample),
+        (Some("full"), Validation::Full),
+        (Some("off"), Validation::Off),
+    ] {
+        let extra: Vec<(&str, &str)> = setting.map(|v| ("VALIDATE", v)).into_iter().collect();
+        let run = staging(spec_with(&extra), FILES);
+        for req in requests(&run, T0) {
+            let Effect::StageFile { validate, .. } = req.effect else {
+                panic!("{:?}", req.effect)
+            };
+            assert_eq!(validate, want);
+        }
+    }
+}
+
+#[test]
+fn duplicate_urls_of_the_manifest_reach_the_summary() {
+    let mut digest = digest(&[(OUT, "Patient"), (OUT, "Observation")]);
+    digest.duplicates = 2;
+    let run = answer(
+        &polling_export(spec()),
+        EffectResult::ExportCompleted { digest },
+        T0,
+    );
+    assert_eq!(staging_state(&run).export.duplicate_urls, 2);
+    assert_eq!(requests(&run, T0).len(), 2, "each listed file once");
+    let run = stage_all(&run, T0);
+    let run = answer(
+        &run,
+        EffectResult::PathlingDetected {
+            api: Some(PathlingApi::V9),
+            version: Some("9.8.0".into()),
+        },
+        T0,
+    );
+    let run = answer(
+        &run,
+        EffectResult::ImportAccepted {
+            job_url: JOB_URL.into(),
+        },
+        T0,
+    );
+    let run = answer(&run, import_completed(), T0);
+    let run = answer(&run, EffectResult::ExportJobDeleted, T0);
+    let SyncState::Succeeded(summary) = &run.state else {
+        panic!("{}", run.state.name())
+    };
+    assert_eq!(summary.duplicate_urls, 2);
+    // Not written when zero, so envelopes without duplicates keep their shape.
+    let none = answer(&polling_export(spec()), export_completed(&[]), T0);
+    let none = answer(&none, EffectResult::ExportJobDeleted, T0);
+    let v = serde_json::to_value(&none.state).unwrap();
+    assert!(v.get("duplicate_urls").is_none(), "{v}");
+    assert_eq!(
+        serde_json::to_value(&run.state).unwrap()["duplicate_urls"],
+        json!(2)
+    );
 }
 
 #[test]

@@ -24,7 +24,7 @@ use pathling_import_core::pathling::{
 use pathling_import_core::retry::{Failure, FailureKind};
 use pathling_import_core::spec::{PathlingApi, RunSpec};
 use pathling_import_core::staging::{StagingKey, StagingLocation};
-use pathling_import_core::Timestamp;
+use pathling_import_core::{ContentError, NdjsonCheck, Timestamp, Validation};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -251,8 +251,9 @@ impl Executor {
                 kind,
                 type_name,
                 key,
+                validate,
             } => {
-                self.stage_file(manifest_key, *index, *kind, type_name, key)
+                self.stage_file(manifest_key, *index, *kind, type_name, key, *validate)
                     .await
             }
             Effect::DetectPathling => self.detect_pathling().await,
@@ -457,6 +458,7 @@ impl Executor {
         kind: FileKind,
         type_name: &str,
         key: &StagingKey,
+        validate: Validation,
     ) -> Result<EffectResult, Failure> {
         let manifest = self.manifest(manifest_key).await?;
         let file = manifest
@@ -493,17 +495,18 @@ impl Executor {
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         });
         let mut outcomes = (kind == FileKind::Error).then(OutcomeSummary::default);
-        let report = match outcomes.as_mut() {
-            Some(summary) => {
-                let body = LineFold::new(body, summary);
-                self.staging.put_stream(key.as_str(), Box::pin(body)).await
-            }
-            None => self.staging.put_stream(key.as_str(), Box::pin(body)).await,
-        }
-        .map_err(|e| match e.side() {
-            FailureSide::Body => body_failure(&ctx, &e),
-            FailureSide::Store => staging_failure(&format!("staging {key}"), &e),
-        })?;
+        // The manifest's type for the file: the resource type of an output[] file, `Bundle`
+        // for deleted[], `OperationOutcome` for error[].
+        let check = NdjsonCheck::new(type_name, validate);
+        let body = CheckedBody::new(body, check, outcomes.as_mut());
+        let report = self
+            .staging
+            .put_stream(key.as_str(), Box::pin(body))
+            .await
+            .map_err(|e| match e.side() {
+                FailureSide::Body => body_failure(&ctx, &e),
+                FailureSide::Store => staging_failure(&format!("staging {key}"), &e),
+            })?;
         self.counters.files_staged.fetch_add(1, Ordering::Relaxed);
         if kind == FileKind::Output {
             self.counters
@@ -772,14 +775,21 @@ fn staging_failure(ctx: &str, e: &StagingError) -> Failure {
     )
 }
 
-/// A download that broke mid-body: the reqwest error says whether it timed out.
+/// A download that ended mid-body: its content failed the NDJSON check (permanent: the
+/// same URL serves the same bytes), or the transfer broke (the reqwest error says whether it
+/// timed out).
 fn body_failure(ctx: &str, e: &StagingError) -> Failure {
-    let timeout = e
-        .body_error()
+    let transfer = match e.body_error().and_then(|b| b.downcast_ref::<BodyFailure>()) {
+        Some(BodyFailure::Content(c)) => {
+            return Failure::new(FailureKind::Undecodable, format!("{ctx}: {c}"))
+        }
+        Some(BodyFailure::Transfer(t)) => Some(t.as_ref()),
+        None => e.body_error(),
+    };
+    let timeout = transfer
         .and_then(|b| b.downcast_ref::<reqwest::Error>())
         .is_some_and(|r| r.is_timeout());
-    let detail = e
-        .body_error()
+    let detail = transfer
         .map(|b| crate::http::error_chain(b))
         .unwrap_or_else(|| e.to_string());
     Failure::new(
@@ -829,53 +839,243 @@ impl LineSplitter {
     }
 }
 
-/// Passes a body through unchanged while folding its lines into an [`OutcomeSummary`].
-struct LineFold<'a, S> {
-    inner: S,
-    lines: LineSplitter,
-    summary: &'a mut OutcomeSummary,
+/// Why a download's body stream ended early; what [`StagingError::body_error`] holds after
+/// [`CheckedBody`] fed `put_stream`.
+#[derive(Debug)]
+enum BodyFailure {
+    /// The transfer broke (the download's own error).
+    Transfer(Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// The bytes are not NDJSON of the manifest's type.
+    Content(ContentError),
 }
 
-impl<'a, S> LineFold<'a, S> {
-    fn new(inner: S, summary: &'a mut OutcomeSummary) -> Self {
-        LineFold {
-            inner,
-            lines: LineSplitter::default(),
-            summary,
+impl std::fmt::Display for BodyFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyFailure::Transfer(e) => e.fmt(f),
+            BodyFailure::Content(e) => e.fmt(f),
         }
     }
 }
 
-impl<S, E> Stream for LineFold<'_, S>
+impl std::error::Error for BodyFailure {
+    /// Transparent: the wrapped error's own causes.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BodyFailure::Transfer(e) => e.source(),
+            BodyFailure::Content(_) => None,
+        }
+    }
+}
+
+/// Passes a download through to the staging store while checking it as NDJSON of the
+/// manifest's type ([`NdjsonCheck`]) and, for `error[]` files, folding its lines into an
+/// [`OutcomeSummary`]. A chunk that fails the check is not passed on: the stream yields
+/// [`BodyFailure::Content`] instead and ends, so the store aborts the upload and nothing is
+/// staged under the key.
+struct CheckedBody<'a, S> {
+    inner: S,
+    check: NdjsonCheck,
+    fold: Option<(LineSplitter, &'a mut OutcomeSummary)>,
+    ended: bool,
+}
+
+impl<'a, S> CheckedBody<'a, S> {
+    fn new(inner: S, check: NdjsonCheck, summary: Option<&'a mut OutcomeSummary>) -> Self {
+        CheckedBody {
+            inner,
+            check,
+            fold: summary.map(|s| (LineSplitter::default(), s)),
+            ended: false,
+        }
+    }
+}
+
+impl<S, E> Stream for CheckedBody<'_, S>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::error::Error + Send + Sync + 'static,
 {
-    type Item = Result<Bytes, E>;
+    type Item = Result<Bytes, BodyFailure>;
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
         let this = &mut *self;
-        let polled = this.inner.poll_next_unpin(cx);
-        match &polled {
-            std::task::Poll::Ready(Some(Ok(chunk))) => {
-                let summary = &mut *this.summary;
-                this.lines
-                    .push(chunk, &mut |_, line| summary.add_line(line));
-            }
-            std::task::Poll::Ready(None) => {
-                let summary = &mut *this.summary;
-                this.lines.finish(&mut |_, line| summary.add_line(line));
-            }
-            _ => {}
+        if this.ended {
+            return Poll::Ready(None);
         }
-        polled
+        let item = match std::task::ready!(this.inner.poll_next_unpin(cx)) {
+            Some(Ok(chunk)) => match this.check.push(&chunk) {
+                Ok(()) => {
+                    if let Some((lines, summary)) = &mut this.fold {
+                        lines.push(&chunk, &mut |_, line| summary.add_line(line));
+                    }
+                    Some(Ok(chunk))
+                }
+                Err(e) => Some(Err(BodyFailure::Content(e))),
+            },
+            Some(Err(e)) => Some(Err(BodyFailure::Transfer(Box::new(e)))),
+            None => match this.check.finish() {
+                Ok(()) => {
+                    if let Some((lines, summary)) = &mut this.fold {
+                        lines.finish(&mut |_, line| summary.add_line(line));
+                    }
+                    None
+                }
+                Err(e) => Some(Err(BodyFailure::Content(e))),
+            },
+        };
+        this.ended = !matches!(item, Some(Ok(_)));
+        Poll::Ready(item)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunks(
+        parts: &[&'static [u8]],
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin {
+        futures::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    const CTX: &str = "download of output file #3 (Patient)";
+
+    /// Streams `parts` through a [`CheckedBody`] into a directory store, as `stage_file` does.
+    async fn stage(
+        parts: &[&'static [u8]],
+        type_name: &str,
+        mode: Validation,
+        summary: Option<&mut OutcomeSummary>,
+    ) -> (
+        tempfile::TempDir,
+        Result<crate::staging::PutReport, Failure>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::staging::DirStore::new(dir.path())
+            .await
+            .expect("store");
+        let body = CheckedBody::new(chunks(parts), NdjsonCheck::new(type_name, mode), summary);
+        let result = store
+            .put_stream("run/output/000003-Patient.ndjson", body)
+            .await
+            .map_err(|e| match e.side() {
+                FailureSide::Body => body_failure(CTX, &e),
+                FailureSide::Store => staging_failure("staging", &e),
+            });
+        (dir, result)
+    }
+
+    fn files_under(dir: &std::path::Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.path().is_dir() {
+                out.extend(files_under(&entry.path()));
+            } else {
+                out.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn an_html_body_is_refused_as_undecodable_and_nothing_is_staged() {
+        let parts: &[&'static [u8]] = &[
+            br#"{"resourceType":"Patient","id":"1"}"#,
+            b"\n<!DOCTYPE html><html><head><title>Sign in</title>",
+            b"</head></html>\n",
+        ];
+        let (dir, result) = stage(parts, "Patient", Validation::Sample, None).await;
+        let failure = result.expect_err("the HTML line must fail the file");
+        assert_eq!(failure.kind, FailureKind::Undecodable);
+        assert_eq!(
+            failure.message,
+            "download of output file #3 (Patient): line 2 is not a JSON object: \
+             \"<!DOCTYPE html><html><head><title>Sign in</title></head></html>\""
+        );
+        assert!(
+            files_under(dir.path()).is_empty(),
+            "{:?}",
+            files_under(dir.path())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_file_of_another_type_is_refused() {
+        let parts: &[&'static [u8]] = &[br#"{"resourceType":"Observation","id":"1"}"#, b"\n"];
+        let (_dir, result) = stage(parts, "Patient", Validation::Sample, None).await;
+        let failure = result.expect_err("wrong type");
+        assert_eq!(failure.kind, FailureKind::Undecodable);
+        assert!(
+            failure.message.ends_with(
+                r#"line 1 has resourceType "Observation", but the manifest lists this file as Patient"#
+            ),
+            "{}",
+            failure.message
+        );
+    }
+
+    #[tokio::test]
+    async fn valid_files_stage_and_error_files_are_still_folded() {
+        let parts: &[&'static [u8]] = &[
+            br#"{"resourceType":"OperationOutcome","issue":[{"severity":"warning","#,
+            br#""code":"x","diagnostics":"careful"}]}"#,
+        ];
+        let mut summary = OutcomeSummary::default();
+        let (_dir, result) = stage(
+            parts,
+            "OperationOutcome",
+            Validation::Full,
+            Some(&mut summary),
+        )
+        .await;
+        let report = result.expect("a valid error[] file stages");
+        assert_eq!((report.lines, report.newline_added), (1, true));
+        assert_eq!((summary.warning, summary.unreadable), (1, 0));
+        assert_eq!(summary.samples, ["warning: careful"]);
+    }
+
+    #[tokio::test]
+    async fn validation_off_stages_anything() {
+        let (dir, result) = stage(&[b"<html>\n"], "Patient", Validation::Off, None).await;
+        assert_eq!(result.expect("off checks nothing").bytes, 7);
+        assert_eq!(files_under(dir.path()), ["000003-Patient.ndjson"]);
+    }
+
+    #[tokio::test]
+    async fn a_broken_transfer_is_still_a_network_failure() {
+        let body = futures::stream::iter(vec![
+            Ok(Bytes::from_static(b"{\"resourceType\":\"Patient\"")),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "reset by peer",
+            )),
+        ]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::staging::DirStore::new(dir.path())
+            .await
+            .expect("store");
+        let check = NdjsonCheck::new("Patient", Validation::Sample);
+        let err = store
+            .put_stream("k.ndjson", CheckedBody::new(body, check, None))
+            .await
+            .expect_err("the transfer broke");
+        let failure = body_failure(CTX, &err);
+        assert_eq!(failure.kind, FailureKind::Network);
+        assert!(
+            failure.message.contains("reset by peer"),
+            "{}",
+            failure.message
+        );
+    }
 
     #[test]
     fn line_splitter_handles_chunk_boundaries_and_missing_final_newline() {

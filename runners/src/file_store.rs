@@ -209,3 +209,113 @@ impl RunStore for FileStore {
         self.write(run)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use pathling_import_core::config::{parse, RawConfig};
+    use pathling_import_core::Timestamp;
+
+    fn run() -> SyncRun {
+        let vars = [
+            ("SOURCE_ENDPOINT", "https://source.example.org/fhir"),
+            ("SOURCE_AUTHENTICATION_ENABLED", "false"),
+            ("STAGING_URL", "file:///tmp/staging/"),
+            ("TARGET_ENDPOINT", "https://pathling.example.org/fhir"),
+            ("TARGET_AUTHENTICATION_ENABLED", "false"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let spec = parse(&RawConfig::from_env(vars, &[]), &[]).unwrap().spec;
+        SyncRun::start("run-1", spec, None, Timestamp(1_800_000_000_000)).unwrap()
+    }
+
+    #[test]
+    fn a_stale_temp_file_is_removed_once_the_lock_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let tmp = dir.path().join("state.json.tmp");
+        let (mut store, none) = FileStore::open(&path).unwrap();
+        assert!(matches!(none, Stored::Nothing));
+        store.replace(&run()).unwrap();
+        let saved = std::fs::read(&path).unwrap();
+
+        // A process killed between writing the temp file and renaming it left this behind.
+        std::fs::write(&tmp, b"{\"half\": ").unwrap();
+        // While another process holds the lock, the temp file may be its save in progress.
+        assert!(matches!(
+            FileStore::open(&path),
+            Err(FileStoreError::Locked(_))
+        ));
+        assert!(tmp.exists(), "not removed without the lock");
+
+        drop(store);
+        let (_store, stored) = FileStore::open(&path).unwrap();
+        assert!(!tmp.exists(), "the stale temp file is removed");
+        assert!(matches!(stored, Stored::Run(r) if r.run_id == "run-1"));
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            saved,
+            "the state is untouched"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlinked_state_file_is_written_through_and_locked_at_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let real_dir = dir.path().join("real");
+        std::fs::create_dir(&real_dir).unwrap();
+        let target = real_dir.join("state.json");
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+
+        let (mut store, _) = FileStore::open(&link).unwrap();
+        store.replace(&run()).unwrap();
+        // The link is still a link; the run is in the file it points to.
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(matches!(FileStore::peek(&target).unwrap(), Stored::Run(_)));
+        // A second process going through either path is locked out.
+        assert!(matches!(
+            FileStore::open(&target),
+            Err(FileStoreError::Locked(_))
+        ));
+        assert!(matches!(
+            FileStore::open(&link),
+            Err(FileStoreError::Locked(_))
+        ));
+        assert!(FileStore::in_use(&link));
+        // `status` reads while the run is in progress.
+        assert!(matches!(FileStore::peek(&link).unwrap(), Stored::Run(_)));
+        drop(store);
+        assert!(!FileStore::in_use(&link));
+    }
+
+    #[test]
+    fn a_corrupt_file_is_reported_with_its_readable_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(
+            &path,
+            r#"{"schema_version": 2, "state": "garbage",
+                "watermark": {"transaction_time": "2026-01-01T00:00:00Z", "run_id": "r0"}}"#,
+        )
+        .unwrap();
+        let (_store, stored) = FileStore::open(&path).unwrap();
+        let Stored::Corrupt(c) = stored else {
+            panic!("{stored:?}")
+        };
+        assert_eq!(
+            c.watermark.map(|w| w.transaction_time).as_deref(),
+            Some("2026-01-01T00:00:00Z")
+        );
+        std::fs::write(&path, b"\x00\x01 not json").unwrap();
+        let Stored::Corrupt(c) = FileStore::peek(&path).unwrap() else {
+            panic!()
+        };
+        assert!(c.watermark.is_none());
+    }
+}

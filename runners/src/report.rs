@@ -100,6 +100,12 @@ pub fn describe_summary(s: &Summary) -> String {
             s.source_errors.warning
         ));
     }
+    if s.duplicate_urls > 0 {
+        out.push_str(&format!(
+            "; {} duplicate file URL(s) in the manifest staged once",
+            s.duplicate_urls
+        ));
+    }
     if let Some(tt) = &s.transaction_time {
         out.push_str(&format!("; transactionTime {tt}"));
     }
@@ -121,6 +127,22 @@ pub fn describe_terminal(t: &Terminal) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn duplicate_manifest_urls_are_reported() {
+        let mut s = super::Summary {
+            files_staged: 2,
+            ..Default::default()
+        };
+        assert!(!super::describe_summary(&s).contains("duplicate"));
+        s.duplicate_urls = 3;
+        assert!(
+            super::describe_summary(&s)
+                .contains("; 3 duplicate file URL(s) in the manifest staged once"),
+            "{}",
+            super::describe_summary(&s)
+        );
+    }
+
     #[test]
     fn http_status_is_read_from_reasons() {
         assert_eq!(

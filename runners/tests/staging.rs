@@ -582,6 +582,32 @@ async fn s3_put_bytes_stores_as_is() {
 }
 
 #[tokio::test]
+async fn s3_has_no_leftovers_to_remove_and_touches_nothing() {
+    let (store, client, bucket) = s3_store("leftovers", MIN_PART_SIZE).await;
+    store
+        .put_bytes("run/manifest.json", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    // An interrupted multipart upload: left to the bucket's lifecycle rule, not removed here
+    // (it could be another writer's upload in flight).
+    client
+        .create_multipart_upload()
+        .bucket(&bucket)
+        .key("run/output/000001-Patient.ndjson")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(store.remove_leftovers("run/").await.unwrap(), 0);
+    assert_eq!(store.remove_leftovers("").await.unwrap(), 0);
+    assert!(store
+        .get_bytes("run/manifest.json")
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 1);
+}
+
+#[tokio::test]
 async fn s3_rejects_unsafe_keys_and_bad_config() {
     let (store, _client, _bucket) = s3_store("keys", MIN_PART_SIZE).await;
     for key in ["../x", "a/../../b", "/abs", "a//b", ""] {
@@ -746,6 +772,110 @@ async fn dir_cancelled_write_removes_temp_file() {
         tokio::time::timeout(Duration::from_millis(300), store.put_stream("k", body)).await;
     assert!(result.is_err());
     assert!(files_under(&tmp.path().join("staging")).is_empty());
+}
+
+#[tokio::test]
+async fn dir_leftovers_of_killed_writes_are_removed_and_objects_kept() {
+    let (store, tmp) = dir_store().await;
+    let root = tmp.path().join("staging");
+    let objects = [
+        "run-1/manifest.json",
+        "run-1/output/000001-Patient.ndjson",
+        "run-2/output/000001-Patient.ndjson",
+    ];
+    for key in objects {
+        store
+            .put_stream(key, chunked(b"{\"resourceType\":\"Patient\"}\n", 7))
+            .await
+            .unwrap();
+    }
+    // What SIGKILLed writes leave: temp files named as the store names them.
+    let leftovers = [
+        "run-1/.manifest.json.partial-4242-0",
+        "run-1/output/.000001-Patient.ndjson.partial-4242-17",
+        "run-1/output/.000002-Observation.ndjson.partial-7-3",
+        "run-2/output/.000002-Observation.ndjson.partial-7-4",
+    ];
+    // Files that only look similar: never removed.
+    let others = [
+        "run-1/output/.hidden",
+        "run-1/output/000003-Patient.ndjson.partial-1-2",
+        "run-1/output/.000004-Patient.ndjson.partial-x-2",
+        "run-1/output/.000005-Patient.ndjson.partial-12",
+        "run-1/output/..partial-1-2",
+        "run-1/.partial-1-2",
+    ];
+    for name in leftovers.iter().chain(&others) {
+        std::fs::write(root.join(name), b"{\"half\":").unwrap();
+    }
+
+    assert_eq!(store.remove_leftovers("run-1/").await.unwrap(), 3);
+    let mut expected: Vec<String> = objects
+        .iter()
+        .chain(&others)
+        .map(|s| s.to_string())
+        .collect();
+    expected.push(leftovers[3].to_string());
+    expected.sort();
+    assert_eq!(files_under(&root), expected);
+    for key in objects {
+        assert_eq!(
+            store.get_bytes(key).await.unwrap().unwrap(),
+            &b"{\"resourceType\":\"Patient\"}\n"[..]
+        );
+    }
+
+    // The whole store; a prefix without objects; a prefix that is not a safe key.
+    assert_eq!(store.remove_leftovers("").await.unwrap(), 1);
+    assert_eq!(store.remove_leftovers("run-1").await.unwrap(), 0);
+    assert_eq!(store.remove_leftovers("run-9/").await.unwrap(), 0);
+    assert!(matches!(
+        store.remove_leftovers("../").await,
+        Err(StagingError::InvalidKey { .. })
+    ));
+    assert!(!files_under(&root)
+        .iter()
+        .any(|f| leftovers.contains(&f.as_str())));
+}
+
+#[tokio::test]
+async fn dir_leftover_removal_spares_writes_in_flight() {
+    let (store, tmp) = dir_store().await;
+    let root = tmp.path().join("staging");
+    let key = "run-1/output/000001-Patient.ndjson";
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Bytes, std::io::Error>>();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move { store.put_stream(key, rx).await })
+    };
+    tx.unbounded_send(Ok(Bytes::from(ndjson(100_000)))).unwrap();
+    let mut partial = Vec::new();
+    for _ in 0..100 {
+        partial = files_under(&root)
+            .into_iter()
+            .filter(|f| f.contains(".partial-"))
+            .collect();
+        if !partial.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(partial.len(), 1, "{partial:?}");
+
+    assert_eq!(store.remove_leftovers("run-1/").await.unwrap(), 0);
+    assert!(
+        root.join(&partial[0]).exists(),
+        "the live temp file is kept"
+    );
+
+    tx.unbounded_send(Ok(Bytes::from_static(b"{}\n"))).unwrap();
+    drop(tx);
+    let report = writer.await.unwrap().unwrap();
+    assert_eq!(report.bytes, 100_003);
+    assert_eq!(files_under(&root), vec![key.to_owned()]);
+    // Once finished (or abandoned), a same-named file is a leftover like any other.
+    std::fs::write(root.join(&partial[0]), b"x").unwrap();
+    assert_eq!(store.remove_leftovers("run-1/").await.unwrap(), 1);
 }
 
 #[tokio::test]

@@ -24,7 +24,9 @@
 //! - `GET` file URLs: NDJSON streamed with chunked encoding and no `Content-Length`, gzip only
 //!   for `Accept-Encoding: gzip`. Options: no trailing newline, connection reset after N bytes
 //!   for the first K attempts of each file, a 307 redirect (or a manifest URL) to the storage
-//!   origin, a cap on concurrent downloads (429 beyond it), per-request latency.
+//!   origin, a cap on concurrent downloads (429 beyond it), per-request latency, an HTML page
+//!   with `200 OK` instead of the NDJSON ([`SourceConfig::html_files`]), a file listed twice in
+//!   the manifest ([`SourceConfig::repeat_in_manifest`]).
 //! - Storage origin: `GET /{bucket}/{job}/{file}?X-Amz-...&X-Amz-Signature=...`; a request with
 //!   an `Authorization` header gets 400 (as S3 does when a query signature is also present), a
 //!   wrong or missing signature 403. It never gzips, like S3 serving a stored object.
@@ -224,6 +226,13 @@ pub struct SourceConfig {
     pub chunk_bytes: usize,
     /// Delay before handling any request (both origins).
     pub latency: Duration,
+    /// Files (by name: `{Type}.{k}.ndjson`, `deleted.0.ndjson`, `error.0.ndjson`) answered
+    /// `200 OK` with an HTML page instead of their NDJSON, as a login proxy or a misconfigured
+    /// bucket would. Their downloads still count in [`FakeSourceHandle::file_attempts`].
+    pub html_files: BTreeSet<String>,
+    /// `output[]` files (by name) listed a second time, with the same URL, at the end of the
+    /// manifest's `output[]`.
+    pub repeat_in_manifest: BTreeSet<String>,
 }
 
 impl Default for SourceConfig {
@@ -267,6 +276,8 @@ impl Default for SourceConfig {
             max_concurrent_downloads: None,
             chunk_bytes: 16 * 1024,
             latency: Duration::ZERO,
+            html_files: BTreeSet::new(),
+            repeat_in_manifest: BTreeSet::new(),
         }
     }
 }
@@ -1173,6 +1184,7 @@ fn build_manifest(
 ) -> Value {
     let deleted = deleted_set(cfg);
     let mut output = Vec::new();
+    let mut repeated = Vec::new();
     for spec in cfg.dataset.selected_types(&job.filter) {
         for k in 0..spec.files {
             let count = cfg.dataset.count_in_file(&job.filter, &deleted, spec, k);
@@ -1181,9 +1193,14 @@ fn build_manifest(
             }
             let name = format!("{}.{k}.ndjson", spec.resource_type);
             let url = file_url(shared, cfg, rt, &job.id, &name, &spec.resource_type);
-            output.push(json!({"type": spec.resource_type, "url": url, "count": count}));
+            let entry = json!({"type": spec.resource_type, "url": url, "count": count});
+            if cfg.repeat_in_manifest.contains(&name) {
+                repeated.push(entry.clone());
+            }
+            output.push(entry);
         }
     }
+    output.extend(repeated);
     let mut manifest = json!({
         "transactionTime": job.transaction_time,
         "request": job.request_url,
@@ -1471,6 +1488,10 @@ impl FileBody {
     }
 }
 
+/// What [`SourceConfig::html_files`] are answered with.
+pub const HTML_PAGE: &str = "<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\n\
+    <body><form action=\"/login\" method=\"post\">Your session has expired.</form></body></html>\n";
+
 /// Serves a file body. `gzip_allowed` is false on the storage origin.
 #[allow(clippy::too_many_arguments)]
 fn serve_file(
@@ -1502,6 +1523,12 @@ fn serve_file(
         .entry(format!("{}/{name}", job.id))
         .or_insert(0);
     *attempts += 1;
+    if cfg.html_files.contains(name) {
+        rt.stats.files_completed += 1;
+        let mut resp = Response::new(Body::from(HTML_PAGE));
+        set_header(&mut resp, header::CONTENT_TYPE, "text/html; charset=utf-8");
+        return resp;
+    }
     let reset_at = cfg
         .reset
         .as_ref()

@@ -504,6 +504,7 @@ impl World {
                 kind,
                 type_name,
                 key,
+                ..
             } => {
                 let (stored_at, manifest) = self
                     .stored_manifest

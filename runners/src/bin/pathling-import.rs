@@ -596,6 +596,21 @@ async fn drive_to_end(
     out: Out,
 ) -> u8 {
     let path = store.path().to_path_buf();
+    // This process holds the run (the state file's lock): temp files under its prefix are a
+    // killed predecessor's leftovers.
+    match executor
+        .staging()
+        .remove_leftovers(&run.spec.staging.run_prefix(&run.run_id))
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(run_id = %run.run_id, "removed {n} leftover temp file(s) of an interrupted run")
+        }
+        Err(e) => out.warn(&format!(
+            "could not remove leftovers of an interrupted run: {e}"
+        )),
+    }
     let progress = Progress::new(show_progress, executor.counters.clone());
     let options = DriveOptions {
         max_sleep: Duration::MAX,

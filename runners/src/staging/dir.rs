@@ -1,7 +1,9 @@
 //! The directory staging store: atomic writes under a local root (`file:///abs/root/`).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{Stream, StreamExt};
@@ -18,6 +20,62 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Distinguishes temp files of concurrent writes within this process (the pid separates
 /// processes).
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Temp files of this process's writes in flight: [`DirStore::remove_leftovers`] never
+/// removes them. A path is registered before its file is created and deregistered when its
+/// [`TempFile`] is dropped (committed, discarded or abandoned).
+static LIVE_TEMPS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+fn live_temps() -> MutexGuard<'static, BTreeSet<PathBuf>> {
+    LIVE_TEMPS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether a file name is one [`TempFile`] makes: `.{name}.partial-{pid}-{n}`.
+fn is_temp_name(name: &str) -> bool {
+    let Some((base, suffix)) = name
+        .strip_prefix('.')
+        .and_then(|n| n.rsplit_once(".partial-"))
+    else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    !base.is_empty()
+        && suffix
+            .split_once('-')
+            .is_some_and(|(pid, n)| digits(pid) && digits(n))
+}
+
+/// Removes the temp files under `dir` (recursively, not following symbolic links) that no
+/// write of this process is using; returns how many.
+fn remove_temps(dir: &Path, shown: &str) -> Result<u32, StagingError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(StagingError::io("read_dir", shown, &e)),
+    };
+    let mut removed = 0u32;
+    for entry in entries {
+        let entry = entry.map_err(|e| StagingError::io("read_dir", shown, &e))?;
+        let file_type = entry
+            .file_type()
+            .map_err(|e| StagingError::io("read_dir", shown, &e))?;
+        let path = entry.path();
+        if file_type.is_dir() {
+            removed = removed.saturating_add(remove_temps(&path, shown)?);
+            continue;
+        }
+        let is_temp = file_type.is_file() && entry.file_name().to_str().is_some_and(is_temp_name);
+        if !is_temp || live_temps().contains(&path) {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed = removed.saturating_add(1),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StagingError::io("remove_leftover", shown, &e)),
+        }
+    }
+    Ok(removed)
+}
 
 /// A local directory used as staging store. Objects are files under the root; a key's `/`
 /// separates directories.
@@ -98,6 +156,33 @@ impl DirStore {
         }
         temp.commit(out.into_inner(), key, &path).await?;
         Ok(stats.report(newline_added))
+    }
+
+    /// Removes the temp files that writes interrupted by a crash or a SIGKILL left under
+    /// `prefix` (a key prefix ending with `/`, such as a run's, or empty for the whole store),
+    /// returning how many. Only files named like this store's temp files
+    /// (`.{name}.partial-{pid}-{n}`) are removed, never a staged object, and never the temp
+    /// file of a write this process still has in flight. Another process writing under the
+    /// same prefix would lose its temp files: call it where the run is held exclusively (at a
+    /// run's start or resumption).
+    pub async fn remove_leftovers(&self, prefix: &str) -> Result<u32, StagingError> {
+        let trimmed = prefix.trim_end_matches('/');
+        let dir = if trimmed.is_empty() {
+            self.root.clone()
+        } else {
+            self.path_of(trimmed)?
+        };
+        let shown = prefix.to_owned();
+        tokio::task::spawn_blocking(move || remove_temps(&dir, &shown))
+            .await
+            .map_err(|e| StagingError::Store {
+                operation: "remove_leftovers",
+                key: prefix.to_owned(),
+                status: None,
+                code: None,
+                transient: false,
+                message: e.to_string(),
+            })?
     }
 
     pub async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<(), StagingError> {
@@ -181,6 +266,8 @@ impl TempFile {
         loop {
             let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
             let path = dir.join(format!(".{name}.partial-{pid}-{n}"));
+            // Registered before it exists, so that no clean-up ever sees it unregistered.
+            live_temps().insert(path.clone());
             match tokio::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -188,8 +275,13 @@ impl TempFile {
                 .await
             {
                 Ok(file) => return Ok((TempFile { path, armed: true }, file)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(StagingError::io("create_temp", key, &e)),
+                Err(e) => {
+                    live_temps().remove(&path);
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        continue;
+                    }
+                    return Err(StagingError::io("create_temp", key, &e));
+                }
             }
         }
     }
@@ -238,5 +330,6 @@ impl Drop for TempFile {
         if self.armed {
             let _ = std::fs::remove_file(&self.path);
         }
+        live_temps().remove(&self.path);
     }
 }

@@ -132,6 +132,26 @@ impl StagingStore {
             StagingStore::Dir(d) => d.open_read(key).await,
         }
     }
+
+    /// Removes what interrupted writes (a crash, a SIGKILL) left under `prefix` (a key prefix
+    /// ending with `/`, e.g. a run's, or empty for the whole store) and returns how many
+    /// leftovers were removed. Staged objects are never touched.
+    ///
+    /// - Directory: the temp files `put_stream`/`put_bytes` write before renaming them into
+    ///   place ([`DirStore::remove_leftovers`]), except those of this process's writes still in
+    ///   flight. Another process writing under the same prefix would lose its temp files: call
+    ///   it while the run is held exclusively, when it starts or resumes.
+    /// - S3: nothing to do, always `Ok(0)`. An interrupted multipart upload leaves no object,
+    ///   only parts that are invisible and billed: the bucket's lifecycle rule
+    ///   `AbortIncompleteMultipartUpload` removes them (the README asks for one on the staging
+    ///   bucket).
+    ///   Listing and aborting them here could abort another writer's upload in flight.
+    pub async fn remove_leftovers(&self, prefix: &str) -> Result<u32, StagingError> {
+        match self {
+            StagingStore::S3(_) => Ok(0),
+            StagingStore::Dir(d) => d.remove_leftovers(prefix).await,
+        }
+    }
 }
 
 impl From<S3Store> for StagingStore {
