@@ -8,6 +8,7 @@
 use crate::auth::{Authenticator, BearerToken, Side};
 use crate::http::{header, read_capped, status_failure, transport_failure, MAX_JSON_ANSWER};
 use crate::net::{AddressPolicy, Clients};
+use crate::redact;
 use crate::staging::{FailureSide, S3Options, S3Store, StagingError, StagingStore};
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -204,7 +205,7 @@ impl Executor {
         let location = format!("{:?}", self.staging);
         let staging = |e: StagingError, what: &str| PreflightError::Staging {
             location: location.clone(),
-            failure: staging_failure(what, &e),
+            failure: redacted(staging_failure(what, &e)),
         };
         self.staging
             .put_bytes(&key, Bytes::from_static(b"preflight\n"))
@@ -217,7 +218,7 @@ impl Executor {
         self.target_auth
             .token(now().0)
             .await
-            .map_err(PreflightError::TargetAuth)?;
+            .map_err(|f| PreflightError::TargetAuth(redacted(f)))?;
         Ok(())
     }
 
@@ -264,7 +265,18 @@ impl Executor {
             Effect::ApplyDeletions { key, .. } => self.apply_deletions(key).await,
             Effect::DeleteExportJob { status_url } => self.delete_export_job(status_url).await,
         };
-        result.unwrap_or_else(EffectResult::Failed)
+        // The one exit of facts that may quote a server: no secret leaves through it.
+        match result {
+            Ok(EffectResult::ImportCompleted { mut answer }) => {
+                for issue in answer.issues.iter_mut() {
+                    issue.diagnostics = issue.diagnostics.as_deref().map(redact::scrub);
+                }
+                answer.undecodable = answer.undecodable.as_deref().map(redact::scrub);
+                EffectResult::ImportCompleted { answer }
+            }
+            Ok(other) => other,
+            Err(f) => EffectResult::Failed(redacted(f)),
+        }
     }
 
     /// Sends a request with the side's bearer token (when `authenticate`), re-authenticating
@@ -722,6 +734,13 @@ impl Executor {
         } else {
             Err(status_failure(ctx, resp).await)
         }
+    }
+}
+
+fn redacted(f: Failure) -> Failure {
+    Failure {
+        message: redact::scrub(&f.message),
+        ..f
     }
 }
 

@@ -20,6 +20,7 @@
 //! - [`file_store`]: the CLI's locked, atomically replaced state file.
 //! - [`dynamo_store`]: the single Lambda's store: one DynamoDB item per sync, conditional
 //!   writes on `seq`, a lease so overlapping invocations never both perform effects.
+//! - [`redact`]: the one path that masks every secret value in text a server sent.
 //! - [`report`]: Sentry capture and human summaries.
 //! - [`resume`]: admitting a stored run: its bound settings must match the configuration's.
 //! - [`sfn`]: the Step Functions task (`pathling-import-sfn`, driven by `state-machine.json`)
@@ -47,6 +48,7 @@ pub mod executor;
 pub mod file_store;
 pub mod http;
 pub mod net;
+pub mod redact;
 pub mod report;
 pub mod resume;
 pub mod sfn;

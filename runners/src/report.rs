@@ -12,6 +12,7 @@ use pathling_import_core::Terminal;
 /// configuration already refuses such a DSN, so this only guards the runners' own paths.
 pub fn init_sentry(config: &SentryConfig) -> Option<sentry::ClientInitGuard> {
     let dsn = config.dsn.as_ref()?;
+    crate::redact::secret(dsn.expose());
     let dsn: sentry::types::Dsn = match dsn.expose().parse() {
         Ok(dsn) => dsn,
         Err(_) => {

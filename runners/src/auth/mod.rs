@@ -206,6 +206,7 @@ impl BearerToken {
         scope: Option<String>,
     ) -> Option<Self> {
         let mut header = HeaderValue::from_str(&format!("Bearer {value}")).ok()?;
+        crate::redact::token(&value);
         // Keeps the token out of HTTP-level debug logging (hyper/h2 honour the flag).
         header.set_sensitive(true);
         Some(BearerToken(Arc::new(TokenInner {
@@ -332,6 +333,10 @@ impl Authenticator {
         side: Side,
     ) -> Result<Self, AuthSetupError> {
         let base_url = base_url.trim_end_matches('/').to_string();
+        // Whatever a server echoes of these is masked on its way out (crate::redact).
+        for value in [&client_secret, &private_key].into_iter().flatten() {
+            crate::redact::secret(value.expose());
+        }
         let credentials = validate(
             &base_url,
             spec,

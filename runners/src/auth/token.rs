@@ -73,6 +73,7 @@ pub(super) async fn request_token(
                 .map_err(|m| Failure::new(FailureKind::Local, format!("{what}: {m}")))?;
             form.push(("client_assertion_type", JWT_BEARER.into()));
             form.push(("client_assertion", assertion.clone()));
+            crate::redact::token(&assertion);
             sensitive.push(assertion);
         }
     }
@@ -239,7 +240,7 @@ pub(super) fn quote_body(body: &[u8], sensitive: &[String]) -> String {
 /// Server text made safe to quote: secrets the request carried replaced, control characters
 /// flattened, length capped.
 fn scrub(text: &str, sensitive: &[String]) -> String {
-    let mut text = text.to_string();
+    let mut text = crate::redact::scrub(text);
     for s in sensitive.iter().filter(|s| !s.is_empty()) {
         text = text.replace(s.as_str(), "***");
     }
