@@ -1,16 +1,19 @@
 //! The one driver loop every runner uses: ask the machine what to do, do it through the
-//! [`Executor`], step each result, persist after every accepted step.
+//! [`Effects`] (the production [`crate::executor::Executor`]), step each result, persist
+//! after every accepted step.
 //!
 //! Runners differ only in the [`RunStore`] (a local file, a DynamoDB item, a Step Functions
-//! payload) and in [`DriveOptions`]: how long they may sleep in-process and how much time
-//! they have in all.
+//! payload) and in [`DriveOptions`]: how long they may sleep in-process, how much time they
+//! have in all, and the [`Clock`] — the wall clock in production, a virtual one in the
+//! simulation tests, which run this very loop.
 
-use crate::executor::{now, Executor};
+use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use pathling_import_core::effect::{EffectId, EffectResult, Input, Next, Request};
 use pathling_import_core::{SyncRun, Terminal, Timestamp};
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where a run is kept. `save` must be conditional on the run's previous `seq` (the stored
@@ -28,10 +31,41 @@ pub enum StoreError {
     Io(String),
 }
 
-/// Observes the loop, for progress displays and logs.
+/// Performs the machine's effects and reports what happened as facts.
+pub trait Effects: Sync {
+    fn execute(&self, request: &Request) -> impl Future<Output = EffectResult> + Send;
+}
+
+impl Effects for crate::executor::Executor {
+    fn execute(&self, request: &Request) -> impl Future<Output = EffectResult> + Send {
+        crate::executor::Executor::execute(self, request)
+    }
+}
+
+/// The loop's sense of time: what `now` is handed to the machine, and how it waits.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()>;
+}
+
+/// The wall clock and tokio's timer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        crate::executor::now()
+    }
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(duration))
+    }
+}
+
+/// Observes the loop, for progress displays, logs and tests.
 pub trait Observer: Send + Sync {
     fn next(&self, _run: &SyncRun, _next: &Next) {}
-    fn stepped(&self, _run: &SyncRun, _request: &Request) {}
+    /// A result was accepted; `run` is the run it produced (already persisted).
+    fn stepped(&self, _run: &SyncRun, _request: &Request, _result: &EffectResult) {}
     fn rejected(&self, _request: &Request, _why: &str) {}
 }
 
@@ -39,13 +73,39 @@ pub trait Observer: Send + Sync {
 pub struct Quiet;
 impl Observer for Quiet {}
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DriveOptions {
     /// Sleep in-process for waits up to this long; a longer wait ends the drive with
     /// [`Stopped::Sleeping`] (the wake-up time is in the persisted state).
     pub max_sleep: Duration,
-    /// Stop starting new effects after this moment (wall clock); effects in flight finish.
+    /// Stop starting new effects after this moment (on `clock`); effects in flight finish.
     pub budget_until: Option<Timestamp>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl DriveOptions {
+    /// Options on the wall clock.
+    pub fn new(max_sleep: Duration, budget_until: Option<Timestamp>) -> Self {
+        DriveOptions {
+            max_sleep,
+            budget_until,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+}
+
+impl std::fmt::Debug for DriveOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriveOptions")
+            .field("max_sleep", &self.max_sleep)
+            .field("budget_until", &self.budget_until)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a drive returned.
@@ -71,9 +131,9 @@ pub enum DriveError {
 
 /// Drives `run` until it ends, must wait longer than allowed, runs out of budget, or
 /// `interrupt` completes. Returns the latest run (as persisted) and why it stopped.
-pub async fn drive<S: RunStore>(
+pub async fn drive<S: RunStore, E: Effects>(
     run: SyncRun,
-    executor: &Executor,
+    executor: &E,
     store: &mut S,
     options: &DriveOptions,
     observer: &dyn Observer,
@@ -89,21 +149,22 @@ pub async fn drive<S: RunStore>(
 /// latest run: no effect is started after that (effects already in flight in the same batch
 /// finish and are stepped). The Step Functions compatibility handlers use it to stage files
 /// and stop before the machine moves on to the import, which another handler performs.
-pub async fn drive_until<S: RunStore>(
+pub async fn drive_until<S: RunStore, E: Effects>(
     mut run: SyncRun,
-    executor: &Executor,
+    executor: &E,
     store: &mut S,
     options: &DriveOptions,
     observer: &dyn Observer,
     interrupt: impl Future<Output = ()>,
     stop: impl Fn(&SyncRun) -> bool,
 ) -> Result<(SyncRun, Stopped), DriveError> {
+    let clock = options.clock.as_ref();
     let mut interrupt = std::pin::pin!(interrupt);
     loop {
         if stop(&run) {
             return Ok((run, Stopped::Interrupted));
         }
-        let t = now();
+        let t = clock.now();
         if options.budget_until.is_some_and(|b| t >= b) && !run.is_done() {
             return Ok((run, Stopped::OutOfBudget));
         }
@@ -118,7 +179,7 @@ pub async fn drive_until<S: RunStore>(
                     return Ok((run, Stopped::Sleeping { until }));
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = clock.sleep(wait) => {}
                     _ = &mut interrupt => return Ok((run, Stopped::Interrupted)),
                 }
             }
@@ -143,14 +204,14 @@ pub async fn drive_until<S: RunStore>(
                         && run.state.name() == phase
                         && !stop(&run)
                     {
-                        if options.budget_until.is_some_and(|b| now() >= b) {
+                        if options.budget_until.is_some_and(|b| clock.now() >= b) {
                             out_of_budget = true;
                             break;
                         }
                         if queue.is_empty() && refillable {
                             // The machine hands out the files due now, in-flight ones
                             // included (they are still pending): start only the others.
-                            if let Next::Run { requests } = run.next(now()) {
+                            if let Next::Run { requests } = run.next(clock.now()) {
                                 queue.extend(
                                     requests
                                         .into_iter()
@@ -164,7 +225,7 @@ pub async fn drive_until<S: RunStore>(
                         if run.record_before(&request) {
                             // An effect that must not be repeated blindly: persist that it
                             // is going out before it does, so a lost answer is recognised.
-                            match run.sending(&request, now()) {
+                            match run.sending(&request, clock.now()) {
                                 Ok((recorded, still)) => {
                                     store.save(&recorded).await?;
                                     run = recorded;
@@ -208,14 +269,14 @@ pub async fn drive_until<S: RunStore>(
                     match run.step(
                         Input::Completed {
                             id: request.id,
-                            result,
+                            result: result.clone(),
                         },
-                        now(),
+                        clock.now(),
                     ) {
                         Ok(stepped) => {
                             store.save(&stepped).await?;
                             run = stepped;
-                            observer.stepped(&run, &request);
+                            observer.stepped(&run, &request, &result);
                         }
                         // A refused result changes nothing (e.g. a file result after the run
                         // already failed on another file).
@@ -243,12 +304,13 @@ pub async fn cancel<S: RunStore>(
     run: &SyncRun,
     store: &mut S,
     reason: &str,
+    clock: &dyn Clock,
 ) -> Result<Option<SyncRun>, StoreError> {
     match run.step(
         Input::Cancel {
             reason: reason.to_string(),
         },
-        now(),
+        clock.now(),
     ) {
         Ok(cancelled) => {
             store.save(&cancelled).await?;

@@ -40,8 +40,7 @@
 //! - [`DynamoStore::release`] removes the lease if it is still this owner's.
 
 use crate::aws::{is_transient_sdk_error, LambdaFailure};
-use crate::driver::{RunStore, StoreError};
-use crate::executor::now;
+use crate::driver::{Clock, RunStore, StoreError, SystemClock};
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
@@ -129,12 +128,24 @@ pub enum Acquired {
 }
 
 /// A table of syncs. Cheap to clone; build once per container.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DynamoTable {
     client: Client,
     table: String,
     lease: Duration,
     retention: Duration,
+    /// Lease expiries and timestamps are read from it (a virtual clock in lease tests).
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for DynamoTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DynamoTable")
+            .field("table", &self.table)
+            .field("lease", &self.lease)
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DynamoTable {
@@ -149,11 +160,22 @@ impl DynamoTable {
             table: table.into(),
             lease,
             retention,
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// The same table on another clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    fn table_clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
     }
 
     pub fn table_name(&self) -> &str {
@@ -217,7 +239,7 @@ impl DynamoTable {
     pub async fn acquire(&self, sync_id: &str, owner: &str) -> Result<Acquired, DynamoError> {
         let pk = Self::partition_key(sync_id)?;
         let item = self.get(&pk, CURRENT).await?;
-        let t = now();
+        let t = self.table_clock().now();
         let lease = item.as_ref().and_then(lease_of);
         if let Some(l) = lease.as_ref().filter(|l| l.owner != owner && l.expires > t) {
             // Someone works on it: report what we can see, never fail on its content.
@@ -400,7 +422,7 @@ impl DynamoStore {
                 envelope.len() / 1024
             )));
         }
-        let t = now();
+        let t = self.table.table_clock().now();
         let expires = t.plus_ms(ms(self.table.lease));
         names.extend([
             ("#env".to_string(), "envelope".to_string()),
@@ -478,7 +500,7 @@ impl DynamoStore {
     }
 
     async fn write_history(&self, run: &SyncRun) -> Result<(), StoreError> {
-        let t = now();
+        let t = self.table.table_clock().now();
         let expires_at = t.plus_ms(ms(self.table.retention)).0 / 1000;
         self.table
             .client

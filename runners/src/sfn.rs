@@ -35,7 +35,7 @@
 pub mod compat;
 
 use crate::aws::{self, LambdaFailure};
-use crate::driver::{self, DriveOptions, Observer, RunStore, Stopped, StoreError};
+use crate::driver::{self, DriveOptions, Observer, RunStore, Stopped, StoreError, SystemClock};
 use crate::executor::{now, Executor};
 use crate::report;
 use crate::resume::admit;
@@ -250,20 +250,18 @@ impl Task {
             },
         };
         let run = match cancel {
-            Some(reason) => driver::cancel(&run, &mut store, reason)
+            Some(reason) => driver::cancel(&run, &mut store, reason, &SystemClock)
                 .await
                 .map_err(LambdaFailure::from)?
                 .unwrap_or(run),
             None => run,
         };
         let executor = self.executors.for_spec(&run.spec).await?;
-        let options = DriveOptions {
-            max_sleep: self.max_sleep,
-            budget_until: Some(effective_budget(budget_until, now())),
-        };
+        let options =
+            DriveOptions::new(self.max_sleep, Some(effective_budget(budget_until, now())));
         let (run, stopped) = driver::drive(
             run,
-            &executor,
+            executor.as_ref(),
             &mut store,
             &options,
             &LogObserver::default(),

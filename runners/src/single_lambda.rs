@@ -38,7 +38,7 @@
 //! longer than any invocation), `RUN_RETENTION_DAYS` (history TTL, default 30).
 
 use crate::aws::{self, ErrorType, LambdaFailure, LAMBDA_TIME_BUDGET};
-use crate::driver::{self, DriveError, DriveOptions, Observer, RunStore, Stopped};
+use crate::driver::{self, DriveError, DriveOptions, Observer, RunStore, Stopped, SystemClock};
 use crate::dynamo_store::{
     Acquired, DynamoStore, DynamoTable, Lease, DEFAULT_LEASE, DEFAULT_RETENTION,
 };
@@ -402,9 +402,14 @@ impl SingleLambda {
             (NextRun::Continue, Some(stored)) => {
                 let run = self.admitted(stored, invocation.rebind, store).await?;
                 if invocation.cancel {
-                    driver::cancel(&run, store, "cancelled by a direct invocation")
-                        .await?
-                        .unwrap_or(run)
+                    driver::cancel(
+                        &run,
+                        store,
+                        "cancelled by a direct invocation",
+                        &SystemClock,
+                    )
+                    .await?
+                    .unwrap_or(run)
                 } else {
                     run
                 }
@@ -460,9 +465,14 @@ impl SingleLambda {
             // export job is deleted).
             (_, Some(failed)) if invocation.cancel && failed.resumable().is_some() => {
                 let failed = self.admitted(failed, invocation.rebind, store).await?;
-                driver::cancel(&failed, store, "abandoned by a direct invocation")
-                    .await?
-                    .unwrap_or(failed)
+                driver::cancel(
+                    &failed,
+                    store,
+                    "abandoned by a direct invocation",
+                    &SystemClock,
+                )
+                .await?
+                .unwrap_or(failed)
             }
             (_, previous) => {
                 let stopped = if previous.is_some() {
@@ -502,11 +512,11 @@ impl SingleLambda {
                 tokio::time::sleep(Duration::from_millis((stop_at - now_ms).min(1000))).await;
             }
         };
-        let options = DriveOptions {
-            // Never sleep past the lease: nothing renews it while asleep.
-            max_sleep: self.settings.max_sleep.min(self.settings.lease / 2),
-            budget_until: Some(budget),
-        };
+        // Never sleep past the lease: nothing renews it while asleep.
+        let options = DriveOptions::new(
+            self.settings.max_sleep.min(self.settings.lease / 2),
+            Some(budget),
+        );
         let was_done = run.is_done();
         let observer = LogObserver::default();
         let (latest, stopped) = match driver::drive(

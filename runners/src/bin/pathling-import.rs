@@ -4,11 +4,13 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pathling_import_core::config::{self, Config, RawConfig};
-use pathling_import_core::effect::{Effect, Input, Next, Request};
+use pathling_import_core::effect::{Effect, EffectResult, Input, Next, Request};
 use pathling_import_core::plan::{latest, next_run, NextRun};
 use pathling_import_core::state::{FileStatus, SyncState};
 use pathling_import_core::{SyncRun, Terminal, Watermark};
-use pathling_import_runners::driver::{self, DriveOptions, Observer, RunStore, Stopped};
+use pathling_import_runners::driver::{
+    self, DriveOptions, Observer, RunStore, Stopped, SystemClock,
+};
 use pathling_import_runners::executor::{now, Counters, Executor};
 use pathling_import_runners::file_store::{FileStore, FileStoreError, Stored};
 use pathling_import_runners::report;
@@ -612,10 +614,7 @@ async fn drive_to_end(
         )),
     }
     let progress = Progress::new(show_progress, executor.counters.clone());
-    let options = DriveOptions {
-        max_sleep: Duration::MAX,
-        budget_until: None,
-    };
+    let options = DriveOptions::new(Duration::MAX, None);
     let result = driver::drive(
         run.clone(),
         &executor,
@@ -704,7 +703,7 @@ async fn cancel_run(
     store: &mut FileStore,
     out: Out,
 ) -> Result<SyncRun, u8> {
-    let cancelled = match driver::cancel(&run, store, "cancelled by the user").await {
+    let cancelled = match driver::cancel(&run, store, "cancelled by the user", &SystemClock).await {
         Ok(Some(c)) => c,
         Ok(None) => return Ok(run),
         Err(e) => {
@@ -713,10 +712,7 @@ async fn cancel_run(
         }
     };
     let executor = executor_for(&cancelled, config, out).await?;
-    let options = DriveOptions {
-        max_sleep: Duration::from_secs(0),
-        budget_until: None,
-    };
+    let options = DriveOptions::new(Duration::from_secs(0), None);
     match driver::drive(
         cancelled,
         &executor,
@@ -1018,7 +1014,7 @@ impl Observer for Progress {
         }
     }
 
-    fn stepped(&self, run: &SyncRun, request: &Request) {
+    fn stepped(&self, run: &SyncRun, request: &Request, _result: &EffectResult) {
         if let Some(bar) = &self.bar {
             bar.set_message(self.line(run));
             return;

@@ -282,16 +282,13 @@ impl Handlers {
             key: state_key.clone(),
             last_write: Instant::now(),
         };
-        let options = DriveOptions {
-            // A file waiting to be retried is waited for inside the invocation when the wait
-            // ends within the budget: the original definition retries the transfer only five
-            // times, 60 s apart, which a longer backoff would use up.
-            max_sleep: Duration::MAX,
-            budget_until: Some(effective_budget(budget_until, now())),
-        };
+        // A file waiting to be retried is waited for inside the invocation when the wait ends
+        // within the budget: the original definition retries the transfer only five times,
+        // 60 s apart, which a longer backoff would use up.
+        let options = DriveOptions::new(Duration::MAX, Some(effective_budget(budget_until, now())));
         let (run, stopped) = driver::drive_until(
             run,
-            &executor,
+            executor.as_ref(),
             &mut store,
             &options,
             &LogObserver::default(),
