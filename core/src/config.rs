@@ -812,23 +812,15 @@ pub fn parse(raw: &RawConfig, extra_keys: &[&str]) -> Result<Config, ConfigError
             PathlingApiChoice::Auto
         }
     };
-    let import_mode = match r
-        .string("IMPORT_MODE")
-        .map(|s| s.to_ascii_lowercase())
-        .as_deref()
-    {
-        None | Some("merge") => ImportMode::Merge,
-        Some("overwrite") => ImportMode::Overwrite,
-        Some("append") => ImportMode::Append,
-        Some("ignore") => ImportMode::Ignore,
-        Some("error") => ImportMode::Error,
-        Some(other) => {
+    let import_mode = match r.string("IMPORT_MODE").map(|s| s.to_ascii_lowercase()) {
+        None => ImportMode::Merge,
+        Some(code) => ImportMode::from_code(&code).unwrap_or_else(|| {
             r.bad(
                 "IMPORT_MODE",
-                format!("{other:?} is not merge, overwrite, append, ignore or error"),
+                format!("{code:?} is not merge, overwrite, append, ignore or error"),
             );
             ImportMode::Merge
-        }
+        }),
     };
     if api == PathlingApiChoice::V7 && !import_mode.supported_by_v7() {
         r.bad(

@@ -8,7 +8,7 @@ use crate::retry::{
     classify, failure_delay_ms, patience_ms, poll_delay_ms, retry_limit, stable_hash, Failure,
     FailureKind, Verdict,
 };
-use crate::spec::{ImportMode, PathlingApi, PathlingApiChoice, PhasePolicy, RunSpec, SinceSpec};
+use crate::spec::{ImportMode, PathlingApi, PhasePolicy, RunSpec, SinceSpec};
 use crate::state::*;
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -158,6 +158,36 @@ impl SyncRun {
             }),
             upgraded_from: None,
         })
+    }
+
+    /// A run whose export another party completed (the original tool's handlers: an earlier
+    /// Lambda ran the export and hands over its manifest): it starts in the staging phase,
+    /// with the manifest already stored at the spec's `manifest_key` for `run_id`.
+    /// `status_url` names the export job, if known.
+    pub fn from_manifest(
+        run_id: &str,
+        spec: RunSpec,
+        status_url: &str,
+        digest: ManifestDigest,
+        now: Timestamp,
+    ) -> Result<SyncRun, StartError> {
+        let mut run = SyncRun::start(run_id, spec, None, now)?;
+        let since = match &run.spec.export.since {
+            SinceSpec::At(s) => Some(s.clone()),
+            SinceSpec::None | SinceSpec::LastSuccess => None,
+        };
+        let polling = PollingExport {
+            since,
+            status_url: status_url.to_string(),
+            polls: 0,
+            progress: None,
+            retry: Retrying::default(),
+            deadline: now,
+            throttled: false,
+            resuming: None,
+        };
+        run.state = run.exported(&polling, digest, now);
+        Ok(run)
     }
 
     /// A just-started run that first deletes `job`, the export job of the run it replaces.
@@ -1256,18 +1286,9 @@ impl SyncRun {
 
     /// The import's kick-off, first asking Pathling's generation when configured `auto`.
     fn import_kickoff(&self, export: Exported, now: Timestamp) -> SyncState {
-        let api = match self.spec.target.api {
-            PathlingApiChoice::Auto => ApiState::Detecting,
-            PathlingApiChoice::V7 => ApiState::Known {
-                api: PathlingApi::V7,
-            },
-            PathlingApiChoice::V9 => ApiState::Known {
-                api: PathlingApi::V9,
-            },
-        };
         SyncState::KickingOffImport(KickingOffImport {
             export,
-            api,
+            api: ApiState::initial(self.spec.target.api),
             retry: Retrying::default(),
             deadline: now.plus_ms(patience_ms(&self.spec.retry.import)),
             sent_at: None,
@@ -1308,16 +1329,7 @@ impl SyncRun {
         };
         match (s.api, result) {
             (ApiState::Detecting, EffectResult::PathlingDetected { api, version }) => {
-                let Some(api) = api else {
-                    return Ok(SyncState::KickingOffImport(KickingOffImport {
-                        api: ApiState::Guessed {
-                            api: PathlingApi::V9,
-                        },
-                        retry: Retrying::default(),
-                        ..s.clone()
-                    }));
-                };
-                if api == PathlingApi::V7 {
+                if api == Some(PathlingApi::V7) {
                     let version = version.unwrap_or_else(|| "7.x".into());
                     if !spec.target.import_mode.supported_by_v7() {
                         return Ok(failed(format!("IMPORT_MODE {} needs Pathling 9.2+, but the target is Pathling {version}", spec.target.import_mode.as_code()), None));
@@ -1327,7 +1339,7 @@ impl SyncRun {
                     }
                 }
                 Ok(SyncState::KickingOffImport(KickingOffImport {
-                    api: ApiState::Known { api },
+                    api: ApiState::detected(api, PathlingApi::V9),
                     retry: Retrying::default(),
                     ..s.clone()
                 }))
@@ -1338,9 +1350,7 @@ impl SyncRun {
                 }
                 // Detection is a convenience; the kick-off's own answer is authoritative.
                 Ok(SyncState::KickingOffImport(KickingOffImport {
-                    api: ApiState::Guessed {
-                        api: PathlingApi::V9,
-                    },
+                    api: ApiState::detected(None, PathlingApi::V9),
                     retry: Retrying::default(),
                     ..s.clone()
                 }))
@@ -1364,30 +1374,18 @@ impl SyncRun {
                 }))
             }
             (ApiState::Known { api } | ApiState::Guessed { api }, EffectResult::Failed(f)) => {
-                let wrong = f
-                    .status()
-                    .is_some_and(|st| is_wrong_generation(api, st, &f.message));
-                let other = match api {
-                    PathlingApi::V7 => PathlingApi::V9,
-                    PathlingApi::V9 => PathlingApi::V7,
-                };
-                if wrong
-                    && matches!(s.api, ApiState::Guessed { .. })
-                    && spec.target.api == PathlingApiChoice::Auto
-                {
+                if let Some(switched) = f.status().and_then(|st| s.api.switched(st, &f.message)) {
                     return Ok(SyncState::KickingOffImport(KickingOffImport {
-                        api: ApiState::Known { api: other },
+                        api: switched,
                         retry: Retrying::default(),
                         sent_at: None,
                         ..s.clone()
                     }));
                 }
-                if wrong {
-                    let hint = match other {
-                        PathlingApi::V7 => "7",
-                        PathlingApi::V9 => "9",
-                    };
-                    let reason = format!("import kick-off failed: {f} (the target looks like the other Pathling generation; set PATHLING_API={hint} or auto)");
+                if f.status()
+                    .is_some_and(|st| is_wrong_generation(api, st, &f.message))
+                {
+                    let reason = format!("import kick-off failed: {f} (the target looks like the other Pathling generation; set PATHLING_API={} or auto)", api.other().setting());
                     return Ok(failed(reason, Some(&f)));
                 }
                 Ok(retry_or_fail(f, "kickoff-import"))

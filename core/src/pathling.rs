@@ -2,6 +2,7 @@
 //! `batch` Bundle that applies deletions.
 
 use crate::bulk::ResourceRef;
+use crate::retry::Failure;
 use crate::spec::{ImportMode, PathlingApi};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -213,6 +214,142 @@ pub fn judge_import_answer(answer: &ImportAnswer) -> Result<(), String> {
     }
 }
 
+/// `$import` Parameters as someone wrote them (the original tool's `transferToS3` output,
+/// for its `pathlingImport` step), in either generation's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GivenParameters {
+    /// The shape they are in.
+    pub api: PathlingApi,
+    pub inputs: Vec<ImportInput>,
+    /// Per input (7.x `mode`) or for all (9.x `saveMode`); `None` when not given.
+    pub modes: Vec<Option<String>>,
+}
+
+/// Reads the inputs of `$import` Parameters: 7.x `source` parts (`resourceType`, `url`,
+/// `mode`) or 9.2+ `input` parts with `saveMode`.
+pub fn read_parameters(parameters: &Value) -> Result<GivenParameters, String> {
+    let list = match parameters.get("parameter") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list.clone(),
+        Some(_) => return Err("parameters: \"parameter\" must be an array".into()),
+    };
+    let named = |p: &Value, name: &str| p.get("name").and_then(Value::as_str) == Some(name);
+    let part_value = |p: &Value, name: &str| -> Option<String> {
+        p.get("part")?
+            .as_array()?
+            .iter()
+            .find(|q| named(q, name))
+            .and_then(|q| {
+                ["valueCode", "valueUrl", "valueUri", "valueString"]
+                    .iter()
+                    .find_map(|k| q.get(*k).and_then(Value::as_str))
+                    .map(str::to_string)
+            })
+    };
+    let sources: Vec<&Value> = list.iter().filter(|p| named(p, "source")).collect();
+    let inputs9: Vec<&Value> = list.iter().filter(|p| named(p, "input")).collect();
+    let (api, parts) = match (sources.is_empty(), inputs9.is_empty()) {
+        (false, true) => (PathlingApi::V7, sources),
+        (true, false) => (PathlingApi::V9, inputs9),
+        (true, true) => (PathlingApi::V7, Vec::new()),
+        (false, false) => return Err("parameters mix 7.x `source` and 9.x `input` entries".into()),
+    };
+    let save_mode = list
+        .iter()
+        .find(|p| named(p, "saveMode"))
+        .and_then(|p| p.get("valueCode").and_then(Value::as_str))
+        .map(str::to_string);
+    let mut inputs = Vec::with_capacity(parts.len());
+    let mut modes = Vec::with_capacity(parts.len());
+    for (i, p) in parts.iter().enumerate() {
+        let type_name = part_value(p, "resourceType")
+            .ok_or(format!("parameters: entry {i} has no resourceType"))?;
+        let url = part_value(p, "url").ok_or(format!("parameters: entry {i} has no url"))?;
+        inputs.push(ImportInput { type_name, url });
+        modes.push(match api {
+            PathlingApi::V7 => part_value(p, "mode"),
+            PathlingApi::V9 => save_mode.clone(),
+        });
+    }
+    Ok(GivenParameters { api, inputs, modes })
+}
+
+impl GivenParameters {
+    /// The Parameters to send to a target of generation `api`: the given ones unchanged when
+    /// they already are in its shape, else converted (`s3://` becomes `s3a://` for 9.x). A
+    /// missing mode means what the given shape's generation does without one (9.2+:
+    /// `merge`; 7.x: `overwrite`), so the conversion never changes what the import does.
+    pub fn for_api(&self, api: PathlingApi, original: &Value) -> Result<Value, String> {
+        if api == self.api {
+            return Ok(original.clone());
+        }
+        let mut distinct: Vec<&Option<String>> = Vec::new();
+        for m in &self.modes {
+            if !distinct.contains(&m) {
+                distinct.push(m);
+            }
+        }
+        let mode =
+            match distinct.as_slice() {
+                [] | [None] => self.api.default_mode(),
+                [Some(code)] => ImportMode::from_code(code)
+                    .ok_or_else(|| format!("unknown import mode {code:?}"))?,
+                _ => return Err(
+                    "the 7.x parameters use different modes per source, which the 9.2+ request \
+                     cannot express"
+                        .into(),
+                ),
+            };
+        if api == PathlingApi::V7 && !mode.supported_by_v7() {
+            return Err(format!(
+                "import mode {} needs Pathling 9.2+",
+                mode.as_code()
+            ));
+        }
+        let inputs: Vec<ImportInput> = self
+            .inputs
+            .iter()
+            .map(|i| ImportInput {
+                type_name: i.type_name.clone(),
+                url: match (api, i.url.strip_prefix("s3://")) {
+                    (PathlingApi::V9, Some(rest)) => format!("s3a://{rest}"),
+                    _ => i.url.clone(),
+                },
+            })
+            .collect();
+        Ok(import_parameters(api, mode, &inputs))
+    }
+}
+
+/// What one entry of a delete `batch` answer says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteEntry {
+    Deleted,
+    /// 404 or 410: the resource was not there (deleted before, or never imported) — done.
+    AlreadyAbsent,
+}
+
+/// Judges an entry's `response.status` (`"204 No Content"`). Anything but 2xx, 404 and 410
+/// fails the whole file, which is retried (deleting twice is harmless); an entry without a
+/// status is a broken answer treated like a gateway error, i.e. retried too.
+pub fn judge_delete_entry(status: Option<&str>, what: &str) -> Result<DeleteEntry, Failure> {
+    let code = status
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|c| c.parse::<u16>().ok());
+    match code {
+        Some(200..=299) => Ok(DeleteEntry::Deleted),
+        Some(404 | 410) => Ok(DeleteEntry::AlreadyAbsent),
+        Some(code) => Err(Failure::http(
+            code,
+            format!("{what} answered {:?}", status.unwrap_or_default()),
+        )),
+        None => Err(Failure::http(
+            502,
+            format!("{what}: the batch answer has no status for it"),
+        )),
+    }
+}
+
 /// A `batch` Bundle deleting the given resources (Pathling 9.x; 7.x cannot delete).
 pub fn delete_batch_bundle(refs: &[ResourceRef]) -> Value {
     let entry: Vec<Value> = refs
@@ -233,6 +370,119 @@ mod tests {
             type_name: "Patient".into(),
             url: "s3a://b/k".into(),
         }]
+    }
+
+    fn modes_of(p: &Value) -> Vec<String> {
+        let mut out = Vec::new();
+        for entry in p["parameter"].as_array().unwrap() {
+            if entry["name"] == "saveMode" {
+                out.push(entry["valueCode"].as_str().unwrap().to_string());
+            }
+            for part in entry["part"].as_array().into_iter().flatten() {
+                if part["name"] == "mode" {
+                    out.push(part["valueCode"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        out
+    }
+
+    fn strip_modes(mut p: Value) -> Value {
+        let list = p["parameter"].as_array_mut().unwrap();
+        list.retain(|e| e["name"] != "saveMode");
+        for entry in list.iter_mut() {
+            if let Some(parts) = entry.get_mut("part").and_then(Value::as_array_mut) {
+                parts.retain(|q| q["name"] != "mode");
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn given_parameters_convert_in_both_directions_with_and_without_a_mode() {
+        let s3 = || {
+            vec![ImportInput {
+                type_name: "Patient".into(),
+                url: "s3://bucket/run/output/000000-Patient.ndjson".into(),
+            }]
+        };
+        for mode in [ImportMode::Merge, ImportMode::Overwrite] {
+            // 7 -> 9: the mode carries over, s3:// becomes s3a://.
+            let p7 = import_parameters(PathlingApi::V7, mode, &s3());
+            let given = read_parameters(&p7).unwrap();
+            assert_eq!(given.api, PathlingApi::V7);
+            assert_eq!(given.for_api(PathlingApi::V7, &p7).unwrap(), p7);
+            let p9 = given.for_api(PathlingApi::V9, &p7).unwrap();
+            assert_eq!(modes_of(&p9), [mode.as_code()]);
+            assert!(p9.to_string().contains("s3a://bucket/run/output"));
+            // 9 -> 7: the same mode back.
+            let back = read_parameters(&p9).unwrap();
+            assert_eq!(back.api, PathlingApi::V9);
+            let p7_again = back.for_api(PathlingApi::V7, &p9).unwrap();
+            assert_eq!(modes_of(&p7_again), [mode.as_code()]);
+        }
+        // Without a mode, each shape means its own generation's default: a 9.x request
+        // without saveMode merges, and must not become an overwrite for 7.x.
+        let p9 = strip_modes(import_parameters(PathlingApi::V9, ImportMode::Merge, &s3()));
+        let p7 = read_parameters(&p9)
+            .unwrap()
+            .for_api(PathlingApi::V7, &p9)
+            .unwrap();
+        assert_eq!(modes_of(&p7), ["merge"]);
+        let p7 = strip_modes(import_parameters(PathlingApi::V7, ImportMode::Merge, &s3()));
+        let p9 = read_parameters(&p7)
+            .unwrap()
+            .for_api(PathlingApi::V9, &p7)
+            .unwrap();
+        assert_eq!(modes_of(&p9), ["overwrite"]);
+        // 9.x-only modes cannot go to 7.x.
+        let append = import_parameters(PathlingApi::V9, ImportMode::Append, &s3());
+        assert!(read_parameters(&append)
+            .unwrap()
+            .for_api(PathlingApi::V7, &append)
+            .is_err());
+    }
+
+    #[test]
+    fn malformed_given_parameters_are_refused() {
+        let empty = json!({"resourceType": "Parameters", "parameter": []});
+        assert!(read_parameters(&empty).unwrap().inputs.is_empty());
+        let bad = json!({"parameter": [{"name": "source", "part": [{"name": "url", "valueUrl": "s3://b/k"}]}]});
+        assert!(read_parameters(&bad).unwrap_err().contains("resourceType"));
+        let mixed = json!({"parameter": [
+            {"name": "source", "part": []}, {"name": "input", "part": []}]});
+        assert!(read_parameters(&mixed).is_err());
+        let modes = json!({"parameter": [
+            {"name": "source", "part": [{"name": "resourceType", "valueCode": "Patient"}, {"name": "url", "valueUrl": "s3://b/1"}, {"name": "mode", "valueCode": "merge"}]},
+            {"name": "source", "part": [{"name": "resourceType", "valueCode": "Patient"}, {"name": "url", "valueUrl": "s3://b/2"}, {"name": "mode", "valueCode": "overwrite"}]}]});
+        let given = read_parameters(&modes).unwrap();
+        assert!(given.for_api(PathlingApi::V9, &modes).is_err());
+        assert_eq!(given.for_api(PathlingApi::V7, &modes).unwrap(), modes);
+    }
+
+    #[test]
+    fn delete_entries_are_judged_in_the_core() {
+        assert_eq!(
+            judge_delete_entry(Some("204 No Content"), "x"),
+            Ok(DeleteEntry::Deleted)
+        );
+        assert_eq!(
+            judge_delete_entry(Some("200"), "x"),
+            Ok(DeleteEntry::Deleted)
+        );
+        assert_eq!(
+            judge_delete_entry(Some("404 Not Found"), "x"),
+            Ok(DeleteEntry::AlreadyAbsent)
+        );
+        assert_eq!(
+            judge_delete_entry(Some("410"), "x"),
+            Ok(DeleteEntry::AlreadyAbsent)
+        );
+        let f = judge_delete_entry(Some("409 Conflict"), "deleting Patient/1").unwrap_err();
+        assert_eq!(f.status(), Some(409));
+        assert!(f.message.contains("Patient/1"));
+        let f = judge_delete_entry(None, "deleting Patient/1").unwrap_err();
+        assert_eq!(crate::retry::classify(&f), crate::retry::Verdict::Transient);
     }
 
     #[test]

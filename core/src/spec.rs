@@ -155,6 +155,18 @@ pub enum ImportMode {
 }
 
 impl ImportMode {
+    /// The mode a code names (`merge`, `overwrite`, `append`, `ignore`, `error`).
+    pub fn from_code(code: &str) -> Option<ImportMode> {
+        Some(match code {
+            "merge" => ImportMode::Merge,
+            "overwrite" => ImportMode::Overwrite,
+            "append" => ImportMode::Append,
+            "ignore" => ImportMode::Ignore,
+            "error" => ImportMode::Error,
+            _ => return None,
+        })
+    }
+
     pub fn as_code(self) -> &'static str {
         match self {
             ImportMode::Merge => "merge",
@@ -187,6 +199,32 @@ pub enum PathlingApi {
     V7,
     /// Pathling 9.2 and later: `input` parts, `saveMode`, `inputFormat`.
     V9,
+}
+
+impl PathlingApi {
+    pub fn other(self) -> PathlingApi {
+        match self {
+            PathlingApi::V7 => PathlingApi::V9,
+            PathlingApi::V9 => PathlingApi::V7,
+        }
+    }
+
+    /// The `PATHLING_API` value that selects it.
+    pub fn setting(self) -> &'static str {
+        match self {
+            PathlingApi::V7 => "7",
+            PathlingApi::V9 => "9",
+        }
+    }
+
+    /// What a request of this shape means when it names no mode: 7.x imports with
+    /// `overwrite` by default, 9.2+ with `merge`.
+    pub fn default_mode(self) -> ImportMode {
+        match self {
+            PathlingApi::V7 => ImportMode::Overwrite,
+            PathlingApi::V9 => ImportMode::Merge,
+        }
+    }
 }
 
 /// Retry and patience settings per phase, plus the clamp on server-requested waits.

@@ -3,7 +3,7 @@
 
 use crate::bulk::{FileKind, OutcomeSummary};
 use crate::retry::Failure;
-use crate::spec::PathlingApi;
+use crate::spec::{PathlingApi, PathlingApiChoice};
 use crate::staging::StagingKey;
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -139,6 +139,51 @@ pub enum ApiState {
     /// Guessed (metadata did not tell); one switch to the other shape is allowed when the
     /// server's 400 answer says it is the other generation.
     Guessed { api: PathlingApi },
+}
+
+impl ApiState {
+    /// Where an `$import` kick-off starts: ask the server first when configured `auto`.
+    pub fn initial(choice: PathlingApiChoice) -> ApiState {
+        match choice {
+            PathlingApiChoice::Auto => ApiState::Detecting,
+            PathlingApiChoice::V7 => ApiState::Known {
+                api: PathlingApi::V7,
+            },
+            PathlingApiChoice::V9 => ApiState::Known {
+                api: PathlingApi::V9,
+            },
+        }
+    }
+
+    /// After asking the server: the generation it told, else `guess` (tried, and switched
+    /// once if the server's answer says it is the other generation).
+    pub fn detected(told: Option<PathlingApi>, guess: PathlingApi) -> ApiState {
+        match told {
+            Some(api) => ApiState::Known { api },
+            None => ApiState::Guessed { api: guess },
+        }
+    }
+
+    /// The shape to send, once known or guessed.
+    pub fn api(self) -> Option<PathlingApi> {
+        match self {
+            ApiState::Detecting => None,
+            ApiState::Known { api } | ApiState::Guessed { api } => Some(api),
+        }
+    }
+
+    /// After a refused kick-off: the other generation, once, when the shape was only guessed
+    /// and the answer is the one the other generation gives to this shape.
+    pub fn switched(self, status: u16, body: &str) -> Option<ApiState> {
+        match self {
+            ApiState::Guessed { api }
+                if crate::pathling::is_wrong_generation(api, status, body) =>
+            {
+                Some(ApiState::Known { api: api.other() })
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

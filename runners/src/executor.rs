@@ -20,7 +20,8 @@ use pathling_import_core::effect::{
     Effect, EffectResult, ExportKickoffRequest, ManifestDigest, Request,
 };
 use pathling_import_core::pathling::{
-    api_from_capability, delete_batch_bundle, read_import_answer, ImportAnswer,
+    api_from_capability, delete_batch_bundle, judge_delete_entry, read_import_answer, DeleteEntry,
+    ImportAnswer,
 };
 use pathling_import_core::retry::{Failure, FailureKind};
 use pathling_import_core::spec::{PathlingApi, RunSpec};
@@ -694,27 +695,11 @@ impl Executor {
         }
         let (mut deleted, mut absent) = (0, 0);
         for (entry, r) in entries.iter().zip(refs) {
-            let status = entry
-                .pointer("/response/status")
-                .and_then(|s| s.as_str())
-                .unwrap_or("");
-            let code: u16 = status
-                .split_whitespace()
-                .next()
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            match code {
-                200..=299 => deleted += 1,
-                404 | 410 => absent += 1,
-                _ => {
-                    return Err(Failure::http(
-                        if code == 0 { 502 } else { code },
-                        format!(
-                            "{ctx}: deleting {}/{} answered {status:?}",
-                            r.type_name, r.id
-                        ),
-                    ))
-                }
+            let status = entry.pointer("/response/status").and_then(|s| s.as_str());
+            match judge_delete_entry(status, &format!("{ctx}: deleting {}/{}", r.type_name, r.id))?
+            {
+                DeleteEntry::Deleted => deleted += 1,
+                DeleteEntry::AlreadyAbsent => absent += 1,
             }
         }
         Ok((deleted, absent))
@@ -729,7 +714,8 @@ impl Executor {
                 self.source_http.delete(status_url)
             })
             .await?;
-        if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
+        // Any answer ends the (best-effort) clean-up; the core decides, a 404 included.
+        if resp.status().is_success() {
             Ok(EffectResult::ExportJobDeleted)
         } else {
             Err(status_failure(ctx, resp).await)
@@ -773,11 +759,13 @@ fn same_origin(url: &str, base: &str) -> bool {
 
 /// A 2xx other than the expected one is "undecodable" (the protocol was not followed); an
 /// error status is reported as such.
+/// Another status than the protocol's: reported as the status it is (the core judges a 2xx
+/// that is not the expected one as permanent: the server does not follow the protocol).
 async fn unexpected(ctx: &str, resp: Response, expected: &str) -> Failure {
     let status = resp.status();
     if status.is_success() {
-        Failure::new(
-            FailureKind::Undecodable,
+        Failure::http(
+            status.as_u16(),
             format!("{ctx}: expected {expected}, got {}", status.as_u16()),
         )
     } else {

@@ -42,13 +42,13 @@ use pathling_import_core::bulk::parse_manifest;
 use pathling_import_core::config::Config;
 use pathling_import_core::effect::{Effect, EffectId, EffectResult, Input, Request};
 use pathling_import_core::pathling::{
-    import_parameters, is_wrong_generation, judge_import_answer, read_import_answer, ImportAnswer,
+    import_parameters, judge_import_answer, read_import_answer, read_parameters, ImportAnswer,
     ImportInput,
 };
 use pathling_import_core::persist;
 use pathling_import_core::retry::{classify, stable_hash, Failure, Verdict};
-use pathling_import_core::spec::{ImportMode, PathlingApi, PathlingApiChoice, SinceSpec};
-use pathling_import_core::state::{FileStatus, SyncState};
+use pathling_import_core::spec::{PathlingApi, PathlingApiChoice, SinceSpec};
+use pathling_import_core::state::{ApiState, FileStatus, SyncState};
 use pathling_import_core::{SyncRun, Terminal, Timestamp};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -344,22 +344,15 @@ impl Handlers {
             .filter(|r| pathling_import_core::bulk::origin_of(r).is_some())
             .unwrap_or_else(|| spec.source.endpoint.clone());
         let t = now();
-        let run = SyncRun::start(run_id, spec.clone(), None, t)
-            .map_err(|e| LambdaFailure::state(e.to_string()))?;
         let manifest_key = spec.staging.manifest_key(run_id);
         let digest = executor
             .store_manifest(&manifest_key, manifest)
             .await
             .map_err(|f| effect_failure("storing the manifest", &f))?;
-        // The status URL is never used: the drive stops before the machine's clean-up.
-        let run = step(
-            &run,
-            EffectResult::ExportAccepted {
-                status_url: request,
-            },
-            t,
-        )?;
-        step(&run, EffectResult::ExportCompleted { digest }, t)
+        // `request` stands for the export job: the handlers never DELETE it (no handler knows
+        // both the job and the end of the import), and the drive stops before clean-up.
+        SyncRun::from_manifest(run_id, spec.clone(), &request, digest, t)
+            .map_err(|e| LambdaFailure::state(format!("starting the transfer: {e}")))
     }
 
     fn transfer_outcome(&self, run: &SyncRun, stopped: &Stopped) -> Result<Value, LambdaFailure> {
@@ -443,21 +436,20 @@ impl Handlers {
         if given.inputs.is_empty() {
             return Ok(json!({ "statusUrl": null }));
         }
-        let (mut api, known) = match self.config.spec.target.api {
-            PathlingApiChoice::V7 => (PathlingApi::V7, true),
-            PathlingApiChoice::V9 => (PathlingApi::V9, true),
-            PathlingApiChoice::Auto => match execute(executor, Effect::DetectPathling).await {
-                EffectResult::PathlingDetected { api: Some(api), .. } => (api, true),
-                // Not told: try the shape given, and switch once if the answer says so.
-                EffectResult::PathlingDetected { api: None, .. } => (given.api, false),
+        // The same generation logic as the machine's (ApiState): detect, else try the shape
+        // given and switch once when the answer says the target is the other generation.
+        let mut state = ApiState::initial(self.config.spec.target.api);
+        if state == ApiState::Detecting {
+            state = match execute(executor, Effect::DetectPathling).await {
+                EffectResult::PathlingDetected { api, .. } => ApiState::detected(api, given.api),
                 EffectResult::Failed(f) if classify(&f) == Verdict::Transient => {
                     return Err(effect_failure("Pathling capability statement", &f))
                 }
-                _ => (given.api, false),
-            },
-        };
-        let mut switched = false;
+                _ => ApiState::detected(None, given.api),
+            };
+        }
         loop {
+            let api = state.api().unwrap_or(given.api);
             let body = given
                 .for_api(api, parameters)
                 .map_err(LambdaFailure::sync_failed)?;
@@ -470,12 +462,8 @@ impl Handlers {
                     return Ok(json!({ "statusUrl": job_url }))
                 }
                 EffectResult::Failed(f) => {
-                    let wrong = f
-                        .status()
-                        .is_some_and(|s| is_wrong_generation(api, s, &f.message));
-                    if wrong && !known && !switched {
-                        switched = true;
-                        api = other_api(api);
+                    if let Some(next) = f.status().and_then(|s| state.switched(s, &f.message)) {
+                        state = next;
                         continue;
                     }
                     return Err(effect_failure("Pathling $import kick-off", &f));
@@ -571,17 +559,6 @@ async fn execute(executor: &Executor, effect: Effect) -> EffectResult {
         .await
 }
 
-fn step(run: &SyncRun, result: EffectResult, t: Timestamp) -> Result<SyncRun, LambdaFailure> {
-    run.step(
-        Input::Completed {
-            id: EffectId::Run { seq: run.seq },
-            result,
-        },
-        t,
-    )
-    .map_err(|e| LambdaFailure::state(format!("starting the transfer: {e}")))
-}
-
 fn in_progress(what: &str, progress: Option<&str>) -> LambdaFailure {
     LambdaFailure::job_in_progress(match progress {
         Some(p) => format!("{what} in progress: {p}"),
@@ -614,13 +591,6 @@ fn storage_failure(what: &str, e: &crate::staging::StagingError) -> LambdaFailur
     }
 }
 
-fn other_api(api: PathlingApi) -> PathlingApi {
-    match api {
-        PathlingApi::V7 => PathlingApi::V9,
-        PathlingApi::V9 => PathlingApi::V7,
-    }
-}
-
 async fn write_run(staging: &StagingStore, key: &str, run: &SyncRun) -> Result<(), LambdaFailure> {
     staging
         .put_bytes(key, Bytes::from(persist::encode_string(run)))
@@ -649,123 +619,6 @@ impl RunStore for TransferStore {
         self.last_write = Instant::now();
         Ok(())
     }
-}
-
-/// `$import` Parameters as `transferToS3` (or anyone) wrote them, in either generation's shape.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GivenParameters {
-    /// The shape they are in.
-    pub api: PathlingApi,
-    pub inputs: Vec<ImportInput>,
-    /// Per input (7.x `mode`) or for all (9.x `saveMode`); `None` when not given.
-    pub modes: Vec<Option<String>>,
-}
-
-/// Reads the inputs of `$import` Parameters: 7.x `source` parts (`resourceType`, `url`,
-/// `mode`) or 9.2+ `input` parts with `saveMode`.
-pub fn read_parameters(parameters: &Value) -> Result<GivenParameters, String> {
-    let list = match parameters.get("parameter") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(list)) => list.clone(),
-        Some(_) => return Err("parameters: \"parameter\" must be an array".into()),
-    };
-    let named = |p: &Value, name: &str| p.get("name").and_then(Value::as_str) == Some(name);
-    let part_value = |p: &Value, name: &str| -> Option<String> {
-        p.get("part")?
-            .as_array()?
-            .iter()
-            .find(|q| named(q, name))
-            .and_then(|q| {
-                ["valueCode", "valueUrl", "valueUri", "valueString"]
-                    .iter()
-                    .find_map(|k| q.get(*k).and_then(Value::as_str))
-                    .map(str::to_string)
-            })
-    };
-    let sources: Vec<&Value> = list.iter().filter(|p| named(p, "source")).collect();
-    let inputs9: Vec<&Value> = list.iter().filter(|p| named(p, "input")).collect();
-    let (api, parts) = match (sources.is_empty(), inputs9.is_empty()) {
-        (false, true) => (PathlingApi::V7, sources),
-        (true, false) => (PathlingApi::V9, inputs9),
-        (true, true) => (PathlingApi::V7, Vec::new()),
-        (false, false) => return Err("parameters mix 7.x `source` and 9.x `input` entries".into()),
-    };
-    let save_mode = list
-        .iter()
-        .find(|p| named(p, "saveMode"))
-        .and_then(|p| p.get("valueCode").and_then(Value::as_str))
-        .map(str::to_string);
-    let mut inputs = Vec::with_capacity(parts.len());
-    let mut modes = Vec::with_capacity(parts.len());
-    for (i, p) in parts.iter().enumerate() {
-        let type_name = part_value(p, "resourceType")
-            .ok_or(format!("parameters: entry {i} has no resourceType"))?;
-        let url = part_value(p, "url").ok_or(format!("parameters: entry {i} has no url"))?;
-        inputs.push(ImportInput { type_name, url });
-        modes.push(match api {
-            PathlingApi::V7 => part_value(p, "mode"),
-            PathlingApi::V9 => save_mode.clone(),
-        });
-    }
-    Ok(GivenParameters { api, inputs, modes })
-}
-
-impl GivenParameters {
-    /// The Parameters to send to a target of generation `api`: the given ones unchanged when
-    /// they already are in its shape, else converted (`s3://` becomes `s3a://` for 9.x).
-    pub fn for_api(&self, api: PathlingApi, original: &Value) -> Result<Value, String> {
-        if api == self.api {
-            return Ok(original.clone());
-        }
-        let mut distinct: Vec<&Option<String>> = Vec::new();
-        for m in &self.modes {
-            if !distinct.contains(&m) {
-                distinct.push(m);
-            }
-        }
-        let mode =
-            match distinct.as_slice() {
-                [] | [None] => match self.api {
-                    // 7.x's default mode is overwrite; 9.x's saveMode defaults to overwrite too.
-                    PathlingApi::V7 | PathlingApi::V9 => ImportMode::Overwrite,
-                },
-                [Some(code)] => parse_mode(code)?,
-                _ => return Err(
-                    "the 7.x parameters use different modes per source, which the 9.2+ request \
-                     cannot express"
-                        .into(),
-                ),
-            };
-        if api == PathlingApi::V7 && !mode.supported_by_v7() {
-            return Err(format!(
-                "import mode {} needs Pathling 9.2+",
-                mode.as_code()
-            ));
-        }
-        let inputs: Vec<ImportInput> = self
-            .inputs
-            .iter()
-            .map(|i| ImportInput {
-                type_name: i.type_name.clone(),
-                url: match (api, i.url.strip_prefix("s3://")) {
-                    (PathlingApi::V9, Some(rest)) => format!("s3a://{rest}"),
-                    _ => i.url.clone(),
-                },
-            })
-            .collect();
-        Ok(import_parameters(api, mode, &inputs))
-    }
-}
-
-fn parse_mode(code: &str) -> Result<ImportMode, String> {
-    Ok(match code {
-        "merge" => ImportMode::Merge,
-        "overwrite" => ImportMode::Overwrite,
-        "append" => ImportMode::Append,
-        "ignore" => ImportMode::Ignore,
-        "error" => ImportMode::Error,
-        other => return Err(format!("unknown import mode {other:?}")),
-    })
 }
 
 #[cfg(test)]
@@ -809,57 +662,5 @@ mod tests {
             id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
             "{id}"
         );
-    }
-
-    #[test]
-    fn seven_shape_parameters_convert_to_nine() {
-        let p7 = import_parameters(
-            PathlingApi::V7,
-            ImportMode::Merge,
-            &[ImportInput {
-                type_name: "Patient".into(),
-                url: "s3://bucket/run/output/000000-Patient.ndjson".into(),
-            }],
-        );
-        let given = read_parameters(&p7).unwrap();
-        assert_eq!(given.api, PathlingApi::V7);
-        assert_eq!(given.inputs.len(), 1);
-        assert_eq!(given.for_api(PathlingApi::V7, &p7).unwrap(), p7);
-        let p9 = given.for_api(PathlingApi::V9, &p7).unwrap();
-        assert_eq!(
-            p9,
-            import_parameters(
-                PathlingApi::V9,
-                ImportMode::Merge,
-                &[ImportInput {
-                    type_name: "Patient".into(),
-                    url: "s3a://bucket/run/output/000000-Patient.ndjson".into(),
-                }],
-            )
-        );
-        let back = read_parameters(&p9).unwrap();
-        assert_eq!(back.api, PathlingApi::V9);
-        assert_eq!(back.modes, vec![Some("merge".to_string())]);
-    }
-
-    #[test]
-    fn parameters_without_inputs_and_malformed_ones() {
-        let empty = json!({"resourceType": "Parameters", "parameter": []});
-        assert!(read_parameters(&empty).unwrap().inputs.is_empty());
-        assert!(read_parameters(&json!({"resourceType": "Parameters"}))
-            .unwrap()
-            .inputs
-            .is_empty());
-        let bad = json!({"parameter": [{"name": "source", "part": [{"name": "url", "valueUrl": "s3://b/k"}]}]});
-        assert!(read_parameters(&bad).unwrap_err().contains("resourceType"));
-        let mixed = json!({"parameter": [
-            {"name": "source", "part": []}, {"name": "input", "part": []}]});
-        assert!(read_parameters(&mixed).is_err());
-        let modes = json!({"parameter": [
-            {"name": "source", "part": [{"name": "resourceType", "valueCode": "Patient"}, {"name": "url", "valueUrl": "s3://b/1"}, {"name": "mode", "valueCode": "merge"}]},
-            {"name": "source", "part": [{"name": "resourceType", "valueCode": "Patient"}, {"name": "url", "valueUrl": "s3://b/2"}, {"name": "mode", "valueCode": "overwrite"}]}]});
-        let given = read_parameters(&modes).unwrap();
-        assert!(given.for_api(PathlingApi::V9, &modes).is_err());
-        assert_eq!(given.for_api(PathlingApi::V7, &modes).unwrap(), modes);
     }
 }
