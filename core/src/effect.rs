@@ -225,9 +225,12 @@ pub enum Rejected {
     #[error("stale or duplicate result for {got:?}; the run expects something else now")]
     Stale { got: EffectId },
     #[error("result {result} does not answer the effect the run is waiting for ({phase})")]
-    Mismatch { result: String, phase: &'static str },
+    Mismatch {
+        result: String,
+        phase: crate::state::Phase,
+    },
     #[error("the run ({phase}) cannot be retried: only a run that failed after its export's manifest was known can")]
-    NotRetryable { phase: &'static str },
+    NotRetryable { phase: crate::state::Phase },
 }
 
 impl Effect {

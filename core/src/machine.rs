@@ -90,7 +90,7 @@ impl Patience {
 
 /// How a run fails: [`SyncRun::fail`] builds the terminal from it.
 struct Failing<'a> {
-    phase: &'static str,
+    phase: Phase,
     reason: String,
     summary: Summary,
     /// The export job to DELETE at the source first.
@@ -509,7 +509,7 @@ impl SyncRun {
         if !self.must_record(s) {
             return Err(Rejected::Mismatch {
                 result: "sending".into(),
-                phase: "kicking_off_import",
+                phase: Phase::KickingOffImport,
             });
         }
         let Some(sent_at) = s.sent_at else {
@@ -519,7 +519,7 @@ impl SyncRun {
             }));
         };
         Ok(self.fail(Failing {
-            phase: "kicking_off_import",
+            phase: Phase::KickingOffImport,
             reason: format!(
                 "the answer to the $import kick-off sent at {sent_at} was lost (the process \
                  stopped or the connection dropped), and with IMPORT_MODE=append sending it \
@@ -540,7 +540,7 @@ impl SyncRun {
     fn retry_spec(&self, current: &RunSpec) -> Result<RunSpec, Rejected> {
         if self.resumable().is_none() {
             return Err(Rejected::NotRetryable {
-                phase: self.state.name(),
+                phase: self.state.phase(),
             });
         }
         let mut spec = self.spec.clone();
@@ -556,7 +556,7 @@ impl SyncRun {
     fn retried(&self, now: Timestamp) -> Result<SyncState, Rejected> {
         let Some(point) = self.resumable() else {
             return Err(Rejected::NotRetryable {
-                phase: self.state.name(),
+                phase: self.state.phase(),
             });
         };
         let mut export = point.export.clone();
@@ -605,7 +605,7 @@ impl SyncRun {
             _ => (Summary::default(), None),
         };
         let cancelled = Terminal::Cancelled(CancelledRun {
-            phase: self.state.name().to_string(),
+            phase: self.state.phase(),
             reason,
             summary,
         });
@@ -616,7 +616,7 @@ impl SyncRun {
     }
 
     fn cancel(&self, reason: String) -> SyncState {
-        let phase = self.state.name().to_string();
+        let phase = self.state.phase();
         let (status_url, summary) = match &self.state {
             SyncState::KickingOffExport(_) => (None, Summary::default()),
             SyncState::PollingExport(s) => (Some(s.status_url.clone()), Summary::default()),
@@ -743,7 +743,7 @@ impl SyncRun {
                 Err(Rejected::Stale { got: id })
             }
         };
-        let mismatch = |phase: &'static str, result: &EffectResult| Rejected::Mismatch {
+        let mismatch = |phase: Phase, result: &EffectResult| Rejected::Mismatch {
             result: result_name(result).to_string(),
             phase,
         };
@@ -759,7 +759,7 @@ impl SyncRun {
                             ..s.clone()
                         }))
                     }
-                    other => Err(mismatch("kicking_off_export", &other)),
+                    other => Err(mismatch(Phase::KickingOffExport, &other)),
                 }
             }
             SyncState::KickingOffExport(s) => {
@@ -768,7 +768,7 @@ impl SyncRun {
                     EffectResult::ExportAccepted { status_url } => {
                         if crate::bulk::origin_of(&status_url).is_none() {
                             return Ok(self.fail(Failing {
-                                phase: "kicking_off_export",
+                                phase: Phase::KickingOffExport,
                                 reason: format!("the source answered 202 with Content-Location {:?}, which is not an absolute http(s) URL", crate::bulk::truncate(&status_url, 200)),
                                 summary: Summary::default(),
                                 cleanup: None,
@@ -801,7 +801,7 @@ impl SyncRun {
                                 ..s.clone()
                             })),
                             Err(reason) => Ok(self.fail(Failing {
-                                phase: "kicking_off_export",
+                                phase: Phase::KickingOffExport,
                                 reason: format!("export kick-off failed: {reason}"),
                                 summary: Summary::default(),
                                 cleanup: None,
@@ -810,7 +810,7 @@ impl SyncRun {
                             })),
                         }
                     }
-                    other => Err(mismatch("kicking_off_export", &other)),
+                    other => Err(mismatch(Phase::KickingOffExport, &other)),
                 }
             }
             SyncState::PollingExport(s) => {
@@ -836,7 +836,7 @@ impl SyncRun {
                                 ..s.clone()
                             })),
                             Err(reason) => Ok(self.fail(Failing {
-                                phase: "polling_export",
+                                phase: Phase::PollingExport,
                                 reason,
                                 summary: Summary::default(),
                                 cleanup: Some(&s.status_url),
@@ -872,7 +872,7 @@ impl SyncRun {
                                 ..s.clone()
                             })),
                             Err(reason) => Ok(self.fail(Failing {
-                                phase: "polling_export",
+                                phase: Phase::PollingExport,
                                 reason: format!("export status check failed: {reason}"),
                                 summary: Summary::default(),
                                 cleanup: Some(&s.status_url),
@@ -881,7 +881,7 @@ impl SyncRun {
                             })),
                         }
                     }
-                    other => Err(mismatch("polling_export", &other)),
+                    other => Err(mismatch(Phase::PollingExport, &other)),
                 }
             }
             SyncState::StagingFiles(s) => {
@@ -977,7 +977,7 @@ impl SyncRun {
                             failed: s.failed.clone(),
                         }))
                     }
-                    other => Err(mismatch("staging_files", &other)),
+                    other => Err(mismatch(Phase::StagingFiles, &other)),
                 }
             }
             SyncState::KickingOffImport(s) => {
@@ -988,7 +988,7 @@ impl SyncRun {
                 run_level(id)?;
                 let failed = |reason: String, cause: Option<&Failure>| {
                     self.fail(Failing {
-                        phase: "polling_import",
+                        phase: Phase::PollingImport,
                         reason,
                         summary: self.import_summary(&s.export, Some(&s.job_url)),
                         cleanup: Some(&s.export.status_url),
@@ -1048,7 +1048,7 @@ impl SyncRun {
                             Err(reason) => Ok(failed(format!("import failed: {reason}"), Some(&f))),
                         }
                     }
-                    other => Err(mismatch("polling_import", &other)),
+                    other => Err(mismatch(Phase::PollingImport, &other)),
                 }
             }
             SyncState::ApplyingDeletions(s) => {
@@ -1101,7 +1101,7 @@ impl SyncRun {
                             resume.deleted = next.deleted;
                             resume.absent = next.absent;
                             return Ok(self.fail(Failing {
-                                phase: "applying_deletions",
+                                phase: Phase::ApplyingDeletions,
                                 reason: format!("could not apply the deletions of {what}: {f}"),
                                 summary,
                                 cleanup: Some(&next.export.status_url),
@@ -1122,7 +1122,7 @@ impl SyncRun {
                         row.not_before = now.plus_ms(delay);
                         Ok(SyncState::ApplyingDeletions(next))
                     }
-                    other => Err(mismatch("applying_deletions", &other)),
+                    other => Err(mismatch(Phase::ApplyingDeletions, &other)),
                 }
             }
             SyncState::CleaningUp(s) => {
@@ -1132,7 +1132,7 @@ impl SyncRun {
                     EffectResult::ExportJobDeleted | EffectResult::Failed(_) => {
                         Ok(s.then.clone().into_state())
                     }
-                    other => Err(mismatch("cleaning_up", &other)),
+                    other => Err(mismatch(Phase::CleaningUp, &other)),
                 }
             }
             SyncState::Succeeded(_) | SyncState::Failed(_) | SyncState::Cancelled(_) => {
@@ -1238,7 +1238,7 @@ impl SyncRun {
                 errors.samples.join("; ")
             );
             return self.fail(Failing {
-                phase: "staging_files",
+                phase: Phase::StagingFiles,
                 reason,
                 summary: summarise(&export),
                 cleanup: Some(&export.status_url),
@@ -1272,7 +1272,7 @@ impl SyncRun {
         let mut resume = resume_point(ResumeFrom::StagingFiles, &export);
         resume.export_kept = true;
         self.fail(Failing {
-            phase: "staging_files",
+            phase: Phase::StagingFiles,
             reason: format!(
                 "could not stage {}: {why}{more}",
                 export.files.describe(first)
@@ -1304,7 +1304,7 @@ impl SyncRun {
         let spec = &self.spec;
         let failed = |reason: String, cause: Option<&Failure>| {
             self.fail(Failing {
-                phase: "kicking_off_import",
+                phase: Phase::KickingOffImport,
                 reason,
                 summary: self.import_summary(&s.export, None),
                 cleanup: Some(&s.export.status_url),
@@ -1392,7 +1392,7 @@ impl SyncRun {
             }
             (_, other) => Err(Rejected::Mismatch {
                 result: result_name(&other).to_string(),
-                phase: "kicking_off_import",
+                phase: Phase::KickingOffImport,
             }),
         }
     }
@@ -1445,7 +1445,7 @@ impl SyncRun {
     /// A failed run; the export job is cleaned up first when asked.
     fn fail(&self, f: Failing<'_>) -> SyncState {
         let failed = Terminal::Failed(FailedRun {
-            phase: f.phase.to_string(),
+            phase: f.phase,
             reason: f.reason,
             summary: f.summary,
             cause: f.cause.map(|c| Failure {

@@ -24,20 +24,69 @@ pub enum SyncState {
     Cancelled(CancelledRun),
 }
 
-impl SyncState {
-    pub fn name(&self) -> &'static str {
+/// The phases of a run, by name (`staging_files`): what logs, reports and metrics say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    KickingOffExport,
+    PollingExport,
+    StagingFiles,
+    KickingOffImport,
+    PollingImport,
+    ApplyingDeletions,
+    CleaningUp,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
         match self {
-            SyncState::KickingOffExport(_) => "kicking_off_export",
-            SyncState::PollingExport(_) => "polling_export",
-            SyncState::StagingFiles(_) => "staging_files",
-            SyncState::KickingOffImport(_) => "kicking_off_import",
-            SyncState::PollingImport(_) => "polling_import",
-            SyncState::ApplyingDeletions(_) => "applying_deletions",
-            SyncState::CleaningUp(_) => "cleaning_up",
-            SyncState::Succeeded(_) => "succeeded",
-            SyncState::Failed(_) => "failed",
-            SyncState::Cancelled(_) => "cancelled",
+            Phase::KickingOffExport => "kicking_off_export",
+            Phase::PollingExport => "polling_export",
+            Phase::StagingFiles => "staging_files",
+            Phase::KickingOffImport => "kicking_off_import",
+            Phase::PollingImport => "polling_import",
+            Phase::ApplyingDeletions => "applying_deletions",
+            Phase::CleaningUp => "cleaning_up",
+            Phase::Succeeded => "succeeded",
+            Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
         }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Phase {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl SyncState {
+    pub fn phase(&self) -> Phase {
+        match self {
+            SyncState::KickingOffExport(_) => Phase::KickingOffExport,
+            SyncState::PollingExport(_) => Phase::PollingExport,
+            SyncState::StagingFiles(_) => Phase::StagingFiles,
+            SyncState::KickingOffImport(_) => Phase::KickingOffImport,
+            SyncState::PollingImport(_) => Phase::PollingImport,
+            SyncState::ApplyingDeletions(_) => Phase::ApplyingDeletions,
+            SyncState::CleaningUp(_) => Phase::CleaningUp,
+            SyncState::Succeeded(_) => Phase::Succeeded,
+            SyncState::Failed(_) => Phase::Failed,
+            SyncState::Cancelled(_) => Phase::Cancelled,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.phase().as_str()
     }
 
     pub fn terminal(&self) -> Option<Terminal> {
@@ -278,7 +327,7 @@ pub struct FailedRun {
     /// The phase that failed. Serialized as `in_phase`: `SyncState`'s tag is `phase`, and a
     /// field of the same name would overwrite it (the envelope would not decode).
     #[serde(rename = "in_phase")]
-    pub phase: String,
+    pub phase: Phase,
     pub reason: String,
     pub summary: Summary,
     /// The failure fact that ended the run, when one did (reports read its status and kind
@@ -323,12 +372,16 @@ pub enum ResumeFrom {
 }
 
 impl ResumeFrom {
-    pub fn as_str(self) -> &'static str {
+    pub fn phase(self) -> Phase {
         match self {
-            ResumeFrom::StagingFiles => "staging_files",
-            ResumeFrom::KickingOffImport => "kicking_off_import",
-            ResumeFrom::ApplyingDeletions => "applying_deletions",
+            ResumeFrom::StagingFiles => Phase::StagingFiles,
+            ResumeFrom::KickingOffImport => Phase::KickingOffImport,
+            ResumeFrom::ApplyingDeletions => Phase::ApplyingDeletions,
         }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.phase().as_str()
     }
 }
 
@@ -336,7 +389,7 @@ impl ResumeFrom {
 pub struct CancelledRun {
     /// The phase the run was cancelled in (serialized as `in_phase`, see [`FailedRun`]).
     #[serde(rename = "in_phase")]
-    pub phase: String,
+    pub phase: Phase,
     pub reason: String,
     pub summary: Summary,
 }

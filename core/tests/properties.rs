@@ -508,7 +508,7 @@ fn the_strategies_reach_every_outcome() {
         let outcome = drive(start(spec.clone()), &mut world, &Options::default());
         let key = match &outcome.terminal {
             Terminal::Succeeded(_) => "succeeded".to_string(),
-            Terminal::Failed(f) => f.phase.clone(),
+            Terminal::Failed(f) => f.phase.to_string(),
             Terminal::Cancelled(_) => "cancelled".to_string(),
         };
         *seen.entry(key).or_default() += 1;

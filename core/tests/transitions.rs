@@ -73,7 +73,7 @@ fn failure_of(run: &SyncRun) -> (String, String) {
             .unwrap_or_else(|| panic!("expected a failure, got {}", other.name())),
     };
     match terminal {
-        Terminal::Failed(f) => (f.phase, f.reason),
+        Terminal::Failed(f) => (f.phase.to_string(), f.reason),
         other => panic!("expected Failed, got {other:?}"),
     }
 }
@@ -1379,7 +1379,7 @@ fn staging_refuses_results_of_the_wrong_kind() {
             matches!(
                 e,
                 Rejected::Mismatch {
-                    phase: "staging_files",
+                    phase: Phase::StagingFiles,
                     ..
                 }
             ),
@@ -1859,7 +1859,7 @@ fn import_kickoff_refuses_results_of_the_wrong_kind() {
             T0
         ),
         Rejected::Mismatch {
-            phase: "kicking_off_import",
+            phase: Phase::KickingOffImport,
             ..
         }
     ));
@@ -2073,7 +2073,7 @@ fn polling_import_refuses_results_of_the_wrong_kind() {
     assert!(matches!(
         refused(&run, completed(id, export_in_progress(None)), T0),
         Rejected::Mismatch {
-            phase: "polling_import",
+            phase: Phase::PollingImport,
             ..
         }
     ));
@@ -2305,7 +2305,7 @@ fn deletions_refuse_results_of_the_wrong_kind() {
     assert!(matches!(
         refused(&run, completed(id, file_staged()), T0),
         Rejected::Mismatch {
-            phase: "applying_deletions",
+            phase: Phase::ApplyingDeletions,
             ..
         }
     ));
@@ -2364,7 +2364,7 @@ fn cleanup_refuses_other_results_and_stale_ids() {
     assert!(matches!(
         refused(&run, completed(id, import_completed()), T0),
         Rejected::Mismatch {
-            phase: "cleaning_up",
+            phase: Phase::CleaningUp,
             ..
         }
     ));
@@ -2610,7 +2610,7 @@ fn results_that_do_not_answer_the_phase_are_mismatches() {
             refused(&run, completed(id, result), T0),
             Rejected::Mismatch {
                 result: name.into(),
-                phase: "kicking_off_export"
+                phase: Phase::KickingOffExport
             }
         );
     }
@@ -2619,7 +2619,7 @@ fn results_that_do_not_answer_the_phase_are_mismatches() {
     assert!(matches!(
         refused(&polling, completed(id, export_accepted()), T0),
         Rejected::Mismatch {
-            phase: "polling_export",
+            phase: Phase::PollingExport,
             ..
         }
     ));

@@ -109,6 +109,35 @@ impl LambdaFailure {
     pub fn transient(message: impl Into<String>) -> Self {
         Self::new(ErrorType::Transient, message)
     }
+    /// A `TransientError` (worth the caller's retry) when the cause may heal by itself,
+    /// otherwise `otherwise`.
+    pub fn transient_or(transient: bool, otherwise: ErrorType, message: impl Into<String>) -> Self {
+        Self::new(
+            if transient {
+                ErrorType::Transient
+            } else {
+                otherwise
+            },
+            message,
+        )
+    }
+}
+
+impl From<crate::executor::PreflightError> for LambdaFailure {
+    /// A staging location or target credentials that do not work are configuration.
+    fn from(e: crate::executor::PreflightError) -> Self {
+        Self::transient_or(
+            e.is_transient(),
+            ErrorType::Configuration,
+            format!("preflight: {e}"),
+        )
+    }
+}
+
+impl From<crate::watermark::WatermarkError> for LambdaFailure {
+    fn from(e: crate::watermark::WatermarkError) -> Self {
+        Self::transient_or(e.is_transient(), ErrorType::State, e.to_string())
+    }
 }
 
 impl fmt::Display for LambdaFailure {
@@ -353,17 +382,37 @@ fn parse_aws_reference(value: &str) -> Option<SecretRef> {
     }
 }
 
-/// `LAMBDA_TIME_BUDGET` (seconds, from the configuration's extras), if set.
-pub fn configured_budget(config: &Config) -> Result<Option<Duration>, LambdaFailure> {
-    let Some(text) = config.extras.get(LAMBDA_TIME_BUDGET) else {
+/// A runner key holding a number of seconds (from the configuration's extras), if set:
+/// every Lambda setting in seconds is read by this one function, with its range.
+pub fn seconds_setting(
+    config: &Config,
+    key: &str,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<Option<Duration>, LambdaFailure> {
+    let Some(text) = config.extras.get(key) else {
         return Ok(None);
     };
     match text.trim().parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Some(Duration::from_secs_f64(s))),
+        Ok(s) if s.is_finite() && range.contains(&s) => Ok(Some(Duration::from_secs_f64(s))),
         _ => Err(LambdaFailure::configuration(format!(
-            "{LAMBDA_TIME_BUDGET}: expected seconds between 0 and 86400, got {text:?}"
+            "{key}: expected seconds from {} to {}, got {text:?}",
+            range.start(),
+            range.end()
         ))),
     }
+}
+
+/// `LAMBDA_TIME_BUDGET` (seconds, from the configuration's extras), if set.
+pub fn configured_budget(config: &Config) -> Result<Option<Duration>, LambdaFailure> {
+    seconds_setting(config, LAMBDA_TIME_BUDGET, 1.0..=86_400.0)
+}
+
+/// `LAMBDA_MAX_SLEEP`: waits up to this long are slept inside the invocation (0: never).
+pub const LAMBDA_MAX_SLEEP: &str = "LAMBDA_MAX_SLEEP";
+
+/// `LAMBDA_MAX_SLEEP`, or `default`. At most 900 s: longer than an invocation can last.
+pub fn max_sleep(config: &Config, default: Duration) -> Result<Duration, LambdaFailure> {
+    Ok(seconds_setting(config, LAMBDA_MAX_SLEEP, 0.0..=900.0)?.unwrap_or(default))
 }
 
 /// The moment an invocation must stop starting work: its deadline minus `margin`, but no later
@@ -397,25 +446,6 @@ fn budget_from_deadline(
         Some(_) => by_deadline.min(by_config),
         None => by_deadline,
     }
-}
-
-/// A new run id, `YYYYMMDDTHHMMSSZ-xxxxxx` (the CLI's format): sortable by start time, and
-/// unique across containers starting runs within the same second (the salt mixes the clock's
-/// nanoseconds, the process id and `salt`, e.g. the Lambda request id).
-pub fn new_run_id(now: Timestamp, salt: &str) -> String {
-    let stamp = now.to_fhir_instant().replace(['-', ':'], "");
-    let stamp = stamp.split('.').next().unwrap_or("run").to_string();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let hash = pathling_import_core::retry::stable_hash(&[
-        &nanos.to_le_bytes(),
-        &std::process::id().to_le_bytes(),
-        salt.as_bytes(),
-    ]);
-    let stamp = stamp.trim_end_matches('Z');
-    format!("{stamp}Z-{:06x}", hash & 0xff_ffff)
 }
 
 /// JSON log lines on stdout for CloudWatch (`PATHLING_IMPORT_LOG` filters, default `info`);
@@ -643,14 +673,5 @@ mod tests {
         let e = configured_budget(&c).unwrap_err();
         assert_eq!(e.error_type, ErrorType::Configuration);
         assert!(e.message.contains(LAMBDA_TIME_BUDGET));
-    }
-
-    #[test]
-    fn run_ids_are_valid_for_the_machine() {
-        let id = new_run_id(NOW, "request-1");
-        assert!(id.len() <= 64 && id.contains('-'), "{id}");
-        assert!(id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
     }
 }

@@ -73,6 +73,32 @@ pub trait Observer: Send + Sync {
 pub struct Quiet;
 impl Observer for Quiet {}
 
+/// The one log observer of every runner: a line per phase change and per wait (with its
+/// reason, which names the cause of a retry); refused results at debug level. (Each failed
+/// effect is logged by the loop itself.)
+#[derive(Default)]
+pub struct LogObserver {
+    last_phase: std::sync::Mutex<&'static str>,
+}
+
+impl Observer for LogObserver {
+    fn next(&self, run: &SyncRun, next: &Next) {
+        let phase = run.state.name();
+        let mut last = self.last_phase.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != phase {
+            tracing::info!(run_id = %run.run_id, phase, "phase");
+            *last = phase;
+        }
+        if let Next::SleepUntil { until, reason } = next {
+            tracing::info!(run_id = %run.run_id, phase, until = %until.to_fhir_instant(), "{reason}");
+        }
+    }
+
+    fn rejected(&self, request: &Request, why: &str) {
+        tracing::debug!(id = ?request.id, "result not applied: {why}");
+    }
+}
+
 #[derive(Clone)]
 pub struct DriveOptions {
     /// Sleep in-process for waits up to this long; a longer wait ends the drive with

@@ -797,7 +797,7 @@ fn body_failure(ctx: &str, e: &StagingError) -> Failure {
         .and_then(|b| b.downcast_ref::<reqwest::Error>())
         .is_some_and(|r| r.is_timeout());
     let detail = transfer
-        .map(|b| crate::http::error_chain(b))
+        .map(|b| crate::error_chain(b))
         .unwrap_or_else(|| e.to_string());
     Failure::new(
         if timeout {

@@ -34,7 +34,7 @@ pub fn transport_failure(context: &str, err: reqwest::Error) -> Failure {
         FailureKind::Network
     };
     let err = err.without_url();
-    Failure::new(kind, format!("{context}: {}", error_chain(&err)))
+    Failure::new(kind, format!("{context}: {}", crate::error_chain(&err)))
 }
 
 /// The specific cause in an error's source chain: the address policy's refusal, DNS, a
@@ -102,22 +102,6 @@ pub async fn read_capped(
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
-}
-
-/// `err` and its sources, joined: reqwest's own message alone is often just "error sending
-/// request".
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 pub fn header(headers: &HeaderMap, name: &str) -> Option<String> {

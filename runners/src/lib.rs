@@ -55,3 +55,48 @@ pub mod sfn;
 pub mod single_lambda;
 pub mod staging;
 pub mod watermark;
+
+/// `err: cause: cause…`, from the errors' `Display` only (never `Debug`, which for the AWS
+/// SDK dumps raw responses), skipping a cause whose text the message already holds (reqwest's
+/// own message alone is often just "error sending request"; smithy errors repeat their
+/// cause's).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// A new run id, `YYYYMMDDTHHMMSSZ-xxxxxx`: sortable by start time, with 24 random bits so that
+/// runs started within the same second (by several containers) differ. Every runner takes
+/// its run ids from here.
+pub fn new_run_id(now: pathling_import_core::Timestamp) -> String {
+    let stamp = now.to_fhir_instant().replace(['-', ':'], "");
+    let stamp = stamp.split('.').next().unwrap_or("run");
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{stamp}Z-{}", &random[..6])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn run_ids_are_valid_for_the_machine_and_distinct() {
+        let now = pathling_import_core::Timestamp(1_750_000_000_000);
+        let id = super::new_run_id(now);
+        assert!(id.starts_with("20250615T150640Z-"), "{id}");
+        assert!(id.len() <= 64);
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        let ids: std::collections::BTreeSet<String> =
+            (0..100).map(|_| super::new_run_id(now)).collect();
+        assert!(ids.len() > 95, "{} distinct of 100", ids.len());
+    }
+}

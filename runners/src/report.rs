@@ -29,12 +29,6 @@ pub fn init_sentry(config: &SentryConfig) -> Option<sentry::ClientInitGuard> {
     Some(sentry::init(options))
 }
 
-/// The HTTP status a failure reason names (`Failure`'s Display writes `HTTP nnn:`).
-pub fn http_status(reason: &str) -> Option<u16> {
-    let at = reason.find("HTTP ")?;
-    reason.get(at + 5..at + 8)?.parse().ok()
-}
-
 /// Sends a failed run to Sentry (no-op without a client) and flushes.
 pub fn capture_failure(run_id: &str, runner: &str, failed: &FailedRun) {
     if sentry::Hub::current().client().is_none() {
@@ -43,10 +37,14 @@ pub fn capture_failure(run_id: &str, runner: &str, failed: &FailedRun) {
     sentry::with_scope(
         |scope| {
             scope.set_tag("run_id", run_id);
-            scope.set_tag("phase", &failed.phase);
+            scope.set_tag("phase", failed.phase);
             scope.set_tag("runner", runner);
-            if let Some(status) = http_status(&failed.reason) {
-                scope.set_tag("http_status", status);
+            // From the structured cause, never parsed out of the message.
+            if let Some(cause) = &failed.cause {
+                scope.set_tag("failure_kind", cause.kind.name());
+                if let Some(status) = cause.status() {
+                    scope.set_tag("http_status", status);
+                }
             }
             scope.set_fingerprint(Some(&["pathling-import", failed.phase.as_str()]));
         },
@@ -142,14 +140,5 @@ mod tests {
             "{}",
             super::describe_summary(&s)
         );
-    }
-
-    #[test]
-    fn http_status_is_read_from_reasons() {
-        assert_eq!(
-            super::http_status("could not stage output[0] Patient: HTTP 404: x"),
-            Some(404)
-        );
-        assert_eq!(super::http_status("network error"), None);
     }
 }

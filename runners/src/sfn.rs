@@ -23,7 +23,7 @@
 //!   scheduled execution started with `{}` is incremental.
 //! - `continue`: the budget ran out with work left; call again at once.
 //! - `wait`: the machine waits (a server's `Retry-After`, a poll interval, a backoff) longer
-//!   than [`LAMBDA_MAX_SLEEP`]; call again at `waitUntil` (`waitSeconds` from now).
+//!   than [`aws::LAMBDA_MAX_SLEEP`]; call again at `waitUntil` (`waitSeconds` from now).
 //! - `succeed` / `fail`: the run has ended (`fail` also for a cancelled run).
 //!
 //! The envelope stays compact (file URLs live in the manifest the executor stored in the
@@ -35,13 +35,13 @@
 pub mod compat;
 
 use crate::aws::{self, LambdaFailure};
-use crate::driver::{self, DriveOptions, Observer, RunStore, Stopped, StoreError, SystemClock};
+use crate::driver::{self, DriveOptions, LogObserver, RunStore, Stopped, StoreError, SystemClock};
 use crate::executor::{now, Executor};
 use crate::report;
 use crate::resume::admit;
 use crate::staging::{StagingError, StagingStore};
 use pathling_import_core::config::{Config, Secrets, TlsConfig};
-use pathling_import_core::effect::{Input, Next, Request};
+use pathling_import_core::effect::Input;
 use pathling_import_core::persist;
 use pathling_import_core::plan::latest;
 use pathling_import_core::spec::{RunSpec, SinceSpec};
@@ -50,13 +50,10 @@ use pathling_import_core::state::{FileStatus, SyncState};
 use pathling_import_core::time::parse_fhir_instant;
 use pathling_import_core::{SyncRun, Terminal, Timestamp, Watermark};
 use serde_json::{json, Map, Value};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
 
-/// Seconds a wait may last to be slept inside the invocation instead of returning
-/// `"action": "wait"` (a Wait state). Default [`DEFAULT_MAX_SLEEP`]; `0` always returns.
-pub const LAMBDA_MAX_SLEEP: &str = "LAMBDA_MAX_SLEEP";
 /// Short waits (a `Retry-After: 1`) cost less inside the invocation than a Wait state and a
 /// second invocation.
 pub const DEFAULT_MAX_SLEEP: Duration = Duration::from_secs(5);
@@ -71,7 +68,7 @@ pub const PAYLOAD_LIMIT: usize = 250 * 1024;
 const MIN_BUDGET_MS: u64 = 100;
 
 /// The Step Functions task's runner-specific configuration keys.
-pub const EXTRA_KEYS: &[&str] = &[aws::LAMBDA_TIME_BUDGET, LAMBDA_MAX_SLEEP];
+pub const EXTRA_KEYS: &[&str] = &[aws::LAMBDA_TIME_BUDGET, aws::LAMBDA_MAX_SLEEP];
 
 /// One executor per container, rebuilt only for a run whose snapshotted spec differs from
 /// the current configuration (a run started before a redeploy keeps its own settings).
@@ -107,23 +104,6 @@ impl ExecutorCache {
     }
 }
 
-/// Reads an optional number of seconds from the configuration's runner keys.
-pub fn seconds_setting(
-    config: &Config,
-    key: &str,
-    default: Duration,
-) -> Result<Duration, LambdaFailure> {
-    let Some(text) = config.extras.get(key) else {
-        return Ok(default);
-    };
-    match text.trim().parse::<f64>() {
-        Ok(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
-        _ => Err(LambdaFailure::configuration(format!(
-            "{key}: expected seconds between 0 and 86400, got {text:?}"
-        ))),
-    }
-}
-
 /// The budget an invocation works with: the deadline (or `LAMBDA_TIME_BUDGET`) less the
 /// margin, but never less than [`MIN_BUDGET_MS`].
 pub fn effective_budget(budget_until: Timestamp, now: Timestamp) -> Timestamp {
@@ -142,7 +122,7 @@ impl Task {
     /// Validates the runner keys and builds the executor for the configured spec, so that a
     /// bad key or credential fails at start-up with a `ConfigurationError`.
     pub async fn new(config: Config) -> Result<Task, LambdaFailure> {
-        let max_sleep = seconds_setting(&config, LAMBDA_MAX_SLEEP, DEFAULT_MAX_SLEEP)?;
+        let max_sleep = aws::max_sleep(&config, DEFAULT_MAX_SLEEP)?;
         let budget = aws::configured_budget(&config)?;
         let executors = ExecutorCache::new(&config);
         executors.for_spec(&config.spec).await?;
@@ -169,12 +149,11 @@ impl Task {
     }
 
     /// One invocation: decode (or start) the run, drive it until `budget_until`, and say what
-    /// the state machine does next. `salt` makes new run ids unique (the request id).
+    /// the state machine does next.
     pub async fn invoke(
         &self,
         input: Value,
         budget_until: Timestamp,
-        salt: &str,
     ) -> Result<Value, LambdaFailure> {
         let input = match input {
             Value::Object(map) => map,
@@ -215,7 +194,7 @@ impl Task {
                         None => {
                             home.preflight(&location.run_prefix(&failed.run_id))
                                 .await
-                                .map_err(preflight_failure)?;
+                                .map_err(LambdaFailure::from)?;
                             let retried = failed
                                 .step(
                                     Input::Retry {
@@ -233,15 +212,15 @@ impl Task {
                     let watermark = if self.config.spec.export.since == SinceSpec::LastSuccess {
                         let recorded = crate::watermark::read(staging, location)
                             .await
-                            .map_err(watermark_failure)?;
+                            .map_err(LambdaFailure::from)?;
                         latest(parse_watermark(input.get("watermark"))?, recorded)
                     } else {
                         None
                     };
-                    let run_id = aws::new_run_id(now(), salt);
+                    let run_id = crate::new_run_id(now());
                     home.preflight(&location.run_prefix(&run_id))
                         .await
-                        .map_err(preflight_failure)?;
+                        .map_err(LambdaFailure::from)?;
                     let run = SyncRun::start(&run_id, self.config.spec.clone(), watermark, now())
                         .map_err(|e| LambdaFailure::state(e.to_string()))?;
                     tracing::info!(run_id = %run.run_id, "starting a new run");
@@ -276,7 +255,7 @@ impl Task {
             if let Some(w) = run.watermark.as_ref().filter(|w| w.run_id == run.run_id) {
                 crate::watermark::record(executor.staging(), &run.spec.staging, w)
                     .await
-                    .map_err(watermark_failure)?;
+                    .map_err(LambdaFailure::from)?;
             }
             // A run that can still be retried waits at `{prefix}sfn-resume.json` for the
             // next execution; any other end clears it.
@@ -327,28 +306,14 @@ pub fn resume_key(location: &StagingLocation) -> String {
     format!("{prefix}sfn-resume.json")
 }
 
-fn storage_failure(what: &str, e: &StagingError) -> LambdaFailure {
-    if e.is_transient() {
-        LambdaFailure::transient(format!("{what}: {e}"))
-    } else {
-        LambdaFailure::configuration(format!("{what}: {e}"))
-    }
-}
-
-fn watermark_failure(e: crate::watermark::WatermarkError) -> LambdaFailure {
-    if e.is_transient() {
-        LambdaFailure::transient(e.to_string())
-    } else {
-        LambdaFailure::state(e.to_string())
-    }
-}
-
-fn preflight_failure(e: crate::executor::PreflightError) -> LambdaFailure {
-    if e.is_transient() {
-        LambdaFailure::transient(format!("preflight: {e}"))
-    } else {
-        LambdaFailure::configuration(format!("preflight: {e}"))
-    }
+/// The staging store failed: a transient failure is worth the definition's retry; another
+/// is the deployment's (the bucket, the role).
+pub(crate) fn storage_failure(what: &str, e: &StagingError) -> LambdaFailure {
+    LambdaFailure::transient_or(
+        e.is_transient(),
+        aws::ErrorType::Configuration,
+        format!("{what}: {e}"),
+    )
 }
 
 async fn read_resume(
@@ -505,30 +470,6 @@ fn with_progress(phase: &str, progress: Option<&str>) -> String {
     match progress {
         Some(p) => format!("{phase}: {p}"),
         None => phase.to_string(),
-    }
-}
-
-/// Logs phase changes and waits as JSON lines (CloudWatch).
-#[derive(Default)]
-pub struct LogObserver {
-    last_phase: StdMutex<&'static str>,
-}
-
-impl Observer for LogObserver {
-    fn next(&self, run: &SyncRun, next: &Next) {
-        let phase = run.state.name();
-        let mut last = self.last_phase.lock().unwrap_or_else(|p| p.into_inner());
-        if *last != phase {
-            tracing::info!(run_id = %run.run_id, phase, "phase");
-            *last = phase;
-        }
-        if let Next::SleepUntil { until, reason } = next {
-            tracing::info!(run_id = %run.run_id, phase, until = %until, "{reason}");
-        }
-    }
-
-    fn rejected(&self, request: &Request, why: &str) {
-        tracing::debug!(id = ?request.id, "result not applied: {why}");
     }
 }
 

@@ -37,8 +37,8 @@
 //! `LAMBDA_MAX_SLEEP` (seconds slept in-process, default 30), `LEASE_SECONDS` (default 960:
 //! longer than any invocation), `RUN_RETENTION_DAYS` (history TTL, default 30).
 
-use crate::aws::{self, ErrorType, LambdaFailure, LAMBDA_TIME_BUDGET};
-use crate::driver::{self, DriveError, DriveOptions, Observer, RunStore, Stopped, SystemClock};
+use crate::aws::{self, ErrorType, LambdaFailure, LAMBDA_MAX_SLEEP, LAMBDA_TIME_BUDGET};
+use crate::driver::{self, DriveError, DriveOptions, LogObserver, RunStore, Stopped, SystemClock};
 use crate::dynamo_store::{
     Acquired, DynamoStore, DynamoTable, Lease, DEFAULT_LEASE, DEFAULT_RETENTION,
 };
@@ -47,18 +47,16 @@ use crate::report;
 use crate::resume::{admit, Admitted};
 use lambda_runtime::Context;
 use pathling_import_core::config::Config;
-use pathling_import_core::effect::{Input, Next, Request};
+use pathling_import_core::effect::{Input, Next};
 use pathling_import_core::plan::{latest, next_run, NextRun};
 use pathling_import_core::{SyncRun, Terminal, Timestamp};
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
 use std::time::Duration;
 
 pub const SYNC_TABLE: &str = "SYNC_TABLE";
 pub const SYNC_ID: &str = "SYNC_ID";
-pub const LAMBDA_MAX_SLEEP: &str = "LAMBDA_MAX_SLEEP";
 pub const LEASE_SECONDS: &str = "LEASE_SECONDS";
 pub const RUN_RETENTION_DAYS: &str = "RUN_RETENTION_DAYS";
 
@@ -90,17 +88,6 @@ pub struct Settings {
 impl Settings {
     pub fn from_config(config: &Config) -> Result<Settings, LambdaFailure> {
         let extra = |k: &str| config.extras.get(k).map(String::as_str);
-        let seconds = |k: &str, default: Duration, max: f64| -> Result<Duration, LambdaFailure> {
-            match extra(k) {
-                None => Ok(default),
-                Some(text) => match text.trim().parse::<f64>() {
-                    Ok(s) if s.is_finite() && s > 0.0 && s <= max => Ok(Duration::from_secs_f64(s)),
-                    _ => Err(LambdaFailure::configuration(format!(
-                        "{k}: expected a number of seconds between 0 and {max}, got {text:?}"
-                    ))),
-                },
-            }
-        };
         let table = extra(SYNC_TABLE)
             .ok_or_else(|| {
                 LambdaFailure::configuration(format!(
@@ -126,8 +113,9 @@ impl Settings {
             table,
             sync_id,
             budget: aws::configured_budget(config)?,
-            max_sleep: seconds(LAMBDA_MAX_SLEEP, Duration::from_secs(30), 900.0)?,
-            lease: seconds(LEASE_SECONDS, DEFAULT_LEASE, 86_400.0)?,
+            max_sleep: aws::max_sleep(config, Duration::from_secs(30))?,
+            lease: aws::seconds_setting(config, LEASE_SECONDS, 1.0..=86_400.0)?
+                .unwrap_or(DEFAULT_LEASE),
             retention: retention_days,
         })
     }
@@ -419,7 +407,7 @@ impl SingleLambda {
                 self.executor
                     .preflight(&self.config.spec.staging.run_prefix(&failed.run_id))
                     .await
-                    .map_err(preflight_failure)?;
+                    .map_err(LambdaFailure::from)?;
                 let retried = failed
                     .step(
                         Input::Retry {
@@ -436,19 +424,13 @@ impl SingleLambda {
                 let recorded =
                     crate::watermark::read(self.executor.staging(), &self.config.spec.staging)
                         .await
-                        .map_err(|e| {
-                            if e.is_transient() {
-                                LambdaFailure::transient(e.to_string())
-                            } else {
-                                LambdaFailure::state(e.to_string())
-                            }
-                        })?;
+                        .map_err(LambdaFailure::from)?;
                 let watermark = latest(watermark, recorded);
-                let run_id = aws::new_run_id(started, store.owner());
+                let run_id = crate::new_run_id(started);
                 self.executor
                     .preflight(&self.config.spec.staging.run_prefix(&run_id))
                     .await
-                    .map_err(preflight_failure)?;
+                    .map_err(LambdaFailure::from)?;
                 let run = SyncRun::start(&run_id, self.config.spec.clone(), watermark, started)
                     .map_err(|e| LambdaFailure::state(e.to_string()))?;
                 if previous.as_ref().is_some_and(|p| p.resumable().is_some()) {
@@ -563,14 +545,6 @@ impl SingleLambda {
     }
 }
 
-fn preflight_failure(e: crate::executor::PreflightError) -> LambdaFailure {
-    if e.is_transient() {
-        LambdaFailure::transient(format!("preflight: {e}"))
-    } else {
-        LambdaFailure::configuration(format!("preflight: {e}"))
-    }
-}
-
 fn busy(sync_id: &str, run: Option<&SyncRun>, lease: Option<&Lease>) -> Summary {
     let mut s = Summary::of(sync_id, run, StopReason::Busy);
     s.message = Some(match lease {
@@ -585,30 +559,6 @@ fn busy(sync_id: &str, run: Option<&SyncRun>, lease: Option<&Lease>) -> Summary 
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Logs phase changes and waits (one JSON line each in CloudWatch).
-#[derive(Default)]
-struct LogObserver {
-    last_phase: Mutex<String>,
-}
-
-impl Observer for LogObserver {
-    fn next(&self, run: &SyncRun, next: &Next) {
-        let phase = run.state.name();
-        let mut last = self.last_phase.lock().unwrap_or_else(|p| p.into_inner());
-        if *last != phase {
-            tracing::info!(run_id = %run.run_id, phase, "phase");
-            *last = phase.to_string();
-        }
-        if let Next::SleepUntil { until, reason } = next {
-            tracing::info!(run_id = %run.run_id, phase, until = %until.to_fhir_instant(), "{reason}");
-        }
-    }
-
-    fn rejected(&self, request: &Request, why: &str) {
-        tracing::debug!(id = ?request.id, "result not applied: {why}");
-    }
 }
 
 #[cfg(test)]

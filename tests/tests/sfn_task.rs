@@ -75,12 +75,9 @@ struct Execution {
 async fn execute(task: &Task, budget: Duration, max_steps: usize) -> Execution {
     let mut input = json!({});
     let mut sizes = Vec::new();
-    for i in 0..max_steps {
+    for _ in 0..max_steps {
         let budget_until = Timestamp(now().0 + budget.as_millis() as u64);
-        let out = task
-            .invoke(input, budget_until, &format!("req-{i}"))
-            .await
-            .unwrap();
+        let out = task.invoke(input, budget_until).await.unwrap();
         let bytes = serde_json::to_vec(&out).unwrap().len();
         let action = out["action"].as_str().unwrap_or_default().to_string();
         sizes.push((
@@ -185,7 +182,7 @@ async fn a_cancel_in_the_input_ends_the_run_and_deletes_the_export_job() {
     .await;
     let budget_until = || Timestamp(now().0 + 5_000);
 
-    let out = task.invoke(json!({}), budget_until(), "r1").await.unwrap();
+    let out = task.invoke(json!({}), budget_until()).await.unwrap();
     assert_eq!(out["action"], "wait", "{out}");
     assert_eq!(out["phase"], "polling_export");
     // Retry-After: 30, clamped to the export's deadline (24 polls × 1 s of patience).
@@ -197,7 +194,7 @@ async fn a_cancel_in_the_input_ends_the_run_and_deletes_the_export_job() {
 
     let mut input = out.clone();
     input["cancel"] = json!("stopped by the operator");
-    let out = task.invoke(input, budget_until(), "r2").await.unwrap();
+    let out = task.invoke(input, budget_until()).await.unwrap();
     assert_eq!(out["action"], "fail", "{out}");
     assert_eq!(out["error"]["name"], "SyncCancelledError");
     assert!(out["error"]["cause"]
@@ -209,14 +206,11 @@ async fn a_cancel_in_the_input_ends_the_run_and_deletes_the_export_job() {
     // A corrupt envelope is a StateError, never a panic.
     let mut corrupt = out.clone();
     corrupt["envelope"]["state"] = json!({"phase": "no_such_phase"});
-    let e = task
-        .invoke(corrupt, budget_until(), "r3")
-        .await
-        .unwrap_err();
+    let e = task.invoke(corrupt, budget_until()).await.unwrap_err();
     assert_eq!(e.error_type, pathling_import_runners::aws::ErrorType::State);
     let mut newer = out;
     newer["envelope"]["schema_version"] = json!(99);
-    let e = task.invoke(newer, budget_until(), "r4").await.unwrap_err();
+    let e = task.invoke(newer, budget_until()).await.unwrap_err();
     assert_eq!(e.error_type, pathling_import_runners::aws::ErrorType::State);
     assert!(e.message.contains("newer"), "{e}");
 }

@@ -359,7 +359,7 @@ impl Authenticator {
                     .map_err(|e| {
                         AuthSetupError::new(
                             &format!("{} HTTP client", side.word()),
-                            format!("cannot be built: {}", crate::http::error_chain(&e)),
+                            format!("cannot be built: {}", crate::error_chain(&e)),
                         )
                     })?;
                 Some(Enabled { http, credentials })
@@ -653,7 +653,7 @@ async fn exchange(
         let response = request
             .send()
             .await
-            .map_err(|e| transport_failure(what, &e))?;
+            .map_err(|e| crate::http::transport_failure(what, e))?;
         let status = response.status();
         if status.is_redirection() {
             // Only the origin: a Location's path or query may carry anything.
@@ -710,7 +710,7 @@ async fn read_body(mut response: reqwest::Response, what: &str) -> Result<Vec<u8
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| transport_failure(what, &e))?
+        .map_err(|e| crate::http::transport_failure(what, e))?
     {
         if body.len() + chunk.len() > MAX_ANSWER_BYTES {
             return Err(Failure::new(
@@ -721,24 +721,6 @@ async fn read_body(mut response: reqwest::Response, what: &str) -> Result<Vec<u8
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-/// Maps a transport error to a failure kind. reqwest's messages name the URL and the cause,
-/// never request headers or bodies.
-fn transport_failure(what: &str, e: &reqwest::Error) -> Failure {
-    let kind = if e.is_timeout() {
-        FailureKind::Timeout
-    } else {
-        FailureKind::Network
-    };
-    let mut message = format!("{what}: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    Failure::new(kind, message)
 }
 
 /// Text for a message: control characters flattened, length capped.

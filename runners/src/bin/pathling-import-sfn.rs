@@ -41,8 +41,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
                 task.configured_budget(),
                 sfn::DEADLINE_MARGIN,
             );
-            task.invoke(event.payload, budget, &event.context.request_id)
-                .await
+            task.invoke(event.payload, budget).await
         }
     }))
     .await

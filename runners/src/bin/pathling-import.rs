@@ -9,7 +9,7 @@ use pathling_import_core::plan::{latest, next_run, NextRun};
 use pathling_import_core::state::{FileStatus, SyncState};
 use pathling_import_core::{SyncRun, Terminal, Watermark};
 use pathling_import_runners::driver::{
-    self, DriveOptions, Observer, RunStore, Stopped, SystemClock,
+    self, DriveOptions, LogObserver, Observer, RunStore, Stopped, SystemClock,
 };
 use pathling_import_runners::executor::{now, Counters, Executor};
 use pathling_import_runners::file_store::{FileStore, FileStoreError, Stored};
@@ -290,10 +290,6 @@ fn open_store(path: &Path, out: Out) -> Result<(FileStore, Stored), u8> {
     })
 }
 
-fn new_run_id() -> String {
-    pathling_import_runners::aws::new_run_id(now(), "cli")
-}
-
 /// A corrupt state file: `--fresh` and `cancel` replace it after saying what is lost.
 fn corrupt_notice(
     path: &Path,
@@ -457,7 +453,7 @@ async fn run(args: RunArgs, retry_only: bool) -> u8 {
             // Credentials and the staging location are checked before a new run is
             // persisted: a run that could never start would otherwise be resumed, with its
             // snapshotted bad settings, by every rerun.
-            let run_id = new_run_id();
+            let run_id = pathling_import_runners::new_run_id(now());
             let executor = match Executor::new(&config.spec, &config.secrets, &config.tls).await {
                 Ok(e) => e,
                 Err(e) => {
@@ -900,8 +896,9 @@ impl RunExt for SyncRun {
 /// [`PROGRESS_EVERY`].
 struct Progress {
     bar: Option<ProgressBar>,
+    /// Without a terminal: the runners' one log observer, plus periodic staging lines.
+    log: LogObserver,
     counters: Arc<Counters>,
-    last_phase: Mutex<String>,
     last_log: Mutex<Instant>,
     started: Instant,
 }
@@ -919,8 +916,8 @@ impl Progress {
         });
         Progress {
             bar,
+            log: LogObserver::default(),
             counters,
-            last_phase: Mutex::new(String::new()),
             last_log: Mutex::new(Instant::now()),
             started: Instant::now(),
         }
@@ -995,22 +992,9 @@ impl Progress {
 
 impl Observer for Progress {
     fn next(&self, run: &SyncRun, next: &Next) {
-        let line = self.line(run);
-        if let Some(bar) = &self.bar {
-            bar.set_message(line);
-            return;
-        }
-        let phase = run.state.name().to_string();
-        let mut last = self.last_phase.lock().unwrap_or_else(|p| p.into_inner());
-        let wait = match next {
-            Next::SleepUntil { until, reason } => format!(" ({reason} until {until})"),
-            _ => String::new(),
-        };
-        // Log phase changes and waits; per-file progress goes to `stepped`.
-        if *last != phase || !wait.is_empty() {
-            tracing::info!(run_id = %run.run_id, phase = %phase, "{line}{wait}");
-            *last = phase;
-            *self.last_log.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        match &self.bar {
+            Some(bar) => bar.set_message(self.line(run)),
+            None => self.log.next(run, next),
         }
     }
 
@@ -1029,7 +1013,7 @@ impl Observer for Progress {
     }
 
     fn rejected(&self, request: &Request, why: &str) {
-        tracing::debug!(id = ?request.id, "result not applied: {why}");
+        self.log.rejected(request, why);
     }
 }
 

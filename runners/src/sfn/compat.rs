@@ -30,9 +30,10 @@
 //!   the other generation (configured, detected from `/metadata`, or recognised from the 400
 //!   answer).
 
-use super::{effective_budget, seconds_setting, ExecutorCache, LogObserver, LAMBDA_MAX_SLEEP};
+use super::{effective_budget, ExecutorCache};
 use crate::auth::Side;
 use crate::aws::{self, LambdaFailure};
+use crate::driver::LogObserver;
 use crate::driver::{self, DriveOptions, RunStore, Stopped, StoreError};
 use crate::executor::{now, Executor, JobPoll};
 use crate::resume::admit;
@@ -123,7 +124,7 @@ impl Handlers {
             ));
         }
         // Read for validation only: the handlers sleep through any wait within their budget.
-        seconds_setting(&config, LAMBDA_MAX_SLEEP, super::DEFAULT_MAX_SLEEP)?;
+        aws::max_sleep(&config, super::DEFAULT_MAX_SLEEP)?;
         let budget = aws::configured_budget(&config)?;
         let executors = ExecutorCache::new(&config);
         executors.for_spec(&config.spec).await?;
@@ -583,12 +584,14 @@ fn unexpected(what: &str, result: &EffectResult) -> LambdaFailure {
     LambdaFailure::state(format!("{what}: unexpected result {result:?}"))
 }
 
+/// The staging store failed: transient failures are worth the definition's retry; others end
+/// the transfer (the original definition has no other way to say so).
 fn storage_failure(what: &str, e: &crate::staging::StagingError) -> LambdaFailure {
-    if e.is_transient() {
-        LambdaFailure::transient(format!("{what}: {e}"))
-    } else {
-        LambdaFailure::sync_failed(format!("{what}: {e}"))
-    }
+    LambdaFailure::transient_or(
+        e.is_transient(),
+        aws::ErrorType::SyncFailed,
+        format!("{what}: {e}"),
+    )
 }
 
 async fn write_run(staging: &StagingStore, key: &str, run: &SyncRun) -> Result<(), LambdaFailure> {

@@ -558,7 +558,7 @@ fn body_read_error(key: &str, e: &aws_sdk_s3::primitives::ByteStreamError) -> St
         status: None,
         code: None,
         transient: true,
-        message: scrub(&error_chain(e)),
+        message: scrub(&crate::error_chain(e)),
     }
 }
 
@@ -613,7 +613,7 @@ where
     };
     let message = match (&err, err.message()) {
         (SdkError::ServiceError(_), Some(m)) => m.to_owned(),
-        _ => error_chain(&err),
+        _ => crate::error_chain(&err),
     };
     StagingError::Store {
         operation,
@@ -623,21 +623,4 @@ where
         transient,
         message: scrub(&message),
     }
-}
-
-/// `error: cause: cause...` from the errors' `Display` only. (The SDK's `DisplayErrorContext`
-/// also appends the error's `Debug`, which dumps raw response headers and bodies.)
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        // Smithy errors often repeat their cause's text; skip the echoes.
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
 }
