@@ -17,6 +17,8 @@
 //! - [`staging`]: S3 streaming multipart uploads and atomic directory writes.
 //! - [`driver`]: the loop (`next` → execute → `step` → save), with in-process sleeps, time
 //!   budgets and interruption.
+//! - [`local`]: the local runner behind the `pathling-import` CLI (what to do with the stored
+//!   run, preflight, driving, what the user is told); the binary only parses arguments.
 //! - [`file_store`]: the CLI's locked, atomically replaced state file.
 //! - [`dynamo_store`]: the single Lambda's store: one DynamoDB item per sync, conditional
 //!   writes on `seq`, a lease so overlapping invocations never both perform effects.
@@ -47,6 +49,7 @@ pub mod dynamo_store;
 pub mod executor;
 pub mod file_store;
 pub mod http;
+pub mod local;
 pub mod net;
 pub mod redact;
 pub mod report;
