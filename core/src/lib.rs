@@ -70,6 +70,31 @@
 //! ```
 //! Terminal phases absorb every input (`Rejected::Ended`).
 
+//!
+//! ## Adding a phase or an effect
+//!
+//! 1. The state: a struct named for what the phase does or awaits in [`state`], a variant of
+//!    [`state::SyncState`] and of [`state::Phase`] (with its `as_str`); every `match` on them
+//!    is exhaustive, so the compiler lists the places to decide.
+//! 2. The effect: a variant of [`effect::Effect`] (an imperative noun, with everything the
+//!    executor needs and nothing secret) and its name; the facts it yields as
+//!    [`effect::EffectResult`] variants (past tense, no judgement: the executor reports, the
+//!    core classifies).
+//! 3. `next` asks for it with an id the state can check (`EffectId::Run { seq }` for one at a
+//!    time, per-file ids for fan-out); `step` accepts exactly the results it expects and
+//!    refuses stale, ill-fitting and post-terminal ones without changing anything.
+//! 4. Failures: a permanent one after the manifest is known keeps a [`state::ResumePoint`];
+//!    decide whether the phase holds an export job to clean up.
+//! 5. Persistence: a new field is `#[serde(default)]` (with `skip_serializing_if` when absent
+//!    means default), so older envelopes keep decoding. Bump [`persist::SCHEMA_VERSION`] when a
+//!    stored envelope changes meaning or gains a field an older binary must not silently drop
+//!    (it would ignore an unknown field); add an upcaster for the step (identity when every
+//!    new field is optional), bless the new version's fixtures with `BLESS_FIXTURES=1`, and
+//!    never edit a released version's fixtures.
+//! 6. Tests: a transition test per (phase, result) pair in `tests/transitions.rs`, the
+//!    fixture generator in `tests/fixtures.rs`, and the simulation's fake world (the runners'
+//!    `tests/simulation.rs`) so the properties cover the new path.
+
 pub mod binding;
 pub mod bulk;
 pub mod config;
