@@ -19,6 +19,7 @@
 //! - [`state`]: the closed enum of phases and the compact per-file table.
 //! - [`effect`]: `Next`, `Request`, `Effect`, `Input`, `EffectResult`, `Rejected`.
 //! - [`machine`]: `SyncRun::{start, next, step}`.
+//! - [`events`]: the operator's event log (the bulk-data-client format), derived from steps.
 //! - [`persist`]: the versioned envelope and its upcasters.
 //! - [`plan`]: what a runner does with the run it finds stored (continue, retry, start, idle)
 //!   and how watermarks combine.
@@ -100,6 +101,7 @@ pub mod bulk;
 pub mod config;
 pub mod content;
 pub mod effect;
+pub mod events;
 pub mod machine;
 pub mod pathling;
 pub mod persist;

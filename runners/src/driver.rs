@@ -61,11 +61,21 @@ impl Clock for SystemClock {
     }
 }
 
-/// Observes the loop, for progress displays, logs and tests.
+/// Observes the loop, for progress displays, logs, the event log and tests.
 pub trait Observer: Send + Sync {
     fn next(&self, _run: &SyncRun, _next: &Next) {}
-    /// A result was accepted; `run` is the run it produced (already persisted).
-    fn stepped(&self, _run: &SyncRun, _request: &Request, _result: &EffectResult) {}
+    /// An effect is about to be performed for `run`.
+    fn started(&self, _run: &SyncRun, _request: &Request) {}
+    /// A result was accepted: `before` is the run it answered, `after` the run it produced
+    /// (already persisted).
+    fn stepped(
+        &self,
+        _before: &SyncRun,
+        _after: &SyncRun,
+        _request: &Request,
+        _result: &EffectResult,
+    ) {
+    }
     fn rejected(&self, _request: &Request, _why: &str) {}
 }
 
@@ -267,6 +277,7 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                             }
                         }
                         in_flight_ids.push(request.id);
+                        observer.started(&run, &request);
                         in_flight.push(async move {
                             let result = executor.execute(&request).await;
                             (request, result)
@@ -301,8 +312,8 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                     ) {
                         Ok(stepped) => {
                             store.save(&stepped).await?;
+                            observer.stepped(&run, &stepped, &request, &result);
                             run = stepped;
-                            observer.stepped(&run, &request, &result);
                         }
                         // A refused result changes nothing (e.g. a file result after the run
                         // already failed on another file).

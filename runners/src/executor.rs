@@ -436,6 +436,14 @@ impl Executor {
         Ok(digest)
     }
 
+    /// A file's URL for the event log, when its manifest is at hand (it is, once the file's
+    /// staging has started); never waits for the cache.
+    pub fn cached_file_url(&self, key: &StagingKey, index: u32) -> Option<String> {
+        let cache = self.manifests.try_lock().ok()?;
+        let url = &cache.get(key)?.files.get(index as usize)?.url;
+        Some(pathling_import_core::events::loggable_url(url))
+    }
+
     async fn manifest(&self, key: &StagingKey) -> Result<Arc<Manifest>, Failure> {
         let mut cache = self.manifests.lock().await;
         if let Some(m) = cache.get(key) {

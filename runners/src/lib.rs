@@ -19,6 +19,8 @@
 //!   budgets and interruption.
 //! - [`local`]: the local runner behind the `pathling-import` CLI (what to do with the stored
 //!   run, preflight, driving, what the user is told); the binary only parses arguments.
+//! - [`event_log`]: writes the operator's event log (bulk-data-client format) to the runner's
+//!   sink and to `{prefix}{run id}/log.ndjson` next to the staged data.
 //! - [`file_store`]: the CLI's locked, atomically replaced state file.
 //! - [`dynamo_store`]: the single Lambda's store: one DynamoDB item per sync, conditional
 //!   writes on `seq`, a lease so overlapping invocations never both perform effects.
@@ -46,6 +48,7 @@ pub mod auth;
 pub mod aws;
 pub mod driver;
 pub mod dynamo_store;
+pub mod event_log;
 pub mod executor;
 pub mod file_store;
 pub mod http;

@@ -4,12 +4,14 @@
 //! display, and maps the outcome to an exit code.
 
 use crate::driver::{self, DriveOptions, Observer, RunStore, Stopped, SystemClock};
+use crate::event_log::{self, Both, EventLog, Sink};
 use crate::executor::{now, Counters, Executor};
 use crate::file_store::{CorruptState, FileStore, FileStoreError, Stored};
 use crate::report;
 use crate::resume::{admit, Admitted, Refused};
 use pathling_import_core::config::Config;
 use pathling_import_core::effect::{Effect, Input, Next, Request};
+use pathling_import_core::events;
 use pathling_import_core::plan::{latest, next_run, NextRun};
 use pathling_import_core::state::{FileStatus, SyncState};
 use pathling_import_core::{SyncRun, Terminal, Watermark};
@@ -36,7 +38,7 @@ pub trait Say {
 }
 
 /// What `pathling-import` / `pathling-import retry` asked for.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RunRequest {
     /// Replace an unfinished or failed run (and a corrupt state file) with a new one.
     pub fresh: bool,
@@ -44,6 +46,9 @@ pub struct RunRequest {
     pub rebind: bool,
     /// `retry`: continue a failed run, never start a new one.
     pub retry_only: bool,
+    /// Where the event log goes as it happens (a copy is always kept next to the staged
+    /// data): `None` for stdout, else the file it is appended to.
+    pub event_log: Option<std::path::PathBuf>,
 }
 
 fn open_store(path: &Path, out: &dyn Say) -> Result<(FileStore, Stored), u8> {
@@ -165,6 +170,7 @@ pub async fn run(
         return exit::FAILED;
     }
 
+    let mut resumed = None;
     let (run, executor) = match decision {
         NextRun::Continue | NextRun::Retry => {
             let Some(stored) = stored else {
@@ -207,9 +213,11 @@ pub async fn run(
                     "retrying run {} from {from} (it failed: {reason})",
                     retried.run_id
                 ));
+                resumed = Some(events::run_resumed(&retried, true));
                 (retried, executor)
             } else {
                 tracing::info!(run_id = %run.run_id, phase = run.state.name(), "resuming");
+                resumed = Some(events::run_resumed(&run, false));
                 (run, executor)
             }
         }
@@ -257,7 +265,29 @@ pub async fn run(
         // Not asked for by `next_run(_, true)`; nothing to do.
         NextRun::Idle => return exit::IMPORTED,
     };
-    drive_to_end(run, executor, &mut store, observe, interrupt, out).await
+    let executor = Arc::new(executor);
+    let sink = match &args.event_log {
+        None => Sink::Stdout,
+        Some(path) => match EventLog::file_sink(path) {
+            Ok(sink) => sink,
+            Err(e) => {
+                out.error(&format!("event log {}: {e}", path.display()));
+                return exit::FAILED;
+            }
+        },
+    };
+    let log = EventLog::new(&run.run_id, executor.clone(), sink);
+    if let Some(event) = resumed {
+        log.record(&event);
+    }
+    let key = event_log::staging_key(&run);
+    let code = drive_to_end(run, &executor, &mut store, observe, &log, interrupt, out).await;
+    if let Err(e) = log.flush(executor.staging(), &key).await {
+        out.warn(&format!(
+            "could not keep the event log next to the staged data: {e}"
+        ));
+    }
+    code
 }
 
 /// The stored run if bound to the configured settings, or rebound on request (saved so).
@@ -353,9 +383,10 @@ async fn preflight(
 
 async fn drive_to_end(
     run: SyncRun,
-    executor: Executor,
+    executor: &Executor,
     store: &mut FileStore,
     observe: &dyn Fn(Arc<Counters>) -> Box<dyn Observer>,
+    log: &EventLog,
     interrupt: impl Future<Output = ()>,
     out: &dyn Say,
 ) -> u8 {
@@ -379,10 +410,10 @@ async fn drive_to_end(
     let options = DriveOptions::new(Duration::MAX, None);
     let result = driver::drive(
         run.clone(),
-        &executor,
+        executor,
         store,
         &options,
-        observer.as_ref(),
+        &Both(observer.as_ref(), log),
         interrupt,
     )
     .await;

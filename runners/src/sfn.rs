@@ -36,12 +36,14 @@ pub mod compat;
 
 use crate::aws::{self, LambdaFailure};
 use crate::driver::{self, DriveOptions, LogObserver, RunStore, Stopped, StoreError, SystemClock};
+use crate::event_log::{self, Both, EventLog, Sink};
 use crate::executor::{now, Executor};
 use crate::report;
 use crate::resume::admit;
 use crate::staging::{StagingError, StagingStore};
 use pathling_import_core::config::{Config, Secrets, TlsConfig};
 use pathling_import_core::effect::Input;
+use pathling_import_core::events;
 use pathling_import_core::persist;
 use pathling_import_core::plan::latest;
 use pathling_import_core::spec::{RunSpec, SinceSpec};
@@ -238,16 +240,25 @@ impl Task {
         let executor = self.executors.for_spec(&run.spec).await?;
         let options =
             DriveOptions::new(self.max_sleep, Some(effective_budget(budget_until, now())));
-        let (run, stopped) = driver::drive(
+        let log = EventLog::new(&run.run_id, executor.clone(), Sink::Stdout);
+        if run.seq > 0 {
+            log.record(&events::run_resumed(&run, false));
+        }
+        let log_key = event_log::staging_key(&run);
+        let drove = driver::drive(
             run,
             executor.as_ref(),
             &mut store,
             &options,
-            &LogObserver::default(),
+            &Both(&LogObserver::default(), &log),
             std::future::pending(),
         )
-        .await
-        .map_err(|e| LambdaFailure::transient(e.to_string()))?;
+        .await;
+        // The run's own copy of its event log (best effort: it is a record).
+        if let Err(e) = log.flush(executor.staging(), &log_key).await {
+            tracing::warn!("could not keep the event log next to the staged data: {e}");
+        }
+        let (run, stopped) = drove.map_err(|e| LambdaFailure::transient(e.to_string()))?;
         if let Stopped::Done(terminal) = &stopped {
             if let Terminal::Failed(f) = terminal.as_ref() {
                 report::capture_failure(&run.run_id, "step-functions", f);

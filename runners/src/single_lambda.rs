@@ -42,17 +42,20 @@ use crate::driver::{self, DriveError, DriveOptions, LogObserver, RunStore, Stopp
 use crate::dynamo_store::{
     Acquired, DynamoStore, DynamoTable, Lease, DEFAULT_LEASE, DEFAULT_RETENTION,
 };
+use crate::event_log::{self, Both, EventLog, Sink};
 use crate::executor::{now, Executor};
 use crate::report;
 use crate::resume::{admit, Admitted};
 use lambda_runtime::Context;
 use pathling_import_core::config::Config;
 use pathling_import_core::effect::{Input, Next};
+use pathling_import_core::events;
 use pathling_import_core::plan::{latest, next_run, NextRun};
 use pathling_import_core::{SyncRun, Terminal, Timestamp};
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const SYNC_TABLE: &str = "SYNC_TABLE";
@@ -251,7 +254,7 @@ pub struct SingleLambda {
     config: Config,
     settings: Settings,
     table: DynamoTable,
-    executor: Executor,
+    executor: Arc<Executor>,
     _sentry: Option<sentry::ClientInitGuard>,
 }
 
@@ -298,7 +301,7 @@ impl SingleLambda {
             config,
             settings,
             table,
-            executor,
+            executor: Arc::new(executor),
             _sentry: None,
         })
     }
@@ -386,9 +389,11 @@ impl SingleLambda {
     ) -> Result<Summary, LambdaFailure> {
         let sync_id = invocation.sync_id.as_str();
         let want_new = (invocation.scheduled || invocation.start) && !invocation.cancel;
+        let mut resumed = None;
         let mut run = match (next_run(stored.as_ref(), want_new), stored) {
             (NextRun::Continue, Some(stored)) => {
                 let run = self.admitted(stored, invocation.rebind, store).await?;
+                resumed = Some(events::run_resumed(&run, false));
                 if invocation.cancel {
                     driver::cancel(
                         &run,
@@ -418,6 +423,7 @@ impl SingleLambda {
                     .map_err(|e| LambdaFailure::state(e.to_string()))?;
                 store.save(&retried).await?;
                 tracing::info!(sync_id, run_id = %retried.run_id, phase = retried.state.name(), "retrying a failed run");
+                resumed = Some(events::run_resumed(&retried, true));
                 retried
             }
             (NextRun::Start { watermark }, previous) => {
@@ -465,15 +471,20 @@ impl SingleLambda {
                 return Ok(Summary::of(sync_id, previous.as_ref(), stopped));
             }
         };
-        let own_executor;
         let executor = if run.spec == self.config.spec {
-            &self.executor
+            self.executor.clone()
         } else {
-            own_executor = Executor::new(&run.spec, &self.config.secrets, &self.config.tls)
-                .await
-                .map_err(|e| LambdaFailure::configuration(e.to_string()))?;
-            &own_executor
+            Arc::new(
+                Executor::new(&run.spec, &self.config.secrets, &self.config.tls)
+                    .await
+                    .map_err(|e| LambdaFailure::configuration(e.to_string()))?,
+            )
         };
+        let log = EventLog::new(&run.run_id, executor.clone(), Sink::Stdout);
+        if let Some(event) = resumed {
+            log.record(&event);
+        }
+        let log_key = event_log::staging_key(&run);
 
         let t = now();
         let budget = aws::budget_until(ctx, t, self.settings.budget, MARGIN);
@@ -501,16 +512,20 @@ impl SingleLambda {
         );
         let was_done = run.is_done();
         let observer = LogObserver::default();
-        let (latest, stopped) = match driver::drive(
+        let drove = driver::drive(
             run.clone(),
-            executor,
+            executor.as_ref(),
             store,
             &options,
-            &observer,
+            &Both(&observer, &log),
             watchdog,
         )
-        .await
-        {
+        .await;
+        // The run's own copy of its event log, whatever happened (best effort: it is a record).
+        if let Err(e) = log.flush(executor.staging(), &log_key).await {
+            tracing::warn!(run_id = %run.run_id, "could not keep the event log next to the staged data: {e}");
+        }
+        let (latest, stopped) = match drove {
             Ok(x) => x,
             Err(DriveError::Store(e)) => return Err(e.into()),
         };

@@ -80,6 +80,11 @@ struct RunArgs {
     /// Never show the progress display, even on a terminal.
     #[arg(long)]
     no_progress: bool,
+    /// The event log (one JSON object per line, the SMART bulk-data-client format): a file
+    /// appended to, or `-` for stdout [default: events.ndjson beside the state file]. A copy
+    /// is always kept next to the staged data ({prefix}{run id}/log.ndjson).
+    #[arg(long, value_name = "PATH")]
+    event_log: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -92,6 +97,9 @@ struct RetryArgs {
     /// Never show the progress display, even on a terminal.
     #[arg(long)]
     no_progress: bool,
+    /// As for `run`.
+    #[arg(long, value_name = "PATH")]
+    event_log: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -146,6 +154,7 @@ fn main() -> ExitCode {
                     fresh: false,
                     rebind: args.rebind,
                     no_progress: args.no_progress,
+                    event_log: args.event_log,
                 };
                 run(args, true).await
             }
@@ -275,10 +284,16 @@ async fn run(args: RunArgs, retry_only: bool) -> u8 {
     };
     let _sentry = report::init_sentry(&config.sentry);
     let path = state_path(&args.common, Some(&config));
+    let event_log = match args.event_log {
+        Some(p) if p.as_os_str() == "-" => None,
+        Some(p) => Some(p),
+        None => Some(path.with_file_name("events.ndjson")),
+    };
     let request = RunRequest {
         fresh: args.fresh,
         rebind: args.rebind,
         retry_only,
+        event_log,
     };
     let observe = |counters: Arc<Counters>| -> Box<dyn Observer> {
         Box::new(Progress::new(show_progress, counters))
@@ -416,7 +431,7 @@ impl Observer for Progress {
         }
     }
 
-    fn stepped(&self, run: &SyncRun, request: &Request, _result: &EffectResult) {
+    fn stepped(&self, _before: &SyncRun, run: &SyncRun, request: &Request, _result: &EffectResult) {
         if let Some(bar) = &self.bar {
             bar.set_message(self.line(run));
             return;
