@@ -718,13 +718,16 @@ async fn read_body(mut response: reqwest::Response, what: &str) -> Result<Vec<u8
     Ok(body)
 }
 
-/// Maps a transport error to a failure kind. reqwest's messages name the URL and the cause,
-/// never request headers or bodies.
+/// Maps a transport error to a failure kind, read from its cause as for every other request
+/// ([`crate::http::transport_failure`]): a refused connection or an unresolvable host fails
+/// after a few retries instead of hours of them, a TLS failure or an address the policy
+/// forbids at once. reqwest's messages name the URL and the cause, never request headers or
+/// bodies.
 fn transport_failure(what: &str, e: &reqwest::Error) -> Failure {
     let kind = if e.is_timeout() {
         FailureKind::Timeout
     } else {
-        FailureKind::Network
+        crate::http::cause_kind(e).unwrap_or(FailureKind::Network)
     };
     let mut message = format!("{what}: {e}");
     let mut source = std::error::Error::source(e);
