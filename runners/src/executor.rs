@@ -167,10 +167,7 @@ impl Executor {
             ("source", &spec.source.endpoint, &spec.source.auth),
             ("target", &spec.target.endpoint, &spec.target.auth),
         ] {
-            if auth.enabled
-                && endpoint.starts_with("http://")
-                && !crate::net::is_loopback_url(endpoint)
-            {
+            if crate::net::credentials_in_clear(endpoint, auth.enabled) {
                 tracing::warn!(
                     side,
                     "credentials for the {side} travel over plain http to a host that is not \

@@ -39,7 +39,7 @@ pub fn transport_failure(context: &str, err: reqwest::Error) -> Failure {
 
 /// The specific cause in an error's source chain: the address policy's refusal, DNS, a
 /// refused connection, TLS.
-fn cause_kind(err: &(dyn std::error::Error + 'static)) -> Option<FailureKind> {
+pub(crate) fn cause_kind(err: &(dyn std::error::Error + 'static)) -> Option<FailureKind> {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = next {
         if e.is::<crate::net::AddressRefused>() {

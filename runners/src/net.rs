@@ -388,6 +388,15 @@ pub fn is_loopback_url(url: &str) -> bool {
     }
 }
 
+/// Whether credentials for `endpoint` would travel unencrypted to another machine: plain http
+/// (however the scheme is capitalised) to a host that is not loopback. The executor warns
+/// about it when it is set up.
+pub fn credentials_in_clear(endpoint: &str, auth_enabled: bool) -> bool {
+    auth_enabled
+        && url::Url::parse(endpoint).is_ok_and(|u| u.scheme() == "http")
+        && !is_loopback_url(endpoint)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -463,5 +472,30 @@ mod tests {
         assert!(is_loopback_url("http://127.0.0.1/x"));
         assert!(is_loopback_url("http://[::1]:1/"));
         assert!(!is_loopback_url("http://fhir.example.org/"));
+    }
+
+    #[test]
+    fn credentials_in_clear_only_over_plain_http_to_another_machine() {
+        for endpoint in [
+            "http://fhir.example.org/fhir",
+            "HTTP://fhir.example.org/fhir",
+            "http://10.1.2.3:8080/fhir",
+            "http://[fd12::1]/fhir",
+        ] {
+            assert!(credentials_in_clear(endpoint, true), "{endpoint}");
+            assert!(
+                !credentials_in_clear(endpoint, false),
+                "{endpoint}: no credentials"
+            );
+        }
+        for endpoint in [
+            "https://fhir.example.org/fhir",
+            "HTTPS://fhir.example.org/fhir",
+            "http://localhost:8080/fhir",
+            "http://127.0.0.1:8080/fhir",
+            "http://[::1]/fhir",
+        ] {
+            assert!(!credentials_in_clear(endpoint, true), "{endpoint}");
+        }
     }
 }

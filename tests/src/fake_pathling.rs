@@ -46,6 +46,11 @@
 //! - 9.x deletes: `DELETE {Type}/{id}` → 204 (404 if absent), `POST {base}` with a `batch`
 //!   Bundle of `DELETE` entries → `batch-response` with a status per entry. 7.x answers 405 to
 //!   both. `GET {Type}/{id}` reads a stored resource on both.
+//! - Misbehaviour for tests of the client's judgement: [`PathlingConfig::finished_answer`]
+//!   replaces a finished job's `200` answer (another body, or a `302` to a same-origin
+//!   `GET /login` page answering `200` HTML, as an authenticating proxy would);
+//!   [`PathlingConfig::import_answer_delay`] holds back the answer to an accepted `$import`
+//!   (the job exists and is counted at once).
 //! - With [`PathlingConfig::auth`], the server serves its own SMART discovery and token
 //!   endpoint ([`crate::auth`]) and every endpoint but `metadata` and discovery needs a bearer
 //!   token. Pathling's mapping of scopes to authorities is not modelled.
@@ -140,6 +145,34 @@ impl ImportFailure {
     }
 }
 
+/// What a finished job's poll answers instead of its real result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinishedAnswer {
+    /// `200 OK` with this `Content-Type` and body.
+    Body {
+        /// `Content-Type` header.
+        content_type: String,
+        /// Body as sent.
+        body: String,
+    },
+    /// `302 Found` to `{origin}/login`, which answers `200 OK` with [`LOGIN_PAGE`].
+    LoginRedirect,
+}
+
+impl FinishedAnswer {
+    /// `200 OK` with a body of the given content type.
+    pub fn body(content_type: &str, body: &str) -> Self {
+        FinishedAnswer::Body {
+            content_type: content_type.into(),
+            body: body.into(),
+        }
+    }
+}
+
+/// What `GET /login` answers (the target of [`FinishedAnswer::LoginRedirect`]).
+pub const LOGIN_PAGE: &str = "<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\n\
+    <body><form action=\"/login\" method=\"post\">Please sign in.</form></body></html>\n";
+
 /// Every knob of the fake Pathling. All can change at run time.
 #[derive(Clone, Debug)]
 pub struct PathlingConfig {
@@ -166,6 +199,12 @@ pub struct PathlingConfig {
     pub fail_imports: Option<ImportFailure>,
     /// Delay before handling any request.
     pub latency: Duration,
+    /// A finished job's `200` answer is replaced by this (the job itself completes or fails
+    /// as usual); `None` = the real answer.
+    pub finished_answer: Option<FinishedAnswer>,
+    /// Delay of the answer to `POST $import`, after the request was handled (a job created)
+    /// and counted: a client stopped meanwhile never learns the answer.
+    pub import_answer_delay: Duration,
 }
 
 impl PathlingConfig {
@@ -183,6 +222,8 @@ impl PathlingConfig {
             dedupe_identical_requests: true,
             fail_imports: None,
             latency: Duration::ZERO,
+            finished_answer: None,
+            import_answer_delay: Duration::ZERO,
         }
     }
 
@@ -421,6 +462,7 @@ impl FakePathling {
                 get(read_resource).delete(delete_resource),
             )
             .route(&base_route, post(batch))
+            .route("/login", get(login_page))
             .layer(middleware::from_fn_with_state(shared.clone(), latency))
             .with_state(shared.clone());
         Ok(FakePathlingHandle {
@@ -900,16 +942,22 @@ async fn import(
 ) -> Response {
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
     let (resp, job_id) = import_inner(&shared, &uri, &headers, parsed.as_ref()).await;
-    let mut rt = lock(&shared.rt);
-    rt.stats.import_kickoffs += 1;
-    rt.requests.push(ImportRequestRecord {
-        content_type: header_str(&headers, "content-type").map(str::to_string),
-        accept: header_str(&headers, "accept").map(str::to_string),
-        prefer: header_str(&headers, "prefer").map(str::to_string),
-        body: parsed,
-        status: resp.status().as_u16(),
-        job_id,
-    });
+    {
+        let mut rt = lock(&shared.rt);
+        rt.stats.import_kickoffs += 1;
+        rt.requests.push(ImportRequestRecord {
+            content_type: header_str(&headers, "content-type").map(str::to_string),
+            accept: header_str(&headers, "accept").map(str::to_string),
+            prefer: header_str(&headers, "prefer").map(str::to_string),
+            body: parsed,
+            status: resp.status().as_u16(),
+            job_id,
+        });
+    }
+    let delay = lock(&shared.config).import_answer_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     resp
 }
 
@@ -1468,8 +1516,33 @@ async fn poll_job(
         );
         return resp;
     }
-    finalize(&mut rt, &cfg, &id)
-        .unwrap_or_else(|| bad(StatusCode::NOT_FOUND, "not-found", "Job not found"))
+    let resp = finalize(&mut rt, &cfg, &id)
+        .unwrap_or_else(|| bad(StatusCode::NOT_FOUND, "not-found", "Job not found"));
+    match &cfg.finished_answer {
+        Some(answer) if resp.status() == StatusCode::OK => match answer {
+            FinishedAnswer::Body { content_type, body } => {
+                let mut resp = Response::new(axum::body::Body::from(body.clone()));
+                set_header(&mut resp, header::CONTENT_TYPE, content_type);
+                resp
+            }
+            FinishedAnswer::LoginRedirect => {
+                let mut resp = empty_response(StatusCode::FOUND);
+                set_header(
+                    &mut resp,
+                    header::LOCATION,
+                    &format!("{}/login", shared.origin),
+                );
+                resp
+            }
+        },
+        _ => resp,
+    }
+}
+
+async fn login_page() -> Response {
+    let mut resp = Response::new(axum::body::Body::from(LOGIN_PAGE));
+    set_header(&mut resp, header::CONTENT_TYPE, "text/html; charset=utf-8");
+    resp
 }
 
 async fn delete_job(

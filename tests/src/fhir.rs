@@ -104,8 +104,8 @@ pub fn now_instant() -> String {
     format_instant(Utc::now())
 }
 
-/// How a fake renders `Retry-After`. Real servers use all three forms; the third one (an
-/// absolute epoch-seconds number) is what the SMART reference server sends.
+/// How a fake renders `Retry-After`. Real servers use all these forms; the absolute epoch
+/// numbers are non-standard (the SMART reference server sends epoch milliseconds on a 429).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RetryAfter {
     /// No `Retry-After` header.
@@ -116,6 +116,8 @@ pub enum RetryAfter {
     HttpDate(u64),
     /// `Retry-After: <epoch seconds>` of the instant that many seconds from now.
     EpochSeconds(u64),
+    /// `Retry-After: <epoch milliseconds>` of the instant that many seconds from now.
+    EpochMillis(u64),
 }
 
 impl RetryAfter {
@@ -133,6 +135,13 @@ impl RetryAfter {
                     .unwrap_or_default()
                     .as_secs();
                 Some(now.saturating_add(*s).to_string())
+            }
+            RetryAfter::EpochMillis(s) => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis();
+                Some(now.saturating_add(u128::from(*s) * 1000).to_string())
             }
         }
     }
