@@ -60,7 +60,8 @@ const MAX_ENVELOPE: usize = 390 * 1024;
 
 const CURRENT: &str = "current";
 
-type Item = HashMap<String, AttributeValue>;
+/// A DynamoDB item: attribute names and values.
+pub type Item = HashMap<String, AttributeValue>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DynamoError {
@@ -415,14 +416,9 @@ impl DynamoStore {
         mut names: HashMap<String, String>,
         mut values: HashMap<String, AttributeValue>,
     ) -> Result<(), StoreError> {
-        let envelope = persist::encode_string(run);
-        if envelope.len() > MAX_ENVELOPE {
-            return Err(StoreError::Io(format!(
-                "the run's envelope is {} KB, more than a DynamoDB item can hold",
-                envelope.len() / 1024
-            )));
-        }
         let t = self.table.table_clock().now();
+        let mut item = encode_item(run, t)?;
+        let mut take = |name: &str| item.remove(name).unwrap_or(AttributeValue::Null(true));
         let expires = t.plus_ms(ms(self.table.lease));
         names.extend([
             ("#env".to_string(), "envelope".to_string()),
@@ -435,20 +431,20 @@ impl DynamoStore {
             ("#expires".to_string(), "lease_expires".to_string()),
         ]);
         values.extend([
-            (":env".to_string(), s(&envelope)),
-            (":seq".to_string(), n(run.seq)),
-            (":rid".to_string(), s(&run.run_id)),
-            (":phase".to_string(), s(run.state.name())),
-            (":updated".to_string(), n(t.0)),
+            (":env".to_string(), take("envelope")),
+            (":seq".to_string(), take("seq")),
+            (":rid".to_string(), take("run_id")),
+            (":phase".to_string(), take("phase")),
+            (":updated".to_string(), take("updated_at")),
             (":me".to_string(), s(&self.owner)),
             (":expires".to_string(), n(expires.0)),
         ]);
         let mut update = "SET #env = :env, #seq = :seq, #rid = :rid, #phase = :phase, \
                           #updated = :updated, #expires = :expires"
             .to_string();
-        match wake_at(run, t) {
+        match item.remove("wake_at") {
             Some(w) => {
-                values.insert(":wake".to_string(), n(w.0));
+                values.insert(":wake".to_string(), w);
                 update.push_str(", #wake = :wake");
             }
             None => update.push_str(" REMOVE #wake"),
@@ -540,6 +536,31 @@ impl RunStore for DynamoStore {
     }
 }
 
+/// The attributes of a sync's `current` item that hold `run`, as a save at `now` writes them
+/// (everything but the keys and the lease): `envelope`, `seq`, `run_id`, `phase`,
+/// `updated_at`, and `wake_at` while the run waits. Fails when the envelope is too large for
+/// an item. [`decode_item`] reads the run back.
+pub fn encode_item(run: &SyncRun, now: Timestamp) -> Result<Item, StoreError> {
+    let envelope = persist::encode_string(run);
+    if envelope.len() > MAX_ENVELOPE {
+        return Err(StoreError::Io(format!(
+            "the run's envelope is {} KB, more than a DynamoDB item can hold",
+            envelope.len() / 1024
+        )));
+    }
+    let mut item = Item::from([
+        ("envelope".to_string(), s(&envelope)),
+        ("seq".to_string(), n(run.seq)),
+        ("run_id".to_string(), s(&run.run_id)),
+        ("phase".to_string(), s(run.state.name())),
+        ("updated_at".to_string(), n(now.0)),
+    ]);
+    if let Some(w) = wake_at(run, now) {
+        item.insert("wake_at".to_string(), n(w.0));
+    }
+    Ok(item)
+}
+
 /// When a waiting run next wants to run (for observers of the item).
 fn wake_at(run: &SyncRun, now: Timestamp) -> Option<Timestamp> {
     match run.next(now) {
@@ -558,7 +579,7 @@ fn lease_of(item: &Item) -> Option<Lease> {
 }
 
 /// The run an item holds (`None`: a lease-only item), checked against its own attributes.
-fn decode_item(sync_id: &str, item: &Item) -> Result<Option<SyncRun>, DynamoError> {
+pub fn decode_item(sync_id: &str, item: &Item) -> Result<Option<SyncRun>, DynamoError> {
     let corrupt = |message: String| DynamoError::Corrupt {
         sync_id: sync_id.to_string(),
         message,

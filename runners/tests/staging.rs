@@ -396,6 +396,7 @@ async fn s3_part_failure_is_a_store_error() {
             upload_id = u.upload_id().map(str::to_owned);
             break;
         }
+        // Polling interval: the upload task starts its multipart upload by itself.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let upload_id = upload_id.expect("multipart upload started");
@@ -481,6 +482,7 @@ async fn s3_cancelled_upload_is_aborted_in_background() {
             started = true;
             break;
         }
+        // Polling interval: the upload task starts its multipart upload by itself.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
@@ -496,6 +498,7 @@ async fn s3_cancelled_upload_is_aborted_in_background() {
         if left == 0 {
             break;
         }
+        // Polling interval: the dropped upload is aborted in the background.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(left, 0, "the dropped upload was not aborted");
@@ -737,6 +740,7 @@ async fn dir_write_is_atomic_when_the_stream_fails() {
         if !partial.is_empty() {
             break;
         }
+        // Polling interval: the writer task creates its temp file by itself.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(partial.len(), 1, "temp file beside the target: {partial:?}");
@@ -858,6 +862,7 @@ async fn dir_leftover_removal_spares_writes_in_flight() {
         if !partial.is_empty() {
             break;
         }
+        // Polling interval: the writer task creates its temp file by itself.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(partial.len(), 1, "{partial:?}");

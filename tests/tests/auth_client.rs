@@ -262,6 +262,7 @@ async fn record(
             }
             (r.discovery_delay, doc)
         };
+        // The scenario's own wait: a discovery endpoint configured to answer slowly.
         tokio::time::sleep(delay).await;
         return axum::Json(doc).into_response();
     }
@@ -698,6 +699,7 @@ async fn token_is_refreshed_near_expiry() {
     });
     a.invalidate(&second).await;
     let short = token(&a).await;
+    // The scenario's own wait: the token's real lifetime (2 s) passes.
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     let fresh = token(&a).await;
     assert_ne!(fresh, short);

@@ -216,6 +216,7 @@ async fn a_missing_file_fails_the_run_naming_it() {
     while w.src.stats().manifests == 0 {
         assert!(std::time::Instant::now() < deadline, "no manifest served");
         assert!(!child.exited(), "exited before the manifest");
+        // Polling interval: the CLI process fetches the manifest by itself.
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     w.src.update(|c| {

@@ -274,6 +274,7 @@ async fn finish_job(c: &Client, job_url: &str) -> (StatusCode, Value) {
             let status = resp.status();
             return (status, resp.json().await.unwrap());
         }
+        // Polling interval: the fake job finishes on its own time.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("job never finished");
@@ -583,6 +584,7 @@ async fn bearer_tokens_are_required_and_expire() {
         poll(&c, &status_url, None).await.status(),
         StatusCode::UNAUTHORIZED
     );
+    // The scenario's own wait: the token's real lifetime (1 s) passes.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let resp = poll(&c, &status_url, Some(&token)).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
@@ -1315,6 +1317,7 @@ async fn concurrent_download_cap_and_latency() {
             break;
         }
         assert!(Instant::now() < deadline, "the slot was never released");
+        // Polling interval: the server releases the slot on its own time.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(src.stats().downloads_rejected_concurrency >= 1);

@@ -11,6 +11,10 @@
 //! ```
 //!
 //! Every test uses its own table, so they run in parallel against one server.
+//!
+//! Lease expiries are not waited out: a [`DynamoTable`] on a [`ManualClock`] is moved past
+//! them. Orderings between concurrent invocations are awaited as observable conditions (the
+//! item, the fake servers' counters), polled with a deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -21,10 +25,12 @@ use lambda_runtime::Context;
 use pathling_import_core::config::{self, Config, RawConfig};
 use pathling_import_core::persist;
 use pathling_import_core::state::{FileStatus, SyncState};
-use pathling_import_core::SyncRun;
+use pathling_import_core::{SyncRun, Timestamp};
 use pathling_import_runners::aws::{self as aws_plumbing, AwsSecrets, ErrorType};
-use pathling_import_runners::driver::{RunStore, StoreError};
-use pathling_import_runners::dynamo_store::{self, Acquired, DynamoTable};
+use pathling_import_runners::driver::{Clock, RunStore, StoreError};
+use pathling_import_runners::dynamo_store::{
+    self, Acquired, DynamoTable, DEFAULT_LEASE, DEFAULT_RETENTION,
+};
 use pathling_import_runners::executor::now;
 use pathling_import_runners::single_lambda::{self, SingleLambda, StopReason, Summary};
 use pathling_import_tests::data::DatasetConfig;
@@ -34,8 +40,11 @@ use pathling_import_tests::fake_source::{
 };
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------------------------
@@ -73,6 +82,48 @@ fn unique(test: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A clock the test moves by hand, for lease expiries (a sleep moves it on at once).
+struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    fn at(t: Timestamp) -> Arc<ManualClock> {
+        Arc::new(ManualClock(AtomicU64::new(t.0)))
+    }
+
+    fn set(&self, t: Timestamp) {
+        self.0.store(t.0, Ordering::SeqCst);
+    }
+
+    fn advance(&self, d: Duration) {
+        self.0.fetch_add(d.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.0.load(Ordering::SeqCst))
+    }
+
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        self.advance(duration);
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// Polls `condition` (every 10 ms) until it holds; fails after `limit`.
+async fn eventually<F, Fut>(what: &str, limit: Duration, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        // Polling interval: the condition is another task's progress, which sends no signal.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A directory removed on drop.
@@ -209,6 +260,8 @@ async fn invoke_until_done(lambda: &SingleLambda, event: &Value) -> Vec<Summary>
             started.elapsed() < Duration::from_secs(90),
             "the run did not end: {out:#?}"
         );
+        // The scenario's own wait: the fake servers' jobs progress on the wall clock, and the
+        // run's wake-ups (their Retry-After) are real; the next invocation comes a little later.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -316,8 +369,17 @@ async fn a_concurrent_invocation_returns_busy_promptly_and_only_one_works() {
     let (event, first_ctx) = (scheduled(), ctx());
     let first = lambda.handle(&event, &first_ctx);
     let second = async {
-        // Let the first take the lease.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Once the first holds the lease and has stored its run.
+        eventually(
+            "the first invocation's lease",
+            Duration::from_secs(10),
+            || async {
+                w.item()
+                    .await
+                    .is_some_and(|i| i.contains_key("lease_owner") && i.contains_key("envelope"))
+            },
+        )
+        .await;
         let t = Instant::now();
         let s = lambda.handle(&scheduled(), &ctx()).await.unwrap();
         (s, t.elapsed())
@@ -353,17 +415,15 @@ async fn a_concurrent_invocation_returns_busy_promptly_and_only_one_works() {
 #[tokio::test]
 async fn a_killed_invocation_is_resumed_after_its_lease_expires_without_restaging() {
     let w = world("kill", slow_source(4, 150)).await;
-    let lambda = w.lambda(&[("LEASE_SECONDS", "4")]).await;
+    let lambda = w.lambda(&[]).await;
 
     // Kill the invocation (drop its future) once two files have been downloaded.
     let (event, kill_ctx) = (scheduled(), ctx());
     let killed = tokio::select! {
         r = lambda.handle(&event, &kill_ctx) => panic!("finished before the kill: {r:?}"),
-        _ = async {
-            while w.source.stats().files_completed < 2 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        } => true,
+        _ = eventually("two downloads", Duration::from_secs(30), || async {
+            w.source.stats().files_completed >= 2
+        }) => true,
     };
     assert!(killed);
     let at_kill = w.stored_run().await.unwrap();
@@ -379,7 +439,34 @@ async fn a_killed_invocation_is_resumed_after_its_lease_expires_without_restagin
     let busy = lambda.handle(&scheduled(), &ctx()).await.unwrap();
     assert_eq!(busy.stopped, StopReason::Busy);
 
-    tokio::time::sleep(Duration::from_millis(4200)).await;
+    // The lease expires (16 minutes on, not waited out): on a clock just before its expiry
+    // the table still refuses it; past it, it is taken over — as the next invocation then
+    // does — with the run the dead invocation last saved. (A minute past: a save the killed
+    // invocation had in flight may still land and renew the lease by a few milliseconds.)
+    // The successor hands it on to the Lambda.
+    let expires: u64 = item["lease_expires"].as_n().unwrap().parse().unwrap();
+    let clock = ManualClock::at(Timestamp(expires - 1));
+    let successor = DynamoTable::new(
+        w.client.clone(),
+        w.table.clone(),
+        DEFAULT_LEASE,
+        DEFAULT_RETENTION,
+    )
+    .with_clock(clock.clone());
+    assert!(matches!(
+        successor.acquire(SYNC, "successor").await.unwrap(),
+        Acquired::Busy { .. }
+    ));
+    clock.set(Timestamp(expires + 60_000));
+    let Acquired::Leased { store, run } = successor.acquire(SYNC, "successor").await.unwrap()
+    else {
+        panic!("an expired lease must be taken over")
+    };
+    let run = run.expect("the dead invocation's run");
+    assert_eq!(run.run_id, at_kill.run_id);
+    assert!(run.seq >= at_kill.seq);
+    store.release().await;
+
     let rest = invoke_until_done(&lambda, &scheduled()).await;
     let last = rest.last().unwrap();
     assert_eq!(last.phase.as_deref(), Some("succeeded"), "{rest:#?}");
@@ -519,12 +606,14 @@ async fn a_corrupt_or_newer_item_is_a_state_error_and_left_untouched() {
 async fn saves_on_a_stale_seq_or_a_lost_lease_conflict() {
     let w = world("conflict", SourceConfig::default()).await;
     let spec = w.config(&[]).spec;
+    let clock = ManualClock::at(now());
     let table = DynamoTable::new(
         w.client.clone(),
         w.table.clone(),
         Duration::from_millis(400),
         Duration::from_secs(3600),
-    );
+    )
+    .with_clock(clock.clone());
     let Acquired::Leased { store: mut a, run } = table.acquire(SYNC, "a").await.unwrap() else {
         panic!("the first acquire must get the lease")
     };
@@ -553,7 +642,7 @@ async fn saves_on_a_stale_seq_or_a_lost_lease_conflict() {
         table.acquire(SYNC, "b").await.unwrap(),
         Acquired::Busy { .. }
     ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    clock.advance(Duration::from_millis(500));
     let Acquired::Leased { store: b, run } = table.acquire(SYNC, "b").await.unwrap() else {
         panic!("an expired lease must be taken over")
     };

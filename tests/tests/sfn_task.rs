@@ -91,6 +91,7 @@ async fn execute(task: &Task, budget: Duration, max_steps: usize) -> Execution {
                 let secs = out["waitSeconds"].as_u64().unwrap();
                 assert!(secs <= 5, "unexpectedly long wait {out}");
                 assert!(out["waitUntil"].as_str().unwrap().ends_with('Z'));
+                // The scenario's own wait: the Wait state, as Step Functions would.
                 tokio::time::sleep(Duration::from_secs(secs)).await;
             }
             "succeed" | "fail" => return Execution { last: out, sizes },

@@ -1,11 +1,10 @@
 //! Helpers shared by the core's integration tests: specs built through the real configuration
 //! parser, result constructors, builders that walk a run into each phase, an HTTP-date
-//! formatter, a small seeded PRNG, and (in [`sim`]) the fake world and the driver loop.
+//! formatter and a small seeded PRNG. (The simulation — the fake world driven by the
+//! production driver — lives in the runners' tests: `runners/tests/common/sim.rs`.)
 //!
 //! Every test binary compiles this module and uses a different part of it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
-
-pub mod sim;
 
 use pathling_import_core::bulk::{FileKind, OutcomeSummary};
 use pathling_import_core::config::{self, RawConfig};

@@ -475,6 +475,7 @@ impl Sandbox {
                     running.output_so_far()
                 );
             }
+            // Polling interval: the CLI process moves on by itself.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

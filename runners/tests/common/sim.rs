@@ -1,23 +1,49 @@
-//! A deterministic simulation of the world a run talks to.
+//! A deterministic simulation of the world a run talks to, driven by the production driver.
 //!
 //! [`World`] answers every [`Request`] according to a [`Plan`] (what goes wrong where, and how
 //! often) the way the real servers do — it builds a real manifest and decodes it with
 //! [`bulk::parse_manifest`], folds real OperationOutcome lines, reads the generation from a
-//! CapabilityStatement and judges an `$import` body by its shape. [`drive`] is the runners'
-//! driver loop over a virtual clock that advances by a seeded latency per effect and jumps to
-//! each `SleepUntil`; a step bound turns non-termination into a test failure.
+//! CapabilityStatement and judges an `$import` body by its shape.
+//!
+//! [`drive`] has no loop of its own: it runs `pathling_import_runners::driver::drive_until`
+//! with
+//! - [`Sim`] as the driver's [`Effects`] (the world behind a mutex; each effect is answered a
+//!   seeded latency after it went out, and effects in flight overlap: [`Sim::run`] polls the
+//!   driver and, whenever it waits, moves the [`VirtualClock`] on to the effect due first)
+//!   and as its [`Observer`] (events, sleeps, refused results, and a trace of starts, steps
+//!   and saves);
+//! - the [`VirtualClock`] as its `Clock` (a sleep jumps to the wake-up at once; optionally
+//!   `now` is sometimes an earlier time, as a clock stepping backwards would give);
+//! - [`SimStore`] as its `RunStore` (checks the envelope round-trip on every save, keeps the
+//!   saved runs);
+//!
+//! and stops and resumes the drive as a runner would: reloads from the stored envelope at
+//! planned points (graceful stops, invocation budgets, hard crashes that lose the answers of
+//! the effects in flight), a cancel after a number of events, and a step bound that turns
+//! non-termination into a test failure.
 
 use super::{SplitMix64, RUN_ID, SOURCE, STATUS_URL, T0, TARGET};
+use futures::future::BoxFuture;
 use pathling_import_core::bulk::{self, FileKind, Manifest, OutcomeSummary};
 use pathling_import_core::effect::{Effect, EffectId, EffectResult, Input, Next, Request};
 use pathling_import_core::pathling;
 use pathling_import_core::persist;
 use pathling_import_core::retry::{patience_ms, Failure, FailureKind};
-use pathling_import_core::spec::{PathlingApi, PathlingApiChoice, PhasePolicy, RunSpec};
-use pathling_import_core::state::Terminal;
+use pathling_import_core::spec::{
+    ImportMode, PathlingApi, PathlingApiChoice, PhasePolicy, RunSpec,
+};
+use pathling_import_core::state::{SyncState, Terminal};
 use pathling_import_core::{SyncRun, Timestamp};
+use pathling_import_runners::driver::{
+    self, Clock, DriveOptions, Effects, Observer, RunStore, Stopped, StoreError,
+};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 /// A server's `Retry-After`, as seconds from the moment it answers, in one of the three forms
 /// servers use.
@@ -341,8 +367,12 @@ pub struct World {
     pub staged: BTreeMap<String, u32>,
     pub detects: u32,
     pub import_kickoffs: u32,
-    /// The body of the accepted `$import` kick-off and the shape it had.
+    /// The body of the (last) accepted `$import` kick-off and the shape it had.
     pub accepted_import: Option<(PathlingApi, Value)>,
+    /// Every accepted `$import` kick-off (more than one only when an answer was lost).
+    pub accepted_imports: Vec<(PathlingApi, Value)>,
+    /// Export kick-offs answered `ExportAccepted`.
+    pub exports_accepted: u32,
     pub import_polls: u32,
     pub delete_attempts: Vec<u32>,
     /// Successful deletions per file index.
@@ -350,6 +380,8 @@ pub struct World {
     pub export_job_deletes: u32,
     /// Effects performed, in order: when, and which.
     pub log: Vec<(Timestamp, &'static str)>,
+    /// Effects performed, in order, each with what it acted on (see [`World::effect_set`]).
+    pub performed: Vec<String>,
 }
 
 impl World {
@@ -366,11 +398,14 @@ impl World {
             detects: 0,
             import_kickoffs: 0,
             accepted_import: None,
+            accepted_imports: Vec::new(),
+            exports_accepted: 0,
             import_polls: 0,
             delete_attempts: vec![0; plan.files.len()],
             deletions_applied: BTreeMap::new(),
             export_job_deletes: 0,
             log: Vec::new(),
+            performed: Vec::new(),
         }
     }
 
@@ -429,17 +464,18 @@ impl World {
 
     /// Performs one effect at `now` and reports what happened, as a runner's executor would.
     pub fn answer(&mut self, req: &Request, now: Timestamp) -> EffectResult {
-        let name = match &req.effect {
-            Effect::KickoffExport(_) => "kickoff_export",
-            Effect::PollExport { .. } => "poll_export",
-            Effect::StageFile { .. } => "stage_file",
-            Effect::DetectPathling => "detect_pathling",
-            Effect::KickoffImport { .. } => "kickoff_import",
-            Effect::PollImport { .. } => "poll_import",
-            Effect::ApplyDeletions { .. } => "apply_deletions",
-            Effect::DeleteExportJob { .. } => "delete_export_job",
-        };
+        let name = req.effect.name();
         self.log.push((now, name));
+        let target = match &req.effect {
+            Effect::KickoffExport(k) => format!("{} {:?} {:?}", k.url, k.query, k.post_body),
+            Effect::PollExport { status_url, .. } => status_url.clone(),
+            Effect::StageFile { key, .. } | Effect::ApplyDeletions { key, .. } => key.0.clone(),
+            Effect::DetectPathling => String::new(),
+            Effect::KickoffImport { api, parameters } => format!("{api:?} {parameters}"),
+            Effect::PollImport { job_url } => job_url.clone(),
+            Effect::DeleteExportJob { status_url } => status_url.clone(),
+        };
+        self.performed.push(format!("{name} {target}"));
         match &req.effect {
             Effect::KickoffExport(k) => {
                 assert!(k.url.starts_with(SOURCE), "kick-off to {}", k.url);
@@ -450,9 +486,12 @@ impl World {
                         400,
                         "OperationOutcome: unsupported _type parameter",
                     )),
-                    None => EffectResult::ExportAccepted {
-                        status_url: STATUS_URL.into(),
-                    },
+                    None => {
+                        self.exports_accepted += 1;
+                        EffectResult::ExportAccepted {
+                            status_url: STATUS_URL.into(),
+                        }
+                    }
                 }
             }
             Effect::PollExport {
@@ -603,6 +642,7 @@ impl World {
                     );
                 }
                 self.accepted_import = Some((shape, parameters.clone()));
+                self.accepted_imports.push((shape, parameters.clone()));
                 EffectResult::ImportAccepted {
                     job_url: super::JOB_URL.into(),
                 }
@@ -673,46 +713,643 @@ impl World {
             .collect()
     }
 
-    /// The `valueUrl`s of the accepted `$import` body, in order.
+    /// The `valueUrl`s of the (last) accepted `$import` body, in order.
     pub fn imported_urls(&self) -> Vec<String> {
-        let Some((_, params)) = &self.accepted_import else {
-            return Vec::new();
-        };
-        params["parameter"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["name"] == "source" || p["name"] == "input")
-            .flat_map(|p| p["part"].as_array().into_iter().flatten())
-            .filter(|part| part["name"] == "url")
-            .filter_map(|part| part["valueUrl"].as_str().map(str::to_string))
-            .collect()
+        match &self.accepted_import {
+            Some((_, params)) => urls_of(params),
+            None => Vec::new(),
+        }
+    }
+
+    /// The effects performed, as a set: what each acted on, repeats folded.
+    pub fn effect_set(&self) -> BTreeSet<String> {
+        self.performed.iter().cloned().collect()
     }
 }
 
-/// How the driver performs a `Next::Run`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Every request of the batch, one after the other, stepping each result (the runners'
-    /// loop with one transfer slot).
-    Batch,
-    /// Only the first request, then ask `next` again. Every step then starts from a fresh
-    /// `next`, which is what a process that crashed and reloaded does.
-    Sequential,
+/// The `valueUrl`s of an `$import` body, in order.
+pub fn urls_of(params: &Value) -> Vec<String> {
+    params["parameter"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"] == "source" || p["name"] == "input")
+        .flat_map(|p| p["part"].as_array().into_iter().flatten())
+        .filter(|part| part["name"] == "url")
+        .filter_map(|part| part["valueUrl"].as_str().map(str::to_string))
+        .collect()
 }
+
+// =============================================================================================
+// Time.
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Virtual time: effects advance it by their latency, sleeps jump it to the wake-up at once.
+///
+/// With `backwards`, [`Clock::now`] now and then answers an earlier time (down to the epoch),
+/// seeded, as a clock that steps backwards would; the virtual time itself never goes back.
+pub struct VirtualClock {
+    state: Mutex<ClockState>,
+}
+
+struct ClockState {
+    /// The virtual time.
+    now: Timestamp,
+    /// The last `now` handed to the driver.
+    fed: Timestamp,
+    back: Option<SplitMix64>,
+}
+
+impl VirtualClock {
+    pub fn new(start: Timestamp, backwards: Option<u64>) -> Self {
+        VirtualClock {
+            state: Mutex::new(ClockState {
+                now: start,
+                fed: start,
+                back: backwards.map(SplitMix64::new),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ClockState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The virtual time (not what `now` last answered).
+    pub fn real(&self) -> Timestamp {
+        self.lock().now
+    }
+
+    /// What [`Clock::now`] last answered: the `now` of the driver's latest `next` or `step`.
+    pub fn last_fed(&self) -> Timestamp {
+        self.lock().fed
+    }
+
+    pub fn advance(&self, ms: u64) {
+        let mut s = self.lock();
+        s.now = s.now.plus_ms(ms);
+    }
+
+    /// Moves the virtual time on to `t` (never back).
+    pub fn advance_to(&self, t: Timestamp) {
+        let mut s = self.lock();
+        s.now = s.now.max(t);
+    }
+}
+
+impl Clock for VirtualClock {
+    fn now(&self) -> Timestamp {
+        let mut s = self.lock();
+        let now = s.now;
+        let fed = match s.back.as_mut() {
+            Some(rng) => {
+                if rng.chance(25) {
+                    Timestamp(rng.below(now.0 + 1))
+                } else {
+                    now
+                }
+            }
+            None => now,
+        };
+        s.fed = fed;
+        fed
+    }
+
+    /// The driver sleeps `until - now` for the `now` it was handed: the virtual time jumps to
+    /// that wake-up (a backwards `now` does not make it sleep past it).
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        let mut s = self.lock();
+        let wake = s.fed.plus_ms(millis(duration));
+        s.now = s.now.max(wake);
+        Box::pin(std::future::ready(()))
+    }
+}
+
+// =============================================================================================
+// The driver's effects, observer and store.
+
+/// One accepted input and the run it produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub now: Timestamp,
+    pub request: Option<Request>,
+    pub input: Input,
+    /// The `seq` of the run the input produced.
+    pub seq: u64,
+    /// The run the input produced (when `Options::record_states`).
+    pub after: Option<SyncRun>,
+}
+
+/// What the driver did, in order, as the simulation saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Trace {
+    /// An effect started, at this virtual time (the world answers it at once, unless a crash
+    /// is under way).
+    Started { at: Timestamp, request: Request },
+    /// Its result was accepted and saved.
+    Stepped(EffectId),
+    /// Its result was refused.
+    Rejected(EffectId),
+    /// A run was saved (`sending`: the `Input::Sending` record of an append kick-off).
+    Saved {
+        seq: u64,
+        phase: &'static str,
+        sending: bool,
+    },
+}
+
+struct SimState {
+    world: World,
+    record_states: bool,
+    events: Vec<Event>,
+    sleeps: Vec<(Timestamp, Timestamp)>,
+    /// Refused results: the request, why, and the phase of the stored run at the time.
+    rejected: Vec<(Request, String, &'static str)>,
+    /// Calls of `next` by the driver's loop.
+    steps: usize,
+    trace: Vec<Trace>,
+    // Hard crashes: once the events reach the next point, the next time the driver waits for
+    // its effects, every effect in flight is lost — performed or not, seeded — and the
+    // interrupt fires.
+    crash_points: VecDeque<usize>,
+    crash_rng: SplitMix64,
+    crashed: bool,
+    waker: Option<Waker>,
+    /// Effects performed whose answers were lost in a crash.
+    lost: Vec<(Request, EffectResult)>,
+    in_flight: Vec<Flight>,
+    completed: BTreeMap<u64, EffectResult>,
+    next_ticket: u64,
+    // The store.
+    last_saved: Option<SyncRun>,
+    /// Every saved run, with the `now` it was saved at (when recording).
+    saves: Vec<(Timestamp, SyncRun)>,
+    record_saves: bool,
+    /// `Input::Sending` records, with the `seq` of the run they produced.
+    sendings: Vec<(Input, u64)>,
+}
+
+/// The simulated world as the driver sees it: its [`Effects`] and its [`Observer`].
+#[derive(Clone)]
+pub struct Sim {
+    state: Arc<Mutex<SimState>>,
+    clock: Arc<VirtualClock>,
+}
+
+impl Sim {
+    pub fn new(world: World, clock: Arc<VirtualClock>, record_states: bool) -> Sim {
+        Sim {
+            state: Arc::new(Mutex::new(SimState {
+                world,
+                record_states,
+                events: Vec::new(),
+                sleeps: Vec::new(),
+                rejected: Vec::new(),
+                steps: 0,
+                trace: Vec::new(),
+                crash_points: VecDeque::new(),
+                crash_rng: SplitMix64::new(0),
+                crashed: false,
+                waker: None,
+                lost: Vec::new(),
+                in_flight: Vec::new(),
+                completed: BTreeMap::new(),
+                next_ticket: 0,
+                last_saved: None,
+                saves: Vec::new(),
+                record_saves: false,
+                sendings: Vec::new(),
+            })),
+            clock,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SimState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn clock(&self) -> Arc<VirtualClock> {
+        self.clock.clone()
+    }
+
+    pub fn world<R>(&self, f: impl FnOnce(&World) -> R) -> R {
+        f(&self.lock().world)
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.lock().events.clone()
+    }
+
+    pub fn event_count(&self) -> usize {
+        self.lock().events.len()
+    }
+
+    pub fn steps(&self) -> usize {
+        self.lock().steps
+    }
+
+    pub fn trace(&self) -> Vec<Trace> {
+        self.lock().trace.clone()
+    }
+
+    pub fn rejected(&self) -> Vec<(Request, String, &'static str)> {
+        self.lock().rejected.clone()
+    }
+
+    pub fn lost(&self) -> Vec<(Request, EffectResult)> {
+        self.lock().lost.clone()
+    }
+
+    /// Crash at the first effect started once the accepted events reach each of `points`.
+    pub fn crash_at(&self, points: impl IntoIterator<Item = usize>, seed: u64) {
+        let mut s = self.lock();
+        s.crash_points = points.into_iter().collect();
+        s.crash_rng = SplitMix64::new(seed);
+    }
+
+    /// Fires once a crash is under way: the driver's `interrupt`.
+    pub fn crash_signal(&self) -> CrashSignal {
+        CrashSignal { sim: self.clone() }
+    }
+
+    /// Whether the drive just ended by a crash (and forgets it); otherwise checks that the
+    /// driver left nothing in flight.
+    pub fn take_crash(&self) -> bool {
+        let mut s = self.lock();
+        s.waker = None;
+        let crashed = std::mem::replace(&mut s.crashed, false);
+        if !crashed {
+            drop(s);
+            self.settled();
+        }
+        crashed
+    }
+
+    /// A store whose saves this simulation keeps.
+    pub fn store(&self, check_roundtrip: bool, record_saves: bool) -> SimStore {
+        self.lock().record_saves = record_saves;
+        SimStore {
+            sim: self.clone(),
+            check_roundtrip,
+        }
+    }
+
+    /// Records a cancel applied between two drives.
+    pub fn record_cancel(&self, run: &SyncRun, reason: &str) {
+        let now = self.clock.last_fed();
+        let mut s = self.lock();
+        let after = s.record_states.then(|| run.clone());
+        s.events.push(Event {
+            now,
+            request: None,
+            input: Input::Cancel {
+                reason: reason.to_string(),
+            },
+            seq: run.seq,
+            after,
+        });
+    }
+
+    /// An effect goes out: it is in flight until [`Sim::complete_next`] answers it, at its
+    /// start plus a seeded latency.
+    fn start(&self, request: &Request, waker: Waker) -> u64 {
+        let mut s = self.lock();
+        let at = self.clock.real();
+        let latency = s.world.latency();
+        let ticket = s.next_ticket;
+        s.next_ticket += 1;
+        s.trace.push(Trace::Started {
+            at,
+            request: request.clone(),
+        });
+        s.in_flight.push(Flight {
+            ticket,
+            request: request.clone(),
+            due: at.plus_ms(latency),
+            waker,
+        });
+        ticket
+    }
+
+    /// The effect's answer, once [`Sim::complete_next`] gave it.
+    fn answered(&self, ticket: u64, waker: &Waker) -> Option<EffectResult> {
+        let mut s = self.lock();
+        let answer = s.completed.remove(&ticket);
+        if answer.is_none() {
+            if let Some(f) = s.in_flight.iter_mut().find(|f| f.ticket == ticket) {
+                f.waker = waker.clone();
+            }
+        }
+        answer
+    }
+
+    /// Called when the driver waits for its effects and nothing else: moves the virtual time
+    /// on to the earliest effect due and answers it from the world. At a planned crash
+    /// instead, every effect in flight is lost (performed or not, seeded) and the interrupt
+    /// fires. False when nothing is in flight.
+    pub fn complete_next(&self) -> bool {
+        let mut s = self.lock();
+        let s = &mut *s;
+        assert!(
+            s.completed.is_empty(),
+            "an answer was not taken by the driver"
+        );
+        if s.in_flight.is_empty() {
+            return false;
+        }
+        let events = s.events.len();
+        if !s.crashed && s.crash_points.front().is_some_and(|p| events >= *p) {
+            s.crash_points.pop_front();
+            s.crashed = true;
+            for f in std::mem::take(&mut s.in_flight) {
+                // The process dies with the effect in flight: it may have reached the server.
+                if s.crash_rng.chance(50) {
+                    self.clock.advance_to(f.due);
+                    let result = s.world.answer(&f.request, self.clock.real());
+                    s.lost.push((f.request, result));
+                }
+            }
+            if let Some(w) = s.waker.take() {
+                w.wake();
+            }
+            return true;
+        }
+        let first = s
+            .in_flight
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, f)| (f.due, f.ticket))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let f = s.in_flight.remove(first);
+        self.clock.advance_to(f.due);
+        let result = s.world.answer(&f.request, self.clock.real());
+        s.completed.insert(f.ticket, result);
+        f.waker.wake();
+        true
+    }
+
+    /// After a drive that was not interrupted: nothing may be left in flight.
+    pub fn settled(&self) {
+        let s = self.lock();
+        assert!(
+            s.in_flight.is_empty() && s.completed.is_empty(),
+            "the driver returned with effects in flight: {:?}",
+            s.in_flight.iter().map(|f| f.request.id).collect::<Vec<_>>()
+        );
+    }
+
+    /// Runs a driver future to its end: polls it, and whenever it waits, answers the effect
+    /// due first ([`Sim::complete_next`]). The virtual time only moves there and in sleeps, so
+    /// the effects in flight overlap as they would, and everything is deterministic.
+    pub fn run<F: Future>(&self, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+                return out;
+            }
+            if !self.complete_next() && !self.lock().crashed {
+                panic!("the driver waits, with no effect in flight");
+            }
+        }
+    }
+
+    /// Takes out the world and everything recorded.
+    fn finish(&self) -> Recorded {
+        let mut s = self.lock();
+        Recorded {
+            world: s.world.clone(),
+            events: std::mem::take(&mut s.events),
+            sleeps: std::mem::take(&mut s.sleeps),
+            rejected: std::mem::take(&mut s.rejected),
+            steps: s.steps,
+            trace: std::mem::take(&mut s.trace),
+            lost: std::mem::take(&mut s.lost),
+            saves: std::mem::take(&mut s.saves),
+            sendings: std::mem::take(&mut s.sendings),
+        }
+    }
+}
+
+struct Recorded {
+    world: World,
+    events: Vec<Event>,
+    sleeps: Vec<(Timestamp, Timestamp)>,
+    rejected: Vec<(Request, String, &'static str)>,
+    steps: usize,
+    trace: Vec<Trace>,
+    lost: Vec<(Request, EffectResult)>,
+    saves: Vec<(Timestamp, SyncRun)>,
+    sendings: Vec<(Input, u64)>,
+}
+
+/// One effect in flight.
+struct Flight {
+    ticket: u64,
+    request: Request,
+    due: Timestamp,
+    waker: Waker,
+}
+
+/// The future of one effect: goes out when first polled, answers once its turn came (never,
+/// when a crash lost it).
+pub struct SimEffect<'a> {
+    sim: &'a Sim,
+    request: Request,
+    ticket: Option<u64>,
+}
+
+impl Future for SimEffect<'_> {
+    type Output = EffectResult;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<EffectResult> {
+        match self.ticket {
+            None => {
+                let ticket = self.sim.start(&self.request, cx.waker().clone());
+                self.ticket = Some(ticket);
+                Poll::Pending
+            }
+            Some(ticket) => match self.sim.answered(ticket, cx.waker()) {
+                Some(result) => Poll::Ready(result),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl Effects for Sim {
+    fn execute(&self, request: &Request) -> impl Future<Output = EffectResult> + Send {
+        SimEffect {
+            sim: self,
+            request: request.clone(),
+            ticket: None,
+        }
+    }
+}
+
+impl Observer for Sim {
+    fn next(&self, run: &SyncRun, next: &Next) {
+        let now = self.clock.last_fed();
+        let mut s = self.lock();
+        s.steps += 1;
+        match next {
+            Next::Run { requests } => assert!(!requests.is_empty(), "Next::Run with no request"),
+            Next::SleepUntil { until, reason } => {
+                assert!(
+                    *until > now,
+                    "wake-up {until:?} is not after now {now:?} ({reason}) in {}",
+                    run.state.name()
+                );
+                s.sleeps.push((now, *until));
+            }
+            Next::Done { terminal } => {
+                assert_eq!(run.state.terminal().as_ref(), Some(terminal));
+            }
+        }
+    }
+
+    fn stepped(&self, _before: &SyncRun, run: &SyncRun, request: &Request, result: &EffectResult) {
+        let now = self.clock.last_fed();
+        let mut s = self.lock();
+        let after = s.record_states.then(|| run.clone());
+        s.events.push(Event {
+            now,
+            request: Some(request.clone()),
+            input: Input::Completed {
+                id: request.id,
+                result: result.clone(),
+            },
+            seq: run.seq,
+            after,
+        });
+        s.trace.push(Trace::Stepped(request.id));
+    }
+
+    fn rejected(&self, request: &Request, why: &str) {
+        let mut s = self.lock();
+        let phase = s.last_saved.as_ref().map_or("", |r| r.state.name());
+        s.rejected.push((request.clone(), why.to_string(), phase));
+        s.trace.push(Trace::Rejected(request.id));
+    }
+}
+
+/// The driver's `interrupt`: ready once a crash is under way.
+pub struct CrashSignal {
+    sim: Sim,
+}
+
+impl Future for CrashSignal {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.sim.lock();
+        if s.crashed {
+            Poll::Ready(())
+        } else {
+            s.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+}
+
+/// The simulation's store: keeps the last saved run (what a reload reads back, through its
+/// envelope), checks the envelope round-trip on every save when asked, refuses a save that
+/// does not continue the stored `seq` (as every runner's store does) and notes `Sending`
+/// records.
+pub struct SimStore {
+    sim: Sim,
+    check_roundtrip: bool,
+}
+
+impl SimStore {
+    /// Stores a new run (as a runner does before driving it).
+    pub fn put(&mut self, run: &SyncRun) {
+        let mut s = self.sim.lock();
+        if s.record_saves {
+            s.saves.push((run.started_at, run.clone()));
+        }
+        s.last_saved = Some(run.clone());
+    }
+
+    /// The stored run, read back from its envelope (what a restarted runner gets).
+    pub fn reload(&self) -> SyncRun {
+        let s = self.sim.lock();
+        let run = s.last_saved.as_ref().expect("a stored run");
+        let text = persist::encode_string(run);
+        persist::decode(text.as_bytes())
+            .unwrap_or_else(|e| panic!("the stored envelope does not decode: {e}\n{text}"))
+    }
+}
+
+impl RunStore for SimStore {
+    async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+        if self.check_roundtrip {
+            let text = persist::encode_string(run);
+            let back = persist::decode(text.as_bytes())
+                .unwrap_or_else(|e| panic!("envelope does not decode: {e}\n{text}"));
+            assert_eq!(&back, run, "envelope round-trip in {}", run.state.name());
+        }
+        let now = self.sim.clock.last_fed();
+        let mut s = self.sim.lock();
+        let mut sending = false;
+        if let Some(previous) = &s.last_saved {
+            if run.seq != previous.seq + 1 {
+                return Err(StoreError::Conflict {
+                    expected: previous.seq,
+                });
+            }
+            if let (SyncState::KickingOffImport(p), SyncState::KickingOffImport(n)) =
+                (&previous.state, &run.state)
+            {
+                sending = p.sent_at.is_none() && n.sent_at.is_some();
+            }
+            if sending {
+                let id = EffectId::Run { seq: previous.seq };
+                s.sendings.push((Input::Sending { id }, run.seq));
+            }
+        }
+        s.trace.push(Trace::Saved {
+            seq: run.seq,
+            phase: run.state.name(),
+            sending,
+        });
+        if s.record_saves {
+            s.saves.push((now, run.clone()));
+        }
+        s.last_saved = Some(run.clone());
+        Ok(())
+    }
+}
+
+// =============================================================================================
+// The harness.
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub mode: Mode,
     /// Calls of `next` before the run counts as not terminating.
     pub max_steps: usize,
-    /// Encode and decode the run after every accepted step (a crash and reload).
+    /// Stop the drive gracefully (its `stop` condition: effects in flight finish) after these
+    /// numbers of accepted events, and drive on from the stored envelope.
     pub reload_at: ReloadAt,
-    /// Check `decode(encode(run)) == run` after every accepted step.
+    /// Crash once the accepted events reach each of these counts (at the next moment the
+    /// driver waits for its effects): the effects in flight are lost, performed or not, and
+    /// the run is reloaded from the stored envelope.
+    pub crash_at: Vec<usize>,
+    pub crash_seed: u64,
+    /// Each drive may start effects for this long (virtual ms), as one Lambda invocation;
+    /// the next continues from the stored envelope.
+    pub budget_ms: Option<u64>,
+    /// Waits up to this long are slept in the drive; longer ones end it (`Sleeping`), and the
+    /// next drive starts at the wake-up from the stored envelope.
+    pub max_sleep: Duration,
+    /// Check `decode(encode(run)) == run` on every save.
     pub check_roundtrip: bool,
-    /// After every accepted step, re-deliver every earlier (id, result) and expect refusal.
+    /// At the end, re-deliver every accepted input (results, cancels, `Sending` records) to
+    /// every run saved after the one it produced, and expect refusal.
     pub check_redelivery: bool,
-    /// Cancel the run after this many accepted inputs.
+    /// Cancel the run after this many accepted inputs (stop, `driver::cancel`, drive on).
     pub cancel_after: Option<usize>,
     /// Feed `next` and `step` random earlier timestamps now and then (seeded).
     pub backwards: Option<u64>,
@@ -724,16 +1361,19 @@ pub struct Options {
 pub enum ReloadAt {
     Never,
     Every,
-    /// After these accepted-step counts.
+    /// After these accepted-event counts.
     Steps(Vec<usize>),
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
-            mode: Mode::Batch,
             max_steps: 200_000,
             reload_at: ReloadAt::Never,
+            crash_at: Vec::new(),
+            crash_seed: 0,
+            budget_ms: None,
+            max_sleep: Duration::MAX,
             check_roundtrip: false,
             check_redelivery: false,
             cancel_after: None,
@@ -743,16 +1383,6 @@ impl Default for Options {
     }
 }
 
-/// One accepted input and the run it produced.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Event {
-    pub now: Timestamp,
-    pub request: Option<Request>,
-    pub input: Input,
-    /// The run the input produced (when `Options::record_states`).
-    pub after: Option<SyncRun>,
-}
-
 #[derive(Clone, Debug)]
 pub struct Outcome {
     pub run: SyncRun,
@@ -760,174 +1390,178 @@ pub struct Outcome {
     pub started: Timestamp,
     pub ended: Timestamp,
     pub events: Vec<Event>,
-    /// Calls of `next`.
+    /// Calls of `next` by the driver's loop.
     pub steps: usize,
-    /// Results of a batch refused because an earlier one of the batch ended the phase.
+    /// Results refused because an earlier one moved the run to another phase.
     pub refused_in_batch: usize,
     /// Every `SleepUntil` seen, with the `now` it was asked at.
     pub sleeps: Vec<(Timestamp, Timestamp)>,
+    /// Effects performed whose answers a crash lost.
+    pub lost: Vec<(Request, EffectResult)>,
+    /// Calls of the driver.
+    pub drives: usize,
+    /// Hard crashes.
+    pub crashes: usize,
+    pub trace: Vec<Trace>,
 }
 
 pub const CANCEL_REASON: &str = "cancelled by the operator";
 
-/// Runs the driver loop until the run is done, answering effects from `world`.
+/// Runs `run` to its end through the production driver, answering effects from `world`.
 pub fn drive(run: SyncRun, world: &mut World, opts: &Options) -> Outcome {
-    let mut run = run;
     let started = run.started_at;
-    let mut clock = started;
-    let mut back = opts.backwards.map(SplitMix64::new);
-    // The `now` handed to the machine: usually the clock, sometimes an earlier time.
-    let mut fed = |clock: Timestamp| -> Timestamp {
-        match back.as_mut() {
-            Some(rng) => {
-                if rng.chance(25) {
-                    Timestamp(rng.below(clock.0 + 1))
-                } else {
-                    clock
-                }
-            }
-            None => clock,
-        }
+    let clock = Arc::new(VirtualClock::new(started, opts.backwards));
+    let sim = Sim::new(world.clone(), clock.clone(), opts.record_states);
+    sim.crash_at(opts.crash_at.iter().copied(), opts.crash_seed);
+    let mut store = sim.store(opts.check_roundtrip, opts.check_redelivery);
+    store.put(&run);
+    let mut run = run;
+    let mut next_reload = match &opts.reload_at {
+        ReloadAt::Never => None,
+        ReloadAt::Every => Some(1),
+        ReloadAt::Steps(at) => at.iter().copied().min(),
     };
-    let mut events: Vec<Event> = Vec::new();
-    let mut delivered: Vec<Input> = Vec::new();
-    let mut steps = 0usize;
-    let mut refused_in_batch = 0usize;
-    let mut sleeps = Vec::new();
-
-    let accept = |run: &mut SyncRun,
-                  next: SyncRun,
-                  request: Option<Request>,
-                  input: Input,
-                  now: Timestamp,
-                  events: &mut Vec<Event>,
-                  delivered: &mut Vec<Input>| {
-        if opts.check_roundtrip {
-            let text = persist::encode_string(&next);
-            let back = persist::decode(text.as_bytes())
-                .unwrap_or_else(|e| panic!("envelope does not decode: {e}\n{text}"));
-            assert_eq!(back, next, "envelope round-trip in {}", next.state.name());
-        }
-        if opts.check_redelivery {
-            for old in delivered.iter() {
-                let refused = next.step(old.clone(), now);
-                assert!(
-                    refused.is_err(),
-                    "re-delivered {old:?} was accepted in {}",
-                    next.state.name()
-                );
-            }
-        }
-        delivered.push(input.clone());
-        events.push(Event {
-            now,
-            request,
-            input,
-            after: opts.record_states.then(|| next.clone()),
-        });
-        let reload = match &opts.reload_at {
-            ReloadAt::Never => false,
-            ReloadAt::Every => true,
-            ReloadAt::Steps(at) => at.contains(&events.len()),
-        };
-        *run = if reload {
-            persist::decode(persist::encode_string(&next).as_bytes()).expect("reload")
-        } else {
-            next
-        };
-    };
-
-    loop {
-        steps += 1;
+    let mut cancel_at = opts.cancel_after;
+    let (mut drives, mut crashes) = (0usize, 0usize);
+    let terminal = loop {
+        drives += 1;
         assert!(
-            steps <= opts.max_steps,
-            "no termination after {} steps; phase {}, virtual time {} s",
-            opts.max_steps,
-            run.state.name(),
-            started.until(clock) / 1000
+            drives <= opts.max_steps,
+            "{drives} drives without an end; phase {}",
+            run.state.name()
         );
-        let now = fed(clock);
-        match run.next(now) {
-            Next::Done { terminal } => {
-                assert_eq!(run.state.terminal(), Some(terminal.clone()));
-                return Outcome {
-                    run,
-                    terminal,
-                    started,
-                    ended: clock,
-                    events,
-                    steps,
-                    refused_in_batch,
-                    sleeps,
-                };
+        let budget_until = opts.budget_ms.map(|b| clock.real().plus_ms(b.max(1)));
+        let options = DriveOptions::new(opts.max_sleep, budget_until).with_clock(clock.clone());
+        let stop = |run: &SyncRun| {
+            let events = sim.event_count();
+            sim.steps() >= opts.max_steps
+                || next_reload.is_some_and(|at| events >= at)
+                || cancel_at.is_some_and(|at| events >= at && !run.is_done())
+        };
+        let driven = sim.run(driver::drive_until(
+            run,
+            &sim,
+            &mut store,
+            &options,
+            &sim,
+            sim.crash_signal(),
+            stop,
+        ));
+        let (latest, stopped) = match driven {
+            Ok(x) => x,
+            Err(e) => panic!("the simulation's store refused a save: {e}"),
+        };
+        run = latest;
+        if stopped != Stopped::Interrupted {
+            sim.settled();
+        }
+        match stopped {
+            Stopped::Done(terminal) => break *terminal,
+            Stopped::Sleeping { until } => {
+                clock.advance_to(until);
+                run = store.reload();
             }
-            Next::SleepUntil { until, reason } => {
+            Stopped::OutOfBudget => run = store.reload(),
+            Stopped::Interrupted => {
+                if sim.take_crash() {
+                    crashes += 1;
+                    run = store.reload();
+                    continue;
+                }
+                let events = sim.event_count();
                 assert!(
-                    until > now,
-                    "wake-up {until:?} is not after now {now:?} ({reason}) in {}",
-                    run.state.name()
+                    sim.steps() < opts.max_steps,
+                    "no termination after {} steps; phase {}, virtual time {} s",
+                    opts.max_steps,
+                    run.state.name(),
+                    started.until(clock.real()) / 1000
                 );
-                sleeps.push((now, until));
-                clock = clock.max(until);
-            }
-            Next::Run { requests } => {
-                assert!(!requests.is_empty(), "Next::Run with no request");
-                let batch = match opts.mode {
-                    Mode::Batch => &requests[..],
-                    Mode::Sequential => &requests[..1],
-                };
-                let phase = run.state.name();
-                for req in batch {
-                    clock = clock.plus_ms(world.latency());
-                    let result = world.answer(req, clock);
-                    let now = fed(clock);
-                    let input = Input::Completed { id: req.id, result };
-                    match run.step(input.clone(), now) {
-                        Ok(next) => accept(
-                            &mut run,
-                            next,
-                            Some(req.clone()),
-                            input,
-                            now,
-                            &mut events,
-                            &mut delivered,
-                        ),
-                        Err(e) => {
-                            // Only a batch whose phase ended early may see its rest refused.
-                            assert!(
-                                opts.mode == Mode::Batch && run.state.name() != phase,
-                                "result for {:?} refused in {}: {e}",
-                                req.id,
-                                run.state.name()
-                            );
-                            refused_in_batch += 1;
+                if cancel_at.is_some_and(|at| events >= at) && !run.is_done() {
+                    cancel_at = None;
+                    let cancelled = sim.run(driver::cancel(
+                        &run,
+                        &mut store,
+                        CANCEL_REASON,
+                        clock.as_ref(),
+                    ));
+                    match cancelled {
+                        Ok(Some(c)) => {
+                            sim.record_cancel(&c, CANCEL_REASON);
+                            run = c;
                         }
+                        Ok(None) => panic!("cancel refused in {}", run.state.name()),
+                        Err(e) => panic!("the simulation's store refused a save: {e}"),
                     }
                 }
+                if next_reload.is_some_and(|at| events >= at) {
+                    next_reload = match &opts.reload_at {
+                        ReloadAt::Never => None,
+                        ReloadAt::Every => Some(events + 1),
+                        ReloadAt::Steps(at) => at.iter().copied().filter(|a| *a > events).min(),
+                    };
+                    run = store.reload();
+                }
             }
         }
-        if opts.cancel_after.is_some_and(|n| events.len() >= n) && !run.is_done() {
-            let already = events
-                .iter()
-                .any(|e| matches!(e.input, Input::Cancel { .. }));
-            if !already {
-                let input = Input::Cancel {
-                    reason: CANCEL_REASON.into(),
-                };
-                let now = fed(clock);
-                let next = run.step(input.clone(), now).expect("cancel is accepted");
-                accept(
-                    &mut run,
-                    next,
-                    None,
-                    input,
-                    now,
-                    &mut events,
-                    &mut delivered,
-                );
-            }
+    };
+    let ended = clock.real();
+    let s = sim.finish();
+    *world = s.world;
+    if opts.check_redelivery {
+        check_redelivery(&s.events, &s.sendings, &s.saves);
+    }
+    for (request, why, phase) in &s.rejected {
+        // Only results of a batch whose phase ended early may be refused.
+        let own_phase = match request.id {
+            EffectId::File { .. } => "staging_files",
+            EffectId::Deletions { .. } => "applying_deletions",
+            EffectId::Run { .. } => "",
+        };
+        assert!(
+            !own_phase.is_empty() && *phase != own_phase,
+            "result for {:?} refused in {phase}: {why}",
+            request.id
+        );
+    }
+    Outcome {
+        run,
+        terminal,
+        started,
+        ended,
+        events: s.events,
+        steps: s.steps,
+        refused_in_batch: s.rejected.len(),
+        sleeps: s.sleeps,
+        lost: s.lost,
+        drives,
+        crashes,
+        trace: s.trace,
+    }
+}
+
+/// Every accepted input, delivered again to every run saved after the one it produced, is
+/// refused (`step` returns `Err`, so the run is unchanged). (The run it produced itself may
+/// take it: a second cancel while cleaning up after the first skips the clean-up.)
+fn check_redelivery(events: &[Event], sendings: &[(Input, u64)], saves: &[(Timestamp, SyncRun)]) {
+    let inputs = events
+        .iter()
+        .map(|e| (&e.input, e.seq))
+        .chain(sendings.iter().map(|(i, seq)| (i, *seq)));
+    for (input, seq) in inputs {
+        for (now, later) in saves.iter().filter(|(_, r)| r.seq > seq) {
+            assert!(
+                later.step(input.clone(), *now).is_err(),
+                "re-delivered {input:?} was accepted in {} (seq {})",
+                later.state.name(),
+                later.seq
+            );
         }
     }
+}
+
+/// How many effects that a crash lost answered `matches`.
+fn lost_where(outcome: &Outcome, matches: impl Fn(&Request, &EffectResult) -> bool) -> u32 {
+    outcome.lost.iter().filter(|(q, r)| matches(q, r)).count() as u32
 }
 
 /// Checks what every run must satisfy at its end, whatever the plan:
@@ -935,7 +1569,12 @@ pub fn drive(run: SyncRun, world: &mut World, opts: &Options) -> Outcome {
 ///   else is), every file of the manifest was staged, every `deleted[]` file's deletions were
 ///   applied once when configured, and the watermark is this run's transactionTime;
 /// - Failed in staging: the reason names a file the plan made fail, or the fatal outcome;
-/// - Failed or Cancelled: the watermark is the one the run started with.
+/// - Failed or Cancelled: the watermark is the one the run started with;
+/// - always: no file staged twice, no export kicked off again once one was accepted, no
+///   import naming a file twice, and with `IMPORT_MODE=append` never a second import.
+///
+/// An effect whose answer a crash lost (`Outcome::lost`) may have been performed once more:
+/// each such answer allows exactly one repeat of what it did.
 pub fn check_accounting(
     outcome: &Outcome,
     world: &World,
@@ -949,13 +1588,53 @@ pub fn check_accounting(
             .file_key(RUN_ID, i as u32, f.kind, &f.type_name)
             .0
     };
+    let lost_staged = |k: &str| {
+        lost_where(outcome, |q, r| {
+            matches!(&q.effect, Effect::StageFile { key, .. } if key.0 == k)
+                && matches!(r, EffectResult::FileStaged { .. })
+        })
+    };
+    // No staged file downloaded twice (but for a repeat of a write whose answer was lost).
+    for (k, n) in &world.staged {
+        assert!(
+            *n <= 1 + lost_staged(k),
+            "{k} staged {n} times ({} answer(s) lost)",
+            lost_staged(k)
+        );
+    }
+    // No export kicked off again once one was accepted (unless that answer was lost).
+    let lost_exports = lost_where(outcome, |_, r| {
+        matches!(r, EffectResult::ExportAccepted { .. })
+    });
+    assert!(
+        world.exports_accepted <= 1 + lost_exports,
+        "{} exports accepted ({lost_exports} answer(s) lost)",
+        world.exports_accepted
+    );
+    // No import names a file twice; with IMPORT_MODE=append, there is at most one import.
+    for (_, body) in &world.accepted_imports {
+        let urls = urls_of(body);
+        let distinct: BTreeSet<&String> = urls.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            urls.len(),
+            "an import names a file twice: {urls:?}"
+        );
+    }
+    if spec.target.import_mode == ImportMode::Append {
+        assert!(
+            world.accepted_imports.len() <= 1,
+            "IMPORT_MODE=append imported {} times",
+            world.accepted_imports.len()
+        );
+    }
     match &outcome.terminal {
         Terminal::Succeeded(summary) => {
             assert_eq!(summary.files as usize, plan.files.len());
             for i in 0..plan.files.len() {
                 assert_eq!(
-                    world.staged.get(&key(i)),
-                    Some(&1),
+                    world.staged.get(&key(i)).copied(),
+                    Some(1 + lost_staged(&key(i))),
                     "{} staged once",
                     plan.describe(i)
                 );
@@ -990,7 +1669,14 @@ pub fn check_accounting(
             if spec.target.apply_deletions {
                 for i in 0..plan.files.len() {
                     if plan.files[i].kind == FileKind::Deleted {
-                        assert_eq!(world.deletions_applied.get(&(i as u32)), Some(&1));
+                        let lost = lost_where(outcome, |q, r| {
+                            matches!(&q.effect, Effect::ApplyDeletions { index, .. } if *index as usize == i)
+                                && matches!(r, EffectResult::DeletionsApplied { .. })
+                        });
+                        assert_eq!(
+                            world.deletions_applied.get(&(i as u32)).copied(),
+                            Some(1 + lost)
+                        );
                     }
                 }
             } else {
@@ -1069,15 +1755,20 @@ pub fn check_accounting(
         pathling_import_core::state::SyncState::Failed(f)
             if f.resume.as_ref().is_some_and(|r| r.export_kept)
     );
+    let lost_deletes = lost_where(outcome, |q, _| {
+        matches!(q.effect, Effect::DeleteExportJob { .. })
+    });
     if accepted_export && !skipped_by_cancel {
-        assert_eq!(
-            world.export_job_deletes,
-            u32::from(!kept_for_retry),
-            "the export job is deleted once (unless kept for a retry)"
+        let expected = u32::from(!kept_for_retry);
+        assert!(
+            world.export_job_deletes >= expected
+                && world.export_job_deletes <= expected + lost_deletes,
+            "the export job is deleted once (unless kept for a retry): {} DELETE(s), {lost_deletes} lost",
+            world.export_job_deletes
         );
     }
     if !accepted_export {
-        assert_eq!(world.export_job_deletes, 0);
+        assert_eq!(world.export_job_deletes, lost_deletes);
     }
     // Requests carry the ids the machine expects.
     for e in &outcome.events {

@@ -1,6 +1,11 @@
-//! Deterministic simulation: a fake world answers every effect according to a seeded fault
-//! plan, a virtual clock jumps to each wake-up, and a step bound turns non-termination into a
-//! failure. See `common/sim.rs` for the world and the driver.
+//! Deterministic simulation of the production driver (`driver::drive_until`): a fake world
+//! answers every effect according to a seeded fault plan, a virtual clock jumps to each
+//! wake-up, and a step bound turns non-termination into a failure. See `common/sim.rs` for
+//! the world and the harness.
+//!
+//! The last section observes the driver's own paths directly: refilling slots, a budget
+//! running out with effects in flight, a phase change mid-batch, an interrupt, and the
+//! `Sending` record of an append kick-off.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -594,14 +599,16 @@ fn seeded_sweep_of_random_fault_plans() {
             ("APPLY_DELETIONS", deletions),
             ("TRANSFER_CONCURRENCY", rng.pick(&["1", "2", "4"])),
         ]);
-        let mode = if seed % 2 == 0 {
-            Mode::Batch
+        // Odd seeds run as a Lambda would: every drive has a budget of its own and sleeps
+        // at most a few seconds; the next one continues from the stored envelope.
+        let opts = if seed % 2 == 0 {
+            Options::default()
         } else {
-            Mode::Sequential
-        };
-        let opts = Options {
-            mode,
-            ..Options::default()
+            Options {
+                budget_ms: Some(1 + rng.below(5_000)),
+                max_sleep: std::time::Duration::from_millis(rng.below(10_000)),
+                ..Options::default()
+            }
         };
 
         let (outcome, _) = run_plan(&spec, &plan, &opts);
@@ -649,4 +656,331 @@ fn wakeups_are_never_in_the_past() {
             assert!(until > now);
         }
     }
+}
+
+// =============================================================================================
+// The production driver's own paths, observed.
+
+use pathling_import_core::effect::{Effect, EffectId};
+use pathling_import_core::state::SyncState;
+use pathling_import_core::SyncRun;
+use pathling_import_runners::driver::{self, DriveOptions, Stopped};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A world, its virtual clock and a store, for driving by hand.
+fn rig(spec: &pathling_import_core::spec::RunSpec, plan: &Plan) -> (Sim, SimStore, SyncRun) {
+    let run = started(spec);
+    let clock = Arc::new(VirtualClock::new(run.started_at, None));
+    let sim = Sim::new(World::new(spec, plan), clock, true);
+    let mut store = sim.store(true, false);
+    store.put(&run);
+    (sim, store, run)
+}
+
+/// One call of the driver on the rig's clock.
+fn drive_once(
+    sim: &Sim,
+    store: &mut SimStore,
+    run: SyncRun,
+    budget_until: Option<pathling_import_core::Timestamp>,
+    stop: impl Fn(&SyncRun) -> bool,
+) -> (SyncRun, Stopped) {
+    let options = DriveOptions::new(Duration::MAX, budget_until).with_clock(sim.clock());
+    sim.run(driver::drive_until(
+        run,
+        sim,
+        store,
+        &options,
+        sim,
+        sim.crash_signal(),
+        stop,
+    ))
+    .unwrap()
+}
+
+fn started_id(t: &Trace) -> Option<EffectId> {
+    match t {
+        Trace::Started { request, .. } => Some(request.id),
+        _ => None,
+    }
+}
+
+/// Where in the trace `id` started.
+fn start_of(trace: &[Trace], id: EffectId) -> usize {
+    trace
+        .iter()
+        .position(|t| started_id(t) == Some(id))
+        .unwrap_or_else(|| panic!("{id:?} never started"))
+}
+
+fn position(trace: &[Trace], wanted: &Trace) -> usize {
+    trace
+        .iter()
+        .position(|t| t == wanted)
+        .unwrap_or_else(|| panic!("{wanted:?} not in the trace"))
+}
+
+fn file(index: u32) -> EffectId {
+    EffectId::File { index, attempt: 0 }
+}
+
+#[test]
+fn the_driver_refills_slots_from_the_machine_as_they_free_up() {
+    // Two slots, a first batch of 8 files (2 × BATCH_PER_SLOT), 20 files in all.
+    let spec = quick_spec(&[("TRANSFER_CONCURRENCY", "2")]);
+    let plan = Plan::happy(Plan::outputs(20));
+
+    let (outcome, world) = run_plan(&spec, &plan, &Options::default());
+
+    assert!(matches!(outcome.terminal, Terminal::Succeeded(_)));
+    assert_eq!(world.staged.len(), 20);
+    // Never more than two files in flight, and two whenever two remain to be started.
+    let mut in_flight = 0usize;
+    let mut most = 0usize;
+    let mut starts = 0usize;
+    for t in &outcome.trace {
+        match t {
+            Trace::Started { request, .. } if matches!(request.id, EffectId::File { .. }) => {
+                in_flight += 1;
+                starts += 1;
+                most = most.max(in_flight);
+            }
+            Trace::Stepped(EffectId::File { .. }) => {
+                assert!(
+                    in_flight == 2 || starts == 20,
+                    "a slot stayed idle with files left to start: {in_flight} in flight after {starts} starts"
+                );
+                in_flight -= 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(most, 2);
+    // File 8 is not in the first batch: it is asked of the machine (a refill) as soon as a
+    // slot frees up after the batch was handed out, while a file of the batch is in flight.
+    let t = &outcome.trace;
+    let last_of_batch = (0..8)
+        .map(|i| position(t, &Trace::Stepped(file(i))))
+        .max()
+        .unwrap();
+    assert!(start_of(t, file(8)) < last_of_batch);
+}
+
+#[test]
+fn a_budget_that_runs_out_lets_the_effects_in_flight_finish_and_starts_none() {
+    let spec = quick_spec(&[("TRANSFER_CONCURRENCY", "3")]);
+    let mut plan = Plan::happy(Plan::outputs(10));
+    plan.max_latency_ms = 1_000;
+    plan.seed = 7;
+    let (sim, mut store, run) = rig(&spec, &plan);
+    let staging = |r: &SyncRun| matches!(r.state, SyncState::StagingFiles(_));
+    let (run, stopped) = drive_once(&sim, &mut store, run, None, staging);
+    assert_eq!(stopped, Stopped::Interrupted);
+    let before = sim.trace().len();
+
+    // The budget ends 1 ms from now: the first result comes later than that.
+    let budget = sim.clock().real().plus_ms(1);
+    let (run, stopped) = drive_once(&sim, &mut store, run, Some(budget), |_| false);
+
+    assert_eq!(stopped, Stopped::OutOfBudget);
+    let trace = sim.trace()[before..].to_vec();
+    let started: Vec<EffectId> = trace.iter().filter_map(started_id).collect();
+    let stepped: Vec<EffectId> = trace
+        .iter()
+        .filter_map(|t| match t {
+            Trace::Stepped(id) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        &started[..3],
+        [file(0), file(1), file(2)],
+        "three slots filled"
+    );
+    let (mut started, mut stepped) = (started, stepped);
+    started.sort_by_key(|id| format!("{id:?}"));
+    stepped.sort_by_key(|id| format!("{id:?}"));
+    assert_eq!(
+        stepped, started,
+        "every effect in flight finished and was stepped"
+    );
+    for t in &trace {
+        if let Trace::Started { at, .. } = t {
+            assert!(*at < budget, "an effect started after the budget");
+        }
+    }
+    assert_eq!(store.reload(), run, "what was stepped is saved");
+
+    // The next drive goes on from there: every file staged exactly once.
+    let again = store.reload();
+    let (_, stopped) = drive_once(&sim, &mut store, again, None, |_| false);
+    assert!(matches!(stopped, Stopped::Done(t) if matches!(*t, Terminal::Succeeded(_))));
+    sim.world(|w| {
+        assert_eq!(w.staged.len(), 10);
+        assert!(w.staged.values().all(|n| *n == 1));
+    });
+}
+
+#[test]
+fn a_phase_change_mid_batch_refuses_the_rest_and_starts_nothing_more_of_it() {
+    let spec = quick_spec(&[("APPLY_DELETIONS", "true"), ("TRANSFER_CONCURRENCY", "4")]);
+    let mut files = Plan::outputs(1);
+    for _ in 0..3 {
+        files.push(PlanFile::ok(FileKind::Deleted, "Bundle"));
+    }
+    files[1].delete = Fault::Permanent;
+    let deletions = |index| EffectId::Deletions { index, attempt: 0 };
+    let mut refused = 0;
+    // The latencies decide which deletions answer before the failing one.
+    for seed in 0..16 {
+        let mut plan = Plan::happy(files.clone());
+        plan.seed = seed;
+
+        let (outcome, world) = run_plan(&spec, &plan, &Options::default());
+
+        let (phase, reason) = failed(&outcome);
+        assert_eq!(phase, "applying_deletions");
+        assert!(
+            reason.contains("deletions of deleted[0] Bundle"),
+            "{reason}"
+        );
+        let t = &outcome.trace;
+        // The three deletions go out together; the first fails for good, which ends the
+        // phase: results that come after are refused, and what starts next is the export
+        // job's clean-up, nothing more of the batch.
+        let failure = position(t, &Trace::Stepped(deletions(1)));
+        for i in 1..4 {
+            assert!(start_of(t, deletions(i)) < failure);
+        }
+        for later in &t[failure + 1..] {
+            if let Trace::Stepped(id) = later {
+                assert!(
+                    !matches!(id, EffectId::Deletions { .. }),
+                    "{id:?} stepped after the failure"
+                );
+            }
+        }
+        let after: Vec<&Trace> = t[failure..]
+            .iter()
+            .filter(|t| matches!(t, Trace::Started { .. }))
+            .collect();
+        assert!(
+            matches!(after.as_slice(), [Trace::Started { request, .. }] if matches!(request.effect, Effect::DeleteExportJob { .. })),
+            "{after:?}"
+        );
+        let rejected = t[failure..]
+            .iter()
+            .filter(|t| matches!(t, Trace::Rejected(EffectId::Deletions { .. })))
+            .count();
+        assert_eq!(outcome.refused_in_batch, rejected);
+        refused += rejected;
+        assert_eq!(world.export_job_deletes, 1);
+    }
+    assert!(refused > 0, "no result ever came after the failure");
+}
+
+#[test]
+fn an_interrupt_abandons_the_effects_in_flight_and_a_reload_goes_on() {
+    let spec = quick_spec(&[("TRANSFER_CONCURRENCY", "3")]);
+    let plan = Plan::happy(Plan::outputs(8));
+    let (sim, mut store, run) = rig(&spec, &plan);
+    // Crash as the first effect after the export (2 events) and one staged file starts.
+    sim.crash_at([3], 11);
+
+    let (run, stopped) = drive_once(&sim, &mut store, run, None, |_| false);
+
+    assert_eq!(stopped, Stopped::Interrupted);
+    assert!(sim.take_crash());
+    assert_eq!(sim.event_count(), 3, "nothing stepped after the crash");
+    assert_eq!(store.reload(), run, "the driver returns the run as saved");
+    let trace = sim.trace();
+    let last_step = trace
+        .iter()
+        .rposition(|t| matches!(t, Trace::Stepped(_)))
+        .unwrap();
+    let abandoned: Vec<EffectId> = trace[last_step..].iter().filter_map(started_id).collect();
+    assert!(
+        !abandoned.is_empty(),
+        "effects were in flight at the interrupt"
+    );
+    assert!(!trace[last_step + 1..]
+        .iter()
+        .any(|t| matches!(t, Trace::Stepped(_) | Trace::Rejected(_))));
+
+    // A new drive from the stored envelope stages what was in flight again (once more at
+    // most for a file whose write reached the store) and ends.
+    let again = store.reload();
+    let (_, stopped) = drive_once(&sim, &mut store, again, None, |_| false);
+    assert!(matches!(stopped, Stopped::Done(t) if matches!(*t, Terminal::Succeeded(_))));
+    let lost = sim.lost();
+    sim.world(|w| {
+        assert_eq!(w.staged.len(), 8);
+        for (key, n) in &w.staged {
+            let lost_here = lost
+                .iter()
+                .filter(
+                    |(q, _)| matches!(&q.effect, Effect::StageFile { key: k, .. } if &k.0 == key),
+                )
+                .count() as u32;
+            assert_eq!(*n, 1 + lost_here, "{key}");
+        }
+    });
+}
+
+#[test]
+fn an_append_kickoff_is_recorded_before_it_goes_out_and_never_repeated_after_a_crash() {
+    let spec = quick_spec(&[("IMPORT_MODE", "append"), ("PATHLING_API", "9")]);
+    let plan = Plan::happy(Plan::outputs(3));
+
+    // Without a crash: the `Sending` record is saved, then the kick-off goes out under the
+    // new seq.
+    let (outcome, world) = run_plan(&spec, &plan, &Options::default());
+    assert!(matches!(outcome.terminal, Terminal::Succeeded(_)));
+    assert_eq!(world.accepted_imports.len(), 1);
+    let t = &outcome.trace;
+    let kickoff = t
+        .iter()
+        .position(|t| matches!(t, Trace::Started { request, .. } if matches!(request.effect, Effect::KickoffImport { .. })))
+        .unwrap();
+    let Trace::Saved {
+        seq,
+        phase,
+        sending: true,
+    } = &t[kickoff - 1]
+    else {
+        panic!(
+            "no Sending record right before the kick-off: {:?}",
+            &t[kickoff - 1]
+        )
+    };
+    assert_eq!(*phase, "kicking_off_import");
+    let Trace::Started { request, .. } = &t[kickoff] else {
+        unreachable!()
+    };
+    assert_eq!(request.id, EffectId::Run { seq: *seq });
+    let events_before = outcome.events.iter().filter(|e| e.seq < *seq).count();
+
+    // A crash while the kick-off is in flight, whether or not it reached Pathling: the run
+    // fails asking the operator to check, and Pathling never gets a second import.
+    let mut performed = 0;
+    for seed in 0..8 {
+        let opts = Options {
+            crash_at: vec![events_before],
+            crash_seed: seed,
+            check_redelivery: true,
+            ..Options::default()
+        };
+        let (outcome, world) = run_plan(&spec, &plan, &opts);
+        assert_eq!(outcome.crashes, 1);
+        let (phase, reason) = failed(&outcome);
+        assert_eq!(phase, "kicking_off_import");
+        assert!(reason.contains("was lost"), "{reason}");
+        assert!(world.accepted_imports.len() <= 1);
+        performed += world.accepted_imports.len();
+    }
+    assert!(
+        (1..8).contains(&performed),
+        "both cases seen: {performed}/8"
+    );
 }
