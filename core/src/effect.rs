@@ -84,6 +84,9 @@ pub enum Effect {
     KickoffImport {
         api: PathlingApi,
         parameters: serde_json::Value,
+        /// A job to `DELETE` first (an answer of 404 or 410 is fine: it is gone).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replaces: Option<String>,
     },
     /// Poll the import job. Answer `ImportInProgress`, `ImportCompleted` with the facts of a
     /// `200` answer (the core decides whether they mean success), or `Failed`.

@@ -169,7 +169,12 @@ pub fn stepped(
                 "responseHeaders": null,
             }),
         )),
-        (Effect::KickoffImport { api, parameters }, _) => {
+        (
+            Effect::KickoffImport {
+                api, parameters, ..
+            },
+            _,
+        ) => {
             let (job_url, error_code, message) = match result {
                 EffectResult::ImportAccepted { job_url } => (Some(job_url.clone()), None, None),
                 EffectResult::Failed(f) => (None, f.status(), Some(f.message.clone())),

@@ -107,6 +107,7 @@ fn resume_point(from: ResumeFrom, export: &Exported) -> ResumePoint {
         deleted: 0,
         absent: 0,
         export_kept: false,
+        check_first: false,
     }
 }
 
@@ -278,6 +279,7 @@ impl SyncRun {
                         run_req(Effect::KickoffImport {
                             api,
                             parameters: self.import_parameters(&s.export, api),
+                            replaces: s.replaces.clone(),
                         })
                     }
                 }),
@@ -459,12 +461,17 @@ impl SyncRun {
         Ok(next)
     }
 
-    /// The resume point of a failed run that can be retried.
-    pub fn resumable(&self) -> Option<&ResumePoint> {
+    /// Why the run failed, when it did.
+    pub fn failure(&self) -> Option<&FailedRun> {
         match &self.state {
-            SyncState::Failed(f) => f.resume.as_deref(),
+            SyncState::Failed(f) => Some(f),
             _ => None,
         }
+    }
+
+    /// The resume point of a failed run that can be retried.
+    pub fn resumable(&self) -> Option<&ResumePoint> {
+        self.failure().and_then(|f| f.resume.as_deref())
     }
 
     /// Whether the driver must persist [`Input::Sending`] before performing `request`: an
@@ -524,14 +531,18 @@ impl SyncRun {
                 "the answer to the $import kick-off sent at {sent_at} was lost (the process \
                  stopped or the connection dropped), and with IMPORT_MODE=append sending it \
                  again would import the data twice if Pathling had accepted it. Check \
-                 Pathling for an import job started then: if there is none, run \
-                 `pathling-import retry`; if there is, let it finish and start the next run \
-                 with --fresh"
+                 Pathling for an import job started then: if there is none, retry this run \
+                 explicitly (`pathling-import retry`, or invoke with {{\"retry\": true}}); if \
+                 there is, let it finish, then abandon this run (`--fresh`, or a cancel \
+                 invocation) and start the next. Schedules and plain reruns leave it alone"
             ),
             summary: self.import_summary(&s.export, None),
             cleanup: Some(&s.export.status_url),
             cause: None,
-            resume: Some(resume_point(ResumeFrom::KickingOffImport, &s.export)),
+            resume: Some(ResumePoint {
+                check_first: true,
+                ..resume_point(ResumeFrom::KickingOffImport, &s.export)
+            }),
         }))
     }
 
@@ -573,7 +584,13 @@ impl SyncRun {
                 throttled: false,
                 resuming: Some(Box::new(export)),
             }),
-            ResumeFrom::KickingOffImport => self.import_kickoff(export, now),
+            ResumeFrom::KickingOffImport => match self.import_kickoff(export, now) {
+                SyncState::KickingOffImport(k) => SyncState::KickingOffImport(KickingOffImport {
+                    replaces: point.import_job.clone(),
+                    ..k
+                }),
+                other => other,
+            },
             ResumeFrom::ApplyingDeletions => {
                 for row in export.files.rows.iter_mut() {
                     if row.kind == FileKind::Deleted && row.status == FileStatus::Staged {
@@ -987,13 +1004,28 @@ impl SyncRun {
             SyncState::PollingImport(s) => {
                 run_level(id)?;
                 let failed = |reason: String, cause: Option<&Failure>| {
+                    // Unless Pathling said the job failed, it may have imported the data: with
+                    // IMPORT_MODE=append a retry imports it twice, so someone checks first.
+                    let job_failed = cause.is_some_and(|f| {
+                        matches!(
+                            f.kind,
+                            FailureKind::Http { status, outcome: true, .. }
+                                if !matches!(status, 404 | 410)
+                        )
+                    });
+                    let check_first =
+                        self.spec.target.import_mode == ImportMode::Append && !job_failed;
                     self.fail(Failing {
                         phase: Phase::PollingImport,
                         reason,
                         summary: self.import_summary(&s.export, Some(&s.job_url)),
                         cleanup: Some(&s.export.status_url),
                         cause,
-                        resume: Some(resume_point(ResumeFrom::KickingOffImport, &s.export)),
+                        resume: Some(ResumePoint {
+                            import_job: Some(s.job_url.clone()),
+                            check_first,
+                            ..resume_point(ResumeFrom::KickingOffImport, &s.export)
+                        }),
                     })
                 };
                 match result {
@@ -1292,6 +1324,7 @@ impl SyncRun {
             retry: Retrying::default(),
             deadline: now.plus_ms(patience_ms(&self.spec.retry.import)),
             sent_at: None,
+            replaces: None,
         })
     }
 

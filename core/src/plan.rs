@@ -13,22 +13,47 @@ pub enum NextRun {
     /// The stored run failed after its export was known: step
     /// [`crate::effect::Input::Retry`] and drive it (its staged files are reused).
     Retry,
+    /// The stored run failed where a retry may repeat what already happened
+    /// ([`crate::state::ResumePoint::check_first`]): nothing runs until someone checks and
+    /// asks for the retry, or abandons the run. Starting a new run instead would lose the
+    /// staged export without anyone having looked.
+    Held,
     /// Start a new run; `watermark` is where an incremental one (`SINCE=auto`) starts.
     Start { watermark: Option<Watermark> },
     /// Nothing to do (the last run ended and no new one was asked for).
     Idle,
 }
 
-/// `start` says whether the caller wants work done when nothing is unfinished (a scheduled
-/// invocation, the CLI's run); without it only an unfinished run is continued.
-pub fn next_run(previous: Option<&SyncRun>, start: bool) -> NextRun {
-    match previous {
-        Some(run) if !run.is_done() => NextRun::Continue,
-        Some(run) if start && run.resumable().is_some() => NextRun::Retry,
-        previous if start => NextRun::Start {
-            watermark: previous.and_then(|r| r.watermark.clone()),
+/// What the caller asks for when nothing is unfinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// Only progress (a direct invocation with no request): an unfinished run is continued.
+    Nothing,
+    /// Work: retry a failed run that can be retried, otherwise start the next one (a
+    /// schedule, the CLI's plain run).
+    Start,
+    /// An explicit retry of the failed run, also one that waits for a check.
+    Retry,
+}
+
+pub fn next_run(previous: Option<&SyncRun>, ask: Ask) -> NextRun {
+    let Some(run) = previous else {
+        return match ask {
+            Ask::Start => NextRun::Start { watermark: None },
+            Ask::Nothing | Ask::Retry => NextRun::Idle,
+        };
+    };
+    if !run.is_done() {
+        return NextRun::Continue;
+    }
+    match (ask, run.resumable()) {
+        (Ask::Retry, Some(_)) => NextRun::Retry,
+        (Ask::Start, Some(point)) if point.check_first => NextRun::Held,
+        (Ask::Start, Some(_)) => NextRun::Retry,
+        (Ask::Start, None) => NextRun::Start {
+            watermark: run.watermark.clone(),
         },
-        _ => NextRun::Idle,
+        (Ask::Nothing | Ask::Retry, _) => NextRun::Idle,
     }
 }
 

@@ -246,6 +246,10 @@ pub struct KickingOffImport {
     /// answer was lost (a kill, a dropped connection): Pathling may have started the import.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<Timestamp>,
+    /// The job of this run's failed import, cancelled before the retried kick-off: Pathling
+    /// 9 answers an identical re-submission with the existing job, even a failed one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -346,7 +350,8 @@ pub struct FailedRun {
 pub struct ResumePoint {
     pub from: ResumeFrom,
     pub export: Exported,
-    /// The `$import` job that ran before a deletions failure.
+    /// The `$import` job that ran: the one that succeeded before a deletions failure, or the
+    /// one that failed (replaced by the retry's kick-off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import_job: Option<String>,
     #[serde(default)]
@@ -357,6 +362,11 @@ pub struct ResumePoint {
     /// when the run finally ends or is abandoned.
     #[serde(default)]
     pub export_kept: bool,
+    /// Retrying may repeat something that already happened (an `IMPORT_MODE=append`
+    /// kick-off whose answer was lost): someone must check first, so only an explicit retry
+    /// continues the run, never a schedule or a plain rerun.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub check_first: bool,
 }
 
 /// The phase a retry continues in.

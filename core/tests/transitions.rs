@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use pathling_import_core::bulk::{FileKind, OutcomeSummary};
 use pathling_import_core::effect::{Effect, EffectId, EffectResult, Input, Next};
+use pathling_import_core::plan::{next_run, Ask, NextRun};
 use pathling_import_core::retry::{patience_ms, Failure, FailureKind, MIN_POLL_MS};
 use pathling_import_core::spec::{ImportMode, PathlingApi, PathlingApiChoice};
 use pathling_import_core::state::*;
@@ -1768,7 +1769,9 @@ fn import_accepted_with_a_relative_job_url_fails() {
 
 fn import_body(run: &SyncRun) -> (PathlingApi, Value) {
     match single(run, T0).effect {
-        Effect::KickoffImport { api, parameters } => (api, parameters),
+        Effect::KickoffImport {
+            api, parameters, ..
+        } => (api, parameters),
         other => panic!("{other:?}"),
     }
 }
@@ -2808,6 +2811,73 @@ fn a_retry_adopts_corrected_import_settings_but_keeps_the_export_and_binding() {
     assert!(matches!(import_kickoff(&retried).api, ApiState::Detecting));
 }
 
+fn job_outcome(status: u16) -> EffectResult {
+    failed(Failure::new(
+        FailureKind::Http {
+            status,
+            transient_outcome: false,
+            outcome: true,
+        },
+        "OperationOutcome: error: the import failed",
+    ))
+}
+
+#[test]
+fn a_failed_import_job_is_cancelled_by_the_retried_kickoff() {
+    // (IMPORT_MODE, the poll's failure, whether the retry waits for a check)
+    let cases = [
+        ("merge", job_outcome(400), false),
+        ("merge", http(403, "proxy says no"), false),
+        // Pathling said the job failed: nothing was imported.
+        ("append", job_outcome(400), false),
+        // Not Pathling's word on the job: it may have imported the data.
+        ("append", http(403, "proxy says no"), true),
+        ("append", job_outcome(404), true),
+    ];
+    for (mode, failure, check_first) in cases {
+        let run = polling_import(
+            spec_with(&[("PATHLING_API", "9"), ("IMPORT_MODE", mode)]),
+            FILES,
+        );
+        let failed = answer(&run, failure.clone(), at(1));
+        let failed = answer(&failed, EffectResult::ExportJobDeleted, at(2));
+        let point = failed.resumable().unwrap();
+        assert_eq!(point.from, ResumeFrom::KickingOffImport);
+        assert_eq!(point.import_job.as_deref(), Some(JOB_URL));
+        assert_eq!(point.check_first, check_first, "{mode} {failure:?}");
+        let retried = failed
+            .step(
+                Input::Retry {
+                    spec: Box::new(failed.spec.clone()),
+                },
+                at(3),
+            )
+            .unwrap();
+        match single(&retried, at(3)).effect {
+            Effect::KickoffImport { replaces, .. } => {
+                assert_eq!(replaces.as_deref(), Some(JOB_URL), "{mode} {failure:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // A kick-off that failed has no job to cancel.
+    let run = kicking_off_import(spec_with(&[("PATHLING_API", "9")]), FILES);
+    let failed = answer(&run, http(403, "forbidden"), at(1));
+    let failed = answer(&failed, EffectResult::ExportJobDeleted, at(2));
+    let retried = failed
+        .step(
+            Input::Retry {
+                spec: Box::new(failed.spec.clone()),
+            },
+            at(3),
+        )
+        .unwrap();
+    assert!(matches!(
+        single(&retried, at(3)).effect,
+        Effect::KickoffImport { replaces: None, .. }
+    ));
+}
+
 #[test]
 fn an_expired_export_is_exported_again_on_retry() {
     let run = staging(spec(), FILES);
@@ -2939,6 +3009,47 @@ fn an_append_kickoff_whose_answer_was_lost_is_not_sent_again() {
         stopped.resumable().map(|r| r.from),
         Some(ResumeFrom::KickingOffImport)
     );
+    // Nobody has checked Pathling yet: a schedule or a plain rerun must not retry it, and
+    // must not replace it either; only an explicit retry continues it.
+    assert!(stopped.resumable().unwrap().check_first);
+    assert_eq!(next_run(Some(&stopped), Ask::Start), NextRun::Held);
+    assert_eq!(next_run(Some(&stopped), Ask::Nothing), NextRun::Idle);
+    assert_eq!(next_run(Some(&stopped), Ask::Retry), NextRun::Retry);
+    // The mark survives the envelope.
+    let reloaded = pathling_import_core::persist::decode(
+        pathling_import_core::persist::encode_string(&stopped).as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(next_run(Some(&reloaded), Ask::Start), NextRun::Held);
+}
+
+#[test]
+fn what_a_runner_does_with_the_run_it_finds() {
+    // Nothing stored.
+    assert_eq!(
+        next_run(None, Ask::Start),
+        NextRun::Start { watermark: None }
+    );
+    assert_eq!(next_run(None, Ask::Nothing), NextRun::Idle);
+    assert_eq!(next_run(None, Ask::Retry), NextRun::Idle);
+    // Unfinished: always continued.
+    let unfinished = polling_export(spec());
+    for ask in [Ask::Start, Ask::Nothing, Ask::Retry] {
+        assert_eq!(next_run(Some(&unfinished), ask), NextRun::Continue);
+    }
+    // Failed after its export was known: a schedule retries it.
+    let failed = failed_while_staging();
+    assert!(!failed.resumable().unwrap().check_first);
+    assert_eq!(next_run(Some(&failed), Ask::Start), NextRun::Retry);
+    assert_eq!(next_run(Some(&failed), Ask::Retry), NextRun::Retry);
+    assert_eq!(next_run(Some(&failed), Ask::Nothing), NextRun::Idle);
+    // Failed before: nothing to retry; the next run starts.
+    let plain = answer(&start(spec()), http(400, "no"), T0);
+    assert!(matches!(
+        next_run(Some(&plain), Ask::Start),
+        NextRun::Start { .. }
+    ));
+    assert_eq!(next_run(Some(&plain), Ask::Retry), NextRun::Idle);
 }
 
 #[test]

@@ -256,8 +256,13 @@ impl Executor {
                     .await
             }
             Effect::DetectPathling => self.detect_pathling().await,
-            Effect::KickoffImport { api, parameters } => {
-                self.kickoff_import(*api, parameters).await
+            Effect::KickoffImport {
+                api,
+                parameters,
+                replaces,
+            } => {
+                self.kickoff_import(*api, parameters, replaces.as_deref())
+                    .await
             }
             Effect::PollImport { job_url } => self.poll_import(job_url).await,
             Effect::ApplyDeletions { key, .. } => self.apply_deletions(key).await,
@@ -566,7 +571,11 @@ impl Executor {
         &self,
         api: PathlingApi,
         parameters: &serde_json::Value,
+        replaces: Option<&str>,
     ) -> Result<EffectResult, Failure> {
+        if let Some(job_url) = replaces {
+            self.cancel_import_job(job_url).await?;
+        }
         let ctx = match api {
             PathlingApi::V7 => "Pathling $import kick-off (7.x request)",
             PathlingApi::V9 => "Pathling $import kick-off (9.2+ request)",
@@ -593,6 +602,24 @@ impl Executor {
             )
         })?;
         Ok(EffectResult::ImportAccepted { job_url: location })
+    }
+
+    /// Cancels a failed import job before it is re-submitted: Pathling 9 would otherwise
+    /// answer the identical request with that job. A job already gone is fine.
+    async fn cancel_import_job(&self, job_url: &str) -> Result<(), Failure> {
+        let ctx = "cancelling the failed Pathling import job";
+        self.allowed(ctx, job_url)?;
+        let authenticate = same_origin(job_url, &self.target_base);
+        let resp = self
+            .send(Side::Target, authenticate, ctx, || {
+                self.target_http.delete(job_url)
+            })
+            .await?;
+        match resp.status() {
+            s if s.is_success() => Ok(()),
+            StatusCode::NOT_FOUND | StatusCode::GONE | StatusCode::METHOD_NOT_ALLOWED => Ok(()),
+            _ => Err(status_failure(ctx, resp).await),
+        }
     }
 
     async fn poll_import(&self, job_url: &str) -> Result<EffectResult, Failure> {

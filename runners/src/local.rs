@@ -12,7 +12,7 @@ use crate::resume::{admit, Admitted, Refused};
 use pathling_import_core::config::Config;
 use pathling_import_core::effect::{Effect, Input, Next, Request};
 use pathling_import_core::events;
-use pathling_import_core::plan::{latest, next_run, NextRun};
+use pathling_import_core::plan::{latest, next_run, Ask, NextRun};
 use pathling_import_core::state::{FileStatus, SyncState};
 use pathling_import_core::{SyncRun, Terminal, Watermark};
 use std::future::Future;
@@ -154,9 +154,20 @@ pub async fn run(
                 watermark: previous.watermark.clone(),
             }
         }
-        other => next_run(other.as_ref(), true),
+        other => next_run(
+            other.as_ref(),
+            if retry_only { Ask::Retry } else { Ask::Start },
+        ),
     };
-    if retry_only && matches!(decision, NextRun::Start { .. } | NextRun::Idle) {
+    if let (NextRun::Held, Some(run)) = (&decision, &stored) {
+        out.error(&format!(
+            "run {} is not retried without a check ({}); once checked, `pathling-import retry` continues it and `pathling-import --fresh` abandons it",
+            run.run_id,
+            run.failure().map_or("", |f| f.reason.as_str())
+        ));
+        return exit::FAILED;
+    }
+    if retry_only && matches!(decision, NextRun::Idle) {
         let what = match &stored {
             Some(run) => format!(
                 "run {} ended {} and cannot be retried (only a run that failed after its export \
@@ -188,10 +199,7 @@ pub async fn run(
                 if let Err(code) = preflight(&executor, &run.run_id, config, out).await {
                     return code;
                 }
-                let reason = match &run.state {
-                    SyncState::Failed(f) => f.reason.clone(),
-                    _ => String::new(),
-                };
+                let reason = run.failure().map_or("", |f| f.reason.as_str()).to_string();
                 let from = run.resumable().map(|r| r.from.as_str()).unwrap_or("");
                 let retried = match run.step(
                     Input::Retry {
@@ -262,8 +270,8 @@ pub async fn run(
             tracing::info!(run_id = %run.run_id, since = ?run.state_since(), "starting a new run");
             (run, executor)
         }
-        // Not asked for by `next_run(_, true)`; nothing to do.
-        NextRun::Idle => return exit::IMPORTED,
+        // `Held` was answered above; `Idle` is only the answer to an explicit retry.
+        NextRun::Held | NextRun::Idle => return exit::FAILED,
     };
     let executor = Arc::new(executor);
     let sink = match &args.event_log {
@@ -579,8 +587,13 @@ pub fn status(path: &Path, json: bool, out: &dyn Say) -> u8 {
     }
     if let Some(point) = run.resumable() {
         println!(
-            "can be retried from {} (`pathling-import retry`, or a plain run)",
-            point.from.as_str()
+            "can be retried from {} ({})",
+            point.from.as_str(),
+            if point.check_first {
+                "only by `pathling-import retry`, after the check the failure asks for"
+            } else {
+                "`pathling-import retry`, or a plain run"
+            }
         );
     }
     if let Some(w) = &run.watermark {

@@ -6,7 +6,8 @@
 //! new envelope with what the state machine must do next:
 //!
 //! ```text
-//! input:  {"envelope": <persist envelope> | null, "watermark"?: {...}, "cancel"?: "reason"}
+//! input:  {"envelope": <persist envelope> | null, "watermark"?: {...}, "cancel"?: "reason",
+//!          "retry"?: true}
 //! output: {"envelope": {...}, "runId": "...", "phase": "staging_files",
 //!          "action": "continue" | "wait" | "succeed" | "fail",
 //!          "waitSeconds": 30, "waitUntil": "2026-01-01T00:00:30Z",      (action "wait")
@@ -20,7 +21,9 @@
 //!   `SINCE=auto` its `_since` is the input's `watermark` when given (a previous execution's
 //!   output `watermark`), else the one the last successful run recorded at
 //!   `{prefix}watermark.json` in the staging store (see [`crate::watermark`]), so that a
-//!   scheduled execution started with `{}` is incremental.
+//!   scheduled execution started with `{}` is incremental. A run that failed after its
+//!   export was known (recorded at `{prefix}sfn-resume.json`) is retried instead; one whose
+//!   failure asks for a check first only with `"retry": true`.
 //! - `continue`: the budget ran out with work left; call again at once.
 //! - `wait`: the machine waits (a server's `Retry-After`, a poll interval, a backoff) longer
 //!   than [`aws::LAMBDA_MAX_SLEEP`]; call again at `waitUntil` (`waitSeconds` from now).
@@ -45,7 +48,7 @@ use pathling_import_core::config::{Config, Secrets, TlsConfig};
 use pathling_import_core::effect::Input;
 use pathling_import_core::events;
 use pathling_import_core::persist;
-use pathling_import_core::plan::latest;
+use pathling_import_core::plan::{latest, next_run, Ask, NextRun};
 use pathling_import_core::spec::{RunSpec, SinceSpec};
 use pathling_import_core::staging::StagingLocation;
 use pathling_import_core::state::{FileStatus, SyncState};
@@ -177,6 +180,16 @@ impl Task {
                 )))
             }
         };
+        let retry = match input.get("retry") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(LambdaFailure::state(format!(
+                    "the task input's retry must be true or false, got {}",
+                    json_kind(other)
+                )))
+            }
+        };
         let home = self.executors.for_spec(&self.config.spec).await?;
         let staging = home.staging();
         let location = &self.config.spec.staging;
@@ -191,9 +204,17 @@ impl Task {
                 // A run that failed after its export was known: this execution continues it.
                 Some(failed) => {
                     let failed = self.admitted(failed)?;
-                    match cancel {
-                        Some(_) => failed,
-                        None => {
+                    let ask = if retry { Ask::Retry } else { Ask::Start };
+                    match (cancel, next_run(Some(&failed), ask)) {
+                        (Some(_), _) => failed,
+                        (None, NextRun::Held) => {
+                            return Err(LambdaFailure::state(format!(
+                                "run {} is not retried without a check ({}); once checked, start an execution with {{\"retry\": true}} to continue it or {{\"cancel\": \"<reason>\"}} to abandon it",
+                                failed.run_id,
+                                failed.failure().map_or("", |f| f.reason.as_str())
+                            )))
+                        }
+                        (None, _) => {
                             home.preflight(&location.run_prefix(&failed.run_id))
                                 .await
                                 .map_err(LambdaFailure::from)?;
@@ -209,6 +230,12 @@ impl Task {
                             retried
                         }
                     }
+                }
+                None if retry => {
+                    return Err(LambdaFailure::state(format!(
+                        "nothing to retry: no failed run is recorded at {}",
+                        resume_key(location)
+                    )))
                 }
                 None => {
                     let watermark = if self.config.spec.export.since == SinceSpec::LastSuccess {

@@ -50,7 +50,7 @@ use lambda_runtime::Context;
 use pathling_import_core::config::Config;
 use pathling_import_core::effect::{Input, Next};
 use pathling_import_core::events;
-use pathling_import_core::plan::{latest, next_run, NextRun};
+use pathling_import_core::plan::{latest, next_run, Ask, NextRun};
 use pathling_import_core::{SyncRun, Terminal, Timestamp};
 use serde::Serialize;
 use serde_json::Value;
@@ -134,6 +134,9 @@ pub struct Invocation {
     pub start: bool,
     /// Direct: cancel the unfinished run (or abandon a failed one that could be retried).
     pub cancel: bool,
+    /// Direct: retry the failed run, also one whose failure asks for a check first (never
+    /// implied by a schedule).
+    pub retry: bool,
     /// Direct: continue the stored run with the configured settings although they differ
     /// from the ones it was started with (never implied by a schedule).
     pub rebind: bool,
@@ -142,7 +145,7 @@ pub struct Invocation {
 impl Invocation {
     /// Reads the event: an EventBridge scheduled event (`"source": "aws.events"` or
     /// `"detail-type": "Scheduled Event"`), or a JSON object with optional `syncId`, `start`,
-    /// `cancel` and `scheduled` (what the deployed schedule sends). `null` is a direct
+    /// `cancel`, `retry`, `rebind` and `scheduled` (what the deployed schedule sends). `null` is a direct
     /// invocation asking for nothing but progress.
     pub fn parse(event: &Value, default_sync_id: &str) -> Result<Invocation, LambdaFailure> {
         let bad = |m: &str| LambdaFailure::configuration(format!("the invocation event {m}"));
@@ -153,6 +156,7 @@ impl Invocation {
                     scheduled: false,
                     start: false,
                     cancel: false,
+                    retry: false,
                     rebind: false,
                 })
             }
@@ -181,6 +185,7 @@ impl Invocation {
             scheduled: from_eventbridge || flag("scheduled")?,
             start: flag("start")?,
             cancel: flag("cancel")?,
+            retry: flag("retry")?,
             rebind: flag("rebind")?,
         })
     }
@@ -388,9 +393,24 @@ impl SingleLambda {
         started: Timestamp,
     ) -> Result<Summary, LambdaFailure> {
         let sync_id = invocation.sync_id.as_str();
-        let want_new = (invocation.scheduled || invocation.start) && !invocation.cancel;
+        let ask = if invocation.cancel {
+            Ask::Nothing
+        } else if invocation.retry {
+            Ask::Retry
+        } else if invocation.scheduled || invocation.start {
+            Ask::Start
+        } else {
+            Ask::Nothing
+        };
         let mut resumed = None;
-        let mut run = match (next_run(stored.as_ref(), want_new), stored) {
+        let mut run = match (next_run(stored.as_ref(), ask), stored) {
+            (NextRun::Held, Some(held)) => {
+                return Err(LambdaFailure::state(format!(
+                    "run {} is not retried without a check ({}); once checked, invoke with {{\"retry\": true}} to continue it or {{\"cancel\": true}} to abandon it",
+                    held.run_id,
+                    held.failure().map_or("", |f| f.reason.as_str())
+                )));
+            }
             (NextRun::Continue, Some(stored)) => {
                 let run = self.admitted(stored, invocation.rebind, store).await?;
                 resumed = Some(events::run_resumed(&run, false));
@@ -592,9 +612,16 @@ mod tests {
                 scheduled: false,
                 start: true,
                 cancel: false,
+                retry: false,
                 rebind: false
             }
         );
+        assert!(
+            Invocation::parse(&json!({"retry": true}), "d")
+                .unwrap()
+                .retry
+        );
+        assert!(Invocation::parse(&json!({"retry": 1}), "d").is_err());
         let rule = json!({"version": "0", "source": "aws.events", "detail-type": "Scheduled Event", "detail": {}});
         let scheduled = Invocation::parse(&rule, "d").unwrap();
         assert!(scheduled.scheduled && scheduled.sync_id == "d");

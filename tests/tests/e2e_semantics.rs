@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use pathling_import_tests::auth::AuthConfig;
 use pathling_import_tests::fake_pathling::{
-    FakePathling, FakePathlingHandle, FinishedAnswer, PathlingConfig,
+    FakePathling, FakePathlingHandle, FinishedAnswer, ImportFailure, PathlingConfig,
 };
 use pathling_import_tests::fake_source::{FakeSource, FakeSourceHandle, HttpFailure, SourceConfig};
 use pathling_import_tests::fhir::RetryAfter;
@@ -320,6 +320,35 @@ async fn a_refused_import_continues_with_a_plain_rerun_once_fixed() {
 async fn a_refused_import_continues_with_retry_once_fixed() {
     // Pathling 7.x answers it with 400 "Not allowed to import from URL".
     refused_import_then_fixed(Gen::V7, "Not allowed to import from URL", true).await;
+}
+
+/// Pathling 9.x answers an identical re-submission with the existing job, even a failed one:
+/// the retry cancels the failed job first, so it gets a new one instead of the old failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_import_job_is_replaced_not_reused_on_retry() {
+    let w = world(Gen::V9, quick(), |c| {
+        c.fail_imports = Some(ImportFailure::new(500, "exception", "disk full"));
+    })
+    .await;
+    assert!(
+        w.pathling.config().dedupe_identical_requests,
+        "the fake answers identical requests with the old job, like Pathling 9"
+    );
+    let out = w.sandbox.run(&[]).await;
+    out.assert_code(1).assert_stderr_contains("disk full");
+    let failed = w.sandbox.state().unwrap();
+    assert_eq!(failed["state"]["in_phase"], json!("polling_import"));
+    assert_eq!(resume_from(&failed), "kicking_off_import");
+
+    w.pathling.update(|c| c.fail_imports = None);
+    let out = w.sandbox.run(&[]).await;
+    out.assert_code(0);
+    let stats = w.pathling.stats();
+    assert_eq!(stats.job_deletes, 1, "the failed job was cancelled");
+    assert_eq!(stats.deduplicated, 0, "the old job was not handed back");
+    assert_eq!(stats.imports_accepted, 2);
+    assert_eq!(w.src.stats().kickoffs, 1, "no second export");
+    assert_pathling_holds_export(&w.pathling, &w.src);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -891,23 +920,40 @@ async fn a_lost_append_kickoff_answer_is_not_sent_again_blindly() {
     assert_pathling_holds_export(&w.pathling, &w.src);
 }
 
-/// KNOWN GAP (not fixed here): the failed run keeps an ordinary resume point, and a plain run
-/// retries any resumable failed run, so the *second* plain rerun (a cron job, a scheduled
-/// Lambda) kicks off the append import again without anyone having checked Pathling: the
-/// data is imported twice if the first kick-off had been accepted. The failure's own closing
-/// line even says to run `pathling-import` again. Only an explicit `retry` (or `--fresh`)
-/// should continue this run.
+/// Nobody has checked Pathling yet: the second plain rerun (a cron job) must neither send the
+/// append kick-off again nor replace the run; it fails, naming the check, until someone runs
+/// `pathling-import retry` (or `--fresh`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a second plain rerun re-sends a lost IMPORT_MODE=append kick-off"]
 async fn a_lost_append_kickoff_answer_needs_an_explicit_retry() {
     let w = lose_an_append_kickoff_answer().await;
-    let out = w.sandbox.run(&[]).await;
-    out.assert_code(1)
-        .assert_stderr_contains("pathling-import retry");
+    let before = w.sandbox.state().unwrap();
+    for _ in 0..2 {
+        let out = w.sandbox.run(&[]).await;
+        out.assert_code(1)
+            .assert_stderr_contains("not retried without a check")
+            .assert_stderr_contains("pathling-import retry");
+    }
     assert_eq!(
         w.pathling.stats().import_kickoffs,
         1,
         "a plain rerun sent the append kick-off again without a check"
+    );
+    assert_eq!(
+        w.src.stats().kickoffs,
+        1,
+        "a plain rerun started a new export"
+    );
+    assert_eq!(
+        w.sandbox.state().unwrap(),
+        before,
+        "the held run is kept as it was"
+    );
+    let status = w.subcommand("status", &[]).await;
+    status.assert_code(0);
+    assert!(
+        status.stdout.contains("only by `pathling-import retry`"),
+        "{}",
+        status.stdout
     );
 }
 

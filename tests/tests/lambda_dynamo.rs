@@ -34,7 +34,9 @@ use pathling_import_runners::dynamo_store::{
 use pathling_import_runners::executor::now;
 use pathling_import_runners::single_lambda::{self, SingleLambda, StopReason, Summary};
 use pathling_import_tests::data::DatasetConfig;
-use pathling_import_tests::fake_pathling::{FakePathling, FakePathlingHandle, PathlingConfig};
+use pathling_import_tests::fake_pathling::{
+    FakePathling, FakePathlingHandle, FinishedAnswer, PathlingConfig,
+};
 use pathling_import_tests::fake_source::{
     FakeSource, FakeSourceHandle, HttpFailure, PollFailure, SourceConfig,
 };
@@ -554,6 +556,58 @@ async fn a_direct_cancel_ends_the_unfinished_run_and_deletes_the_export_job() {
     assert_eq!(last.outcome.as_ref().unwrap()["status"], "cancelled");
     assert_eq!(w.source.stats().job_deletes, 1, "the export job is deleted");
     assert_eq!(w.pathling.stats().import_kickoffs, 0);
+}
+
+/// An append import whose outcome is unknown (Pathling's answer was a login page, not a
+/// result) may have imported the data: schedules and plain starts leave the failed run alone,
+/// `{"retry": true}` cancels the old job and kicks off again.
+#[tokio::test]
+async fn a_run_that_asks_for_a_check_waits_for_an_explicit_retry() {
+    let w = world("held", SourceConfig::default()).await;
+    w.pathling
+        .update(|c| c.finished_answer = Some(FinishedAnswer::LoginRedirect));
+    let lambda = w.lambda(&[("IMPORT_MODE", "append")]).await;
+    let failed = invoke_until_done(&lambda, &scheduled()).await;
+    let last = failed.last().unwrap();
+    assert_eq!(last.phase.as_deref(), Some("failed"), "{failed:#?}");
+    let run = w.stored_run().await.unwrap();
+    let point = run.resumable().unwrap();
+    assert!(point.check_first, "{point:?}");
+    let seq: u64 = w.item().await.unwrap()["seq"]
+        .as_n()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let before = w.item().await.unwrap();
+    w.pathling.update(|c| c.finished_answer = None);
+
+    for event in [scheduled(), json!({"start": true})] {
+        let e = lambda.handle(&event, &ctx()).await.unwrap_err();
+        assert_eq!(e.error_type, ErrorType::State, "{e}");
+        assert!(e.message.contains("not retried without a check"), "{e}");
+        assert!(e.message.contains("\"retry\": true"), "{e}");
+    }
+    assert_eq!(w.item().await.unwrap(), before, "the held run is untouched");
+    assert_eq!(w.pathling.stats().import_kickoffs, 1);
+    assert_eq!(w.source.stats().kickoffs, 1, "no new export was started");
+
+    let retried = invoke_until_done(&lambda, &json!({"retry": true})).await;
+    let done = retried.last().unwrap();
+    assert_eq!(done.phase.as_deref(), Some("succeeded"), "{retried:#?}");
+    assert_eq!(done.run_id, last.run_id);
+    assert_eq!(
+        w.pathling.stats().job_deletes,
+        1,
+        "the old job was cancelled first"
+    );
+    assert_eq!(w.pathling.stats().import_kickoffs, 2);
+    assert_eq!(w.source.stats().kickoffs, 1, "the staged export was reused");
+    let after: u64 = w.item().await.unwrap()["seq"]
+        .as_n()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(after > seq, "the retry was saved");
 }
 
 async fn put_current(w: &World, envelope: &str, seq: u64) -> HashMap<String, AttributeValue> {

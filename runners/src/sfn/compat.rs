@@ -457,6 +457,7 @@ impl Handlers {
             let effect = Effect::KickoffImport {
                 api,
                 parameters: body,
+                replaces: None,
             };
             match execute(executor, effect).await {
                 EffectResult::ImportAccepted { job_url } => {

@@ -471,7 +471,9 @@ impl World {
             Effect::PollExport { status_url, .. } => status_url.clone(),
             Effect::StageFile { key, .. } | Effect::ApplyDeletions { key, .. } => key.0.clone(),
             Effect::DetectPathling => String::new(),
-            Effect::KickoffImport { api, parameters } => format!("{api:?} {parameters}"),
+            Effect::KickoffImport {
+                api, parameters, ..
+            } => format!("{api:?} {parameters}"),
             Effect::PollImport { job_url } => job_url.clone(),
             Effect::DeleteExportJob { status_url } => status_url.clone(),
         };
@@ -602,7 +604,9 @@ impl World {
                     version: Some(version.to_string()),
                 }
             }
-            Effect::KickoffImport { api, parameters } => {
+            Effect::KickoffImport {
+                api, parameters, ..
+            } => {
                 self.import_kickoffs += 1;
                 let names: Vec<&str> = parameters["parameter"]
                     .as_array()
