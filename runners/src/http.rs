@@ -24,17 +24,24 @@ pub const MAX_JSON_ANSWER: u64 = 1024 * 1024;
 
 /// A transport-level failure (no HTTP status) as a fact, its kind read from the cause.
 pub fn transport_failure(context: &str, err: reqwest::Error) -> Failure {
-    let kind = if err.is_timeout() {
+    let kind = transport_kind(&err);
+    let err = err.without_url();
+    Failure::new(kind, format!("{context}: {}", error_chain(&err)))
+}
+
+/// The kind of a transport error: a timeout, the specific cause in its source chain, a body
+/// that could not be decoded, else a network failure. (The authenticator's requests use it
+/// too: a TLS failure of a token request is as permanent as any other.)
+pub(crate) fn transport_kind(err: &reqwest::Error) -> FailureKind {
+    if err.is_timeout() {
         FailureKind::Timeout
-    } else if let Some(kind) = cause_kind(&err) {
+    } else if let Some(kind) = cause_kind(err) {
         kind
     } else if err.is_decode() && !err.is_body() {
         FailureKind::Undecodable
     } else {
         FailureKind::Network
-    };
-    let err = err.without_url();
-    Failure::new(kind, format!("{context}: {}", error_chain(&err)))
+    }
 }
 
 /// The specific cause in an error's source chain: the address policy's refusal, DNS, a
@@ -51,20 +58,19 @@ fn cause_kind(err: &(dyn std::error::Error + 'static)) -> Option<FailureKind> {
         if e.is::<rustls::Error>() {
             return Some(FailureKind::Tls);
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return Some(FailureKind::Refused);
+        next = match e.downcast_ref::<std::io::Error>() {
+            Some(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Some(FailureKind::Refused)
             }
-            // tokio-rustls wraps handshake errors in an io::Error, whose `source()` skips
-            // the wrapped error itself.
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-            {
-                return Some(FailureKind::Tls);
-            }
-        }
-        next = e.source();
+            // An io::Error's `source()` skips the error it wraps (it answers that error's
+            // source): walk into the wrapped error itself. tokio-rustls wraps a handshake's
+            // rustls::Error in an io::Error, which hyper-rustls wraps in another.
+            Some(io) => match io.get_ref() {
+                Some(inner) => Some(inner),
+                None => e.source(),
+            },
+            None => e.source(),
+        };
     }
     None
 }
@@ -230,6 +236,22 @@ pub fn describe_body(body: &[u8]) -> BodyText {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_failures_are_found_inside_wrapped_io_errors() {
+        let rustls_error =
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        // As tokio-rustls reports a failed handshake, and as hyper-rustls passes that on.
+        let handshake = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls_error);
+        assert_eq!(cause_kind(&handshake), Some(FailureKind::Tls));
+        let wrapped = std::io::Error::other(handshake);
+        assert_eq!(cause_kind(&wrapped), Some(FailureKind::Tls));
+        let refused = std::io::Error::other(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        ));
+        assert_eq!(cause_kind(&refused), Some(FailureKind::Refused));
+        assert_eq!(cause_kind(&std::io::Error::other("reset")), None);
+    }
 
     #[test]
     fn outcome_bodies_are_described_and_transient_detected() {

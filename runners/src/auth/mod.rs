@@ -718,14 +718,11 @@ async fn read_body(mut response: reqwest::Response, what: &str) -> Result<Vec<u8
     Ok(body)
 }
 
-/// Maps a transport error to a failure kind. reqwest's messages name the URL and the cause,
-/// never request headers or bodies.
+/// Maps a transport error to a failure kind (as every other request's: a TLS failure or an
+/// address the policy refuses is not worth a retry). reqwest's messages name the URL and the
+/// cause, never request headers or bodies.
 fn transport_failure(what: &str, e: &reqwest::Error) -> Failure {
-    let kind = if e.is_timeout() {
-        FailureKind::Timeout
-    } else {
-        FailureKind::Network
-    };
+    let kind = crate::http::transport_kind(e);
     let mut message = format!("{what}: {e}");
     let mut source = std::error::Error::source(e);
     while let Some(cause) = source {
