@@ -9,7 +9,7 @@
 //! - Every body read into memory is capped ([`read_capped`]): a broken or hostile server
 //!   cannot exhaust a Lambda's memory.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use pathling_import_core::retry::{Failure, FailureKind};
 use reqwest::header::HeaderMap;
 use reqwest::Response;
@@ -96,18 +96,36 @@ pub async fn read_capped(
     if let Some(length) = response.content_length().filter(|l| *l > limit) {
         return Err(too_large(format!("{length} bytes")));
     }
-    let mut body = BytesMut::new();
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    // An announced length is reserved once; otherwise the buffer grows as chunks come.
+    let announced = response.content_length().map_or(0, |l| l as usize);
+    let mut body = Vec::with_capacity(announced);
     while let Some(chunk) = response
         .chunk()
         .await
         .map_err(|e| transport_failure(context, e))?
     {
-        if body.len() as u64 + chunk.len() as u64 > limit {
+        if !append_capped(&mut body, &chunk, limit) {
             return Err(too_large("larger".into()));
         }
-        body.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
+    Ok(Bytes::from(body))
+}
+
+/// Appends `chunk` unless that would make `body` longer than `limit` (then `false`). The
+/// buffer grows by doubling, as a `Vec` would, but never reserves more than `limit`: a plain
+/// `extend_from_slice` could reserve up to twice the limit on the last growth.
+fn append_capped(body: &mut Vec<u8>, chunk: &[u8], limit: usize) -> bool {
+    let needed = body.len().saturating_add(chunk.len());
+    if needed > limit {
+        return false;
+    }
+    if needed > body.capacity() {
+        let grown = body.capacity().saturating_mul(2).clamp(needed, limit);
+        body.reserve_exact(grown - body.len());
+    }
+    body.extend_from_slice(chunk);
+    true
 }
 
 /// `err` and its sources, joined: reqwest's own message alone is often just "error sending
@@ -236,6 +254,28 @@ pub fn describe_body(body: &[u8]) -> BodyText {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capped_reads_never_reserve_more_than_the_limit() {
+        // Chunk sizes that do not divide the limit: doubling from 4093 bytes would reserve
+        // 4093 * 256 = 1,047,808 bytes for the last chunks.
+        let limit = 1_000_003;
+        let chunk = vec![b'x'; 4093];
+        let mut body = Vec::new();
+        let mut appended = 0;
+        while append_capped(&mut body, &chunk, limit) {
+            appended += 1;
+            assert!(body.capacity() <= limit, "{} reserved", body.capacity());
+        }
+        assert_eq!(appended, limit / chunk.len());
+        assert_eq!(body.len(), appended * chunk.len());
+        // What is left fits exactly; one byte more does not.
+        let rest = vec![b'y'; limit - body.len()];
+        assert!(append_capped(&mut body, &rest, limit));
+        assert_eq!((body.len(), body.capacity()), (limit, limit));
+        assert!(!append_capped(&mut body, b"z", limit));
+        assert_eq!(body.len(), limit);
+    }
 
     #[test]
     fn tls_failures_are_found_inside_wrapped_io_errors() {
