@@ -286,9 +286,8 @@ mod tests {
         assert_eq!(cause_kind(&handshake), Some(FailureKind::Tls));
         let wrapped = std::io::Error::other(handshake);
         assert_eq!(cause_kind(&wrapped), Some(FailureKind::Tls));
-        let refused = std::io::Error::other(std::io::Error::from(
-            std::io::ErrorKind::ConnectionRefused,
-        ));
+        let refused =
+            std::io::Error::other(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert_eq!(cause_kind(&refused), Some(FailureKind::Refused));
         assert_eq!(cause_kind(&std::io::Error::other("reset")), None);
     }
