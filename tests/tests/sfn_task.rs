@@ -15,7 +15,7 @@ use pathling_import_runners::executor::now;
 use pathling_import_runners::sfn::{Task, EXTRA_KEYS};
 use pathling_import_tests::auth::AuthConfig;
 use pathling_import_tests::data::DatasetConfig;
-use pathling_import_tests::fake_pathling::{FakePathling, PathlingConfig};
+use pathling_import_tests::fake_pathling::{FakePathling, ImportFailure, PathlingConfig};
 use pathling_import_tests::fake_source::{FakeSource, SourceConfig};
 use pathling_import_tests::fhir::RetryAfter;
 use pathling_import_tests::keys::TestKey;
@@ -395,4 +395,58 @@ async fn a_1_mib_cancel_reason_is_cut_to_1_kib_and_a_cancel_must_be_a_string() {
     assert!(envelope < 16 * 1024, "envelope of {envelope} bytes");
     assert!(whole < 16 * 1024, "output of {whole} bytes");
     assert_eq!(g.source.stats().job_deletes, 1, "the export job is deleted");
+}
+
+#[tokio::test]
+async fn a_resume_point_rewritten_to_a_foreign_source_is_a_state_error_before_any_request() {
+    let foreign = common::Recorder::start().await;
+    let source = FakeSource::start(SourceConfig {
+        in_progress_polls: 0,
+        ..SourceConfig::default()
+    })
+    .await
+    .unwrap();
+    let target = FakePathling::start(PathlingConfig {
+        import_duration_polls: 0,
+        fail_imports: Some(ImportFailure::new(
+            400,
+            "invalid",
+            "the import cannot be done",
+        )),
+        ..PathlingConfig::v9(&["file:///"])
+    })
+    .await
+    .unwrap();
+    let staging = TempDir::new("sfn-task-resume-foreign");
+    let task = task(
+        &source.base_url(),
+        &target.base_url(),
+        &staging.0,
+        &[("LAMBDA_MAX_SLEEP", "5")],
+    )
+    .await;
+
+    // A run that fails after its export was known waits at sfn-resume.json for the next
+    // execution.
+    let run = execute(&task, Duration::from_secs(20), 50).await;
+    assert_eq!(run.last["action"], "fail", "{}", run.last["status"]);
+    let resume_path = staging.0.join("sfn-resume.json");
+    let mut resume: Value = serde_json::from_slice(&std::fs::read(&resume_path).unwrap()).unwrap();
+    assert_eq!(resume["state"]["phase"], "failed");
+
+    // Whoever can write the staging prefix points it at another host.
+    resume["spec"]["source"]["endpoint"] = json!(format!("{}/fhir", foreign.url()));
+    std::fs::write(&resume_path, serde_json::to_vec(&resume).unwrap()).unwrap();
+    let (kickoffs, imports) = (source.stats().kickoffs, target.stats().import_kickoffs);
+    for input in [json!({}), json!({"cancel": "stop"})] {
+        let e = task
+            .invoke(input, Timestamp(now().0 + 5_000), "next-execution")
+            .await
+            .unwrap_err();
+        assert_eq!(e.error_type, ErrorType::State, "{e}");
+        assert!(e.message.contains("(SOURCE_ENDPOINT)"), "{e}");
+    }
+    assert!(foreign.requests().is_empty(), "{:?}", foreign.requests());
+    assert_eq!(source.stats().kickoffs, kickoffs);
+    assert_eq!(target.stats().import_kickoffs, imports);
 }
