@@ -9,7 +9,7 @@
 //! - Every body read into memory is capped ([`read_capped`]): a broken or hostile server
 //!   cannot exhaust a Lambda's memory.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use pathling_import_core::retry::{Failure, FailureKind};
 use reqwest::header::HeaderMap;
 use reqwest::Response;
@@ -24,17 +24,24 @@ pub const MAX_JSON_ANSWER: u64 = 1024 * 1024;
 
 /// A transport-level failure (no HTTP status) as a fact, its kind read from the cause.
 pub fn transport_failure(context: &str, err: reqwest::Error) -> Failure {
-    let kind = if err.is_timeout() {
+    let kind = transport_kind(&err);
+    let err = err.without_url();
+    Failure::new(kind, format!("{context}: {}", crate::error_chain(&err)))
+}
+
+/// The kind of a transport error: a timeout, the specific cause in its source chain, a body
+/// that could not be decoded, else a network failure. (The authenticator's requests use it
+/// too: a TLS failure of a token request is as permanent as any other.)
+pub(crate) fn transport_kind(err: &reqwest::Error) -> FailureKind {
+    if err.is_timeout() {
         FailureKind::Timeout
-    } else if let Some(kind) = cause_kind(&err) {
+    } else if let Some(kind) = cause_kind(err) {
         kind
     } else if err.is_decode() && !err.is_body() {
         FailureKind::Undecodable
     } else {
         FailureKind::Network
-    };
-    let err = err.without_url();
-    Failure::new(kind, format!("{context}: {}", crate::error_chain(&err)))
+    }
 }
 
 /// The specific cause in an error's source chain: the address policy's refusal, DNS, a
@@ -51,20 +58,19 @@ pub(crate) fn cause_kind(err: &(dyn std::error::Error + 'static)) -> Option<Fail
         if e.is::<rustls::Error>() {
             return Some(FailureKind::Tls);
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return Some(FailureKind::Refused);
+        next = match e.downcast_ref::<std::io::Error>() {
+            Some(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Some(FailureKind::Refused)
             }
-            // tokio-rustls wraps handshake errors in an io::Error, whose `source()` skips
-            // the wrapped error itself.
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-            {
-                return Some(FailureKind::Tls);
-            }
-        }
-        next = e.source();
+            // An io::Error's `source()` skips the error it wraps (it answers that error's
+            // source): walk into the wrapped error itself. tokio-rustls wraps a handshake's
+            // rustls::Error in an io::Error, which hyper-rustls wraps in another.
+            Some(io) => match io.get_ref() {
+                Some(inner) => Some(inner),
+                None => e.source(),
+            },
+            None => e.source(),
+        };
     }
     None
 }
@@ -90,18 +96,36 @@ pub async fn read_capped(
     if let Some(length) = response.content_length().filter(|l| *l > limit) {
         return Err(too_large(format!("{length} bytes")));
     }
-    let mut body = BytesMut::new();
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    // An announced length is reserved once; otherwise the buffer grows as chunks come.
+    let announced = response.content_length().map_or(0, |l| l as usize);
+    let mut body = Vec::with_capacity(announced);
     while let Some(chunk) = response
         .chunk()
         .await
         .map_err(|e| transport_failure(context, e))?
     {
-        if body.len() as u64 + chunk.len() as u64 > limit {
+        if !append_capped(&mut body, &chunk, limit) {
             return Err(too_large("larger".into()));
         }
-        body.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
+    Ok(Bytes::from(body))
+}
+
+/// Appends `chunk` unless that would make `body` longer than `limit` (then `false`). The
+/// buffer grows by doubling, as a `Vec` would, but never reserves more than `limit`: a plain
+/// `extend_from_slice` could reserve up to twice the limit on the last growth.
+fn append_capped(body: &mut Vec<u8>, chunk: &[u8], limit: usize) -> bool {
+    let needed = body.len().saturating_add(chunk.len());
+    if needed > limit {
+        return false;
+    }
+    if needed > body.capacity() {
+        let grown = body.capacity().saturating_mul(2).clamp(needed, limit);
+        body.reserve_exact(grown - body.len());
+    }
+    body.extend_from_slice(chunk);
+    true
 }
 
 pub fn header(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -214,6 +238,43 @@ pub fn describe_body(body: &[u8]) -> BodyText {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capped_reads_never_reserve_more_than_the_limit() {
+        // Chunk sizes that do not divide the limit: doubling from 4093 bytes would reserve
+        // 4093 * 256 = 1,047,808 bytes for the last chunks.
+        let limit = 1_000_003;
+        let chunk = vec![b'x'; 4093];
+        let mut body = Vec::new();
+        let mut appended = 0;
+        while append_capped(&mut body, &chunk, limit) {
+            appended += 1;
+            assert!(body.capacity() <= limit, "{} reserved", body.capacity());
+        }
+        assert_eq!(appended, limit / chunk.len());
+        assert_eq!(body.len(), appended * chunk.len());
+        // What is left fits exactly; one byte more does not.
+        let rest = vec![b'y'; limit - body.len()];
+        assert!(append_capped(&mut body, &rest, limit));
+        assert_eq!((body.len(), body.capacity()), (limit, limit));
+        assert!(!append_capped(&mut body, b"z", limit));
+        assert_eq!(body.len(), limit);
+    }
+
+    #[test]
+    fn tls_failures_are_found_inside_wrapped_io_errors() {
+        let rustls_error =
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        // As tokio-rustls reports a failed handshake, and as hyper-rustls passes that on.
+        let handshake = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls_error);
+        assert_eq!(cause_kind(&handshake), Some(FailureKind::Tls));
+        let wrapped = std::io::Error::other(handshake);
+        assert_eq!(cause_kind(&wrapped), Some(FailureKind::Tls));
+        let refused =
+            std::io::Error::other(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(cause_kind(&refused), Some(FailureKind::Refused));
+        assert_eq!(cause_kind(&std::io::Error::other("reset")), None);
+    }
 
     #[test]
     fn outcome_bodies_are_described_and_transient_detected() {

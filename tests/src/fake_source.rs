@@ -1,8 +1,8 @@
 //! A fake FHIR Bulk Data Access (v2, STU2) server with SMART Backend Services auth.
 //!
 //! [`FakeSource::start`] binds two listeners on `127.0.0.1:0`: the FHIR server
-//! (`{origin}{fhir_path}`, default `/fhir`) and a second origin standing in for object storage
-//! that serves "pre-signed" URLs. Every knob lives in [`SourceConfig`] and can be changed while
+//! (`{origin}{fhir_path}`, default `/fhir`; on https with [`FakeSource::start_tls`]) and a
+//! second origin standing in for object storage that serves "pre-signed" URLs. Every knob lives in [`SourceConfig`] and can be changed while
 //! the server runs ([`FakeSourceHandle::update`]); [`SourceStats`], [`KickoffRecord`] and
 //! [`ExportJobInfo`] tell a test what the client did.
 //!
@@ -20,6 +20,10 @@
 //!   5xx (OperationOutcome `issue.code = transient`) if `n` is in `transient_error_polls`; the
 //!   permanent failure if configured and reached; otherwise 202 (`X-Progress`, `Retry-After`)
 //!   for the first `in_progress_polls` of the polls that got this far, then 200 + manifest.
+//! - Knobs for hostile answers: [`SourceConfig::oversized_manifest`] (a manifest larger than a
+//!   client should read, chunked or with `Content-Length`), [`SourceConfig::extra_output`]
+//!   (manifest entries with URLs of other hosts), [`SourceConfig::content_location`] (the
+//!   kick-off's status URL on another host).
 //! - `DELETE {status}` → 202; afterwards the status URL and the job's files answer 404.
 //! - `GET` file URLs: NDJSON streamed with chunked encoding and no `Content-Length`, gzip only
 //!   for `Accept-Encoding: gzip`. Options: no trailing newline, connection reset after N bytes
@@ -66,7 +70,7 @@ use crate::fhir::{
     outcome_response, parse_instant, set_header, value_of_parameter, RetryAfter, FHIR_JSON,
     FHIR_NDJSON,
 };
-use crate::server::{Bound, Running};
+use crate::server::{Bound, Running, TlsIdentity, TlsStats};
 
 /// A failure answer: status and OperationOutcome text.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,6 +153,16 @@ pub enum FileRouting {
     Presigned,
 }
 
+/// A manifest answer larger than a client should read: a valid manifest whose last member is
+/// a long padding string, streamed in 64 KiB chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OversizedManifest {
+    /// Size of the whole body.
+    pub bytes: u64,
+    /// Announce the size in `Content-Length` (else the body is chunked).
+    pub content_length: bool,
+}
+
 /// Abort the body of a file download after some bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResetKnob {
@@ -199,6 +213,14 @@ pub struct SourceConfig {
     pub permanent_error: Option<PollFailure>,
     /// Send `Expires` (now + this) with the manifest.
     pub manifest_expires: Option<Duration>,
+    /// Answer the completing poll with this oversized (valid JSON) manifest instead.
+    pub oversized_manifest: Option<OversizedManifest>,
+    /// `(type, url)` entries appended to the manifest's `output[]` as given (a URL of another
+    /// host, which a client must judge before fetching it).
+    pub extra_output: Vec<(String, String)>,
+    /// The kick-off's `Content-Location` instead of the job's status URL (the job is still
+    /// created).
+    pub content_location: Option<String>,
     /// Deleted resources `(type, id)`.
     pub deleted: Vec<(String, String)>,
     /// List deletions even without `_since`.
@@ -263,6 +285,9 @@ impl Default for SourceConfig {
             transient_error_status: 503,
             permanent_error: None,
             manifest_expires: None,
+            oversized_manifest: None,
+            extra_output: Vec::new(),
+            content_location: None,
             deleted: Vec::new(),
             deleted_always: false,
             deleted_per_bundle: 50,
@@ -443,7 +468,19 @@ pub struct FakeSource;
 impl FakeSource {
     /// Starts the FHIR listener and the storage listener on `127.0.0.1:0`.
     pub async fn start(config: SourceConfig) -> std::io::Result<FakeSourceHandle> {
-        let main = Bound::new().await?;
+        FakeSource::start_on(Bound::new().await?, config).await
+    }
+
+    /// As [`FakeSource::start`], but the FHIR listener serves https with `identity` (the
+    /// storage origin stays plain http).
+    pub async fn start_tls(
+        config: SourceConfig,
+        identity: &TlsIdentity,
+    ) -> std::io::Result<FakeSourceHandle> {
+        FakeSource::start_on(Bound::new_tls(identity).await?, config).await
+    }
+
+    async fn start_on(main: Bound, config: SourceConfig) -> std::io::Result<FakeSourceHandle> {
         let storage = Bound::new().await?;
         let fhir_path = config.fhir_path.trim_end_matches('/').to_string();
         let config = SourceConfig {
@@ -517,6 +554,11 @@ impl FakeSourceHandle {
     /// `http://127.0.0.1:PORT` of the storage listener (another origin).
     pub fn storage_origin(&self) -> String {
         self.shared.storage_origin.clone()
+    }
+
+    /// TLS counters of the FHIR listener, when started with [`FakeSource::start_tls`].
+    pub fn tls_stats(&self) -> Option<Arc<TlsStats>> {
+        self.main.tls_stats()
     }
 
     /// Port of the FHIR listener.
@@ -1032,11 +1074,11 @@ fn kickoff_inner(
         StatusCode::ACCEPTED,
         &operation_outcome("information", "informational", "Export started"),
     );
-    set_header(
-        &mut resp,
-        header::CONTENT_LOCATION,
-        &format!("{}/bulkstatus/{id}", shared.base_url(cfg)),
-    );
+    let status_url = cfg
+        .content_location
+        .clone()
+        .unwrap_or_else(|| format!("{}/bulkstatus/{id}", shared.base_url(cfg)));
+    set_header(&mut resp, header::CONTENT_LOCATION, &status_url);
     Ok((params, resp))
 }
 
@@ -1116,6 +1158,9 @@ async fn poll_status(
     job.completed = true;
     let job = job.clone();
     rt.stats.manifests += 1;
+    if let Some(oversized) = cfg.oversized_manifest {
+        return oversized_manifest(&job, oversized);
+    }
     let manifest = build_manifest(&shared, &cfg, &mut rt, &job);
     let mut resp = json_response(StatusCode::OK, &manifest);
     if let Some(at) = cfg
@@ -1123,6 +1168,43 @@ async fn poll_status(
         .and_then(|exp| std::time::SystemTime::now().checked_add(exp))
     {
         set_header(&mut resp, header::EXPIRES, &httpdate::fmt_http_date(at));
+    }
+    resp
+}
+
+/// [`SourceConfig::oversized_manifest`]: `{"transactionTime": …, "output": [], …,
+/// "padding": "xxx…"}` of exactly `bytes` bytes (or just the head, when that is longer).
+fn oversized_manifest(job: &ExportJobInfo, oversized: OversizedManifest) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    let head = json!({
+        "transactionTime": job.transaction_time,
+        "request": job.request_url,
+        "requiresAccessToken": false,
+        "output": [],
+        "error": [],
+    })
+    .to_string();
+    let head = format!("{},\"padding\":\"", head.trim_end_matches('}'));
+    let tail = "\"}";
+    let fixed = (head.len() + tail.len()) as u64;
+    let padding = oversized.bytes.saturating_sub(fixed);
+    let parts = futures_util::stream::iter(
+        std::iter::once(Bytes::from(head))
+            .chain((0..padding.div_ceil(CHUNK as u64)).map(move |i| {
+                let left = padding - i * CHUNK as u64;
+                Bytes::from(vec![b'x'; left.min(CHUNK as u64) as usize])
+            }))
+            .chain(std::iter::once(Bytes::from_static(tail.as_bytes())))
+            .map(Ok::<_, std::io::Error>),
+    );
+    let mut resp = Response::new(Body::from_stream(parts));
+    set_header(&mut resp, header::CONTENT_TYPE, "application/json");
+    if oversized.content_length {
+        set_header(
+            &mut resp,
+            header::CONTENT_LENGTH,
+            &(fixed + padding).to_string(),
+        );
     }
     resp
 }
@@ -1201,6 +1283,9 @@ fn build_manifest(
         }
     }
     output.extend(repeated);
+    for (resource_type, url) in &cfg.extra_output {
+        output.push(json!({"type": resource_type, "url": url}));
+    }
     let mut manifest = json!({
         "transactionTime": job.transaction_time,
         "request": job.request_url,

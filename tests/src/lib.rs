@@ -13,7 +13,8 @@
 //!   results.
 //!
 //! The behaviour follows `docs/protocols.md`; each module documents its contract and knobs.
-//! Servers bind `127.0.0.1:0`, are configured through plain structs whose fields can be
+//! Servers bind `127.0.0.1:0` (plain http, or https with a given certificate:
+//! [`server::TlsIdentity`]), are configured through plain structs whose fields can be
 //! changed while they run, and stop when their handle is dropped.
 
 pub mod auth;
@@ -22,4 +23,4 @@ pub mod fake_pathling;
 pub mod fake_source;
 pub mod fhir;
 pub mod keys;
-mod server;
+pub mod server;

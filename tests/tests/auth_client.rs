@@ -6,6 +6,9 @@
 // Test helpers panic on purpose: a failure is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/tls.rs"]
+mod tls;
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +26,7 @@ use pathling_import_runners::auth::{Authenticator, BearerToken, Side, JWT_BEARER
 use pathling_import_tests::auth::{AuthConfig, AuthMethod as FakeMethod};
 use pathling_import_tests::fake_source::{FakeSource, FakeSourceHandle, SourceConfig};
 use pathling_import_tests::keys::{TestKey, EC_1_SEC1_PEM, RSA_1_PKCS1_PEM};
+use pathling_import_tests::server::{TlsIdentity, TlsListener};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
@@ -171,7 +175,31 @@ impl RecorderHandle {
     async fn start(methods: Option<&[&str]>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let origin = format!("http://{}", listener.local_addr().unwrap());
-        let handle = RecorderHandle(Arc::new(Mutex::new(Recorder {
+        let handle = Self::new(origin, methods);
+        let app = axum::Router::new()
+            .fallback(record)
+            .with_state(handle.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        handle
+    }
+
+    /// The same server on https, with a certificate of a private CA.
+    async fn start_tls(methods: Option<&[&str]>, identity: &TlsIdentity) -> Self {
+        let (listener, _stats) = TlsListener::bind(identity).await.unwrap();
+        let origin = format!(
+            "https://{}",
+            axum::serve::Listener::local_addr(&listener).unwrap()
+        );
+        let handle = Self::new(origin, methods);
+        let app = axum::Router::new()
+            .fallback(record)
+            .with_state(handle.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        handle
+    }
+
+    fn new(origin: String, methods: Option<&[&str]>) -> Self {
+        RecorderHandle(Arc::new(Mutex::new(Recorder {
             origin,
             methods: methods.map(|m| m.iter().map(|s| s.to_string()).collect()),
             answer: TokenAnswer::Token {
@@ -183,12 +211,7 @@ impl RecorderHandle {
             seen: Vec::new(),
             discovery_redirect: None,
             token_endpoint: None,
-        })));
-        let app = axum::Router::new()
-            .fallback(record)
-            .with_state(handle.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        handle
+        })))
     }
 
     fn base(&self) -> String {
@@ -1211,4 +1234,64 @@ async fn a_plain_http_token_endpoint_off_this_machine_needs_allow_insecure() {
     allowed.token(now_ms()).await.unwrap().unwrap();
     assert_eq!(rec.requests().len(), 1);
     assert!(format!("{allowed:?}").contains("allow_insecure: true"));
+}
+
+#[tokio::test]
+async fn an_https_base_naming_an_http_token_endpoint_is_refused_before_any_token_request() {
+    let ca = tls::private_ca();
+    let rec = RecorderHandle::start_tls(Some(&["client_secret_post"]), &ca.identity).await;
+    // Where the downgraded document sends the secret: plain http, on this machine (so the
+    // loopback exception for test machines would let it through).
+    let plain = RecorderHandle::start(Some(&["client_secret_post"])).await;
+    rec.set(|r| r.token_endpoint = Some(plain.token_url()));
+    let trusting = || {
+        builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.ca_pem.as_bytes()).unwrap())
+    };
+    let secret = "s3cr3t-downgrade-8Tz";
+    let a = Authenticator::new(
+        trusting(),
+        &rec.base(),
+        &spec(None, true, false),
+        Some(Secret::new(secret)),
+        None,
+        Side::Source,
+    )
+    .unwrap();
+    assert!(rec.base().starts_with("https://127.0.0.1:"));
+    let f = a.token(now_ms()).await.unwrap_err();
+    assert_eq!(f.kind, FailureKind::Local, "{f}");
+    assert_eq!(
+        f.message,
+        format!(
+            "source SMART discovery: token_endpoint {} is not https although the server's base \
+             URL is (a downgrade); set SOURCE_ALLOW_INSECURE_AUTH=true to allow it",
+            plain.token_url()
+        )
+    );
+    assert_eq!(
+        rec.seen(),
+        ["GET /fhir/.well-known/smart-configuration"],
+        "discovery over https, and nothing else"
+    );
+    assert!(plain.seen().is_empty(), "{:?}", plain.seen());
+    assert_hidden(
+        &[f.to_string(), format!("{f:?}"), format!("{a:?}")],
+        &[secret],
+    );
+
+    // The same server naming its own https token endpoint: the secret goes there.
+    rec.set(|r| r.token_endpoint = None);
+    let a = Authenticator::new(
+        trusting(),
+        &rec.base(),
+        &spec(None, true, false),
+        Some(Secret::new(secret)),
+        None,
+        Side::Source,
+    )
+    .unwrap();
+    token(&a).await;
+    assert_eq!(rec.requests().len(), 1);
+    assert!(plain.seen().is_empty());
 }

@@ -17,6 +17,8 @@
 //! item, the fake servers' counters), polled with a deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_dynamodb::config::Credentials;
 use aws_sdk_dynamodb::types::AttributeValue;
@@ -33,6 +35,7 @@ use pathling_import_runners::dynamo_store::{
 };
 use pathling_import_runners::executor::now;
 use pathling_import_runners::single_lambda::{self, SingleLambda, StopReason, Summary};
+use pathling_import_tests::auth::AuthConfig;
 use pathling_import_tests::data::DatasetConfig;
 use pathling_import_tests::fake_pathling::{
     FakePathling, FakePathlingHandle, FinishedAnswer, PathlingConfig,
@@ -40,6 +43,8 @@ use pathling_import_tests::fake_pathling::{
 use pathling_import_tests::fake_source::{
     FakeSource, FakeSourceHandle, HttpFailure, PollFailure, SourceConfig,
 };
+use pathling_import_tests::fhir::RetryAfter;
+use pathling_import_tests::keys::TestKey;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::future::Future;
@@ -156,12 +161,20 @@ struct World {
 const SYNC: &str = "test-sync";
 
 async fn world(test: &str, source: SourceConfig) -> World {
+    world_with(test, source, None).await
+}
+
+/// With `target_auth`, the fake Pathling asks for it.
+async fn world_with(test: &str, source: SourceConfig, target_auth: Option<AuthConfig>) -> World {
     let staging = TempDir::new(test);
     let staging_url = format!("file://{}/", staging.0.display());
     let source = FakeSource::start(source).await.unwrap();
-    let pathling = FakePathling::start(PathlingConfig::v9(&[&staging_url]))
-        .await
-        .unwrap();
+    let pathling = FakePathling::start(PathlingConfig {
+        auth: target_auth,
+        ..PathlingConfig::v9(&[&staging_url])
+    })
+    .await
+    .unwrap();
     let client = Client::new(&sdk().await);
     let table = unique(test);
     dynamo_store::create_table(&client, &table)
@@ -776,4 +789,150 @@ async fn secret_references_are_resolved_from_secrets_manager_and_ssm() {
         .unwrap_err();
     assert_eq!(e.error_type, ErrorType::Configuration);
     assert!(e.message.starts_with("SOURCE_CLIENT_SECRET"), "{e}");
+}
+
+/// Credentials for both sides, with distinctive values: the source's client secret
+/// (`client_secret_post`), the target's private key (`private_key_jwt`) and a target client
+/// secret the method leaves unused.
+struct SyncCredentials {
+    source: AuthConfig,
+    target: AuthConfig,
+    vars: Vec<(String, String)>,
+    secrets: Vec<String>,
+}
+
+fn credentials() -> SyncCredentials {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let source_secret = format!("S3cr3t+lambda-source:{tag}%x");
+    let target_secret = format!("S3cr3t+lambda-target:{tag}%x");
+    let key = TestKey::generate_ec().unwrap();
+    let mut secrets = vec![
+        source_secret.clone(),
+        target_secret.clone(),
+        key.private_jwk["d"].as_str().unwrap().to_string(),
+    ];
+    secrets.extend(
+        key.private_pem
+            .lines()
+            .filter(|l| l.len() >= 40)
+            .map(str::to_string),
+    );
+    let vars = [
+        ("SOURCE_AUTHENTICATION_ENABLED", "true".to_string()),
+        ("SOURCE_CLIENT_ID", "lambda-client".into()),
+        ("SOURCE_CLIENT_SECRET", source_secret.clone()),
+        ("TARGET_AUTHENTICATION_ENABLED", "true".into()),
+        ("TARGET_CLIENT_ID", "lambda-importer".into()),
+        ("TARGET_AUTH_METHOD", "private_key_jwt".into()),
+        ("TARGET_PRIVATE_KEY", key.private_jwk.to_string()),
+        ("TARGET_CLIENT_SECRET", target_secret),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    SyncCredentials {
+        source: AuthConfig::client_secret_post("lambda-client", &source_secret),
+        target: AuthConfig::private_key_jwt("lambda-importer", &[&key]),
+        vars,
+        secrets,
+    }
+}
+
+#[tokio::test]
+async fn an_item_rewritten_to_a_foreign_source_is_refused_before_any_request() {
+    let logs = common::leaks::LogCapture::start();
+    let foreign = common::Recorder::start().await;
+    let creds = credentials();
+    let w = world_with(
+        "foreign",
+        SourceConfig {
+            auth: Some(creds.source.clone()),
+            in_progress_polls: 1_000,
+            progress_retry_after: RetryAfter::Seconds(2),
+            ..SourceConfig::default()
+        },
+        Some(creds.target.clone()),
+    )
+    .await;
+    let mut extra: Vec<(&str, &str)> = creds
+        .vars
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    extra.push(("LAMBDA_MAX_SLEEP", "1"));
+    let lambda = w.lambda(&extra).await;
+    let mut shown = Vec::new();
+
+    // An unfinished run, waiting for the export.
+    let first = lambda.handle(&scheduled(), &ctx()).await.unwrap();
+    assert_eq!(first.stopped, StopReason::Sleeping, "{first:#?}");
+    assert_eq!(first.phase.as_deref(), Some("polling_export"));
+    shown.push(serde_json::to_string(&first).unwrap());
+
+    // Whoever can write the table points the run at another host.
+    let mut item = w.item().await.unwrap();
+    let mut envelope: Value = serde_json::from_str(item["envelope"].as_s().unwrap()).unwrap();
+    assert_eq!(
+        envelope["spec"]["source"]["endpoint"],
+        json!(w.source.base_url())
+    );
+    let foreign_base = format!("{}/fhir", foreign.url());
+    envelope["spec"]["source"]["endpoint"] = json!(foreign_base);
+    item.insert("envelope".into(), AttributeValue::S(envelope.to_string()));
+    w.client
+        .put_item()
+        .table_name(&w.table)
+        .set_item(Some(item))
+        .send()
+        .await
+        .unwrap();
+    let before = w.item().await.unwrap();
+
+    for event in [
+        scheduled(),
+        json!({"syncId": SYNC}),
+        json!({"cancel": true}),
+    ] {
+        let e = lambda.handle(&event, &ctx()).await.unwrap_err();
+        assert_eq!(e.error_type, ErrorType::State, "{e}");
+        assert!(
+            e.message.contains("started with other settings")
+                && e.message.contains("(SOURCE_ENDPOINT)")
+                && e.message.contains("{\"rebind\": true}"),
+            "{e}"
+        );
+        shown.push(format!("{e} {e:?}"));
+        assert!(foreign.requests().is_empty(), "{:?}", foreign.requests());
+        assert_eq!(
+            w.item().await.unwrap(),
+            before,
+            "the item is left as it was"
+        );
+    }
+    let kickoffs = w.source.stats().kickoffs;
+
+    // The operator's explicit choice: continue with the configured endpoint.
+    w.source.update(|c| c.in_progress_polls = 0);
+    let rest = invoke_until_done(&lambda, &json!({"rebind": true})).await;
+    let last = rest.last().unwrap();
+    assert_eq!(last.phase.as_deref(), Some("succeeded"), "{rest:#?}");
+    assert!(rest.iter().all(|s| s.run_id == first.run_id), "{rest:#?}");
+    assert_eq!(
+        w.source.stats().kickoffs,
+        kickoffs,
+        "the export was not restarted"
+    );
+    assert!(foreign.requests().is_empty(), "{:?}", foreign.requests());
+    assert_eq!(w.pathling.total_resources(), 50 + 120 + 60);
+    shown.extend(rest.iter().map(|s| serde_json::to_string(s).unwrap()));
+
+    let item = w.item().await.unwrap();
+    shown.push(format!("{item:?}"));
+    shown.push(logs.text());
+    assert!(logs.text().contains("rebound"), "the rebind is logged");
+    for (i, text) in shown.iter().enumerate() {
+        common::leaks::assert_absent(&format!("output #{i}"), text, &creds.secrets);
+    }
+    let files = common::leaks::scan_dir(&w.staging.0, &creds.secrets, &[]);
+    assert!(files > 0, "nothing staged to scan");
 }

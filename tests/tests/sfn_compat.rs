@@ -5,16 +5,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use pathling_import_core::config::{self, RawConfig};
 use pathling_import_core::Timestamp;
 use pathling_import_runners::aws::ErrorType;
 use pathling_import_runners::executor::now;
 use pathling_import_runners::sfn::compat::{
-    Handler, Handlers, INLINE_MANIFEST_LIMIT, MANIFEST_REF,
+    transfer_run_id, Handler, Handlers, INLINE_MANIFEST_LIMIT, MANIFEST_REF,
 };
 use pathling_import_runners::sfn::EXTRA_KEYS;
+use pathling_import_tests::auth::AuthConfig;
 use pathling_import_tests::data::DatasetConfig;
 use pathling_import_tests::fake_source::{FakeSource, SourceConfig};
+use pathling_import_tests::keys::TestKey;
 use serde_json::{json, Value};
 
 struct TempDir(std::path::PathBuf);
@@ -220,4 +224,100 @@ async fn bad_inputs_and_settings_have_stable_error_names() {
         .unwrap();
     assert_eq!(e.error_type, ErrorType::Configuration);
     assert!(e.message.contains("SINCE"), "{e}");
+}
+
+#[tokio::test]
+async fn a_transfer_state_rewritten_to_a_foreign_source_is_a_state_error_before_any_request() {
+    let logs = common::leaks::LogCapture::start();
+    let foreign = common::Recorder::start().await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let source_secret = format!("S3cr3t+compat-source:{tag}%x");
+    let target_secret = format!("S3cr3t+compat-target:{tag}%x");
+    let key = TestKey::generate_ec().unwrap();
+    let mut secrets = vec![
+        source_secret.clone(),
+        target_secret.clone(),
+        key.private_jwk["d"].as_str().unwrap().to_string(),
+    ];
+    secrets.extend(
+        key.private_pem
+            .lines()
+            .filter(|l| l.len() >= 40)
+            .map(str::to_string),
+    );
+    let source = FakeSource::start(SourceConfig {
+        auth: Some(AuthConfig::client_secret_post(
+            "compat-client",
+            &source_secret,
+        )),
+        dataset: DatasetConfig::new(&[("Observation", 300, 30)]),
+        in_progress_polls: 0,
+        latency: std::time::Duration::from_millis(50),
+        ..SourceConfig::default()
+    })
+    .await
+    .unwrap();
+    let staging = TempDir::new("sfn-compat-foreign");
+    let base = source.base_url();
+    let jwk = key.private_jwk.to_string();
+    let credentials = [
+        ("SOURCE_AUTHENTICATION_ENABLED", "true"),
+        ("SOURCE_CLIENT_ID", "compat-client"),
+        ("SOURCE_CLIENT_SECRET", source_secret.as_str()),
+        // The target is never contacted by these handlers; its credentials are configured
+        // (and parsed) all the same.
+        ("TARGET_AUTHENTICATION_ENABLED", "true"),
+        ("TARGET_CLIENT_ID", "compat-importer"),
+        ("TARGET_AUTH_METHOD", "private_key_jwt"),
+        ("TARGET_PRIVATE_KEY", jwk.as_str()),
+        ("TARGET_CLIENT_SECRET", target_secret.as_str()),
+    ];
+    let mut shown = Vec::new();
+
+    let export = handlers(Handler::FhirExport, &base, &staging.0, &credentials).await;
+    let out = export.invoke(json!({}), budget(30)).await.unwrap();
+    let check = handlers(Handler::CheckExportStatus, &base, &staging.0, &credentials).await;
+    let out = check.invoke(out, budget(30)).await.unwrap();
+    shown.push(out.to_string());
+    let input = json!({ "result": out["result"] });
+
+    // The first transfer stages what its budget allows and saves its progress.
+    let transfer = handlers(Handler::TransferToS3, &base, &staging.0, &credentials).await;
+    let e = transfer.invoke(input.clone(), budget(0)).await.unwrap_err();
+    assert_eq!(e.error_type, ErrorType::JobInProgress, "{e}");
+    let state_path = staging
+        .0
+        .join(transfer_run_id(&input["result"]))
+        .join("transfer-state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    assert_eq!(state["spec"]["source"]["endpoint"], json!(base));
+
+    // Whoever can write the staging bucket points the transfer at another host.
+    state["spec"]["source"]["endpoint"] = json!(format!("{}/fhir", foreign.url()));
+    let forged = serde_json::to_vec(&state).unwrap();
+    std::fs::write(&state_path, &forged).unwrap();
+    let downloads: u32 = source.file_attempts().values().sum();
+    let e = transfer.invoke(input.clone(), budget(5)).await.unwrap_err();
+    assert_eq!(e.error_type, ErrorType::State, "{e}");
+    assert!(
+        e.message.contains("transfer-state.json")
+            && e.message.contains("started with other settings")
+            && e.message.contains("(SOURCE_ENDPOINT)"),
+        "{e}"
+    );
+    shown.push(format!("{e} {e:?}"));
+    assert!(foreign.requests().is_empty(), "{:?}", foreign.requests());
+    assert_eq!(source.file_attempts().values().sum::<u32>(), downloads);
+    assert_eq!(
+        std::fs::read(&state_path).unwrap(),
+        forged,
+        "left as it was"
+    );
+
+    shown.push(logs.text());
+    for (i, text) in shown.iter().enumerate() {
+        common::leaks::assert_absent(&format!("output #{i}"), text, &secrets);
+    }
+    let files = common::leaks::scan_dir(&staging.0, &secrets, &[]);
+    assert!(files > 2, "{files} files staged");
 }

@@ -6,14 +6,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use pathling_import_core::config::{self, RawConfig};
 use pathling_import_core::Timestamp;
+use pathling_import_runners::aws::ErrorType;
 use pathling_import_runners::executor::now;
 use pathling_import_runners::sfn::{Task, EXTRA_KEYS};
+use pathling_import_tests::auth::AuthConfig;
 use pathling_import_tests::data::DatasetConfig;
-use pathling_import_tests::fake_pathling::{FakePathling, PathlingConfig};
+use pathling_import_tests::fake_pathling::{FakePathling, ImportFailure, PathlingConfig};
 use pathling_import_tests::fake_source::{FakeSource, SourceConfig};
 use pathling_import_tests::fhir::RetryAfter;
+use pathling_import_tests::keys::TestKey;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -214,4 +219,217 @@ async fn a_cancel_in_the_input_ends_the_run_and_deletes_the_export_job() {
     let e = task.invoke(newer, budget_until()).await.unwrap_err();
     assert_eq!(e.error_type, pathling_import_runners::aws::ErrorType::State);
     assert!(e.message.contains("newer"), "{e}");
+}
+
+/// A task whose configuration holds distinctive credentials for both sides (the source's
+/// `client_secret_post` secret, the target's private key and an unused target secret), the
+/// fakes asking for them, and the first invocation's output: a run waiting for its export.
+struct Guarded {
+    task: Task,
+    source: pathling_import_tests::fake_source::FakeSourceHandle,
+    _target: pathling_import_tests::fake_pathling::FakePathlingHandle,
+    staging: TempDir,
+    secrets: Vec<String>,
+    waiting: Value,
+}
+
+async fn guarded(name: &str) -> Guarded {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let source_secret = format!("S3cr3t+sfn-source:{tag}%x");
+    let target_secret = format!("S3cr3t+sfn-target:{tag}%x");
+    let key = TestKey::generate_ec().unwrap();
+    let mut secrets = vec![
+        source_secret.clone(),
+        target_secret.clone(),
+        key.private_jwk["d"].as_str().unwrap().to_string(),
+    ];
+    secrets.extend(
+        key.private_pem
+            .lines()
+            .filter(|l| l.len() >= 40)
+            .map(str::to_string),
+    );
+    let source = FakeSource::start(SourceConfig {
+        auth: Some(AuthConfig::client_secret_post("sfn-client", &source_secret)),
+        in_progress_polls: 5,
+        progress_retry_after: RetryAfter::Seconds(30),
+        ..SourceConfig::default()
+    })
+    .await
+    .unwrap();
+    let target = FakePathling::start(PathlingConfig {
+        auth: Some(AuthConfig::private_key_jwt("sfn-importer", &[&key])),
+        ..PathlingConfig::v9(&["file:///"])
+    })
+    .await
+    .unwrap();
+    let staging = TempDir::new(name);
+    let jwk = key.private_jwk.to_string();
+    let task = task(
+        &source.base_url(),
+        &target.base_url(),
+        &staging.0,
+        &[
+            ("LAMBDA_MAX_SLEEP", "0"),
+            ("SOURCE_AUTHENTICATION_ENABLED", "true"),
+            ("SOURCE_CLIENT_ID", "sfn-client"),
+            ("SOURCE_CLIENT_SECRET", &source_secret),
+            ("TARGET_AUTHENTICATION_ENABLED", "true"),
+            ("TARGET_CLIENT_ID", "sfn-importer"),
+            ("TARGET_AUTH_METHOD", "private_key_jwt"),
+            ("TARGET_PRIVATE_KEY", &jwk),
+            ("TARGET_CLIENT_SECRET", &target_secret),
+        ],
+    )
+    .await;
+    let waiting = task
+        .invoke(json!({}), Timestamp(now().0 + 5_000))
+        .await
+        .unwrap();
+    assert_eq!(waiting["action"], "wait", "{waiting}");
+    assert_eq!(waiting["phase"], "polling_export");
+    Guarded {
+        task,
+        source,
+        _target: target,
+        staging,
+        secrets,
+        waiting,
+    }
+}
+
+#[tokio::test]
+async fn an_envelope_pointing_at_a_foreign_source_is_a_state_error_before_any_request() {
+    let logs = common::leaks::LogCapture::start();
+    let foreign = common::Recorder::start().await;
+    let g = guarded("sfn-task-foreign").await;
+    let budget_until = || Timestamp(now().0 + 5_000);
+    let mut shown = vec![g.waiting.to_string()];
+
+    let mut forged = g.waiting.clone();
+    assert_eq!(
+        forged["envelope"]["spec"]["source"]["endpoint"],
+        json!(g.source.base_url())
+    );
+    forged["envelope"]["spec"]["source"]["endpoint"] = json!(format!("{}/fhir", foreign.url()));
+    // Also with a cancel, which would DELETE the export job at the run's source.
+    let mut cancelling = forged.clone();
+    cancelling["cancel"] = json!("stop");
+    for input in [forged, cancelling] {
+        let e = g.task.invoke(input, budget_until()).await.unwrap_err();
+        assert_eq!(e.error_type, ErrorType::State, "{e}");
+        assert!(
+            e.message.contains("started with other settings")
+                && e.message.contains("(SOURCE_ENDPOINT)"),
+            "{e}"
+        );
+        shown.push(format!("{e} {e:?}"));
+    }
+    assert!(foreign.requests().is_empty(), "{:?}", foreign.requests());
+
+    // The envelope as the task returned it is still taken (it waits for the export).
+    let out = g
+        .task
+        .invoke(g.waiting.clone(), budget_until())
+        .await
+        .unwrap();
+    assert_eq!(out["action"], "wait", "{out}");
+    assert_eq!(out["runId"], g.waiting["runId"]);
+    shown.push(out.to_string());
+    shown.push(logs.text());
+    for (i, text) in shown.iter().enumerate() {
+        common::leaks::assert_absent(&format!("output #{i}"), text, &g.secrets);
+    }
+    common::leaks::scan_dir(&g.staging.0, &g.secrets, &[]);
+}
+
+#[tokio::test]
+async fn a_1_mib_cancel_reason_is_cut_to_1_kib_and_a_cancel_must_be_a_string() {
+    let g = guarded("sfn-task-cancel-reason").await;
+    let budget_until = || Timestamp(now().0 + 5_000);
+
+    for bad in [json!(true), json!(42), json!({"reason": "x"}), json!(["x"])] {
+        let mut input = g.waiting.clone();
+        input["cancel"] = bad.clone();
+        let e = g.task.invoke(input, budget_until()).await.unwrap_err();
+        assert_eq!(e.error_type, ErrorType::State, "{bad}: {e}");
+        assert!(e.message.contains("cancel must be a string"), "{e}");
+    }
+    assert_eq!(g.source.stats().job_deletes, 0, "nothing was cancelled");
+
+    // 1 MiB of multi-byte characters and control characters.
+    let reason: String = "Ünïcödé\u{7}\n".repeat(1024 * 1024 / 13 + 1);
+    assert!(reason.len() >= 1024 * 1024);
+    let mut input = g.waiting.clone();
+    input["cancel"] = json!(reason);
+    let out = g.task.invoke(input, budget_until()).await.unwrap();
+    assert_eq!(out["action"], "fail", "{}", out["status"]);
+    assert_eq!(out["error"]["name"], "SyncCancelledError");
+    let kept = out["envelope"]["state"]["reason"].as_str().unwrap();
+    assert!(kept.len() <= 1024, "{} bytes kept", kept.len());
+    assert!(kept.starts_with("ÜnïcödéÜnïcödé"), "{kept}");
+    assert!(!kept.chars().any(char::is_control), "{kept:?}");
+    let envelope = serde_json::to_vec(&out["envelope"]).unwrap().len();
+    let whole = serde_json::to_vec(&out).unwrap().len();
+    println!(
+        "envelope {envelope} bytes, output {whole} bytes, reason {} bytes",
+        kept.len()
+    );
+    assert!(envelope < 16 * 1024, "envelope of {envelope} bytes");
+    assert!(whole < 16 * 1024, "output of {whole} bytes");
+    assert_eq!(g.source.stats().job_deletes, 1, "the export job is deleted");
+}
+
+#[tokio::test]
+async fn a_resume_point_rewritten_to_a_foreign_source_is_a_state_error_before_any_request() {
+    let foreign = common::Recorder::start().await;
+    let source = FakeSource::start(SourceConfig {
+        in_progress_polls: 0,
+        ..SourceConfig::default()
+    })
+    .await
+    .unwrap();
+    let target = FakePathling::start(PathlingConfig {
+        import_duration_polls: 0,
+        fail_imports: Some(ImportFailure::new(
+            400,
+            "invalid",
+            "the import cannot be done",
+        )),
+        ..PathlingConfig::v9(&["file:///"])
+    })
+    .await
+    .unwrap();
+    let staging = TempDir::new("sfn-task-resume-foreign");
+    let task = task(
+        &source.base_url(),
+        &target.base_url(),
+        &staging.0,
+        &[("LAMBDA_MAX_SLEEP", "5")],
+    )
+    .await;
+
+    // A run that fails after its export was known waits at sfn-resume.json for the next
+    // execution.
+    let run = execute(&task, Duration::from_secs(20), 50).await;
+    assert_eq!(run.last["action"], "fail", "{}", run.last["status"]);
+    let resume_path = staging.0.join("sfn-resume.json");
+    let mut resume: Value = serde_json::from_slice(&std::fs::read(&resume_path).unwrap()).unwrap();
+    assert_eq!(resume["state"]["phase"], "failed");
+
+    // Whoever can write the staging prefix points it at another host.
+    resume["spec"]["source"]["endpoint"] = json!(format!("{}/fhir", foreign.url()));
+    std::fs::write(&resume_path, serde_json::to_vec(&resume).unwrap()).unwrap();
+    let (kickoffs, imports) = (source.stats().kickoffs, target.stats().import_kickoffs);
+    for input in [json!({}), json!({"cancel": "stop"})] {
+        let e = task
+            .invoke(input, Timestamp(now().0 + 5_000))
+            .await
+            .unwrap_err();
+        assert_eq!(e.error_type, ErrorType::State, "{e}");
+        assert!(e.message.contains("(SOURCE_ENDPOINT)"), "{e}");
+    }
+    assert!(foreign.requests().is_empty(), "{:?}", foreign.requests());
+    assert_eq!(source.stats().kickoffs, kickoffs);
+    assert_eq!(target.stats().import_kickoffs, imports);
 }

@@ -6,13 +6,19 @@
 //!   and `runners`. `PATHLING_IMPORT_BIN` overrides the path.
 //! - [`Sandbox`]: one temp dir per test holding the JSON configuration file, the state file,
 //!   the directory staging root and the child's captured output. Every run checks that no
-//!   secret registered with [`Sandbox::secret`] shows up in stdout, stderr or the state file.
+//!   secret registered with [`Sandbox::secret`] shows up in stdout, stderr, the state file,
+//!   or any other file under the sandbox (staged objects, manifests, the watermark, leftovers)
+//!   but the configuration file ([`Sandbox::not_scanned`] exempts more).
 //! - [`Staging`]: a staging directory or a fresh bucket on the moto server at `MOTO_ENDPOINT`
 //!   (tests that need it fail, never pass, when it is not set).
 //! - [`Recorder`]: a catch-all HTTP server that records every request (for Sentry envelopes
-//!   and for proving that no network call was made).
+//!   and for proving that no network call was made); [`Recorder::assert_no_secrets`].
+//! - [`leaks`]: the secret checks themselves; [`tls`]: a private CA for https fakes.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod leaks;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -154,6 +160,9 @@ pub struct Running {
     started: Instant,
     secrets: Vec<String>,
     state_file: PathBuf,
+    /// The sandbox directory, scanned for secrets when the child has exited.
+    root: PathBuf,
+    unscanned: Vec<PathBuf>,
 }
 
 impl Running {
@@ -194,18 +203,16 @@ impl Running {
             elapsed: self.started.elapsed(),
         };
         let state = std::fs::read_to_string(&self.state_file).unwrap_or_default();
-        for secret in &self.secrets {
-            for (what, text) in [
-                ("stdout", &out.stdout),
-                ("stderr", &out.stderr),
-                ("the state file", &state),
-            ] {
-                assert!(
-                    !text.contains(secret.as_str()),
-                    "a secret leaked into {what}:\n{text}"
-                );
-            }
+        for (what, text) in [
+            ("stdout", &out.stdout),
+            ("stderr", &out.stderr),
+            ("the state file", &state),
+        ] {
+            leaks::assert_absent(what, text, &self.secrets);
         }
+        // Everything else the run left: staged objects, the stored manifest, the watermark,
+        // temp files of a killed write.
+        leaks::scan_dir(&self.root, &self.secrets, &self.unscanned);
         out
     }
 
@@ -234,6 +241,8 @@ pub struct Sandbox {
     pub config: Map<String, Value>,
     env: Vec<(String, String)>,
     secrets: Vec<String>,
+    /// Files under the sandbox that hold secrets on purpose (the configuration file).
+    unscanned: Vec<PathBuf>,
 }
 
 impl Default for Sandbox {
@@ -253,7 +262,9 @@ impl Sandbox {
             config: Map::new(),
             env: Vec::new(),
             secrets: Vec::new(),
+            unscanned: Vec::new(),
         };
+        sandbox.unscanned.push(sandbox.config_path());
         let state = sandbox.state_path();
         sandbox.set("stateFile", state.to_str().unwrap());
         sandbox
@@ -298,6 +309,18 @@ impl Sandbox {
         assert!(text.len() >= 8, "secret markers must be specific: {text:?}");
         self.secrets.push(text.to_string());
         self
+    }
+
+    /// A file under the sandbox that holds secrets on purpose (like the configuration file):
+    /// not scanned after each run.
+    pub fn not_scanned(&mut self, path: impl Into<PathBuf>) -> &mut Self {
+        self.unscanned.push(path.into());
+        self
+    }
+
+    /// The registered secrets.
+    pub fn secrets(&self) -> &[String] {
+        &self.secrets
     }
 
     /// The usual settings: endpoints, staging, fast retries, no auth.
@@ -379,6 +402,8 @@ impl Sandbox {
             started: Instant::now(),
             secrets: self.secrets.clone(),
             state_file: self.state_path(),
+            root: self.path().to_path_buf(),
+            unscanned: self.unscanned.clone(),
         }
     }
 
@@ -424,6 +449,8 @@ impl Sandbox {
             started: Instant::now(),
             secrets: self.secrets.clone(),
             state_file: self.state_path(),
+            root: self.path().to_path_buf(),
+            unscanned: self.unscanned.clone(),
         }
         .wait(Duration::from_secs(60))
         .await
@@ -1009,5 +1036,22 @@ impl Recorder {
 
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.requests.lock().unwrap().clone()
+    }
+
+    /// No recorded request (a Sentry event, say) carries one of `secrets`: not in its URI,
+    /// its headers or its (gunzipped) body.
+    pub fn assert_no_secrets(&self, secrets: &[&str]) {
+        let secrets: Vec<String> = secrets.iter().map(|s| s.to_string()).collect();
+        for r in self.requests() {
+            let headers: String = r
+                .headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}\n"))
+                .collect();
+            let what = format!("a request {} {} received by the recorder", r.method, r.uri);
+            leaks::assert_absent(&what, &r.uri, &secrets);
+            leaks::assert_absent(&what, &headers, &secrets);
+            leaks::assert_absent(&what, &r.body_text(), &secrets);
+        }
     }
 }
