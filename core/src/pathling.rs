@@ -15,7 +15,8 @@ pub struct ImportInput {
     pub url: String,
 }
 
-/// The `$import` Parameters body for the given generation (see `protocols.md` §3).
+/// The `$import` Parameters body for the given generation (see `docs/protocols.md`, §3
+/// "Pathling `$import`", "The request").
 pub fn import_parameters(api: PathlingApi, mode: ImportMode, inputs: &[ImportInput]) -> Value {
     let mut parameter: Vec<Value> = Vec::with_capacity(inputs.len() + 2);
     match api {

@@ -1,7 +1,7 @@
 //! SMART Backend Services machinery shared by both fakes: the discovery document, a client
 //! credentials token endpoint and bearer-token checks.
 //!
-//! Contract (see `docs/protocols.md` §1):
+//! Contract (see `docs/protocols.md`, §1 "SMART Backend Services"):
 //! - `client_secret_basic`: `Authorization: Basic base64(urlencode(id) ":" urlencode(secret))`.
 //!   Both halves are form-url-decoded before comparison (RFC 6749 §2.3.1), so a client that
 //!   forgets to encode a secret containing `+`, `%` or `:` fails here as it would against a

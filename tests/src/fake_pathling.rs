@@ -1,4 +1,5 @@
-//! A fake Pathling server speaking both `$import` generations (see `docs/protocols.md` §3).
+//! A fake Pathling server speaking both `$import` generations (see `docs/protocols.md`,
+//! §3 "Pathling `$import`").
 //!
 //! [`FakePathling::start`] binds `127.0.0.1:0`; the FHIR base is `{origin}{fhir_path}`
 //! (default `/fhir`). Knobs are in [`PathlingConfig`] and may change while it runs

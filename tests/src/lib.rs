@@ -12,7 +12,8 @@
 //! - [`data`]: the deterministic synthetic dataset and the filters to compute expected
 //!   results.
 //!
-//! The behaviour follows `docs/protocols.md`; each module documents its contract and knobs.
+//! The behaviour follows `docs/protocols.md` (§1 "SMART Backend Services", §2 "FHIR Bulk
+//! Data export", §3 "Pathling `$import`"); each module documents its contract and knobs.
 //! Servers bind `127.0.0.1:0` (plain http, or https with a given certificate:
 //! [`server::TlsIdentity`]), are configured through plain structs whose fields can be
 //! changed while they run, and stop when their handle is dropped.

@@ -1,6 +1,6 @@
 //! Integration tests of the fake servers themselves, driven with a plain HTTP client, so that
 //! the project's own tests can trust the fakes to behave like the real servers
-//! (`docs/protocols.md`).
+//! (`docs/protocols.md`, §1 to §3).
 //!
 //! The S3 test reads from a moto server and fails with instructions unless `MOTO_ENDPOINT` is
 //! set (`"$(bash .ci/moto.sh)" -H 127.0.0.1 -p 5055 &`, then

@@ -1,5 +1,5 @@
 //! SMART Backend Services client authentication: discovery, the client credentials grant and a
-//! cached bearer token (`docs/protocols.md` §1).
+//! cached bearer token (`docs/protocols.md`, §1 "SMART Backend Services").
 //!
 //! Contract
 //! - [`Authenticator::new`] validates and parses every credential before any network call, and
