@@ -82,7 +82,7 @@ impl EventLog {
             return Ok(());
         }
         let mut body = staging
-            .get_bytes(key)
+            .get_bytes(key, crate::staging::MAX_EVENT_LOG)
             .await
             .map_err(|e| format!("{key}: {e}"))?
             .map(|b| b.to_vec())

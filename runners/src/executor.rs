@@ -453,10 +453,9 @@ impl Executor {
         }
         let bytes = self
             .staging
-            .get_bytes(key.as_str())
+            .get_bytes(key.as_str(), self.manifest_max_bytes.saturating_mul(2))
             .await
             .map_err(|e| staging_failure("reading the stored manifest", &e))?
-            .filter(|b| (b.len() as u64) <= self.manifest_max_bytes.saturating_mul(2))
             .ok_or_else(|| {
                 Failure::new(
                     FailureKind::Local,

@@ -360,7 +360,7 @@ async fn read_resume(
 ) -> Result<Option<SyncRun>, LambdaFailure> {
     let key = resume_key(location);
     let Some(bytes) = staging
-        .get_bytes(&key)
+        .get_bytes(&key, crate::staging::MAX_STATE_OBJECT)
         .await
         .map_err(|e| storage_failure(&format!("reading {key}"), &e))?
     else {

@@ -54,7 +54,7 @@ async fn read_key(
     key: String,
 ) -> Result<Option<Watermark>, WatermarkError> {
     let Some(bytes) = staging
-        .get_bytes(&key)
+        .get_bytes(&key, crate::staging::MAX_STATE_OBJECT)
         .await
         .map_err(|source| WatermarkError::Storage {
             key: key.clone(),

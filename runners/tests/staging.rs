@@ -27,6 +27,9 @@ use pathling_import_runners::staging::{
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
+/// No limit on what `get_bytes` reads (the tests of the limit pass their own).
+const ANY: u64 = u64::MAX;
+
 fn moto_endpoint() -> String {
     match std::env::var("MOTO_ENDPOINT") {
         Ok(v) if !v.trim().is_empty() => v.trim().trim_end_matches('/').to_owned(),
@@ -213,7 +216,7 @@ async fn s3_small_object_uses_put_object() {
             newline_added: false
         }
     );
-    assert_eq!(store.get_bytes(key).await.unwrap().unwrap(), data);
+    assert_eq!(store.get_bytes(key, ANY).await.unwrap().unwrap(), data);
     assert_eq!(read_all(&store, key).await, data);
     // A multipart object's ETag has a `-<parts>` suffix; a PutObject's does not.
     assert!(!etag(&client, &bucket, key).await.contains('-'));
@@ -232,7 +235,7 @@ async fn s3_multipart_round_trips_byte_exact() {
     assert_eq!(report.bytes, data.len() as u64);
     assert_eq!(report.lines, count_lines(&data));
     assert!(!report.newline_added);
-    let stored = store.get_bytes(key).await.unwrap().unwrap();
+    let stored = store.get_bytes(key, ANY).await.unwrap().unwrap();
     assert!(stored == data, "stored object differs from the body");
     assert!(read_all(&store, key).await == data);
     assert!(etag(&client, &bucket, key).await.ends_with("-4"));
@@ -248,7 +251,7 @@ async fn s3_one_huge_chunk_is_split_into_parts() {
         .await
         .unwrap();
     assert_eq!(report.bytes, data.len() as u64);
-    assert!(store.get_bytes("k").await.unwrap().unwrap() == data);
+    assert!(store.get_bytes("k", ANY).await.unwrap().unwrap() == data);
     assert!(etag(&client, &bucket, "k").await.ends_with("-3"));
 }
 
@@ -266,7 +269,7 @@ async fn s3_exact_part_without_newline_gets_a_one_byte_last_part() {
     assert_eq!(report.bytes, MIN_PART_SIZE as u64 + 1);
     let mut expected = data.clone();
     expected.push(b'\n');
-    assert!(store.get_bytes("k").await.unwrap().unwrap() == expected);
+    assert!(store.get_bytes("k", ANY).await.unwrap().unwrap() == expected);
     assert!(etag(&client, &bucket, "k").await.ends_with("-2"));
 }
 
@@ -279,7 +282,7 @@ async fn s3_exact_part_with_newline_is_one_put_object() {
         .await
         .unwrap();
     assert!(!report.newline_added);
-    assert!(store.get_bytes("k").await.unwrap().unwrap() == data);
+    assert!(store.get_bytes("k", ANY).await.unwrap().unwrap() == data);
     assert!(!etag(&client, &bucket, "k").await.contains('-'));
 }
 
@@ -292,7 +295,7 @@ async fn s3_empty_body_stays_empty() {
         .unwrap();
     assert_eq!(report, PutReport::default());
     assert_eq!(
-        store.get_bytes("empty.ndjson").await.unwrap(),
+        store.get_bytes("empty.ndjson", ANY).await.unwrap(),
         Some(Bytes::new())
     );
     // Empty chunks do not make a body non-empty either.
@@ -300,7 +303,7 @@ async fn s3_empty_body_stays_empty() {
     let report = store.put_stream("empty2.ndjson", empties).await.unwrap();
     assert_eq!(report, PutReport::default());
     assert_eq!(
-        store.get_bytes("empty2.ndjson").await.unwrap(),
+        store.get_bytes("empty2.ndjson", ANY).await.unwrap(),
         Some(Bytes::new())
     );
     assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
@@ -322,7 +325,7 @@ async fn s3_missing_trailing_newline_is_added() {
         }
     );
     assert_eq!(
-        store.get_bytes("k").await.unwrap().unwrap(),
+        store.get_bytes("k", ANY).await.unwrap().unwrap(),
         &b"{\"a\":1}\n\n{\"b\":2}\n"[..]
     );
 }
@@ -339,7 +342,7 @@ async fn s3_body_error_mid_multipart_leaves_nothing() {
     assert!(
         matches!(err, StagingError::Body { bytes_read, .. } if bytes_read == data.len() as u64)
     );
-    assert_eq!(store.get_bytes("k").await.unwrap(), None);
+    assert_eq!(store.get_bytes("k", ANY).await.unwrap(), None);
     assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
 }
 
@@ -351,7 +354,7 @@ async fn s3_body_error_in_first_part_leaves_nothing() {
         .await
         .unwrap_err();
     assert_body_failure(&err);
-    assert_eq!(store.get_bytes("k").await.unwrap(), None);
+    assert_eq!(store.get_bytes("k", ANY).await.unwrap(), None);
     assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
 }
 
@@ -367,7 +370,10 @@ async fn s3_failed_upload_keeps_the_previous_object() {
         .put_stream("k", failing_after(&data, 1 << 20))
         .await
         .unwrap_err();
-    assert_eq!(store.get_bytes("k").await.unwrap().unwrap(), &b"old\n"[..]);
+    assert_eq!(
+        store.get_bytes("k", ANY).await.unwrap().unwrap(),
+        &b"old\n"[..]
+    );
 }
 
 /// A part upload failing in the store (here: the upload was aborted behind our back) is a store
@@ -424,7 +430,7 @@ async fn s3_part_failure_is_a_store_error() {
         !matches!(err, StagingError::CleanupFailed { .. }),
         "an upload that is already gone needs no cleanup: {err}"
     );
-    assert_eq!(store.get_bytes("k").await.unwrap(), None);
+    assert_eq!(store.get_bytes("k", ANY).await.unwrap(), None);
     assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
 }
 
@@ -462,7 +468,7 @@ async fn s3_part_limit_is_a_clear_error() {
     );
     assert_eq!(err.side(), FailureSide::Store);
     assert!(err.to_string().contains("part size"), "{err}");
-    assert_eq!(store.get_bytes("k").await.unwrap(), None);
+    assert_eq!(store.get_bytes("k", ANY).await.unwrap(), None);
     assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
 }
 
@@ -502,13 +508,16 @@ async fn s3_cancelled_upload_is_aborted_in_background() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(left, 0, "the dropped upload was not aborted");
-    assert_eq!(store.get_bytes("k").await.unwrap(), None);
+    assert_eq!(store.get_bytes("k", ANY).await.unwrap(), None);
 }
 
 #[tokio::test]
 async fn s3_get_missing_key_is_none_and_open_read_is_not_found() {
     let (store, _client, _bucket) = s3_store("missing", MIN_PART_SIZE).await;
-    assert_eq!(store.get_bytes("nothing/here.ndjson").await.unwrap(), None);
+    assert_eq!(
+        store.get_bytes("nothing/here.ndjson", ANY).await.unwrap(),
+        None
+    );
     let err = store.open_read("nothing/here.ndjson").await.err().unwrap();
     assert!(err.is_not_found(), "{err:?}");
     assert_eq!(err.status(), Some(404));
@@ -525,7 +534,7 @@ async fn s3_missing_bucket_is_an_error_never_absent() {
         )
         .unwrap(),
     );
-    let err = store.get_bytes("k").await.unwrap_err();
+    let err = store.get_bytes("k", ANY).await.unwrap_err();
     assert_eq!(err.side(), FailureSide::Store);
     assert_eq!(err.status(), Some(404));
     assert_eq!(err.code(), Some("NoSuchBucket"));
@@ -579,9 +588,42 @@ async fn s3_put_bytes_stores_as_is() {
         .await
         .unwrap();
     assert_eq!(
-        store.get_bytes("run/manifest.json").await.unwrap(),
+        store.get_bytes("run/manifest.json", ANY).await.unwrap(),
         Some(manifest)
     );
+}
+
+/// What `get_bytes` reads into memory is bounded: an object larger than the limit is an
+/// error naming it, whether its size was announced or not.
+async fn get_bytes_is_capped(store: &StagingStore) {
+    let data = Bytes::from(vec![b'x'; 10_000]);
+    store
+        .put_bytes("run/state.json", data.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_bytes("run/state.json", 10_000).await.unwrap(),
+        Some(data)
+    );
+    let err = store.get_bytes("run/state.json", 9_999).await.unwrap_err();
+    assert!(
+        matches!(err, StagingError::TooLarge { limit: 9_999, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("run/state.json"), "{err}");
+    assert!(!err.is_transient());
+}
+
+#[tokio::test]
+async fn s3_get_bytes_is_capped() {
+    let (store, _client, _bucket) = s3_store("capped", MIN_PART_SIZE).await;
+    get_bytes_is_capped(&store).await;
+}
+
+#[tokio::test]
+async fn dir_get_bytes_is_capped() {
+    let (store, _tmp) = dir_store().await;
+    get_bytes_is_capped(&store).await;
 }
 
 #[tokio::test]
@@ -603,7 +645,7 @@ async fn s3_has_no_leftovers_to_remove_and_touches_nothing() {
     assert_eq!(store.remove_leftovers("run/").await.unwrap(), 0);
     assert_eq!(store.remove_leftovers("").await.unwrap(), 0);
     assert!(store
-        .get_bytes("run/manifest.json")
+        .get_bytes("run/manifest.json", ANY)
         .await
         .unwrap()
         .is_some());
@@ -622,7 +664,7 @@ async fn s3_rejects_unsafe_keys_and_bad_config() {
             matches!(err, StagingError::InvalidKey { .. }),
             "{key:?}: {err:?}"
         );
-        assert!(store.get_bytes(key).await.is_err(), "{key:?}");
+        assert!(store.get_bytes(key, ANY).await.is_err(), "{key:?}");
     }
     let sdk = sdk_config(&moto_endpoint()).await;
     let small = S3Options {
@@ -672,7 +714,7 @@ async fn dir_round_trip_newline_and_lines() {
     assert_eq!(report.bytes, data.len() as u64);
     assert_eq!(report.lines, count_lines(&data));
     assert!(!report.newline_added);
-    assert!(store.get_bytes(key).await.unwrap().unwrap() == data);
+    assert!(store.get_bytes(key, ANY).await.unwrap().unwrap() == data);
     assert!(read_all(&store, key).await == data);
 
     let report = store
@@ -688,7 +730,7 @@ async fn dir_round_trip_newline_and_lines() {
         }
     );
     assert_eq!(
-        store.get_bytes("b.ndjson").await.unwrap().unwrap(),
+        store.get_bytes("b.ndjson", ANY).await.unwrap().unwrap(),
         &b"{\"a\":1}\n  \n{\"b\":2}\n"[..]
     );
 
@@ -698,7 +740,7 @@ async fn dir_round_trip_newline_and_lines() {
         .unwrap();
     assert_eq!(report, PutReport::default());
     assert_eq!(
-        store.get_bytes("empty.ndjson").await.unwrap(),
+        store.get_bytes("empty.ndjson", ANY).await.unwrap(),
         Some(Bytes::new())
     );
 
@@ -764,7 +806,7 @@ async fn dir_write_is_atomic_when_the_stream_fails() {
         .await
         .unwrap_err();
     assert_body_failure(&err);
-    assert_eq!(store.get_bytes("run/new.ndjson").await.unwrap(), None);
+    assert_eq!(store.get_bytes("run/new.ndjson", ANY).await.unwrap(), None);
     assert_eq!(files_under(&root), vec![key.to_owned()]);
 }
 
@@ -824,7 +866,7 @@ async fn dir_leftovers_of_killed_writes_are_removed_and_objects_kept() {
     assert_eq!(files_under(&root), expected);
     for key in objects {
         assert_eq!(
-            store.get_bytes(key).await.unwrap().unwrap(),
+            store.get_bytes(key, ANY).await.unwrap().unwrap(),
             &b"{\"resourceType\":\"Patient\"}\n"[..]
         );
     }
@@ -912,7 +954,7 @@ async fn dir_rejects_keys_that_escape_the_root() {
                 .is_err(),
             "{key:?}"
         );
-        assert!(store.get_bytes(key).await.is_err(), "{key:?}");
+        assert!(store.get_bytes(key, ANY).await.is_err(), "{key:?}");
         assert!(store.open_read(key).await.is_err(), "{key:?}");
     }
     assert!(!tmp.path().join("escape").exists());
@@ -922,7 +964,7 @@ async fn dir_rejects_keys_that_escape_the_root() {
 #[tokio::test]
 async fn dir_missing_key_get_and_open_read() {
     let (store, _tmp) = dir_store().await;
-    assert_eq!(store.get_bytes("no/such.ndjson").await.unwrap(), None);
+    assert_eq!(store.get_bytes("no/such.ndjson", ANY).await.unwrap(), None);
     let err = store.open_read("no/such.ndjson").await.err().unwrap();
     assert!(err.is_not_found(), "{err:?}");
 }

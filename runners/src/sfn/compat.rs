@@ -239,7 +239,7 @@ impl Handlers {
         let staging = executor.staging().clone();
         let state_key = transfer_state_key(&self.config, &run_id);
         let run = match staging
-            .get_bytes(&state_key)
+            .get_bytes(&state_key, crate::staging::MAX_STATE_OBJECT)
             .await
             .map_err(|e| storage_failure(&format!("reading {state_key}"), &e))?
         {
@@ -319,7 +319,14 @@ impl Handlers {
         }
         executor
             .staging()
-            .get_bytes(&expected)
+            .get_bytes(
+                &expected,
+                self.config
+                    .spec
+                    .transfer
+                    .manifest_max_bytes
+                    .saturating_mul(2),
+            )
             .await
             .map_err(|e| storage_failure(&format!("reading {expected}"), &e))?
             .ok_or_else(|| {

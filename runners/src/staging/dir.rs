@@ -194,13 +194,36 @@ impl DirStore {
         temp.commit(file, key, &path).await
     }
 
-    pub async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, StagingError> {
+    pub async fn get_bytes(&self, key: &str, limit: u64) -> Result<Option<Bytes>, StagingError> {
+        use tokio::io::AsyncReadExt;
         let path = self.path_of(key)?;
-        match tokio::fs::read(&path).await {
-            Ok(data) => Ok(Some(Bytes::from(data))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StagingError::io("read", key, &e)),
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StagingError::io("read", key, &e)),
+        };
+        let too_large = || StagingError::TooLarge {
+            key: key.to_owned(),
+            limit,
+        };
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| StagingError::io("read", key, &e))?
+            .len();
+        if size > limit {
+            return Err(too_large());
         }
+        // The file may grow between the two calls: read no more than the limit allows.
+        let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        file.take(limit.saturating_add(1))
+            .read_to_end(&mut data)
+            .await
+            .map_err(|e| StagingError::io("read", key, &e))?;
+        if data.len() as u64 > limit {
+            return Err(too_large());
+        }
+        Ok(Some(Bytes::from(data)))
     }
 
     /// Removes an object; an absent one is fine.

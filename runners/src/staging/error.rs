@@ -81,6 +81,11 @@ pub enum StagingError {
         part_size: usize,
     },
 
+    /// `get_bytes` of an object larger than the caller reads into memory. Whoever can write
+    /// the staging prefix must not be able to exhaust a runner's memory.
+    #[error("staging object {key:?} is larger than the {limit} bytes read into memory")]
+    TooLarge { key: String, limit: u64 },
+
     /// The store was configured with invalid settings.
     #[error("invalid staging configuration: {0}")]
     Config(String),

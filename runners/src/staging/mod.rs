@@ -78,6 +78,15 @@ pub struct PutReport {
 /// A streaming read of a stored object.
 pub type ReadStream = BoxStream<'static, Result<Bytes, StagingError>>;
 
+/// The most [`StagingStore::get_bytes`] reads of a run's state or a watermark stored beside
+/// the staged data (an envelope of 50,000 files is about 0.3 MB): whoever can write the
+/// staging prefix must not be able to exhaust a runner's memory.
+pub const MAX_STATE_OBJECT: u64 = 16 * 1024 * 1024;
+
+/// The most read of a run's event log copy (`{prefix}{run id}/log.ndjson`), which is read
+/// and written whole to append.
+pub const MAX_EVENT_LOG: u64 = 64 * 1024 * 1024;
+
 /// Where downloaded files are staged.
 #[derive(Debug, Clone)]
 pub enum StagingStore {
@@ -110,10 +119,10 @@ impl StagingStore {
     /// Read a whole object. `Ok(None)` only when the store says the key does not exist; every
     /// other failure (including S3's 403 for a missing key when the caller lacks
     /// `s3:ListBucket`) is an error, never "absent".
-    pub async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, StagingError> {
+    pub async fn get_bytes(&self, key: &str, limit: u64) -> Result<Option<Bytes>, StagingError> {
         match self {
-            StagingStore::S3(s) => s.get_bytes(key).await,
-            StagingStore::Dir(d) => d.get_bytes(key).await,
+            StagingStore::S3(s) => s.get_bytes(key, limit).await,
+            StagingStore::Dir(d) => d.get_bytes(key, limit).await,
         }
     }
 

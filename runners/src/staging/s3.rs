@@ -175,19 +175,37 @@ impl S3Store {
         self.put_object(key, bytes).await
     }
 
-    pub async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, StagingError> {
+    pub async fn get_bytes(&self, key: &str, limit: u64) -> Result<Option<Bytes>, StagingError> {
         validate_key(key)?;
-        let resp = match self.get_object(key).await {
+        let mut resp = match self.get_object(key).await {
             Ok(resp) => resp,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e),
         };
-        let data = resp
+        let too_large = || StagingError::TooLarge {
+            key: key.to_owned(),
+            limit,
+        };
+        let announced = resp
+            .content_length
+            .and_then(|l| u64::try_from(l).ok())
+            .unwrap_or(0);
+        if announced > limit {
+            return Err(too_large());
+        }
+        let mut data = Vec::with_capacity(usize::try_from(announced).unwrap_or(0));
+        while let Some(chunk) = resp
             .body
-            .collect()
+            .try_next()
             .await
-            .map_err(|e| body_read_error(key, &e))?;
-        Ok(Some(data.into_bytes()))
+            .map_err(|e| body_read_error(key, &e))?
+        {
+            if (data.len() + chunk.len()) as u64 > limit {
+                return Err(too_large());
+            }
+            data.extend_from_slice(&chunk);
+        }
+        Ok(Some(Bytes::from(data)))
     }
 
     /// Removes an object; an absent one is fine (S3's DeleteObject says so itself).
