@@ -73,7 +73,7 @@ pub enum SetupError {
 pub enum PreflightError {
     #[error("the staging location {location} is not usable: {failure}")]
     Staging { location: String, failure: Failure },
-    #[error("the target refused our credentials: {0}")]
+    #[error("no token could be obtained for the target: {0}")]
     TargetAuth(Failure),
 }
 
@@ -200,7 +200,7 @@ impl Executor {
     /// is obtained when authentication is on.
     pub async fn preflight(&self, prefix: &str) -> Result<(), PreflightError> {
         let key = format!("{prefix}.pathling-import-preflight");
-        let location = format!("{:?}", self.staging);
+        let location = format!("{}/{prefix}", self.staging);
         let staging = |e: StagingError, what: &str| PreflightError::Staging {
             location: location.clone(),
             failure: redacted(staging_failure(what, &e)),

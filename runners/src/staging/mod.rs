@@ -163,6 +163,17 @@ impl StagingStore {
     }
 }
 
+/// Where the store writes, as a user would name it (`s3://bucket`, `file:///dir`): for
+/// messages.
+impl std::fmt::Display for StagingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StagingStore::S3(s) => write!(f, "s3://{}", s.bucket()),
+            StagingStore::Dir(d) => write!(f, "file://{}", d.root().display()),
+        }
+    }
+}
+
 impl From<S3Store> for StagingStore {
     fn from(s: S3Store) -> Self {
         StagingStore::S3(s)
