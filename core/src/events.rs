@@ -201,7 +201,7 @@ pub fn stepped(
             ));
         }
         (Effect::PollImport { job_url }, EffectResult::ImportCompleted { .. }) => {
-            let succeeded = !failed(after);
+            let succeeded = !after.failing();
             out.push(LogEvent::new(
                 "import_complete",
                 json!({"jobUrl": job_url, "succeeded": succeeded}),
@@ -231,7 +231,7 @@ pub fn stepped(
                     "duration": before.started_at.until(now),
                 }),
             ));
-            if !failed(after) {
+            if !after.failing() {
                 out.push(LogEvent::new(
                     "staging_complete",
                     json!({
@@ -296,15 +296,6 @@ fn staged_counts(run: &SyncRun) -> Option<(u64, u64, u64)> {
         SyncState::KickingOffExport(_)
         | SyncState::PollingExport(_)
         | SyncState::StagingFiles(_) => None,
-    }
-}
-
-/// Whether the run has failed (or is cleaning up after a failure).
-fn failed(run: &SyncRun) -> bool {
-    match &run.state {
-        SyncState::Failed(_) => true,
-        SyncState::CleaningUp(c) => matches!(c.then, Terminal::Failed(_)),
-        _ => false,
     }
 }
 

@@ -103,6 +103,7 @@ pub mod content;
 pub mod effect;
 pub mod events;
 pub mod machine;
+pub mod metrics;
 pub mod pathling;
 pub mod persist;
 pub mod plan;

@@ -31,6 +31,10 @@ pub struct SyncRun {
     /// The last successful run's mark (this run's own once it succeeds).
     pub watermark: Option<Watermark>,
     pub state: SyncState,
+    /// When the run entered its current phase (for the phase durations the Lambda runners
+    /// report); absent in runs stored before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_since: Option<Timestamp>,
     /// The schema version this run was stored with, when [`crate::persist::decode`] had to
     /// upgrade it (runners log that once); never stored.
     #[serde(default, skip_serializing)]
@@ -157,6 +161,7 @@ impl SyncRun {
                 deadline,
                 superseded_job: None,
             }),
+            phase_since: Some(now),
             upgraded_from: None,
         })
     }
@@ -188,6 +193,7 @@ impl SyncRun {
             resuming: None,
         };
         run.state = run.exported(&polling, digest, now);
+        run.phase_since = Some(now);
         Ok(run)
     }
 
@@ -457,8 +463,20 @@ impl SyncRun {
                 });
             }
         }
+        if state.phase() != self.state.phase() {
+            next.phase_since = Some(now);
+        }
         next.state = state;
         Ok(next)
+    }
+
+    /// Whether the run has failed, or is cleaning up after a failure.
+    pub fn failing(&self) -> bool {
+        match &self.state {
+            SyncState::Failed(_) => true,
+            SyncState::CleaningUp(c) => matches!(c.then, Terminal::Failed(_)),
+            _ => false,
+        }
     }
 
     /// Why the run failed, when it did.

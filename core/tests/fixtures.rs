@@ -443,6 +443,7 @@ fn the_envelope_has_the_documented_shape() {
             "run_id",
             "seq",
             "started_at",
+            "phase_since",
             "spec",
             "watermark",
             "state"

@@ -79,6 +79,27 @@ pub trait Observer: Send + Sync {
     fn rejected(&self, _request: &Request, _why: &str) {}
 }
 
+/// Several observers as one (the progress display, the log observer, the event log, the
+/// metrics), called in order.
+pub struct All<'a>(pub &'a [&'a dyn Observer]);
+
+impl Observer for All<'_> {
+    fn next(&self, run: &SyncRun, next: &Next) {
+        self.0.iter().for_each(|o| o.next(run, next));
+    }
+    fn started(&self, run: &SyncRun, request: &Request) {
+        self.0.iter().for_each(|o| o.started(run, request));
+    }
+    fn stepped(&self, before: &SyncRun, after: &SyncRun, request: &Request, result: &EffectResult) {
+        self.0
+            .iter()
+            .for_each(|o| o.stepped(before, after, request, result));
+    }
+    fn rejected(&self, request: &Request, why: &str) {
+        self.0.iter().for_each(|o| o.rejected(request, why));
+    }
+}
+
 /// An observer that sees nothing.
 pub struct Quiet;
 impl Observer for Quiet {}

@@ -128,25 +128,3 @@ impl Observer for EventLog {
         }
     }
 }
-
-/// Several observers as one (the progress display, the log observer, the event log).
-pub struct Both<'a>(pub &'a dyn Observer, pub &'a dyn Observer);
-
-impl Observer for Both<'_> {
-    fn next(&self, run: &SyncRun, next: &pathling_import_core::effect::Next) {
-        self.0.next(run, next);
-        self.1.next(run, next);
-    }
-    fn started(&self, run: &SyncRun, request: &Request) {
-        self.0.started(run, request);
-        self.1.started(run, request);
-    }
-    fn stepped(&self, before: &SyncRun, after: &SyncRun, request: &Request, result: &EffectResult) {
-        self.0.stepped(before, after, request, result);
-        self.1.stepped(before, after, request, result);
-    }
-    fn rejected(&self, request: &Request, why: &str) {
-        self.0.rejected(request, why);
-        self.1.rejected(request, why);
-    }
-}

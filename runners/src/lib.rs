@@ -48,6 +48,7 @@ pub mod auth;
 pub mod aws;
 pub mod driver;
 pub mod dynamo_store;
+pub mod emf;
 pub mod event_log;
 pub mod executor;
 pub mod file_store;

@@ -3,8 +3,8 @@
 //! the user is told. The binary only parses arguments, sets up logging and the progress
 //! display, and maps the outcome to an exit code.
 
-use crate::driver::{self, DriveOptions, Observer, RunStore, Stopped, SystemClock};
-use crate::event_log::{self, Both, EventLog, Sink};
+use crate::driver::{self, All, DriveOptions, Observer, RunStore, Stopped, SystemClock};
+use crate::event_log::{self, EventLog, Sink};
 use crate::executor::{now, Counters, Executor};
 use crate::file_store::{CorruptState, FileStore, FileStoreError, Stored};
 use crate::report;
@@ -421,7 +421,7 @@ async fn drive_to_end(
         executor,
         store,
         &options,
-        &Both(observer.as_ref(), log),
+        &All(&[observer.as_ref(), log]),
         interrupt,
     )
     .await;

@@ -38,8 +38,11 @@
 pub mod compat;
 
 use crate::aws::{self, LambdaFailure};
-use crate::driver::{self, DriveOptions, LogObserver, RunStore, Stopped, StoreError, SystemClock};
-use crate::event_log::{self, Both, EventLog, Sink};
+use crate::driver::{
+    self, All, DriveOptions, LogObserver, RunStore, Stopped, StoreError, SystemClock,
+};
+use crate::emf::{Emf, MetricsSink};
+use crate::event_log::{self, EventLog, Sink};
 use crate::executor::{now, Executor};
 use crate::report;
 use crate::resume::admit;
@@ -73,7 +76,11 @@ pub const PAYLOAD_LIMIT: usize = 250 * 1024;
 const MIN_BUDGET_MS: u64 = 100;
 
 /// The Step Functions task's runner-specific configuration keys.
-pub const EXTRA_KEYS: &[&str] = &[aws::LAMBDA_TIME_BUDGET, aws::LAMBDA_MAX_SLEEP];
+pub const EXTRA_KEYS: &[&str] = &[
+    aws::LAMBDA_TIME_BUDGET,
+    aws::LAMBDA_MAX_SLEEP,
+    crate::emf::METRICS_NAMESPACE,
+];
 
 /// One executor per container, rebuilt only for a run whose snapshotted spec differs from
 /// the current configuration (a run started before a redeploy keeps its own settings).
@@ -121,6 +128,8 @@ pub struct Task {
     executors: ExecutorCache,
     max_sleep: Duration,
     budget: Option<Duration>,
+    metrics_namespace: String,
+    metrics: MetricsSink,
 }
 
 impl Task {
@@ -129,6 +138,7 @@ impl Task {
     pub async fn new(config: Config) -> Result<Task, LambdaFailure> {
         let max_sleep = aws::max_sleep(&config, DEFAULT_MAX_SLEEP)?;
         let budget = aws::configured_budget(&config)?;
+        let metrics_namespace = crate::emf::namespace(&config)?;
         let executors = ExecutorCache::new(&config);
         executors.for_spec(&config.spec).await?;
         Ok(Task {
@@ -136,7 +146,15 @@ impl Task {
             executors,
             max_sleep,
             budget,
+            metrics_namespace,
+            metrics: MetricsSink::Stdout,
         })
+    }
+
+    /// Sends the metrics elsewhere than stdout (tests).
+    pub fn with_metrics_sink(mut self, sink: MetricsSink) -> Task {
+        self.metrics = sink;
+        self
     }
 
     /// `LAMBDA_TIME_BUDGET`, for [`aws::budget_until`].
@@ -272,15 +290,22 @@ impl Task {
             log.record(&events::run_resumed(&run, false));
         }
         let log_key = event_log::staging_key(&run);
+        let metrics = Emf::new(
+            &self.metrics_namespace,
+            "step-functions",
+            &run.run_id,
+            self.metrics.clone(),
+        );
         let drove = driver::drive(
             run,
             executor.as_ref(),
             &mut store,
             &options,
-            &Both(&LogObserver::default(), &log),
+            &All(&[&LogObserver::default(), &log, &metrics]),
             std::future::pending(),
         )
         .await;
+        metrics.flush();
         // The run's own copy of its event log (best effort: it is a record).
         if let Err(e) = log.flush(executor.staging(), &log_key).await {
             tracing::warn!("could not keep the event log next to the staged data: {e}");

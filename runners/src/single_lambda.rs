@@ -38,11 +38,14 @@
 //! longer than any invocation), `RUN_RETENTION_DAYS` (history TTL, default 30).
 
 use crate::aws::{self, ErrorType, LambdaFailure, LAMBDA_MAX_SLEEP, LAMBDA_TIME_BUDGET};
-use crate::driver::{self, DriveError, DriveOptions, LogObserver, RunStore, Stopped, SystemClock};
+use crate::driver::{
+    self, All, DriveError, DriveOptions, LogObserver, RunStore, Stopped, SystemClock,
+};
 use crate::dynamo_store::{
     Acquired, DynamoStore, DynamoTable, Lease, DEFAULT_LEASE, DEFAULT_RETENTION,
 };
-use crate::event_log::{self, Both, EventLog, Sink};
+use crate::emf::{Emf, MetricsSink};
+use crate::event_log::{self, EventLog, Sink};
 use crate::executor::{now, Executor};
 use crate::report;
 use crate::resume::{admit, Admitted};
@@ -71,6 +74,7 @@ pub const EXTRA_KEYS: &[&str] = &[
     LAMBDA_MAX_SLEEP,
     LEASE_SECONDS,
     RUN_RETENTION_DAYS,
+    crate::emf::METRICS_NAMESPACE,
 ];
 
 /// Time kept between the budget and the invocation deadline: for the last save, releasing the
@@ -260,6 +264,8 @@ pub struct SingleLambda {
     settings: Settings,
     table: DynamoTable,
     executor: Arc<Executor>,
+    metrics_namespace: String,
+    metrics: MetricsSink,
     _sentry: Option<sentry::ClientInitGuard>,
 }
 
@@ -293,6 +299,7 @@ impl SingleLambda {
         dynamo: aws_sdk_dynamodb::Client,
     ) -> Result<SingleLambda, LambdaFailure> {
         let settings = Settings::from_config(&config)?;
+        let metrics_namespace = crate::emf::namespace(&config)?;
         let executor = Executor::new(&config.spec, &config.secrets, &config.tls)
             .await
             .map_err(|e| LambdaFailure::configuration(e.to_string()))?;
@@ -307,8 +314,16 @@ impl SingleLambda {
             settings,
             table,
             executor: Arc::new(executor),
+            metrics_namespace,
+            metrics: MetricsSink::Stdout,
             _sentry: None,
         })
+    }
+
+    /// Sends the metrics elsewhere than stdout (tests).
+    pub fn with_metrics_sink(mut self, sink: MetricsSink) -> SingleLambda {
+        self.metrics = sink;
+        self
     }
 
     pub fn settings(&self) -> &Settings {
@@ -532,15 +547,22 @@ impl SingleLambda {
         );
         let was_done = run.is_done();
         let observer = LogObserver::default();
+        let metrics = Emf::new(
+            &self.metrics_namespace,
+            "single-lambda",
+            &run.run_id,
+            self.metrics.clone(),
+        );
         let drove = driver::drive(
             run.clone(),
             executor.as_ref(),
             store,
             &options,
-            &Both(&observer, &log),
+            &All(&[&observer, &log, &metrics]),
             watchdog,
         )
         .await;
+        metrics.flush();
         // The run's own copy of its event log, whatever happened (best effort: it is a record).
         if let Err(e) = log.flush(executor.staging(), &log_key).await {
             tracing::warn!(run_id = %run.run_id, "could not keep the event log next to the staged data: {e}");

@@ -33,6 +33,7 @@ use pathling_import_runners::driver::{Clock, RunStore, StoreError};
 use pathling_import_runners::dynamo_store::{
     self, Acquired, DynamoTable, DEFAULT_LEASE, DEFAULT_RETENTION,
 };
+use pathling_import_runners::emf::MetricsSink;
 use pathling_import_runners::executor::now;
 use pathling_import_runners::single_lambda::{self, SingleLambda, StopReason, Summary};
 use pathling_import_tests::auth::AuthConfig;
@@ -621,6 +622,173 @@ async fn a_run_that_asks_for_a_check_waits_for_an_explicit_retry() {
         .parse()
         .unwrap();
     assert!(after > seq, "the retry was saved");
+}
+
+/// The EMF specification's required structure, checked field by field: a root `_aws` with an
+/// integer `Timestamp` and a non-empty `CloudWatchMetrics`; each directive's `Namespace` (1 to
+/// 255 characters), `Dimensions` (sets of at most 30 names, each a string member of the root)
+/// and `Metrics` (1 to 100 definitions, each `Name` 1 to 255 characters and unique, `Unit` a
+/// CloudWatch unit, each name a numeric member of the root, or an array of at most 100 numbers).
+fn assert_emf(line: &str) -> Value {
+    const UNITS: &[&str] = &[
+        "Seconds",
+        "Microseconds",
+        "Milliseconds",
+        "Bytes",
+        "Kilobytes",
+        "Megabytes",
+        "Gigabytes",
+        "Terabytes",
+        "Bits",
+        "Kilobits",
+        "Megabits",
+        "Gigabits",
+        "Terabits",
+        "Percent",
+        "Count",
+        "Bytes/Second",
+        "Kilobytes/Second",
+        "Megabytes/Second",
+        "Gigabytes/Second",
+        "Terabytes/Second",
+        "Bits/Second",
+        "Kilobits/Second",
+        "Megabits/Second",
+        "Gigabits/Second",
+        "Terabits/Second",
+        "Count/Second",
+        "None",
+    ];
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let root = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {line}"));
+    let aws = root["_aws"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no _aws: {line}"));
+    assert!(aws["Timestamp"].is_u64(), "{line}");
+    let directives = aws["CloudWatchMetrics"].as_array().unwrap();
+    assert!(!directives.is_empty(), "{line}");
+    for d in directives {
+        let ns = d["Namespace"].as_str().unwrap();
+        assert!((1..=255).contains(&ns.len()), "{line}");
+        for set in d["Dimensions"].as_array().unwrap() {
+            let set = set.as_array().unwrap();
+            assert!(set.len() <= 30, "{line}");
+            for name in set {
+                let name = name.as_str().unwrap();
+                assert!(root[name].is_string(), "dimension {name} missing: {line}");
+            }
+        }
+        let metrics = d["Metrics"].as_array().unwrap();
+        assert!((1..=100).contains(&metrics.len()), "{line}");
+        let mut names = std::collections::BTreeSet::new();
+        for m in metrics {
+            let name = m["Name"].as_str().unwrap();
+            assert!((1..=255).contains(&name.len()), "{line}");
+            assert!(names.insert(name), "{name} twice: {line}");
+            if let Some(unit) = m.get("Unit") {
+                assert!(UNITS.contains(&unit.as_str().unwrap()), "{line}");
+            }
+            let value = &root[name];
+            let numeric = value.is_number()
+                || value
+                    .as_array()
+                    .is_some_and(|a| a.len() <= 100 && a.iter().all(Value::is_number));
+            assert!(numeric, "metric {name} has no numeric value: {line}");
+        }
+    }
+    v
+}
+
+/// The metrics of a whole run, over several invocations: every line is valid EMF, the totals
+/// equal what the fakes saw, each phase reports its duration once, and the run's end is
+/// counted with the run id attached.
+#[tokio::test]
+async fn a_run_publishes_valid_emf_metrics_that_add_up() {
+    let source = SourceConfig {
+        throttle_polls: std::collections::BTreeSet::from([1]),
+        ..slow_source(2, 50)
+    };
+    let w = world("emf", source).await;
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lambda = w
+        .lambda(&[
+            ("LAMBDA_TIME_BUDGET", "1"),
+            ("METRICS_NAMESPACE", "Test/Sync"),
+        ])
+        .await
+        .with_metrics_sink(MetricsSink::Memory(lines.clone()));
+    let all = invoke_until_done(&lambda, &scheduled()).await;
+    assert!(all.len() > 1, "the run spans invocations: {all:#?}");
+    let run_id = all.last().unwrap().run_id.clone().unwrap();
+
+    let lines = lines.lock().unwrap().clone();
+    let mut totals: HashMap<String, u64> = HashMap::new();
+    let mut durations: Vec<String> = Vec::new();
+    let mut ends = Vec::new();
+    for line in &lines {
+        let v = assert_emf(line);
+        let directive = &v["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(directive["Namespace"], "Test/Sync");
+        assert_eq!(v["Runner"], "single-lambda");
+        assert_eq!(v["RunId"], run_id.as_str());
+        for m in directive["Metrics"].as_array().unwrap() {
+            let name = m["Name"].as_str().unwrap();
+            let value = v[name].as_u64().unwrap();
+            match v.get("Phase").and_then(Value::as_str) {
+                None => *totals.entry(name.to_string()).or_default() += value,
+                Some(phase) if name == "PhaseDuration" => durations.push(phase.to_string()),
+                Some(phase) => ends.push((name.to_string(), phase.to_string(), value)),
+            }
+        }
+    }
+    let staged_bytes: u64 = walk(&w.staging.0)
+        .iter()
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "ndjson") && p.to_string_lossy().contains("/output/")
+        })
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(totals["FilesStaged"], w.files() as u64, "{lines:#?}");
+    assert_eq!(totals["BytesStaged"], staged_bytes);
+    assert_eq!(
+        totals["ResourcesStaged"],
+        w.pathling.total_resources() as u64
+    );
+    assert_eq!(totals["Retries"], 1, "the one 429");
+    assert_eq!(
+        durations,
+        [
+            "kicking_off_export",
+            "polling_export",
+            "staging_files",
+            "kicking_off_import",
+            "polling_import",
+            "cleaning_up"
+        ],
+        "each phase's duration once, in order"
+    );
+    assert_eq!(
+        ends.iter().filter(|(n, _, _)| n == "RunsSucceeded").count(),
+        1
+    );
+    assert!(ends
+        .iter()
+        .any(|(n, p, ms)| n == "RunDuration" && p == "succeeded" && *ms > 0));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
 
 async fn put_current(w: &World, envelope: &str, seq: u64) -> HashMap<String, AttributeValue> {

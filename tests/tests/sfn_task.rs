@@ -11,6 +11,7 @@ mod common;
 use pathling_import_core::config::{self, RawConfig};
 use pathling_import_core::Timestamp;
 use pathling_import_runners::aws::ErrorType;
+use pathling_import_runners::emf::MetricsSink;
 use pathling_import_runners::executor::now;
 use pathling_import_runners::sfn::{Task, EXTRA_KEYS};
 use pathling_import_tests::auth::AuthConfig;
@@ -129,6 +130,8 @@ async fn a_10000_file_export_keeps_every_task_payload_far_below_256_kib() {
         &[("LAMBDA_MAX_SLEEP", "0")],
     )
     .await;
+    let metrics = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let task = task.with_metrics_sink(MetricsSink::Memory(metrics.clone()));
 
     let started = Instant::now();
     let run = execute(&task, Duration::from_secs(3), 5_000).await;
@@ -164,6 +167,24 @@ async fn a_10000_file_export_keeps_every_task_payload_far_below_256_kib() {
         max < LIMIT / 2,
         "largest payload {max} bytes is not far below 256 KiB"
     );
+    // The task's metrics: the files staged over every invocation, and the run's end.
+    let lines: Vec<Value> = metrics
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.iter().all(|l| l["Runner"] == "step-functions"));
+    assert!(lines
+        .iter()
+        .all(|l| l["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "PathlingImport"));
+    let staged: u64 = lines.iter().filter_map(|l| l["FilesStaged"].as_u64()).sum();
+    assert_eq!(staged, u64::from(files));
+    let succeeded: u64 = lines
+        .iter()
+        .filter_map(|l| l["RunsSucceeded"].as_u64())
+        .sum();
+    assert_eq!(succeeded, 1);
 }
 
 #[tokio::test]
