@@ -404,7 +404,7 @@ pub fn seconds_setting(
 
 /// `LAMBDA_TIME_BUDGET` (seconds, from the configuration's extras), if set.
 pub fn configured_budget(config: &Config) -> Result<Option<Duration>, LambdaFailure> {
-    seconds_setting(config, LAMBDA_TIME_BUDGET, 1.0..=86_400.0)
+    seconds_setting(config, LAMBDA_TIME_BUDGET, 0.001..=86_400.0)
 }
 
 /// `LAMBDA_MAX_SLEEP`: waits up to this long are slept inside the invocation (0: never).

@@ -316,7 +316,7 @@ async function executionTests() {
         (await fixture.stats()).last_kickoff.params.find(([k]) => k === '_since')?.[1];
       assertEq(await sinceOf(), undefined, 'the first run is a full export');
       const keys = await listKeys(world.bucket, 'staging/');
-      assert(keys.includes('staging/sfn-watermark.json'), 'the watermark is recorded');
+      assert(keys.includes('staging/watermark.json'), 'the watermark is recorded');
 
       // A scheduled execution starts with {}: it continues from the recorded watermark.
       const second = await sfnRun(world, env, {});
@@ -324,10 +324,15 @@ async function executionTests() {
       assertEq(second.output.action, 'succeed', 'incremental action');
       assertEq(await sinceOf(), first.output.watermark.transaction_time, '_since of the incremental export');
 
-      // A watermark in the input wins.
+      // An older watermark in the input (a late or replayed execution) never moves it back...
       const third = await sfnRun(world, env, { watermark: '2020-01-01T00:00:00Z' });
       assert(!third.error, `third execution failed: ${third.error?.message}`);
-      assertEq(await sinceOf(), '2020-01-01T00:00:00Z', '_since from the input');
+      assertEq(await sinceOf(), second.output.watermark.transaction_time, '_since not moved back');
+      // ...while a later one wins over the recorded watermark.
+      const later = new Date(Date.parse(third.output.watermark.transaction_time) + 1000).toISOString();
+      const fourth = await sfnRun(world, env, { watermark: later });
+      assert(!fourth.error, `fourth execution failed: ${fourth.error?.message}`);
+      assertEq(await sinceOf(), later, '_since from the later input watermark');
     });
   });
 
