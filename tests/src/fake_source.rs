@@ -30,7 +30,8 @@
 //!   for the first K attempts of each file, a 307 redirect (or a manifest URL) to the storage
 //!   origin, a cap on concurrent downloads (429 beyond it), per-request latency, an HTML page
 //!   with `200 OK` instead of the NDJSON ([`SourceConfig::html_files`]), a file listed twice in
-//!   the manifest ([`SourceConfig::repeat_in_manifest`]).
+//!   the manifest ([`SourceConfig::repeat_in_manifest`]), a listed file answered 404
+//!   ([`SourceConfig::lost_files`]).
 //! - Storage origin: `GET /{bucket}/{job}/{file}?X-Amz-...&X-Amz-Signature=...`; a request with
 //!   an `Authorization` header gets 400 (as S3 does when a query signature is also present), a
 //!   wrong or missing signature 403. It never gzips, like S3 serving a stored object.
@@ -252,6 +253,9 @@ pub struct SourceConfig {
     /// `200 OK` with an HTML page instead of their NDJSON, as a login proxy or a misconfigured
     /// bucket would. Their downloads still count in [`FakeSourceHandle::file_attempts`].
     pub html_files: BTreeSet<String>,
+    /// Files (by name, as [`Self::html_files`]) the manifest lists but whose downloads answer
+    /// `404 Not Found` on either origin, as from a server that lost them after the export.
+    pub lost_files: BTreeSet<String>,
     /// `output[]` files (by name) listed a second time, with the same URL, at the end of the
     /// manifest's `output[]`.
     pub repeat_in_manifest: BTreeSet<String>,
@@ -302,6 +306,7 @@ impl Default for SourceConfig {
             chunk_bytes: 16 * 1024,
             latency: Duration::ZERO,
             html_files: BTreeSet::new(),
+            lost_files: BTreeSet::new(),
             repeat_in_manifest: BTreeSet::new(),
         }
     }
@@ -1686,6 +1691,9 @@ async fn file_get(
         set_header(&mut resp, header::LOCATION, &location);
         return resp;
     }
+    if cfg.lost_files.contains(&name) {
+        return outcome_response(StatusCode::NOT_FOUND, "not-found", "No such file");
+    }
     serve_file(&shared, &cfg, &mut rt, &job, &name, &kind, &headers, true)
 }
 
@@ -1736,7 +1744,8 @@ async fn storage_get(
             "The specified key does not exist.",
         );
     };
-    let Some(kind) = FileKind::parse(&cfg, &job, &name) else {
+    let Some(kind) = FileKind::parse(&cfg, &job, &name).filter(|_| !cfg.lost_files.contains(&name))
+    else {
         return s3_error(
             StatusCode::NOT_FOUND,
             "NoSuchKey",
