@@ -739,6 +739,7 @@ fn deleted_set(config: &SourceConfig) -> HashSet<(String, String)> {
 async fn latency(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let delay = lock(&shared.config).latency;
     if !delay.is_zero() {
+        // The scenario's own wait: a server configured to answer slowly (`latency`).
         tokio::time::sleep(delay).await;
     }
     next.run(req).await
@@ -1642,9 +1643,10 @@ fn serve_file(
     };
     let stream = futures_util::stream::unfold(body, |mut b| async move {
         if b.broken && !b.done {
-            // Hyper flushes what it has buffered while the body is pending; without this
-            // pause the headers and the bytes before the break could be dropped with the
-            // connection, and the client would see a failed request, not a cut-off body.
+            // Part of the fault being faked: hyper flushes what it has buffered while the body
+            // is pending, and says nothing when it is done; without this pause the headers and
+            // the bytes before the break could be dropped with the connection, and the client
+            // would see a failed request, not a cut-off body.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         b.next_chunk().map(|c| (c, b))

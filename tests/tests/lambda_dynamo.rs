@@ -112,6 +112,7 @@ impl Clock for ManualClock {
         Timestamp(self.0.load(Ordering::SeqCst))
     }
 
+    // The Clock trait's sleep, not a wait: it moves the manual time on and returns at once.
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         self.advance(duration);
         Box::pin(std::future::ready(()))
