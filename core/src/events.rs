@@ -11,7 +11,7 @@
 
 use crate::bulk::FileKind;
 use crate::effect::{Effect, EffectResult, Request};
-use crate::state::{SyncState, Terminal};
+use crate::state::{Phase, SyncState, Terminal};
 use crate::time::Timestamp;
 use crate::SyncRun;
 use serde_json::{json, Value};
@@ -302,16 +302,16 @@ fn staged_counts(run: &SyncRun) -> Option<(u64, u64, u64)> {
 /// `run_complete`: how the run ended.
 pub fn run_complete(terminal: &Terminal) -> LogEvent {
     let detail = match terminal {
-        Terminal::Succeeded(s) => json!({"status": "succeeded", "summary": s}),
+        Terminal::Succeeded(s) => json!({"status": Phase::Succeeded.as_str(), "summary": s}),
         Terminal::Failed(f) => json!({
-            "status": "failed",
+            "status": Phase::Failed.as_str(),
             "phase": f.phase,
             "reason": f.reason,
             "canRetry": f.resume.is_some(),
             "summary": f.summary,
         }),
         Terminal::Cancelled(c) => json!({
-            "status": "cancelled",
+            "status": Phase::Cancelled.as_str(),
             "phase": c.phase,
             "reason": c.reason,
             "summary": c.summary,

@@ -214,7 +214,7 @@ impl SecretResolver for AwsSecrets {
                         let transient = is_transient_sdk_error(&e);
                         let msg = format!(
                             "{key}: Secrets Manager secret {id:?} could not be read: {}",
-                            aws_sdk_secretsmanager::error::DisplayErrorContext(&e)
+                            crate::error_chain(&e)
                         );
                         sdk_failure(transient, msg)
                     })?;
@@ -246,7 +246,7 @@ impl SecretResolver for AwsSecrets {
                         let transient = is_transient_sdk_error(&e);
                         let msg = format!(
                             "{key}: SSM parameter {name:?} could not be read: {}",
-                            aws_sdk_ssm::error::DisplayErrorContext(&e)
+                            crate::error_chain(&e)
                         );
                         sdk_failure(transient, msg)
                     })?;

@@ -41,7 +41,7 @@
 
 use crate::aws::{is_transient_sdk_error, LambdaFailure};
 use crate::driver::{Clock, RunStore, StoreError, SystemClock};
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 use pathling_import_core::effect::Next;
@@ -95,7 +95,7 @@ fn aws_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
 ) -> DynamoError {
     DynamoError::Aws {
         transient: is_transient_sdk_error(e),
-        message: format!("{context}: {}", DisplayErrorContext(e)),
+        message: format!("{context}: {}", crate::error_chain(e)),
     }
 }
 
@@ -404,7 +404,7 @@ impl DynamoStore {
                 .as_service_error()
                 .is_some_and(|s| s.is_conditional_check_failed_exception());
             if !lost {
-                tracing::warn!(sync_id = %self.sync_id, "releasing the lease failed (it will expire): {}", DisplayErrorContext(&e));
+                tracing::warn!(sync_id = %self.sync_id, "releasing the lease failed (it will expire): {}", crate::error_chain(&e));
             }
         }
     }
@@ -477,7 +477,7 @@ impl DynamoStore {
                     "saving run {} of sync {:?}: {}",
                     run.run_id,
                     self.sync_id,
-                    DisplayErrorContext(&e)
+                    crate::error_chain(&e)
                 )))
             }
         }
@@ -517,7 +517,7 @@ impl DynamoStore {
                 StoreError::Io(format!(
                     "writing the history of run {}: {}",
                     run.run_id,
-                    DisplayErrorContext(&e)
+                    crate::error_chain(&e)
                 ))
             })
     }

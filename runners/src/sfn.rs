@@ -369,14 +369,16 @@ pub fn resume_key(location: &StagingLocation) -> String {
     format!("{prefix}sfn-resume.json")
 }
 
-/// The staging store failed: a transient failure is worth the definition's retry; another
-/// is the deployment's (the bucket, the role).
-pub(crate) fn storage_failure(what: &str, e: &StagingError) -> LambdaFailure {
-    LambdaFailure::transient_or(
-        e.is_transient(),
-        aws::ErrorType::Configuration,
-        format!("{what}: {e}"),
-    )
+/// The staging store failed while doing `what`: a transient failure is worth the definition's
+/// retry; another is `lasting`. For the Task that is the deployment's (`Configuration`: the
+/// bucket, the role); the original definition's handlers ([`compat`]) have no other way to say
+/// it than ending the transfer (`SyncFailed`).
+pub(crate) fn storage_failure(
+    what: &str,
+    e: &StagingError,
+    lasting: aws::ErrorType,
+) -> LambdaFailure {
+    LambdaFailure::transient_or(e.is_transient(), lasting, format!("{what}: {e}"))
 }
 
 async fn read_resume(
@@ -387,7 +389,9 @@ async fn read_resume(
     let Some(bytes) = staging
         .get_bytes(&key, crate::staging::MAX_STATE_OBJECT)
         .await
-        .map_err(|e| storage_failure(&format!("reading {key}"), &e))?
+        .map_err(|e| {
+            storage_failure(&format!("reading {key}"), &e, aws::ErrorType::Configuration)
+        })?
     else {
         return Ok(None);
     };
@@ -406,17 +410,22 @@ async fn record_resume(
         return staging
             .put_bytes(&key, bytes::Bytes::from(persist::encode_string(run)))
             .await
-            .map_err(|e| storage_failure(&format!("writing {key}"), &e));
+            .map_err(|e| {
+                storage_failure(&format!("writing {key}"), &e, aws::ErrorType::Configuration)
+            });
     }
     // Clear it only when it is this run's (an overlapping execution may have left its own).
     let ours = read_resume(staging, location)
         .await?
         .is_some_and(|stored| stored.run_id == run.run_id);
     if ours {
-        staging
-            .delete(&key)
-            .await
-            .map_err(|e| storage_failure(&format!("deleting {key}"), &e))?;
+        staging.delete(&key).await.map_err(|e| {
+            storage_failure(
+                &format!("deleting {key}"),
+                &e,
+                aws::ErrorType::Configuration,
+            )
+        })?;
     }
     Ok(())
 }

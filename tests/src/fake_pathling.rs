@@ -636,6 +636,7 @@ impl FakePathlingHandle {
 async fn latency(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let delay = lock(&shared.config).latency;
     if !delay.is_zero() {
+        // The scenario's own wait: a server configured to answer slowly (`latency`).
         tokio::time::sleep(delay).await;
     }
     next.run(req).await
@@ -957,6 +958,8 @@ async fn import(
     }
     let delay = lock(&shared.config).import_answer_delay;
     if !delay.is_zero() {
+        // The scenario's own wait: the kick-off is accepted (and counted above) but its answer
+        // is held back (`import_answer_delay`), as over a slow or broken connection.
         tokio::time::sleep(delay).await;
     }
     resp

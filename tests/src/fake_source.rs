@@ -30,7 +30,8 @@
 //!   for the first K attempts of each file, a 307 redirect (or a manifest URL) to the storage
 //!   origin, a cap on concurrent downloads (429 beyond it), per-request latency, an HTML page
 //!   with `200 OK` instead of the NDJSON ([`SourceConfig::html_files`]), a file listed twice in
-//!   the manifest ([`SourceConfig::repeat_in_manifest`]).
+//!   the manifest ([`SourceConfig::repeat_in_manifest`]), a listed file answered 404
+//!   ([`SourceConfig::lost_files`]).
 //! - Storage origin: `GET /{bucket}/{job}/{file}?X-Amz-...&X-Amz-Signature=...`; a request with
 //!   an `Authorization` header gets 400 (as S3 does when a query signature is also present), a
 //!   wrong or missing signature 403. It never gzips, like S3 serving a stored object.
@@ -252,6 +253,9 @@ pub struct SourceConfig {
     /// `200 OK` with an HTML page instead of their NDJSON, as a login proxy or a misconfigured
     /// bucket would. Their downloads still count in [`FakeSourceHandle::file_attempts`].
     pub html_files: BTreeSet<String>,
+    /// Files (by name, as [`Self::html_files`]) the manifest lists but whose downloads answer
+    /// `404 Not Found` on either origin, as from a server that lost them after the export.
+    pub lost_files: BTreeSet<String>,
     /// `output[]` files (by name) listed a second time, with the same URL, at the end of the
     /// manifest's `output[]`.
     pub repeat_in_manifest: BTreeSet<String>,
@@ -302,6 +306,7 @@ impl Default for SourceConfig {
             chunk_bytes: 16 * 1024,
             latency: Duration::ZERO,
             html_files: BTreeSet::new(),
+            lost_files: BTreeSet::new(),
             repeat_in_manifest: BTreeSet::new(),
         }
     }
@@ -734,6 +739,7 @@ fn deleted_set(config: &SourceConfig) -> HashSet<(String, String)> {
 async fn latency(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let delay = lock(&shared.config).latency;
     if !delay.is_zero() {
+        // The scenario's own wait: a server configured to answer slowly (`latency`).
         tokio::time::sleep(delay).await;
     }
     next.run(req).await
@@ -1637,9 +1643,10 @@ fn serve_file(
     };
     let stream = futures_util::stream::unfold(body, |mut b| async move {
         if b.broken && !b.done {
-            // Hyper flushes what it has buffered while the body is pending; without this
-            // pause the headers and the bytes before the break could be dropped with the
-            // connection, and the client would see a failed request, not a cut-off body.
+            // Part of the fault being faked: hyper flushes what it has buffered while the body
+            // is pending, and says nothing when it is done; without this pause the headers and
+            // the bytes before the break could be dropped with the connection, and the client
+            // would see a failed request, not a cut-off body.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         b.next_chunk().map(|c| (c, b))
@@ -1685,6 +1692,9 @@ async fn file_get(
         let mut resp = empty_response(StatusCode::TEMPORARY_REDIRECT);
         set_header(&mut resp, header::LOCATION, &location);
         return resp;
+    }
+    if cfg.lost_files.contains(&name) {
+        return outcome_response(StatusCode::NOT_FOUND, "not-found", "No such file");
     }
     serve_file(&shared, &cfg, &mut rt, &job, &name, &kind, &headers, true)
 }
@@ -1736,7 +1746,8 @@ async fn storage_get(
             "The specified key does not exist.",
         );
     };
-    let Some(kind) = FileKind::parse(&cfg, &job, &name) else {
+    let Some(kind) = FileKind::parse(&cfg, &job, &name).filter(|_| !cfg.lost_files.contains(&name))
+    else {
         return s3_error(
             StatusCode::NOT_FOUND,
             "NoSuchKey",

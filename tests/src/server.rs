@@ -102,6 +102,8 @@ impl TlsListener {
         let acceptor = tokio::spawn(async move {
             loop {
                 let Ok((tcp, peer)) = listener.accept().await else {
+                    // Back-off after a failed accept (e.g. out of file descriptors), so the
+                    // loop does not spin; the next accept may succeed.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };

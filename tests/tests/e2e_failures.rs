@@ -6,10 +6,10 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
-use pathling_import_tests::data::DatasetConfig;
 use pathling_import_tests::fake_pathling::{FakePathling, FakePathlingHandle, PathlingConfig};
 use pathling_import_tests::fake_source::{
     FakeSource, FakeSourceHandle, HttpFailure, PollFailure, SourceConfig,
@@ -203,26 +203,18 @@ async fn a_permanent_export_failure_fails_the_run_and_a_rerun_starts_anew() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_file_fails_the_run_naming_it() {
+    // The manifest lists the Condition file, but the source has lost it: its download gets 404.
     let w = world(SourceConfig {
-        latency: Duration::from_millis(300),
+        lost_files: BTreeSet::from(["Condition.0.ndjson".to_string()]),
         ..SourceConfig::default()
     })
     .await;
-    let complete = w.src.config().dataset;
-    let mut child = w.sandbox.spawn(&[]);
-    // Once the manifest is out, the source loses the Condition file: its download gets 404
-    // (every request waits 300 ms before it is handled, so the change comes first).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while w.src.stats().manifests == 0 {
-        assert!(std::time::Instant::now() < deadline, "no manifest served");
-        assert!(!child.exited(), "exited before the manifest");
-        // Polling interval: the CLI process fetches the manifest by itself.
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    w.src.update(|c| {
-        c.dataset = DatasetConfig::new(&[("Patient", 50, 1), ("Observation", 120, 2)]);
-    });
-    let out = child.wait(Duration::from_secs(30)).await;
+    assert_eq!(
+        w.src.config().dataset.spec("Condition").map(|t| t.files),
+        Some(1),
+        "one Condition file, the lost one"
+    );
+    let out = w.sandbox.run(&[]).await;
     out.assert_code(1)
         .assert_stderr_contains("staging_files")
         .assert_stderr_contains("Condition")
@@ -245,7 +237,7 @@ async fn a_missing_file_fails_the_run_naming_it() {
     let completed_before = w.src.stats().files_completed;
 
     // The cause is fixed: the same command continues the failed run.
-    w.src.update(|c| c.dataset = complete);
+    w.src.update(|c| c.lost_files.clear());
     let out = w.sandbox.run(&[]).await;
     out.assert_code(0)
         .assert_stderr_contains(&format!("retrying run {failed_run} from staging_files"));

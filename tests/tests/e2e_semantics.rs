@@ -874,6 +874,8 @@ async fn lose_an_append_kickoff_answer() -> World {
     while w.pathling.stats().import_kickoffs == 0 {
         assert!(Instant::now() < deadline, "no $import kick-off arrived");
         assert!(!child.exited(), "exited before the $import kick-off");
+        // Polling interval: the CLI sends the kick-off by itself; the fake counts it before
+        // holding its answer back, so the kill below comes while the answer is on its way.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Pathling has accepted the import; its answer is still on the way.

@@ -279,6 +279,7 @@ async fn run_measured(sandbox: &Sandbox) -> (CliOutput, u64) {
             peak = peak.max(kib);
         }
         assert!(Instant::now() < deadline, "the CLI did not finish");
+        // Sampling interval: the peak is read from /proc while the process still exists.
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     (running.wait(Duration::from_secs(10)).await, peak)

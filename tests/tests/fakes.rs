@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read as _;
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -186,17 +185,24 @@ async fn start_source(config: SourceConfig) -> FakeSourceHandle {
 }
 
 /// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("fakes-test-")
+        .tempdir()
+        .unwrap()
+}
 
-impl TempDir {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(format!("fakes-test-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
+/// Writing files into a [`scratch_dir`] and naming them as the fake Pathling reads them.
+trait ScratchDir {
+    /// Writes `content` to `name` (parents created) and returns its `file://` URL.
+    fn write(&self, name: &str, content: &str) -> String;
+    /// The directory's `file://` URL, with a trailing slash.
+    fn url(&self) -> String;
+}
 
+impl ScratchDir for tempfile::TempDir {
     fn write(&self, name: &str, content: &str) -> String {
-        let path = self.0.join(name);
+        let path = self.path().join(name);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).unwrap();
         }
@@ -205,13 +211,7 @@ impl TempDir {
     }
 
     fn url(&self) -> String {
-        format!("file://{}/", self.0.display())
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        format!("file://{}/", self.path().display())
     }
 }
 
@@ -1547,7 +1547,7 @@ async fn allow_list_uses_plain_prefixes() {
 
 #[tokio::test]
 async fn v9_merge_then_overwrite_from_files() {
-    let dir = TempDir::new();
+    let dir = scratch_dir();
     let a = dir.write("a/Patient.ndjson", &patients_ndjson(&["p1", "p2"], "First"));
     let b = dir.write(
         "b/Patient.ndjson",
@@ -1625,7 +1625,7 @@ async fn v9_merge_then_overwrite_from_files() {
 
 #[tokio::test]
 async fn v9_append_ignore_and_error_modes() {
-    let dir = TempDir::new();
+    let dir = scratch_dir();
     let a = dir.write("Patient.ndjson", &patients_ndjson(&["p1"], "A"));
     let b = dir.write("Patient2.ndjson", &patients_ndjson(&["p2"], "B"));
     let obs = dir.write(
@@ -1667,7 +1667,7 @@ async fn v9_append_ignore_and_error_modes() {
 
 #[tokio::test]
 async fn v7_applies_sources_in_order_and_reports_success() {
-    let dir = TempDir::new();
+    let dir = scratch_dir();
     let a = dir.write("a.ndjson", &patients_ndjson(&["p1", "p2"], "A"));
     let b = dir.write("b.ndjson", &patients_ndjson(&["p3"], "B"));
     let p = FakePathling::start(PathlingConfig::v7(&["file:///"]))
@@ -1713,7 +1713,7 @@ async fn v7_applies_sources_in_order_and_reports_success() {
 
 #[tokio::test]
 async fn one_import_at_a_time_and_v9_dedupes_identical_requests() {
-    let dir = TempDir::new();
+    let dir = scratch_dir();
     let a = dir.write("a.ndjson", &patients_ndjson(&["p1"], "A"));
     let b = dir.write("b.ndjson", &patients_ndjson(&["p2"], "B"));
     let p = FakePathling::start(PathlingConfig {
@@ -1777,7 +1777,7 @@ async fn one_import_at_a_time_and_v9_dedupes_identical_requests() {
 
 #[tokio::test]
 async fn bad_data_fails_the_job() {
-    let dir = TempDir::new();
+    let dir = scratch_dir();
     let wrong_type = dir.write(
         "w.ndjson",
         &json!({"resourceType": "Observation", "id": "o1"}).to_string(),
@@ -1819,7 +1819,7 @@ async fn bad_data_fails_the_job() {
 
 #[tokio::test]
 async fn reads_directories_gzip_and_json_manifests() {
-    let dir = TempDir::new();
+    let dir = scratch_dir();
     dir.write(
         "patients/part-1.ndjson",
         &patients_ndjson(&["p1", "p2"], "A"),
@@ -1828,7 +1828,7 @@ async fn reads_directories_gzip_and_json_manifests() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     std::io::Write::write_all(&mut gz, patients_ndjson(&["p3"], "Z").as_bytes()).unwrap();
     std::fs::write(
-        dir.0.join("patients/part-2.ndjson.gz"),
+        dir.path().join("patients/part-2.ndjson.gz"),
         gz.finish().unwrap(),
     )
     .unwrap();
@@ -1935,7 +1935,7 @@ async fn pathling_auth_serves_its_own_discovery() {
         .await
         .unwrap();
     assert_eq!(doc["token_endpoint"], p.token_url().as_str());
-    let dir = TempDir::new();
+    let dir = scratch_dir();
     let a = dir.write("a.ndjson", &patients_ndjson(&["p1"], "A"));
     let body = v9_body("merge", &[("Patient", &a)]);
     assert_eq!(
@@ -2005,7 +2005,7 @@ async fn exported_files_import_into_pathling() {
     .await;
     let c = client();
     let (_, manifest) = export(&c, &format!("{}/$export", src.base_url()), None).await;
-    let dir = TempDir::new();
+    let dir = scratch_dir();
     let mut inputs = Vec::new();
     for (i, (t, url)) in outputs(&manifest, "output").into_iter().enumerate() {
         let file = dir.write(&format!("{t}-{i}.ndjson"), &download(&c, &url, None).await);

@@ -49,7 +49,6 @@ use pathling_import_tests::keys::TestKey;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -114,6 +113,7 @@ impl Clock for ManualClock {
         Timestamp(self.0.load(Ordering::SeqCst))
     }
 
+    // The Clock trait's sleep, not a wait: it moves the manual time on and returns at once.
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         self.advance(duration);
         Box::pin(std::future::ready(()))
@@ -135,26 +135,17 @@ where
 }
 
 /// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("pathling-import-{}", unique(test)));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn temp_dir(test: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("pathling-import-{}", unique(test)))
+        .tempdir()
+        .unwrap()
 }
 
 struct World {
     source: FakeSourceHandle,
     pathling: FakePathlingHandle,
-    staging: TempDir,
+    staging: tempfile::TempDir,
     client: Client,
     table: String,
 }
@@ -167,8 +158,8 @@ async fn world(test: &str, source: SourceConfig) -> World {
 
 /// With `target_auth`, the fake Pathling asks for it.
 async fn world_with(test: &str, source: SourceConfig, target_auth: Option<AuthConfig>) -> World {
-    let staging = TempDir::new(test);
-    let staging_url = format!("file://{}/", staging.0.display());
+    let staging = temp_dir(test);
+    let staging_url = format!("file://{}/", staging.path().display());
     let source = FakeSource::start(source).await.unwrap();
     let pathling = FakePathling::start(PathlingConfig {
         auth: target_auth,
@@ -192,7 +183,7 @@ async fn world_with(test: &str, source: SourceConfig, target_auth: Option<AuthCo
 
 impl World {
     fn config(&self, extra: &[(&str, &str)]) -> Config {
-        let staging_url = format!("file://{}/", self.staging.0.display());
+        let staging_url = format!("file://{}/", self.staging.path().display());
         let mut pairs: Vec<(String, String)> = [
             ("SOURCE_ENDPOINT", self.source.base_url().as_str()),
             ("SOURCE_AUTHENTICATION_ENABLED", "false"),
@@ -1101,6 +1092,6 @@ async fn an_item_rewritten_to_a_foreign_source_is_refused_before_any_request() {
     for (i, text) in shown.iter().enumerate() {
         common::leaks::assert_absent(&format!("output #{i}"), text, &creds.secrets);
     }
-    let files = common::leaks::scan_dir(&w.staging.0, &creds.secrets, &[]);
+    let files = common::leaks::scan_dir(w.staging.path(), &creds.secrets, &[]);
     assert!(files > 0, "nothing staged to scan");
 }

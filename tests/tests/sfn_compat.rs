@@ -21,21 +21,12 @@ use pathling_import_tests::fake_source::{FakeSource, SourceConfig};
 use pathling_import_tests::keys::TestKey;
 use serde_json::{json, Value};
 
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A directory removed on drop.
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 async fn handlers(
@@ -75,14 +66,14 @@ async fn a_manifest_too_large_for_the_payload_travels_as_a_stub_and_every_file_i
     })
     .await
     .unwrap();
-    let staging = TempDir::new("sfn-compat-stub");
+    let staging = temp_dir("sfn-compat-stub");
     let base = source.base_url();
 
-    let export = handlers(Handler::FhirExport, &base, &staging.0, &[]).await;
+    let export = handlers(Handler::FhirExport, &base, staging.path(), &[]).await;
     let out = export.invoke(json!({}), budget(30)).await.unwrap();
     let status_url = out["statusUrl"].as_str().unwrap().to_string();
 
-    let check = handlers(Handler::CheckExportStatus, &base, &staging.0, &[]).await;
+    let check = handlers(Handler::CheckExportStatus, &base, staging.path(), &[]).await;
     let out = check
         .invoke(json!({ "statusUrl": status_url }), budget(30))
         .await
@@ -93,7 +84,7 @@ async fn a_manifest_too_large_for_the_payload_travels_as_a_stub_and_every_file_i
         .expect("a stub naming the stored manifest");
     assert!(result.get("output").is_none(), "no file list in the stub");
     assert!(result["transactionTime"].is_string());
-    let stored = std::fs::read(staging.0.join(key)).unwrap();
+    let stored = std::fs::read(staging.path().join(key)).unwrap();
     assert!(
         stored.len() > INLINE_MANIFEST_LIMIT,
         "{} bytes",
@@ -103,7 +94,7 @@ async fn a_manifest_too_large_for_the_payload_travels_as_a_stub_and_every_file_i
     assert!(payload < 1024, "stub payload {payload} bytes");
 
     // The transfer reads the stored manifest back; a short budget makes it take several calls.
-    let transfer = handlers(Handler::TransferToS3, &base, &staging.0, &[]).await;
+    let transfer = handlers(Handler::TransferToS3, &base, staging.path(), &[]).await;
     let input = json!({ "result": result });
     let mut calls = 0;
     let parameters = loop {
@@ -161,14 +152,14 @@ async fn a_manifest_too_large_for_the_payload_travels_as_a_stub_and_every_file_i
 #[tokio::test]
 async fn bad_inputs_and_settings_have_stable_error_names() {
     let source = FakeSource::start(SourceConfig::default()).await.unwrap();
-    let staging = TempDir::new("sfn-compat-errors");
+    let staging = temp_dir("sfn-compat-errors");
     let base = source.base_url();
-    let check = handlers(Handler::CheckImportStatus, &base, &staging.0, &[]).await;
+    let check = handlers(Handler::CheckImportStatus, &base, staging.path(), &[]).await;
     let e = check.invoke(json!({}), budget(5)).await.unwrap_err();
     assert_eq!(e.error_type, ErrorType::State);
     assert!(e.message.contains("statusUrl"), "{e}");
 
-    let import = handlers(Handler::PathlingImport, &base, &staging.0, &[]).await;
+    let import = handlers(Handler::PathlingImport, &base, staging.path(), &[]).await;
     let out = import
         .invoke(
             json!({"parameters": {"resourceType": "Parameters", "parameter": []}}),
@@ -187,7 +178,7 @@ async fn bad_inputs_and_settings_have_stable_error_names() {
     let import7 = handlers(
         Handler::PathlingImport,
         &base,
-        &staging.0,
+        staging.path(),
         &[("PATHLING_API", "7")],
     )
     .await;
@@ -203,7 +194,7 @@ async fn bad_inputs_and_settings_have_stable_error_names() {
             ),
             (
                 "STAGING_URL".to_string(),
-                format!("file://{}/", staging.0.display()),
+                format!("file://{}/", staging.path().display()),
             ),
             ("SINCE".to_string(), "auto".to_string()),
             (
@@ -257,7 +248,7 @@ async fn a_transfer_state_rewritten_to_a_foreign_source_is_a_state_error_before_
     })
     .await
     .unwrap();
-    let staging = TempDir::new("sfn-compat-foreign");
+    let staging = temp_dir("sfn-compat-foreign");
     let base = source.base_url();
     let jwk = key.private_jwk.to_string();
     let credentials = [
@@ -274,19 +265,25 @@ async fn a_transfer_state_rewritten_to_a_foreign_source_is_a_state_error_before_
     ];
     let mut shown = Vec::new();
 
-    let export = handlers(Handler::FhirExport, &base, &staging.0, &credentials).await;
+    let export = handlers(Handler::FhirExport, &base, staging.path(), &credentials).await;
     let out = export.invoke(json!({}), budget(30)).await.unwrap();
-    let check = handlers(Handler::CheckExportStatus, &base, &staging.0, &credentials).await;
+    let check = handlers(
+        Handler::CheckExportStatus,
+        &base,
+        staging.path(),
+        &credentials,
+    )
+    .await;
     let out = check.invoke(out, budget(30)).await.unwrap();
     shown.push(out.to_string());
     let input = json!({ "result": out["result"] });
 
     // The first transfer stages what its budget allows and saves its progress.
-    let transfer = handlers(Handler::TransferToS3, &base, &staging.0, &credentials).await;
+    let transfer = handlers(Handler::TransferToS3, &base, staging.path(), &credentials).await;
     let e = transfer.invoke(input.clone(), budget(0)).await.unwrap_err();
     assert_eq!(e.error_type, ErrorType::JobInProgress, "{e}");
     let state_path = staging
-        .0
+        .path()
         .join(transfer_run_id(&input["result"]))
         .join("transfer-state.json");
     let mut state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
@@ -318,6 +315,6 @@ async fn a_transfer_state_rewritten_to_a_foreign_source_is_a_state_error_before_
     for (i, text) in shown.iter().enumerate() {
         common::leaks::assert_absent(&format!("output #{i}"), text, &secrets);
     }
-    let files = common::leaks::scan_dir(&staging.0, &secrets, &[]);
+    let files = common::leaks::scan_dir(staging.path(), &secrets, &[]);
     assert!(files > 2, "{files} files staged");
 }

@@ -26,21 +26,12 @@ use std::time::{Duration, Instant};
 /// Step Functions' payload limit.
 const LIMIT: usize = 256 * 1024;
 
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A directory removed on drop.
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 async fn task(
@@ -122,11 +113,11 @@ async fn a_10000_file_export_keeps_every_task_payload_far_below_256_kib() {
     let target = FakePathling::start(PathlingConfig::v9(&["file:///"]))
         .await
         .unwrap();
-    let staging = TempDir::new("sfn-task-10k");
+    let staging = temp_dir("sfn-task-10k");
     let task = task(
         &source.base_url(),
         &target.base_url(),
-        &staging.0,
+        staging.path(),
         &[("LAMBDA_MAX_SLEEP", "0")],
     )
     .await;
@@ -199,11 +190,11 @@ async fn a_cancel_in_the_input_ends_the_run_and_deletes_the_export_job() {
     let target = FakePathling::start(PathlingConfig::v9(&["file:///"]))
         .await
         .unwrap();
-    let staging = TempDir::new("sfn-task-cancel");
+    let staging = temp_dir("sfn-task-cancel");
     let task = task(
         &source.base_url(),
         &target.base_url(),
-        &staging.0,
+        staging.path(),
         &[("LAMBDA_MAX_SLEEP", "0")],
     )
     .await;
@@ -249,7 +240,7 @@ struct Guarded {
     task: Task,
     source: pathling_import_tests::fake_source::FakeSourceHandle,
     _target: pathling_import_tests::fake_pathling::FakePathlingHandle,
-    staging: TempDir,
+    staging: tempfile::TempDir,
     secrets: Vec<String>,
     waiting: Value,
 }
@@ -284,12 +275,12 @@ async fn guarded(name: &str) -> Guarded {
     })
     .await
     .unwrap();
-    let staging = TempDir::new(name);
+    let staging = temp_dir(name);
     let jwk = key.private_jwk.to_string();
     let task = task(
         &source.base_url(),
         &target.base_url(),
-        &staging.0,
+        staging.path(),
         &[
             ("LAMBDA_MAX_SLEEP", "0"),
             ("SOURCE_AUTHENTICATION_ENABLED", "true"),
@@ -361,7 +352,7 @@ async fn an_envelope_pointing_at_a_foreign_source_is_a_state_error_before_any_re
     for (i, text) in shown.iter().enumerate() {
         common::leaks::assert_absent(&format!("output #{i}"), text, &g.secrets);
     }
-    common::leaks::scan_dir(&g.staging.0, &g.secrets, &[]);
+    common::leaks::scan_dir(g.staging.path(), &g.secrets, &[]);
 }
 
 #[tokio::test]
@@ -421,11 +412,11 @@ async fn a_resume_point_rewritten_to_a_foreign_source_is_a_state_error_before_an
     })
     .await
     .unwrap();
-    let staging = TempDir::new("sfn-task-resume-foreign");
+    let staging = temp_dir("sfn-task-resume-foreign");
     let task = task(
         &source.base_url(),
         &target.base_url(),
-        &staging.0,
+        staging.path(),
         &[("LAMBDA_MAX_SLEEP", "5")],
     )
     .await;
@@ -434,7 +425,7 @@ async fn a_resume_point_rewritten_to_a_foreign_source_is_a_state_error_before_an
     // execution.
     let run = execute(&task, Duration::from_secs(20), 50).await;
     assert_eq!(run.last["action"], "fail", "{}", run.last["status"]);
-    let resume_path = staging.0.join("sfn-resume.json");
+    let resume_path = staging.path().join("sfn-resume.json");
     let mut resume: Value = serde_json::from_slice(&std::fs::read(&resume_path).unwrap()).unwrap();
     assert_eq!(resume["state"]["phase"], "failed");
 

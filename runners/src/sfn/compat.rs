@@ -30,7 +30,7 @@
 //!   the other generation (configured, detected from `/metadata`, or recognised from the 400
 //!   answer).
 
-use super::{effective_budget, ExecutorCache};
+use super::{effective_budget, storage_failure, ExecutorCache};
 use crate::auth::Side;
 use crate::aws::{self, LambdaFailure};
 use crate::driver::LogObserver;
@@ -208,7 +208,13 @@ impl Handlers {
             .staging()
             .put_bytes(&key, body)
             .await
-            .map_err(|e| storage_failure(&format!("storing the manifest at {key}"), &e))?;
+            .map_err(|e| {
+                storage_failure(
+                    &format!("storing the manifest at {key}"),
+                    &e,
+                    aws::ErrorType::SyncFailed,
+                )
+            })?;
         let mut stub = serde_json::Map::new();
         for field in ["transactionTime", "request", "requiresAccessToken"] {
             if let Some(v) = manifest.get(field) {
@@ -241,8 +247,13 @@ impl Handlers {
         let run = match staging
             .get_bytes(&state_key, crate::staging::MAX_STATE_OBJECT)
             .await
-            .map_err(|e| storage_failure(&format!("reading {state_key}"), &e))?
-        {
+            .map_err(|e| {
+                storage_failure(
+                    &format!("reading {state_key}"),
+                    &e,
+                    aws::ErrorType::SyncFailed,
+                )
+            })? {
             Some(stored) => {
                 let run = persist::decode(&stored)
                     .map_err(|e| LambdaFailure::state(format!("{state_key}: {e}")))?;
@@ -328,7 +339,13 @@ impl Handlers {
                     .saturating_mul(2),
             )
             .await
-            .map_err(|e| storage_failure(&format!("reading {expected}"), &e))?
+            .map_err(|e| {
+                storage_failure(
+                    &format!("reading {expected}"),
+                    &e,
+                    aws::ErrorType::SyncFailed,
+                )
+            })?
             .ok_or_else(|| {
                 LambdaFailure::state(format!("the stored manifest {expected} is missing"))
             })
@@ -592,21 +609,17 @@ fn unexpected(what: &str, result: &EffectResult) -> LambdaFailure {
     LambdaFailure::state(format!("{what}: unexpected result {result:?}"))
 }
 
-/// The staging store failed: transient failures are worth the definition's retry; others end
-/// the transfer (the original definition has no other way to say so).
-fn storage_failure(what: &str, e: &crate::staging::StagingError) -> LambdaFailure {
-    LambdaFailure::transient_or(
-        e.is_transient(),
-        aws::ErrorType::SyncFailed,
-        format!("{what}: {e}"),
-    )
-}
-
 async fn write_run(staging: &StagingStore, key: &str, run: &SyncRun) -> Result<(), LambdaFailure> {
     staging
         .put_bytes(key, Bytes::from(persist::encode_string(run)))
         .await
-        .map_err(|e| storage_failure(&format!("saving the transfer's progress to {key}"), &e))
+        .map_err(|e| {
+            storage_failure(
+                &format!("saving the transfer's progress to {key}"),
+                &e,
+                aws::ErrorType::SyncFailed,
+            )
+        })
 }
 
 /// Keeps the transfer's envelope in the staging store, written at most every

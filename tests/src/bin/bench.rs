@@ -440,6 +440,7 @@ async fn export_files(http: &reqwest::Client, base: &str) -> Res<(String, Vec<St
                 manifest = Some(r.json().await.map_err(|e| format!("manifest: {e}"))?);
                 break;
             }
+            // Polling interval: the fake export job finishes on its own time.
             202 => tokio::time::sleep(Duration::from_millis(20)).await,
             s => return Err(format!("export poll answered {s}")),
         }
@@ -952,6 +953,7 @@ async fn run_import(
     let status = loop {
         tokio::select! {
             s = child.wait() => break s.map_err(err("waiting for pathling-import"))?,
+            // Sampling interval for memory and CPU figures while the run goes on.
             _ = tokio::time::sleep(Duration::from_millis(25)) => {
                 if target_pid.is_none() {
                     target_pid = first_child(pid);
