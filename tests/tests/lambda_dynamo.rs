@@ -734,7 +734,7 @@ async fn a_run_publishes_valid_emf_metrics_that_add_up() {
             }
         }
     }
-    let staged_bytes: u64 = walk(&w.staging.0)
+    let staged_bytes: u64 = walk(w.staging.path())
         .iter()
         .filter(|p| {
             p.extension().is_some_and(|e| e == "ndjson") && p.to_string_lossy().contains("/output/")
@@ -769,7 +769,7 @@ async fn a_run_publishes_valid_emf_metrics_that_add_up() {
         .any(|(n, p, ms)| n == "RunDuration" && p == "succeeded" && *ms > 0));
 }
 
-fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
