@@ -454,7 +454,7 @@ async fn s3_part_limit_is_a_clear_error() {
             &sdk_config(&endpoint).await,
             S3Options {
                 part_size: MIN_PART_SIZE,
-                force_path_style: None,
+                ..S3Options::default()
             },
         )
         .unwrap()

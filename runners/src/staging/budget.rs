@@ -314,7 +314,8 @@ pub(crate) struct PartBuf {
 }
 
 impl PartBuf {
-    pub(crate) fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.data.len()
     }
 
