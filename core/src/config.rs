@@ -164,7 +164,8 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("IMPORT_TIMEOUT", true, "(Σ of the waits)", "Seconds the import phase may take in all."),
     ("RETRY_AFTER_MAX", true, "3600", "Longest wait in seconds honoured from a server's Retry-After."),
     ("TRANSFER_CONCURRENCY", true, "4", "Files downloaded at once (1 to 32)."),
-    ("TRANSFER_PART_SIZE", true, "8", "S3 multipart part size in MiB (5 to 512)."),
+    ("TRANSFER_PART_SIZE", true, "(from TRANSFER_MEMORY)", "S3 multipart part size in MiB (5 to 512). Unset: TRANSFER_MEMORY ÷ (2 × TRANSFER_CONCURRENCY) in whole MiB, at least 5 and at most 8 (5 with the defaults), so that every transfer can fill one part while uploading another. S3 allows 10,000 parts, so the part size bounds the largest file: about 48.8 GiB with 5 MiB parts, 78 GiB with 8 MiB, 4.9 TiB with 512 MiB."),
+    ("TRANSFER_MEMORY", true, "32", "Memory in MiB for the in-memory part buffers of all transfers together (10 to 16384): however many files transfer at once, their buffers stay within it, and a transfer waits for memory rather than exceed it. It must hold two parts of TRANSFER_PART_SIZE."),
     ("HTTP_CONNECT_TIMEOUT", true, "10", "Seconds to establish a connection."),
     ("HTTP_READ_TIMEOUT", true, "60", "Seconds without any progress before a request fails."),
     ("MANIFEST_MAX_SIZE", true, "64", "Largest export manifest read, in MiB (a larger answer fails the run clearly instead of exhausting memory)."),
@@ -173,6 +174,19 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("SENTRY_ENVIRONMENT", false, "", "Sentry environment."),
     ("SENTRY_RELEASE", false, "", "Sentry release."),
 ];
+
+/// `TRANSFER_MEMORY` bounds and default, in MiB. The least holds two parts of S3's 5 MiB minimum.
+pub const MIN_TRANSFER_MEMORY_MIB: u64 = 10;
+pub const MAX_TRANSFER_MEMORY_MIB: u64 = 16_384;
+pub const DEFAULT_TRANSFER_MEMORY_MIB: u64 = 32;
+
+/// The part size in MiB when `TRANSFER_PART_SIZE` is not set: two parts for every concurrent
+/// transfer (one filling while one uploads) out of the budget, in whole MiB, no less than S3's
+/// 5 MiB minimum and no more than 8 MiB (the part size before the budget existed). Below 5 MiB the budget cannot give every transfer two parts; the
+/// transfers then share it, some filling and sending one part at a time.
+pub fn effective_part_size_mib(memory_mib: u64, concurrency: u32) -> u64 {
+    (memory_mib / (2 * u64::from(concurrency.max(1)))).clamp(5, 8)
+}
 
 /// `SOURCE_ENDPOINT` → `sourceEndpoint`.
 pub fn camel_case(constant: &str) -> String {
@@ -845,9 +859,35 @@ pub fn parse(raw: &RawConfig, extra_keys: &[&str]) -> Result<Config, ConfigError
         import: r.policy("IMPORT"),
         retry_after_max_ms: r.integer("RETRY_AFTER_MAX", 1, 7 * 86_400).unwrap_or(3600) * 1000,
     };
+    let concurrency = r.integer("TRANSFER_CONCURRENCY", 1, 32).unwrap_or(4) as u32;
+    let memory_mib = r
+        .integer("TRANSFER_MEMORY", MIN_TRANSFER_MEMORY_MIB, MAX_TRANSFER_MEMORY_MIB)
+        .unwrap_or(DEFAULT_TRANSFER_MEMORY_MIB);
+    let part_mib = match r.integer("TRANSFER_PART_SIZE", 5, 512) {
+        Some(part_mib) => {
+            if part_mib * 2 > memory_mib {
+                let (memory_key, part_key) = (
+                    r.raw.display_key("TRANSFER_MEMORY"),
+                    r.raw.display_key("TRANSFER_PART_SIZE"),
+                );
+                r.bad(
+                    "TRANSFER_MEMORY",
+                    format!(
+                        "{memory_mib} MiB cannot hold two parts of {part_key} {part_mib} MiB \
+                         (one filling while one uploads); set {memory_key} to at least {} or \
+                         lower {part_key}",
+                        part_mib * 2
+                    ),
+                );
+            }
+            part_mib
+        }
+        None => effective_part_size_mib(memory_mib, concurrency),
+    };
     let transfer = TransferSpec {
-        concurrency: r.integer("TRANSFER_CONCURRENCY", 1, 32).unwrap_or(4) as u32,
-        part_size: r.integer("TRANSFER_PART_SIZE", 5, 512).unwrap_or(8) * 1024 * 1024,
+        concurrency,
+        part_size: part_mib * 1024 * 1024,
+        memory: Some(memory_mib * 1024 * 1024),
         connect_timeout_ms: r.integer("HTTP_CONNECT_TIMEOUT", 1, 600).unwrap_or(10) * 1000,
         read_timeout_ms: r.integer("HTTP_READ_TIMEOUT", 1, 3600).unwrap_or(60) * 1000,
         validate: match r
@@ -1190,6 +1230,86 @@ mod tests {
             err.problems[0].message.contains("sample, full or off"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn transfer_memory_derives_the_part_size_unless_one_is_set() {
+        const MIB: u64 = 1024 * 1024;
+        let transfer = |extra: &[(&'static str, &'static str)]| {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.extend_from_slice(extra);
+            let t = parse(&env(&pairs), &[]).unwrap().spec.transfer;
+            (t.part_size / MIB, t.memory.map(|m| m / MIB), t.memory_budget() / MIB)
+        };
+        // 32 MiB for 4 transfers cannot give each two 8 MiB parts: S3's minimum, 5 MiB.
+        assert_eq!(transfer(&[]), (5, Some(32), 32));
+        assert_eq!(transfer(&[("TRANSFER_MEMORY", "1024")]), (8, Some(1024), 1024));
+        assert_eq!(transfer(&[("TRANSFER_MEMORY", "48")]), (6, Some(48), 48));
+        assert_eq!(
+            transfer(&[("TRANSFER_MEMORY", "48"), ("TRANSFER_CONCURRENCY", "1")]),
+            (8, Some(48), 48)
+        );
+        assert_eq!(
+            transfer(&[("TRANSFER_MEMORY", "10"), ("TRANSFER_CONCURRENCY", "32")]),
+            (5, Some(10), 10)
+        );
+        // A part size that is set is kept (it bounds the largest file); two must fit.
+        assert_eq!(transfer(&[("TRANSFER_PART_SIZE", "16")]), (16, Some(32), 32));
+        assert_eq!(
+            transfer(&[("TRANSFER_PART_SIZE", "512"), ("TRANSFER_MEMORY", "1024")]),
+            (512, Some(1024), 1024)
+        );
+    }
+
+    #[test]
+    fn transfer_memory_is_bounded_and_must_hold_two_parts() {
+        for bad in ["9", "16385", "-1", "12.5", "lots"] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("TRANSFER_MEMORY", bad));
+            let err = parse(&env(&pairs), &[]).unwrap_err();
+            let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(keys, ["TRANSFER_MEMORY"], "{bad}: {err}");
+        }
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([("TRANSFER_PART_SIZE", "20"), ("TRANSFER_MEMORY", "32")]);
+        let err = parse(&env(&pairs), &[]).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "TRANSFER_MEMORY");
+        assert_eq!(
+            err.problems[0].message,
+            "32 MiB cannot hold two parts of TRANSFER_PART_SIZE 20 MiB (one filling while one \
+             uploads); set TRANSFER_MEMORY to at least 40 or lower TRANSFER_PART_SIZE"
+        );
+        // A configuration file names both keys as it spells them.
+        let raw = RawConfig::from_json(
+            r#"{"sourceEndpoint": "https://s/fhir", "sourceAuthenticationEnabled": false,
+                "stagingUrl": "file:///tmp/x", "targetEndpoint": "https://t/fhir",
+                "targetAuthenticationEnabled": false, "transferPartSize": 64,
+                "transferMemory": 100}"#,
+            &[],
+        );
+        let err = parse(&raw, &[]).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "transferMemory");
+        assert!(
+            err.problems[0].message.contains("two parts of transferPartSize 64 MiB")
+                && err.problems[0].message.contains("set transferMemory to at least 128"),
+            "{err}"
+        );
+        // Exactly two parts is enough.
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([("TRANSFER_PART_SIZE", "16"), ("TRANSFER_MEMORY", "32")]);
+        assert!(parse(&env(&pairs), &[]).is_ok());
+    }
+
+    #[test]
+    fn runs_recorded_before_transfer_memory_keep_two_parts_per_transfer() {
+        let mut c = parse(&env(MINIMAL), &[]).unwrap();
+        c.spec.transfer.memory = None;
+        c.spec.transfer.part_size = 8 * 1024 * 1024;
+        let json = serde_json::to_value(&c.spec.transfer).unwrap();
+        assert!(json.get("memory").is_none(), "absent stays absent: {json}");
+        assert_eq!(c.spec.transfer.memory_budget(), 64 * 1024 * 1024);
     }
 
     #[test]

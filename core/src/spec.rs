@@ -258,8 +258,14 @@ pub struct PhasePolicy {
 pub struct TransferSpec {
     /// Files transferred at once (toward one source).
     pub concurrency: u32,
-    /// S3 multipart part size in bytes.
+    /// S3 multipart part size in bytes: `TRANSFER_PART_SIZE` when set, otherwise derived from
+    /// the memory budget ([`crate::config::effective_part_size_mib`]).
     pub part_size: u64,
+    /// Bytes for the in-memory part buffers of all transfers together (`TRANSFER_MEMORY`).
+    /// Absent in runs started before the setting existed: [`Self::memory_budget`] gives them
+    /// the bound they had, two parts per transfer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
     pub connect_timeout_ms: u64,
     /// A download or request with no progress for this long fails (and is retried).
     pub read_timeout_ms: u64,
@@ -270,6 +276,16 @@ pub struct TransferSpec {
     /// Absent in runs started before the setting existed: they check with the default.
     #[serde(default, skip_serializing_if = "Validation::is_default")]
     pub validate: Validation,
+}
+
+impl TransferSpec {
+    /// The transfer memory budget in bytes, never less than two parts.
+    pub fn memory_budget(&self) -> u64 {
+        let two_parts = self.part_size.saturating_mul(2);
+        self.memory
+            .unwrap_or_else(|| two_parts.saturating_mul(u64::from(self.concurrency.max(1))))
+            .max(two_parts)
+    }
 }
 
 /// How much of each downloaded NDJSON file is checked while it streams to the staging store

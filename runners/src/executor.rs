@@ -24,7 +24,7 @@ use pathling_import_core::pathling::{
     ImportAnswer,
 };
 use pathling_import_core::retry::{Failure, FailureKind};
-use pathling_import_core::spec::{PathlingApi, RunSpec};
+use pathling_import_core::spec::{PathlingApi, RunSpec, TransferSpec};
 use pathling_import_core::staging::{StagingKey, StagingLocation};
 use pathling_import_core::{ContentError, NdjsonCheck, Timestamp, Validation};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
@@ -175,7 +175,7 @@ impl Executor {
                 );
             }
         }
-        let staging = open_staging(&spec.staging, spec.transfer.part_size).await?;
+        let staging = open_staging(&spec.staging, &spec.transfer).await?;
         Ok(Executor {
             source_http,
             target_http,
@@ -761,24 +761,33 @@ fn redacted(f: Failure) -> Failure {
     }
 }
 
-/// Opens the store a staging location names.
+/// Opens the store a staging location names, with the transfer settings' part size and memory
+/// budget (one budget for every transfer of this store).
 pub async fn open_staging(
     location: &StagingLocation,
-    part_size: u64,
+    transfer: &TransferSpec,
 ) -> Result<StagingStore, StagingError> {
+    let bytes = |n: u64| {
+        usize::try_from(n)
+            .map_err(|_| StagingError::Config(format!("{n} bytes do not fit this machine")))
+    };
+    let memory = bytes(transfer.memory_budget())?;
     Ok(match location {
         StagingLocation::S3 { bucket, .. } => StagingStore::S3(
             S3Store::from_env(
                 bucket.clone(),
                 S3Options {
-                    part_size: part_size as usize,
+                    part_size: bytes(transfer.part_size)?,
+                    memory,
                     ..S3Options::default()
                 },
             )
             .await?,
         ),
         StagingLocation::Directory { root } => StagingStore::Dir(
-            crate::staging::DirStore::from_file_url(&format!("file://{root}")).await?,
+            crate::staging::DirStore::from_file_url(&format!("file://{root}"))
+                .await?
+                .with_memory(memory)?,
         ),
     })
 }

@@ -22,6 +22,7 @@ use futures::stream::{self, Stream, StreamExt, TryStreamExt};
 use pathling_import_runners::staging::{
     DirStore, FailureSide, PutReport, S3Options, S3Store, StagingError, StagingStore, MIN_PART_SIZE,
 };
+use pathling_import_runners::staging::{BudgetStats, DEFAULT_TRANSFER_MEMORY};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -72,6 +73,14 @@ fn bucket_name(test: &str) -> String {
 
 /// An S3 store on a new moto bucket, plus a plain client for checking what is really stored.
 async fn s3_store(test: &str, part_size: usize) -> (StagingStore, Client, String) {
+    s3_store_with_memory(test, part_size, DEFAULT_TRANSFER_MEMORY).await
+}
+
+async fn s3_store_with_memory(
+    test: &str,
+    part_size: usize,
+    memory: usize,
+) -> (StagingStore, Client, String) {
     let endpoint = moto_endpoint();
     let sdk = sdk_config(&endpoint).await;
     let bucket = bucket_name(test);
@@ -80,6 +89,7 @@ async fn s3_store(test: &str, part_size: usize) -> (StagingStore, Client, String
         &sdk,
         S3Options {
             part_size,
+            memory,
             force_path_style: None,
         },
     )
@@ -444,7 +454,7 @@ async fn s3_part_limit_is_a_clear_error() {
             &sdk_config(&endpoint).await,
             S3Options {
                 part_size: MIN_PART_SIZE,
-                force_path_style: None,
+                ..S3Options::default()
             },
         )
         .unwrap()
@@ -669,12 +679,133 @@ async fn s3_rejects_unsafe_keys_and_bad_config() {
     let sdk = sdk_config(&moto_endpoint()).await;
     let small = S3Options {
         part_size: MIN_PART_SIZE - 1,
-        force_path_style: None,
+        ..S3Options::default()
     };
     assert!(matches!(
         S3Store::from_sdk_config("b", &sdk, small),
         Err(StagingError::Config(_))
     ));
+    // The budget must hold two parts: one filling while the other uploads.
+    let one_part = S3Options {
+        part_size: MIN_PART_SIZE,
+        memory: 2 * MIN_PART_SIZE - 1,
+        ..S3Options::default()
+    };
+    let err = S3Store::from_sdk_config("b", &sdk, one_part).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot hold two parts"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The memory budget shared by concurrent uploads
+// ---------------------------------------------------------------------------------------------
+
+/// Streams each body into its key, all at once, as the executor does with
+/// `TRANSFER_CONCURRENCY` files; fails instead of hanging if the uploads deadlock on the budget.
+async fn put_all_at_once(store: &StagingStore, bodies: &[(String, Vec<u8>)]) -> Vec<PutReport> {
+    let puts = bodies
+        .iter()
+        .map(|(key, data)| store.put_stream(key, chunked(data, 64 * 1024 + 11)));
+    tokio::time::timeout(
+        Duration::from_secs(300),
+        futures::future::join_all(puts),
+    )
+    .await
+    .expect("the uploads finish (no deadlock on the memory budget)")
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()
+    .expect("every upload succeeds")
+}
+
+/// Eight bodies: four of 2.6 parts (each needs a second part to overlap filling and
+/// uploading), an exact part, a small one, an empty one and one of 1.2 parts.
+fn eight_bodies(part: usize) -> Vec<(String, Vec<u8>)> {
+    let sizes = [
+        part * 13 / 5,
+        part * 13 / 5 + 1,
+        part * 13 / 5 + 2,
+        part * 13 / 5 + 3,
+        part,
+        100_000,
+        0,
+        part * 6 / 5,
+    ];
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| (format!("run/output/{i:06}-Patient.ndjson"), ndjson(len)))
+        .collect()
+}
+
+fn assert_budget_held(stats: BudgetStats, unit: usize) {
+    assert!(
+        stats.peak_allocated <= stats.limit,
+        "buffers of {} bytes existed at once; the budget is {}: {stats:?}",
+        stats.peak_allocated,
+        stats.limit
+    );
+    assert!(stats.peak_in_use <= stats.limit, "{stats:?}");
+    // The budget was the limit, not the number of transfers: some waited for it, and
+    // all of it was used at once.
+    assert!(stats.waits > 0, "no upload ever waited: {stats:?}");
+    assert_eq!(stats.peak_allocated, stats.limit / unit * unit, "{stats:?}");
+    assert!(stats.allocated <= stats.limit, "{stats:?}");
+}
+
+/// Waits (briefly) until everything drawn from the budget is back: a request's body may be
+/// dropped a moment after the request completed.
+async fn all_returned(store: &StagingStore) -> BudgetStats {
+    for _ in 0..500 {
+        let stats = store.budget().stats();
+        if stats.in_use == 0 {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("budget still in use after the uploads: {:?}", store.budget().stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_concurrent_uploads_stay_within_the_memory_budget() {
+    // Eight uploads at once with a budget of two parts: without the budget they would hold
+    // up to sixteen. Two large uploads holding one part each and wanting a second is the case
+    // that must not deadlock: each goes on by refilling its own part once it is uploaded.
+    let part = MIN_PART_SIZE;
+    let (store, client, bucket) = s3_store_with_memory("budget", part, 2 * part).await;
+    let bodies = eight_bodies(part);
+    let reports = put_all_at_once(&store, &bodies).await;
+    for ((key, data), report) in bodies.iter().zip(&reports) {
+        assert_eq!(report.bytes, data.len() as u64, "{key}");
+        assert_eq!(report.lines, count_lines(data), "{key}");
+        assert!(read_all(&store, key).await == *data, "{key} differs");
+    }
+    assert!(etag(&client, &bucket, &bodies[0].0).await.ends_with("-3"));
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+    let stats = all_returned(&store).await;
+    assert_budget_held(stats, part);
+    // Buffers are reused, not allocated per part: at most the two the budget holds.
+    assert!(stats.fresh_buffers <= 2, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_uploads_overlap_parts_when_the_budget_allows() {
+    // Three parts for one large upload and a small one: the large one takes a second part
+    // while its first uploads, and the small one still gets its own.
+    let part = MIN_PART_SIZE;
+    let (store, _client, _bucket) = s3_store_with_memory("budget-spare", part, 3 * part).await;
+    let bodies = vec![
+        ("big".to_owned(), ndjson(part * 4 + 17)),
+        ("small".to_owned(), ndjson(1000)),
+    ];
+    put_all_at_once(&store, &bodies).await;
+    for (key, data) in &bodies {
+        assert!(read_all(&store, key).await == *data, "{key} differs");
+    }
+    let stats = store.budget().stats();
+    assert!(stats.peak_in_use >= 2 * part, "no second part was taken: {stats:?}");
+    assert!(stats.peak_allocated <= stats.limit, "{stats:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -703,6 +834,27 @@ fn files_under(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dir_concurrent_writes_stay_within_the_memory_budget() {
+    use pathling_import_runners::staging::WRITE_BUFFER;
+    let tmp = tempfile::tempdir().unwrap();
+    // Two write buffers for eight writes at once.
+    let store = StagingStore::Dir(
+        DirStore::new(tmp.path().join("staging"))
+            .await
+            .unwrap()
+            .with_memory(2 * WRITE_BUFFER)
+            .unwrap(),
+    );
+    let bodies = eight_bodies(WRITE_BUFFER * 3);
+    let reports = put_all_at_once(&store, &bodies).await;
+    for ((key, data), report) in bodies.iter().zip(&reports) {
+        assert_eq!(report.bytes, data.len() as u64, "{key}");
+        assert!(read_all(&store, key).await == *data, "{key} differs");
+    }
+    assert_budget_held(all_returned(&store).await, WRITE_BUFFER);
 }
 
 #[tokio::test]

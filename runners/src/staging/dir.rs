@@ -10,10 +10,12 @@ use futures::stream::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use url::Url;
 
+use super::budget::{MemoryBudget, DEFAULT_TRANSFER_MEMORY};
 use super::{validate_key, BodyStats, PutReport, ReadStream, StagingError, NEWLINE};
 
 /// Write buffer: fewer blocking-pool round trips than writing each (often small) download chunk.
-const WRITE_BUFFER: usize = 256 * 1024;
+/// Drawn from the store's memory budget.
+pub const WRITE_BUFFER: usize = 256 * 1024;
 /// Read chunk size of `open_read`.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -82,6 +84,7 @@ fn remove_temps(dir: &Path, shown: &str) -> Result<u32, StagingError> {
 #[derive(Debug, Clone)]
 pub struct DirStore {
     root: PathBuf,
+    budget: MemoryBudget,
 }
 
 impl DirStore {
@@ -96,7 +99,24 @@ impl DirStore {
         let root = tokio::fs::canonicalize(root)
             .await
             .map_err(|e| StagingError::io("canonicalize", &shown, &e))?;
-        Ok(DirStore { root })
+        Ok(DirStore {
+            root,
+            budget: MemoryBudget::new(DEFAULT_TRANSFER_MEMORY, WRITE_BUFFER)?,
+        })
+    }
+
+    /// The same store with its own budget of `memory` bytes for write buffers (at least one,
+    /// [`WRITE_BUFFER`]).
+    pub fn with_memory(self, memory: usize) -> Result<Self, StagingError> {
+        Ok(DirStore {
+            budget: MemoryBudget::new(memory, WRITE_BUFFER)?,
+            ..self
+        })
+    }
+
+    /// The budget write buffers are drawn from.
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.budget
     }
 
     /// Use the directory a `file:///abs/path/` URL names as the root.
@@ -131,6 +151,8 @@ impl DirStore {
         E: std::error::Error + Send + Sync + 'static,
     {
         let path = self.path_of(key)?;
+        // Held until the write buffer is gone (declared before it, so dropped after it).
+        let _lease = self.budget.reserve(WRITE_BUFFER).await?;
         let (mut temp, file) = TempFile::create(key, &path).await?;
         let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
         let mut stats = BodyStats::default();

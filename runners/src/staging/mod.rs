@@ -28,22 +28,27 @@
 //!
 //! # Memory bound
 //!
-//! Per `put_stream` call to S3, at most two part buffers exist at once: the part being uploaded
-//! (at most one part upload is in flight) and the part being filled from the body, so memory is
-//! bounded by `2 × part_size` plus the one body chunk being copied (default part size 8 MiB:
-//! about 16 MiB per concurrent upload). Part buffers are allocated with their full capacity up
-//! front so filling never reallocates or copies; such large allocations are normally fresh
-//! mappings whose pages the OS only backs once written, so a small file costs little more than
-//! its own size. Parts are handed to the SDK without copying.
-//! A body smaller than one part is sent with a single `PutObject`. The directory store holds one
-//! body chunk plus a 256 KiB write buffer. `get_bytes` loads the whole object (use it for small
-//! objects such as manifests); `open_read` streams.
+//! Each store has one [`MemoryBudget`] (`TRANSFER_MEMORY`, shared by its clones) from which
+//! every large buffer of a `put_stream` is drawn: S3 part buffers (the part being filled and the
+//! part in flight) and the directory store's 256 KiB write buffer. What they take together never
+//! exceeds the budget, however many `put_stream` calls run at once: a call waits for budget
+//! rather than exceed it. An S3 upload holds one or two parts: the part being uploaded (at most
+//! one part upload is in flight) and the part being filled from the body; a second part is taken
+//! only when the budget can spare it, so with a tight budget some uploads fill and send one part
+//! at a time (see [`budget`](self::budget) for why this cannot deadlock). Part buffers have
+//! their full capacity from the start, so filling never reallocates or copies, and they are
+//! handed to the SDK without copying; freed ones are pooled for the next part instead of going
+//! back to the allocator (glibc would keep them resident, fragmented over its arenas).
+//! Beyond the budget, a call holds the body chunk being copied, and the download's NDJSON check
+//! may buffer one line that spans chunks (bounded by its own line limit).
+//! A body smaller than one part is sent with a single `PutObject`. `get_bytes` loads the whole
+//! object (use it for small objects such as manifests); `open_read` streams.
 //!
 //! # S3 specifics
 //!
 //! Parts are exactly `part_size` bytes (minimum 5 MiB, maximum 5 GiB) except the last; an object
-//! needing more than 10,000 parts fails with [`StagingError::TooManyParts`] (8 MiB parts allow
-//! objects up to about 78 GiB) instead of producing a broken upload. Request checksums are only
+//! needing more than 10,000 parts fails with [`StagingError::TooManyParts`] (5 MiB parts allow
+//! objects up to about 48.8 GiB, 8 MiB parts about 78 GiB) instead of producing a broken upload. Request checksums are only
 //! calculated when an operation requires them: checksum trailers make uploads to moto slow
 //! quadratically and S3 still verifies the `Content-Length` and (over TLS) the transport.
 //!
@@ -53,11 +58,13 @@
 //! or `..` segments, no NUL or backslash, at most 1024 bytes. Both stores apply the same rules
 //! so that a run behaves identically on either.
 
+pub mod budget;
 mod dir;
 mod error;
 mod s3;
 
-pub use dir::DirStore;
+pub use budget::{BudgetStats, MemoryBudget, DEFAULT_TRANSFER_MEMORY};
+pub use dir::{DirStore, WRITE_BUFFER};
 pub use error::{FailureSide, StagingError};
 pub use s3::{S3Options, S3Store, DEFAULT_PART_SIZE, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE};
 
@@ -105,6 +112,14 @@ impl StagingStore {
         match self {
             StagingStore::S3(s) => s.put_stream(key, body).await,
             StagingStore::Dir(d) => d.put_stream(key, body).await,
+        }
+    }
+
+    /// The budget the store's `put_stream` buffers are drawn from.
+    pub fn budget(&self) -> &MemoryBudget {
+        match self {
+            StagingStore::S3(s) => s.budget(),
+            StagingStore::Dir(d) => d.budget(),
         }
     }
 

@@ -1,4 +1,5 @@
-//! The S3 staging store: streaming multipart uploads with at most one part in flight.
+//! The S3 staging store: streaming multipart uploads with at most one part in flight, their
+//! part buffers drawn from the store's [`MemoryBudget`].
 
 use std::fmt;
 
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use futures::stream::{Stream, StreamExt};
 use tokio::task::JoinHandle;
 
+use super::budget::{MemoryBudget, PartBuf, DEFAULT_TRANSFER_MEMORY};
 use super::error::scrub;
 use super::{validate_key, BodyStats, PutReport, ReadStream, StagingError, NEWLINE};
 
@@ -28,9 +30,11 @@ pub const MAX_PARTS: u32 = 10_000;
 /// Settings of an [`S3Store`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct S3Options {
-    /// Size of every multipart part but the last, in bytes (5 MiB to 5 GiB). Memory per upload
-    /// is about twice this.
+    /// Size of every multipart part but the last, in bytes (5 MiB to 5 GiB).
     pub part_size: usize,
+    /// Bytes for the part buffers of all uploads together (`TRANSFER_MEMORY`); at least two
+    /// parts. An upload holds one or two parts of it.
+    pub memory: usize,
     /// Path-style addressing (`http://host/bucket/key`). `None` = use it exactly when an
     /// endpoint override is configured (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`, the profile's
     /// `endpoint_url`, or the `SdkConfig`'s), since custom endpoints such as `127.0.0.1` cannot
@@ -42,6 +46,7 @@ impl Default for S3Options {
     fn default() -> Self {
         S3Options {
             part_size: DEFAULT_PART_SIZE,
+            memory: DEFAULT_TRANSFER_MEMORY,
             force_path_style: None,
         }
     }
@@ -54,6 +59,7 @@ pub struct S3Store {
     bucket: String,
     part_size: usize,
     max_parts: u32,
+    budget: MemoryBudget,
 }
 
 impl fmt::Debug for S3Store {
@@ -62,6 +68,7 @@ impl fmt::Debug for S3Store {
         f.debug_struct("S3Store")
             .field("bucket", &self.bucket)
             .field("part_size", &self.part_size)
+            .field("budget", &self.budget)
             .finish_non_exhaustive()
     }
 }
@@ -97,6 +104,15 @@ impl S3Store {
                 options.part_size
             )));
         }
+        // Two parts let an upload fill one while the other is in flight; with one it could
+        // still progress, but the configuration promises the overlap.
+        if options.memory < options.part_size.saturating_mul(2) {
+            return Err(StagingError::Config(format!(
+                "the transfer memory budget of {} bytes cannot hold two parts of {} bytes",
+                options.memory, options.part_size
+            )));
+        }
+        let budget = MemoryBudget::new(options.memory, options.part_size)?;
         let path_style = options
             .force_path_style
             .unwrap_or_else(|| has_endpoint_override(sdk));
@@ -109,6 +125,7 @@ impl S3Store {
             bucket,
             part_size: options.part_size,
             max_parts: MAX_PARTS,
+            budget,
         })
     }
 
@@ -127,6 +144,11 @@ impl S3Store {
         self.part_size
     }
 
+    /// The budget every part buffer of this store (and its clones) is drawn from.
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.budget
+    }
+
     /// The underlying client, e.g. for tests that list multipart uploads.
     pub fn client(&self) -> &Client {
         &self.client
@@ -141,7 +163,8 @@ impl S3Store {
         let mut upload = Upload {
             store: self,
             key,
-            buf: Vec::new(),
+            buf: None,
+            spare: None,
             multipart: None,
         };
         let mut stats = BodyStats::default();
@@ -282,12 +305,20 @@ impl S3Store {
 
 /// One `put_stream` in progress: the part being filled and, once the body outgrew one part, the
 /// multipart upload.
+///
+/// Memory: the upload holds at most two part buffers of the store's budget, the one in flight
+/// and the one being filled. It waits for budget only while it holds none (for its first part,
+/// or when its part in flight could not be reclaimed); a second buffer is taken only if the
+/// budget has it to spare, and given back while other uploads wait for their first. Without
+/// one, the upload waits for its own part in flight and refills that buffer.
 struct Upload<'a> {
     store: &'a S3Store,
     key: &'a str,
-    /// The part being filled; never more than `part_size` bytes. Allocated with the full part
-    /// capacity when the first byte of a part arrives, so filling it never reallocates.
-    buf: Vec<u8>,
+    /// The part being filled; never more than `part_size` bytes. Drawn from the budget when the
+    /// first byte of a part arrives, at full capacity, so filling never reallocates.
+    buf: Option<PartBuf>,
+    /// A buffer back from a finished part upload, to fill next.
+    spare: Option<PartBuf>,
     multipart: Option<Multipart>,
 }
 
@@ -296,25 +327,50 @@ impl Upload<'_> {
     /// arrives, so the data left at the end (the last part, or the whole object for a
     /// `PutObject`) is never empty unless the whole body is.
     async fn push(&mut self, mut data: &[u8]) -> Result<(), StagingError> {
-        let part_size = self.store.part_size;
         while !data.is_empty() {
-            if self.buf.len() == part_size {
-                let full = std::mem::take(&mut self.buf);
-                self.send_part(full).await?;
+            if self.buf.as_ref().is_some_and(PartBuf::is_full) {
+                if let Some(full) = self.buf.take() {
+                    self.send_part(full).await?;
+                }
             }
-            if self.buf.capacity() == 0 {
-                self.buf.reserve_exact(part_size);
-            }
-            let take = (part_size - self.buf.len()).min(data.len());
-            self.buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
+            let buf = match &mut self.buf {
+                Some(buf) => buf,
+                None => {
+                    let next = self.next_buffer().await?;
+                    self.buf.insert(next)
+                }
+            };
+            let taken = buf.fill(data);
+            data = &data[taken..];
         }
         Ok(())
     }
 
+    /// A buffer for the next part: the spare, a second one the budget can spare, our own part
+    /// in flight once it is uploaded, or (holding nothing) whatever the budget gives when it can.
+    async fn next_buffer(&mut self) -> Result<PartBuf, StagingError> {
+        if let Some(spare) = self.spare.take() {
+            return Ok(spare);
+        }
+        let budget = &self.store.budget;
+        let part_size = self.store.part_size;
+        if let Some(multipart) = self.multipart.as_mut() {
+            if multipart.in_flight.is_some() {
+                if let Some(buf) = budget.try_buffer(part_size) {
+                    return Ok(buf);
+                }
+                if let Some(buf) = multipart.wait_in_flight().await? {
+                    return Ok(buf);
+                }
+            }
+        }
+        // Nothing of the budget is held here, so waiting for it cannot deadlock.
+        budget.buffer(part_size).await
+    }
+
     /// Start an upload of a full, non-last part after the previous one has finished (so at most
     /// one part is in flight while the next fills).
-    async fn send_part(&mut self, part: Vec<u8>) -> Result<(), StagingError> {
+    async fn send_part(&mut self, part: PartBuf) -> Result<(), StagingError> {
         let store = self.store;
         let multipart = match &mut self.multipart {
             Some(m) => m,
@@ -331,19 +387,25 @@ impl Upload<'_> {
                 part_size: store.part_size,
             });
         }
-        multipart.wait_in_flight().await?;
+        let reclaimed = multipart.wait_in_flight().await?;
         let number = multipart.next_part_number;
         multipart.next_part_number += 1;
         let client = store.client.clone();
         let bucket = store.bucket.clone();
         let key = self.key.to_owned();
         let upload_id = multipart.upload_id.clone();
-        let bytes = Bytes::from(part);
+        let (bytes, frozen) = part.freeze();
         // Spawned so the part uploads while the caller keeps pulling the body into the next
         // buffer; the handle is awaited (or aborted) before the next part or completion.
         multipart.in_flight = Some(tokio::spawn(async move {
-            upload_part(&client, &bucket, &key, &upload_id, number, bytes).await
+            let part = upload_part(&client, &bucket, &key, &upload_id, number, bytes).await?;
+            Ok((part, frozen.reclaim()))
         }));
+        // Kept for the next part unless another upload waits for its first: then it goes
+        // back, and this upload fills one part at a time until the budget is free again.
+        if !store.budget.contended() {
+            self.spare = reclaimed;
+        }
         Ok(())
     }
 
@@ -351,7 +413,12 @@ impl Upload<'_> {
     /// the empty body: S3 cannot complete a multipart upload with zero parts), otherwise the
     /// last part and CompleteMultipartUpload.
     async fn finish(mut self) -> Result<(), StagingError> {
-        let data = Bytes::from(std::mem::take(&mut self.buf));
+        self.spare = None;
+        // The request's reference keeps the buffer (and its budget) until the request is done.
+        let data = match self.buf.take() {
+            Some(buf) => buf.freeze().0,
+            None => Bytes::new(),
+        };
         let Some(multipart) = self.multipart.as_mut() else {
             return self.store.put_object(self.key, data).await;
         };
@@ -440,7 +507,8 @@ struct Multipart {
     upload_id: String,
     next_part_number: i32,
     parts: Vec<CompletedPart>,
-    in_flight: Option<JoinHandle<Result<CompletedPart, StagingError>>>,
+    /// The part upload in flight; it ends with the part's buffer when the request let go of it.
+    in_flight: Option<JoinHandle<Result<(CompletedPart, Option<PartBuf>), StagingError>>>,
     armed: bool,
 }
 
@@ -470,9 +538,10 @@ impl Multipart {
         })
     }
 
-    async fn wait_in_flight(&mut self) -> Result<(), StagingError> {
+    /// Waits for the part in flight (if any) and records it; returns its buffer for reuse.
+    async fn wait_in_flight(&mut self) -> Result<Option<PartBuf>, StagingError> {
         if let Some(handle) = self.in_flight.take() {
-            let part = handle.await.map_err(|e| StagingError::Store {
+            let (part, buf) = handle.await.map_err(|e| StagingError::Store {
                 operation: "UploadPart",
                 key: self.key.clone(),
                 status: None,
@@ -481,8 +550,9 @@ impl Multipart {
                 message: format!("part upload task failed: {e}"),
             })??;
             self.parts.push(part);
+            return Ok(buf);
         }
-        Ok(())
+        Ok(None)
     }
 }
 
