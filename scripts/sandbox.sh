@@ -17,15 +17,27 @@ while [ $# -gt 0 ]; do
 done
 
 # Debug builds: they share artifacts with the test suite and build in a fraction of the time;
-# the sandbox's few MB do not need an optimised binary.
-cargo build --quiet -p pathling-import-runners --bin pathling-import
-cargo build --quiet -p pathling-import-tests --bin sandbox-servers
+# the sandbox's few MB do not need an optimised binary. One cargo invocation for both binaries,
+# so every dependency is built once with one feature set; its progress shows (a first build
+# takes several minutes).
+if [ ! -x target/debug/pathling-import ] || [ ! -x target/debug/sandbox-servers ]; then
+    echo "sandbox: building pathling-import and the sandbox servers (first time: a few minutes)" >&2
+fi
+cargo build -p pathling-import-runners --bin pathling-import \
+    -p pathling-import-tests --bin sandbox-servers
 
 mkdir -p sandbox
-# The servers live as long as their stdin stays open.
-coproc SERVERS { exec target/debug/sandbox-servers --pathling-generation "$generation"; }
+# The servers live as long as their stdin stays open. They keep their ports and jobs in
+# sandbox/servers.json, so a sandbox stopped with Ctrl-C resumes its run when started again.
+coproc SERVERS {
+    exec target/debug/sandbox-servers --pathling-generation "$generation" \
+        --state sandbox/servers.json
+}
 trap 'exec {SERVERS[1]}>&-; wait "$SERVERS_PID" 2>/dev/null || true' EXIT
-read -r endpoints <&"${SERVERS[0]}"
+if ! read -r endpoints <&"${SERVERS[0]}"; then
+    echo "sandbox: the sandbox servers did not start (see above)" >&2
+    exit 1
+fi
 source_url=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["source"])' "$endpoints")
 target_url=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["target"])' "$endpoints")
 

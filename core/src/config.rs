@@ -861,7 +861,11 @@ pub fn parse(raw: &RawConfig, extra_keys: &[&str]) -> Result<Config, ConfigError
     };
     let concurrency = r.integer("TRANSFER_CONCURRENCY", 1, 32).unwrap_or(4) as u32;
     let memory_mib = r
-        .integer("TRANSFER_MEMORY", MIN_TRANSFER_MEMORY_MIB, MAX_TRANSFER_MEMORY_MIB)
+        .integer(
+            "TRANSFER_MEMORY",
+            MIN_TRANSFER_MEMORY_MIB,
+            MAX_TRANSFER_MEMORY_MIB,
+        )
         .unwrap_or(DEFAULT_TRANSFER_MEMORY_MIB);
     let part_mib = match r.integer("TRANSFER_PART_SIZE", 5, 512) {
         Some(part_mib) => {
@@ -1239,11 +1243,18 @@ mod tests {
             let mut pairs = MINIMAL.to_vec();
             pairs.extend_from_slice(extra);
             let t = parse(&env(&pairs), &[]).unwrap().spec.transfer;
-            (t.part_size / MIB, t.memory.map(|m| m / MIB), t.memory_budget() / MIB)
+            (
+                t.part_size / MIB,
+                t.memory.map(|m| m / MIB),
+                t.memory_budget() / MIB,
+            )
         };
         // 32 MiB for 4 transfers cannot give each two 8 MiB parts: S3's minimum, 5 MiB.
         assert_eq!(transfer(&[]), (5, Some(32), 32));
-        assert_eq!(transfer(&[("TRANSFER_MEMORY", "1024")]), (8, Some(1024), 1024));
+        assert_eq!(
+            transfer(&[("TRANSFER_MEMORY", "1024")]),
+            (8, Some(1024), 1024)
+        );
         assert_eq!(transfer(&[("TRANSFER_MEMORY", "48")]), (6, Some(48), 48));
         assert_eq!(
             transfer(&[("TRANSFER_MEMORY", "48"), ("TRANSFER_CONCURRENCY", "1")]),
@@ -1254,7 +1265,10 @@ mod tests {
             (5, Some(10), 10)
         );
         // A part size that is set is kept (it bounds the largest file); two must fit.
-        assert_eq!(transfer(&[("TRANSFER_PART_SIZE", "16")]), (16, Some(32), 32));
+        assert_eq!(
+            transfer(&[("TRANSFER_PART_SIZE", "16")]),
+            (16, Some(32), 32)
+        );
         assert_eq!(
             transfer(&[("TRANSFER_PART_SIZE", "512"), ("TRANSFER_MEMORY", "1024")]),
             (512, Some(1024), 1024)
@@ -1292,8 +1306,12 @@ mod tests {
         assert_eq!(err.problems.len(), 1, "{err}");
         assert_eq!(err.problems[0].key, "transferMemory");
         assert!(
-            err.problems[0].message.contains("two parts of transferPartSize 64 MiB")
-                && err.problems[0].message.contains("set transferMemory to at least 128"),
+            err.problems[0]
+                .message
+                .contains("two parts of transferPartSize 64 MiB")
+                && err.problems[0]
+                    .message
+                    .contains("set transferMemory to at least 128"),
             "{err}"
         );
         // Exactly two parts is enough.

@@ -19,10 +19,10 @@ use aws_sdk_s3::config::Credentials;
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt, TryStreamExt};
+use pathling_import_runners::staging::{BudgetStats, DEFAULT_TRANSFER_MEMORY};
 use pathling_import_runners::staging::{
     DirStore, FailureSide, PutReport, S3Options, S3Store, StagingError, StagingStore, MIN_PART_SIZE,
 };
-use pathling_import_runners::staging::{BudgetStats, DEFAULT_TRANSFER_MEMORY};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -692,10 +692,7 @@ async fn s3_rejects_unsafe_keys_and_bad_config() {
         ..S3Options::default()
     };
     let err = S3Store::from_sdk_config("b", &sdk, one_part).unwrap_err();
-    assert!(
-        err.to_string().contains("cannot hold two parts"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("cannot hold two parts"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,15 +705,12 @@ async fn put_all_at_once(store: &StagingStore, bodies: &[(String, Vec<u8>)]) -> 
     let puts = bodies
         .iter()
         .map(|(key, data)| store.put_stream(key, chunked(data, 64 * 1024 + 11)));
-    tokio::time::timeout(
-        Duration::from_secs(300),
-        futures::future::join_all(puts),
-    )
-    .await
-    .expect("the uploads finish (no deadlock on the memory budget)")
-    .into_iter()
-    .collect::<Result<Vec<_>, _>>()
-    .expect("every upload succeeds")
+    tokio::time::timeout(Duration::from_secs(300), futures::future::join_all(puts))
+        .await
+        .expect("the uploads finish (no deadlock on the memory budget)")
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .expect("every upload succeeds")
 }
 
 /// Eight bodies: four of 2.6 parts (each needs a second part to overlap filling and
@@ -764,7 +758,10 @@ async fn all_returned(store: &StagingStore) -> BudgetStats {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("budget still in use after the uploads: {:?}", store.budget().stats());
+    panic!(
+        "budget still in use after the uploads: {:?}",
+        store.budget().stats()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -804,7 +801,10 @@ async fn s3_uploads_overlap_parts_when_the_budget_allows() {
         assert!(read_all(&store, key).await == *data, "{key} differs");
     }
     let stats = store.budget().stats();
-    assert!(stats.peak_in_use >= 2 * part, "no second part was taken: {stats:?}");
+    assert!(
+        stats.peak_in_use >= 2 * part,
+        "no second part was taken: {stats:?}"
+    );
     assert!(stats.peak_allocated <= stats.limit, "{stats:?}");
 }
 

@@ -433,7 +433,15 @@ pub struct FakePathling;
 impl FakePathling {
     /// Starts the server on `127.0.0.1:0`.
     pub async fn start(config: PathlingConfig) -> std::io::Result<FakePathlingHandle> {
-        let bound = Bound::new().await?;
+        FakePathling::start_at(config, 0).await
+    }
+
+    /// As [`FakePathling::start`], on `127.0.0.1:port` (0: any free port).
+    pub async fn start_at(
+        config: PathlingConfig,
+        port: u16,
+    ) -> std::io::Result<FakePathlingHandle> {
+        let bound = Bound::on(port).await?;
         let p = config.fhir_path.trim_end_matches('/').to_string();
         let config = PathlingConfig {
             fhir_path: p.clone(),
@@ -480,6 +488,94 @@ pub struct FakePathlingHandle {
 }
 
 impl FakePathlingHandle {
+    /// Unfinished and completed jobs as JSON, for [`FakePathlingHandle::restore_jobs`] in a
+    /// later process (the imported resources themselves are not kept).
+    pub fn snapshot_jobs(&self) -> Value {
+        let rt = lock(&self.shared.rt);
+        let jobs = rt.job_order.iter().filter_map(|id| rt.jobs.get(id));
+        Value::Array(
+            jobs.filter_map(|job| {
+                let result = match &job.state {
+                    JobState::Running | JobState::Loaded(_) => Value::Null,
+                    JobState::Completed(v) => v.clone(),
+                    JobState::Failed(_) | JobState::Cancelled => return None,
+                };
+                let inputs: Vec<Value> = job
+                    .inputs
+                    .iter()
+                    .map(|i| {
+                        json!({"resource_type": i.resource_type, "url": i.url,
+                               "original_url": i.original_url, "mode": i.mode.as_str(),
+                               "format": i.format})
+                    })
+                    .collect();
+                Some(
+                    json!({"id": job.id, "inputs": inputs, "save_mode": job.save_mode.as_str(),
+                            "body": job.body, "request_url": job.request_url, "result": result}),
+                )
+            })
+            .collect(),
+        )
+    }
+
+    /// Takes over jobs saved by [`FakePathlingHandle::snapshot_jobs`] (entries it cannot read
+    /// are skipped): an unfinished one reads its inputs again, a completed one answers as before.
+    pub fn restore_jobs(&self, saved: &Value) {
+        let generation = lock(&self.shared.config).generation;
+        let mode = |v: &Value| SaveMode::parse(v.as_str()?, generation);
+        for v in saved.as_array().into_iter().flatten() {
+            let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
+            let inputs: Option<Vec<ImportInput>> =
+                v.get("inputs").and_then(Value::as_array).and_then(|a| {
+                    a.iter()
+                        .map(|i| {
+                            let t =
+                                |key: &str| i.get(key).and_then(Value::as_str).map(str::to_owned);
+                            Some(ImportInput {
+                                resource_type: t("resource_type")?,
+                                url: t("url")?,
+                                original_url: t("original_url")?,
+                                mode: mode(i.get("mode")?)?,
+                                format: t("format")?,
+                            })
+                        })
+                        .collect()
+                });
+            let (Some(id), Some(inputs), Some(save_mode), Some(request_url), Some(body)) = (
+                text("id"),
+                inputs,
+                v.get("save_mode").and_then(mode),
+                text("request_url"),
+                v.get("body").cloned(),
+            ) else {
+                continue;
+            };
+            let result = v.get("result").cloned().unwrap_or(Value::Null);
+            let unfinished = result.is_null();
+            let job = Job {
+                id: id.clone(),
+                state: if unfinished {
+                    JobState::Running
+                } else {
+                    JobState::Completed(result)
+                },
+                polls: 0,
+                inputs: inputs.clone(),
+                save_mode,
+                body,
+                request_url,
+            };
+            {
+                let mut rt = lock(&self.shared.rt);
+                rt.job_order.push(id.clone());
+                rt.jobs.insert(id.clone(), job);
+            }
+            if unfinished {
+                spawn_load(self.shared.clone(), id, inputs);
+            }
+        }
+    }
+
     /// The FHIR base URL, e.g. `http://127.0.0.1:PORT/fhir`.
     pub fn base_url(&self) -> String {
         self.shared.base_url(&lock(&self.shared.config))
@@ -1087,8 +1183,12 @@ async fn import_inner(
             .unwrap_or_else(|| bad(StatusCode::NOT_FOUND, "not-found", "job vanished"));
         return (resp, Some(job_id));
     }
-    let task_shared = shared.clone();
-    let task_id = job_id.clone();
+    spawn_load(shared.clone(), job_id.clone(), inputs);
+    (accepted(&base, &job_id), Some(job_id))
+}
+
+/// Reads a job's inputs in the background, as Pathling does after answering 202.
+fn spawn_load(task_shared: Arc<Shared>, task_id: String, inputs: Vec<ImportInput>) {
     tokio::spawn(async move {
         let cfg = task_shared.config();
         let loaded = load_inputs(&inputs, cfg.s3.as_ref()).await;
@@ -1102,7 +1202,6 @@ async fn import_inner(
             }
         }
     });
-    (accepted(&base, &job_id), Some(job_id))
 }
 
 fn accepted(base: &str, id: &str) -> Response {

@@ -387,6 +387,79 @@ pub struct ExportJobInfo {
     pub deleted: bool,
 }
 
+impl ExportJobInfo {
+    fn to_json(&self) -> Value {
+        let (level, group) = match &self.level {
+            ExportLevel::System => ("system", None),
+            ExportLevel::Patient => ("patient", None),
+            ExportLevel::Group(id) => ("group", Some(id.clone())),
+        };
+        json!({
+            "id": self.id,
+            "level": level,
+            "group": group,
+            "types": self.filter.types,
+            "since": self.filter.since.map(|t| t.to_rfc3339()),
+            "patients": self.filter.patients,
+            "compartment_only": self.filter.compartment_only,
+            "since_given": self.since_given,
+            "type_filters": self.type_filters,
+            "elements": self.elements,
+            "request_url": self.request_url,
+            "transaction_time": self.transaction_time,
+            "polls": self.polls,
+            "progress_polls": self.progress_polls,
+            "completed": self.completed,
+            "deleted": self.deleted,
+        })
+    }
+
+    fn from_json(v: &Value) -> Option<ExportJobInfo> {
+        let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
+        let texts = |key: &str| -> Option<Vec<String>> {
+            v.get(key)?
+                .as_array()?
+                .iter()
+                .map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        };
+        let count = |key: &str| v.get(key).and_then(Value::as_u64).map(|n| n as u32);
+        let level = match (text("level")?.as_str(), text("group")) {
+            ("system", _) => ExportLevel::System,
+            ("patient", _) => ExportLevel::Patient,
+            ("group", Some(id)) => ExportLevel::Group(id),
+            _ => return None,
+        };
+        let since = match text("since") {
+            Some(t) => Some(
+                chrono::DateTime::parse_from_rfc3339(&t)
+                    .ok()?
+                    .with_timezone(&chrono::Utc),
+            ),
+            None => None,
+        };
+        Some(ExportJobInfo {
+            id: text("id")?,
+            level,
+            filter: ExportFilter {
+                types: texts("types"),
+                since,
+                patients: texts("patients").map(|p| p.into_iter().collect()),
+                compartment_only: v.get("compartment_only")?.as_bool()?,
+            },
+            since_given: v.get("since_given")?.as_bool()?,
+            type_filters: texts("type_filters")?,
+            elements: texts("elements")?,
+            request_url: text("request_url")?,
+            transaction_time: text("transaction_time")?,
+            polls: count("polls")?,
+            progress_polls: count("progress_polls")?,
+            completed: v.get("completed")?.as_bool()?,
+            deleted: v.get("deleted")?.as_bool()?,
+        })
+    }
+}
+
 /// Counters of what the fake saw.
 #[derive(Clone, Debug, Default)]
 pub struct SourceStats {
@@ -485,8 +558,30 @@ impl FakeSource {
         FakeSource::start_on(Bound::new_tls(identity).await?, config).await
     }
 
+    /// As [`FakeSource::start`], on the given ports (0: any free port): the sandbox keeps its
+    /// ports so that a saved run finds its servers again.
+    pub async fn start_at(
+        config: SourceConfig,
+        port: u16,
+        storage_port: u16,
+    ) -> std::io::Result<FakeSourceHandle> {
+        FakeSource::start_with(
+            Bound::on(port).await?,
+            Bound::on(storage_port).await?,
+            config,
+        )
+        .await
+    }
+
     async fn start_on(main: Bound, config: SourceConfig) -> std::io::Result<FakeSourceHandle> {
-        let storage = Bound::new().await?;
+        FakeSource::start_with(main, Bound::new().await?, config).await
+    }
+
+    async fn start_with(
+        main: Bound,
+        storage: Bound,
+        config: SourceConfig,
+    ) -> std::io::Result<FakeSourceHandle> {
         let fhir_path = config.fhir_path.trim_end_matches('/').to_string();
         let config = SourceConfig {
             fhir_path: fhir_path.clone(),
@@ -623,6 +718,26 @@ impl FakeSourceHandle {
             .iter()
             .filter_map(|id| rt.jobs.get(id).cloned())
             .collect()
+    }
+
+    /// The accepted jobs as JSON, for [`FakeSourceHandle::restore_jobs`] in a later process.
+    pub fn snapshot_jobs(&self) -> Value {
+        Value::Array(self.jobs().iter().map(ExportJobInfo::to_json).collect())
+    }
+
+    /// Takes over jobs saved by [`FakeSourceHandle::snapshot_jobs`] (entries it cannot read
+    /// are skipped): their status URLs and files answer as before the restart.
+    pub fn restore_jobs(&self, saved: &Value) {
+        let mut rt = lock(&self.shared.rt);
+        for job in saved
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(ExportJobInfo::from_json)
+        {
+            rt.job_order.push(job.id.clone());
+            rt.jobs.insert(job.id.clone(), job);
+        }
     }
 
     /// Download attempts per file name (`{Type}.{k}.ndjson`, `deleted.0.ndjson`, ...), summed

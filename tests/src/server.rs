@@ -175,7 +175,12 @@ enum Listening {
 
 impl Bound {
     pub(crate) async fn new() -> std::io::Result<Self> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        Bound::on(0).await
+    }
+
+    /// A plain listener on `127.0.0.1:port` (0: any free port).
+    pub(crate) async fn on(port: u16) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         Ok(Self {
             listener: Listening::Plain(listener),

@@ -10,8 +10,15 @@
 //! `sandbox-client` and secret `sandbox-secret`. The target is a Pathling 9 that imports from
 //! any `file:///` URL without auth.
 //!
-//! Options: `--pathling-generation 7|9` (default 9), `--no-source-auth`.
+//! Options: `--pathling-generation 7|9` (default 9), `--no-source-auth`, `--state FILE`.
+//!
+//! With `--state FILE` the servers come back as they were: they listen on the ports recorded
+//! there (free ports the first time) and take over the export and import jobs recorded when
+//! they last stopped, so that a run interrupted with Ctrl-C finds its export job, its files and
+//! its import job again when the sandbox is started anew. The file is written when the servers
+//! stop (stdin closed, SIGTERM or Ctrl-C); the data Pathling imported is not kept.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use pathling_import_tests::auth::AuthConfig;
@@ -19,7 +26,7 @@ use pathling_import_tests::data::DatasetConfig;
 use pathling_import_tests::fake_pathling::{FakePathling, Generation, PathlingConfig};
 use pathling_import_tests::fake_source::{FakeSource, SourceConfig};
 use pathling_import_tests::fhir::RetryAfter;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::io::AsyncReadExt as _;
 
 const CLIENT_ID: &str = "sandbox-client";
@@ -28,12 +35,14 @@ const CLIENT_SECRET: &str = "sandbox-secret";
 struct Options {
     generation: Generation,
     source_auth: bool,
+    state: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
         generation: Generation::V9,
         source_auth: true,
+        state: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -48,9 +57,13 @@ fn parse_args() -> Result<Options, String> {
                 }
             }
             "--no-source-auth" => opts.source_auth = false,
+            "--state" => match args.next() {
+                Some(path) => opts.state = Some(PathBuf::from(path)),
+                None => return Err("--state takes a file name".into()),
+            },
             "-h" | "--help" => {
                 return Err(
-                    "usage: sandbox-servers [--pathling-generation 7|9] [--no-source-auth]".into(),
+                    "usage: sandbox-servers [--pathling-generation 7|9] [--no-source-auth] [--state FILE]".into(),
                 )
             }
             other => return Err(format!("unknown argument {other}")),
@@ -125,24 +138,55 @@ async fn run() -> ExitCode {
         progress_retry_after: RetryAfter::Seconds(1),
         ..SourceConfig::default()
     };
-    let source = match FakeSource::start(source_config).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("cannot start the fake source: {e}");
-            return ExitCode::FAILURE;
-        }
+    let saved = match &opts.state {
+        Some(path) => match load_state(path) {
+            Ok(saved) => saved,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Value::Null,
     };
+    let port = |key: &str| {
+        saved
+            .get(key)
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(0)
+    };
+    let in_use = |what: &str, e: std::io::Error| {
+        let hint = match &opts.state {
+            Some(path) if !saved.is_null() => format!(
+                " (the port recorded in {}: is another sandbox running? Stop it, or delete \
+                 that file to start on new ports)",
+                path.display()
+            ),
+            _ => String::new(),
+        };
+        eprintln!("cannot start the fake {what}: {e}{hint}");
+        ExitCode::FAILURE
+    };
+    let source = match FakeSource::start_at(
+        source_config,
+        port("source_port"),
+        port("storage_port"),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => return in_use("source", e),
+    };
+    source.restore_jobs(&saved["source_jobs"]);
     let target_config = PathlingConfig {
         generation: opts.generation,
         ..PathlingConfig::v9(&["file:///"])
     };
-    let target = match FakePathling::start(target_config).await {
+    let target = match FakePathling::start_at(target_config, port("target_port")).await {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("cannot start the fake Pathling: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return in_use("Pathling", e),
     };
+    target.restore_jobs(&saved["target_jobs"]);
     let line = json!({
         "source": source.base_url(),
         "target": target.base_url(),
@@ -155,7 +199,45 @@ async fn run() -> ExitCode {
     });
     println!("{line}");
     wait_for_stop().await;
+    let mut code = ExitCode::SUCCESS;
+    if let Some(path) = &opts.state {
+        let state = json!({
+            "source_port": source.port(),
+            "storage_port": source.storage_port(),
+            "target_port": target.port(),
+            "source_jobs": source.snapshot_jobs(),
+            "target_jobs": target.snapshot_jobs(),
+        });
+        if let Err(e) = save_state(path, &state) {
+            eprintln!(
+                "cannot save the sandbox servers' state to {}: {e}",
+                path.display()
+            );
+            code = ExitCode::FAILURE;
+        }
+    }
     source.shutdown().await;
     target.shutdown().await;
-    ExitCode::SUCCESS
+    code
+}
+
+/// The saved state, or `null` when there is none yet.
+fn load_state(path: &Path) -> Result<Value, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            format!(
+                "{} is not a sandbox servers' state ({e}); delete it to start anew",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Value::Null),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Written beside and renamed, so an interrupted save leaves the previous state.
+fn save_state(path: &Path, state: &Value) -> std::io::Result<()> {
+    let temp = path.with_extension("json.tmp");
+    std::fs::write(&temp, serde_json::to_vec_pretty(state)?)?;
+    std::fs::rename(&temp, path)
 }
