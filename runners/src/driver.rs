@@ -16,8 +16,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Where a run is kept. `save` must be conditional on the run's previous `seq` (the stored
-/// `seq` must be `run.seq - 1`), so that two workers can never both advance the same run.
+/// Where a run is kept. `save` must be conditional on the stored run being the one this store
+/// last read or wrote (same run, same `seq`), so that two workers can never both advance the
+/// same run. `run.seq` is greater than that one's, not necessarily by one: the driver leaves
+/// out saves of intermediate per-file steps (see [`DriveOptions::save_interval`]).
 pub trait RunStore {
     fn save(&mut self, run: &SyncRun) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
@@ -67,7 +69,7 @@ pub trait Observer: Send + Sync {
     /// An effect is about to be performed for `run`.
     fn started(&self, _run: &SyncRun, _request: &Request) {}
     /// A result was accepted: `before` is the run it answered, `after` the run it produced
-    /// (already persisted).
+    /// (persisted, or for a per-file step within the save interval, saved with a later one).
     fn stepped(
         &self,
         _before: &SyncRun,
@@ -138,7 +140,17 @@ pub struct DriveOptions {
     /// Stop starting new effects after this moment (on `clock`); effects in flight finish.
     pub budget_until: Option<Timestamp>,
     pub clock: Arc<dyn Clock>,
+    /// Per-file steps (a file staged, a deletions batch sent) within one phase are saved at most
+    /// this often (default [`SAVE_INTERVAL`]); every other step, a phase change and every
+    /// return from the drive are saved at once. A crash then repeats at most the files of the
+    /// last interval, and staging or deleting a file again is idempotent; writes are bounded
+    /// by time as well as by count (10,000 small files would otherwise mean 10,000 envelope
+    /// writes). `Duration::ZERO` saves every step.
+    pub save_interval: Duration,
 }
+
+/// The default of [`DriveOptions::save_interval`].
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl DriveOptions {
     /// Options on the wall clock.
@@ -147,7 +159,13 @@ impl DriveOptions {
             max_sleep,
             budget_until,
             clock: Arc::new(SystemClock),
+            save_interval: SAVE_INTERVAL,
         }
+    }
+
+    pub fn with_save_interval(mut self, interval: Duration) -> Self {
+        self.save_interval = interval;
+        self
     }
 
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -161,6 +179,7 @@ impl std::fmt::Debug for DriveOptions {
         f.debug_struct("DriveOptions")
             .field("max_sleep", &self.max_sleep)
             .field("budget_until", &self.budget_until)
+            .field("save_interval", &self.save_interval)
             .finish_non_exhaustive()
     }
 }
@@ -217,27 +236,35 @@ pub async fn drive_until<S: RunStore, E: Effects>(
 ) -> Result<(SyncRun, Stopped), DriveError> {
     let clock = options.clock.as_ref();
     let mut interrupt = std::pin::pin!(interrupt);
+    let mut saves = Saves::new(clock.now());
+    let interval_ms = u64::try_from(options.save_interval.as_millis()).unwrap_or(u64::MAX);
     loop {
         if stop(&run) {
-            return Ok((run, Stopped::Interrupted));
+            return saves.flushed(store, run, Stopped::Interrupted).await;
         }
         let t = clock.now();
         if options.budget_until.is_some_and(|b| t >= b) && !run.is_done() {
-            return Ok((run, Stopped::OutOfBudget));
+            return saves.flushed(store, run, Stopped::OutOfBudget).await;
         }
         let next = run.next(t);
         observer.next(&run, &next);
         match next {
-            Next::Done { terminal } => return Ok((run, Stopped::Done(Box::new(terminal)))),
+            Next::Done { terminal } => {
+                return saves
+                    .flushed(store, run, Stopped::Done(Box::new(terminal)))
+                    .await
+            }
             Next::SleepUntil { until, .. } => {
                 let wait = Duration::from_millis(t.until(until));
                 let over_budget = options.budget_until.is_some_and(|b| until > b);
                 if wait > options.max_sleep || over_budget {
-                    return Ok((run, Stopped::Sleeping { until }));
+                    return saves.flushed(store, run, Stopped::Sleeping { until }).await;
                 }
+                // Nothing unsaved while waiting: a kill during a long wait repeats nothing.
+                saves.flush(store, &run, t).await?;
                 tokio::select! {
                     _ = clock.sleep(wait) => {}
-                    _ = &mut interrupt => return Ok((run, Stopped::Interrupted)),
+                    _ = &mut interrupt => return saves.flushed(store, run, Stopped::Interrupted).await,
                 }
             }
             Next::Run { requests } => {
@@ -284,7 +311,7 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                             // is going out before it does, so a lost answer is recognised.
                             match run.sending(&request, clock.now()) {
                                 Ok((recorded, still)) => {
-                                    store.save(&recorded).await?;
+                                    saves.save(store, &recorded, clock.now()).await?;
                                     run = recorded;
                                     match still {
                                         Some(r) => request = r,
@@ -306,7 +333,7 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                     }
                     let completed = tokio::select! {
                         c = in_flight.next() => c,
-                        _ = &mut interrupt => return Ok((run, Stopped::Interrupted)),
+                        _ = &mut interrupt => return saves.flushed(store, run, Stopped::Interrupted).await,
                     };
                     let Some((request, result)) = completed else {
                         break;
@@ -332,7 +359,15 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                         clock.now(),
                     ) {
                         Ok(stepped) => {
-                            store.save(&stepped).await?;
+                            let now = clock.now();
+                            let routine = per_file(&request)
+                                && stepped.state.name() == run.state.name()
+                                && now.0 < saves.last.0.saturating_add(interval_ms);
+                            if routine {
+                                saves.pending = true;
+                            } else {
+                                saves.save(store, &stepped, now).await?;
+                            }
                             observer.stepped(&run, &stepped, &request, &result);
                             run = stepped;
                         }
@@ -342,10 +377,64 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                     }
                 }
                 if out_of_budget {
-                    return Ok((run, Stopped::OutOfBudget));
+                    return saves.flushed(store, run, Stopped::OutOfBudget).await;
                 }
             }
         }
+    }
+}
+
+/// Which steps of a drive are not yet saved (see [`DriveOptions::save_interval`]).
+struct Saves {
+    /// When the run was last saved.
+    last: Timestamp,
+    /// A stepped run has not been saved yet.
+    pending: bool,
+}
+
+impl Saves {
+    fn new(now: Timestamp) -> Self {
+        Saves {
+            last: now,
+            pending: false,
+        }
+    }
+
+    async fn save<S: RunStore>(
+        &mut self,
+        store: &mut S,
+        run: &SyncRun,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        store.save(run).await?;
+        self.last = now;
+        self.pending = false;
+        Ok(())
+    }
+
+    async fn flush<S: RunStore>(
+        &mut self,
+        store: &mut S,
+        run: &SyncRun,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        if self.pending {
+            self.save(store, run, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Saves what is pending and returns the drive's result: whoever called the drive finds
+    /// the run persisted as returned.
+    async fn flushed<S: RunStore>(
+        &mut self,
+        store: &mut S,
+        run: SyncRun,
+        stopped: Stopped,
+    ) -> Result<(SyncRun, Stopped), DriveError> {
+        let now = self.last;
+        self.flush(store, &run, now).await?;
+        Ok((run, stopped))
     }
 }
 

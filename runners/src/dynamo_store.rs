@@ -31,8 +31,9 @@
 //! - A stored run that is corrupt, disagrees with its own `seq` attribute, or has a newer
 //!   `schema_version` is a [`DynamoError::Corrupt`], and the item is left untouched (the error
 //!   is raised before the lease is taken).
-//! - [`RunStore::save`] is conditional on `lease_owner = me`, `run_id` and
-//!   `seq = run.seq - 1`; each save renews the lease. A failed condition is
+//! - [`RunStore::save`] is conditional on `lease_owner = me`, `run_id` and the `seq` this
+//!   store last read or wrote (the driver leaves out saves of some per-file steps, so the
+//!   saved `seq` may be further ahead than one); each save renews the lease. A failed condition is
 //!   [`StoreError::Conflict`]: another worker owns the run now.
 //! - The lease outlives the invocation: take a lease duration longer than the longest
 //!   invocation (the default, 16 minutes, exceeds Lambda's 15), so a crashed invocation's
@@ -525,7 +526,14 @@ impl DynamoStore {
 
 impl RunStore for DynamoStore {
     async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
-        let expected = run.seq.saturating_sub(1);
+        // The item must still hold the run as this store last read or wrote it.
+        let expected = match &self.current {
+            Some((run_id, seq)) if *run_id == run.run_id => *seq,
+            _ => run.seq.saturating_sub(1),
+        };
+        if run.seq <= expected {
+            return Err(StoreError::Conflict { expected });
+        }
         let mut values = HashMap::new();
         values.insert(":expected".to_string(), n(expected));
         values.insert(":rid".to_string(), s(&run.run_id));

@@ -202,9 +202,9 @@ impl FileStore {
 
 impl RunStore for FileStore {
     async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
-        let expected = run.seq.saturating_sub(1);
-        if self.seq.is_some_and(|s| s != expected) {
-            return Err(StoreError::Conflict { expected });
+        // The file is locked: the only writer is this store, so the run only has to move on.
+        if let Some(last) = self.seq.filter(|last| run.seq <= *last) {
+            return Err(StoreError::Conflict { expected: last });
         }
         self.write(run)
     }

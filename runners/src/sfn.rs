@@ -348,10 +348,8 @@ struct PayloadStore {
 
 impl RunStore for PayloadStore {
     async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
-        if let Some(previous) = self.seq {
-            if run.seq != previous.saturating_add(1) {
-                return Err(StoreError::Conflict { expected: previous });
-            }
+        if let Some(previous) = self.seq.filter(|previous| run.seq <= *previous) {
+            return Err(StoreError::Conflict { expected: previous });
         }
         self.seq = Some(run.seq);
         Ok(())

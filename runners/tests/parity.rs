@@ -138,6 +138,8 @@ struct ItemStore {
     lease_owner: Option<String>,
     /// The lease holder's view: this store saves for `me` only.
     me: String,
+    /// The `seq` of the item as last read or written.
+    seen: u64,
     sim: Sim,
 }
 
@@ -147,6 +149,7 @@ impl ItemStore {
             item: dynamo_store::encode_item(run, sim.clock().real()).unwrap(),
             lease_owner: None,
             me: String::new(),
+            seen: run.seq,
             sim: sim.clone(),
         }
     }
@@ -156,9 +159,11 @@ impl ItemStore {
         assert!(self.lease_owner.is_none(), "invocations overlap");
         self.lease_owner = Some(owner.clone());
         self.me = owner;
-        dynamo_store::decode_item(SYNC_ID, &self.item)
+        let run = dynamo_store::decode_item(SYNC_ID, &self.item)
             .unwrap()
-            .expect("the item holds a run")
+            .expect("the item holds a run");
+        self.seen = run.seq;
+        run
     }
 
     fn release(&mut self) {
@@ -167,10 +172,11 @@ impl ItemStore {
 }
 
 impl RunStore for ItemStore {
-    /// Conditional, as `DynamoStore::save`: the lease is ours, and the item holds this run at
-    /// the previous `seq`.
+    /// Conditional, as `DynamoStore::save`: the lease is ours, and the item still holds this
+    /// run at the `seq` this store last read or wrote (the driver may leave out saves of
+    /// per-file steps, so `run.seq` may be further ahead than one).
     async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
-        let expected = run.seq.saturating_sub(1);
+        let expected = self.seen;
         let seq = self
             .item
             .get("seq")
@@ -178,11 +184,13 @@ impl RunStore for ItemStore {
         let run_id = self.item.get("run_id").and_then(|v| v.as_s().ok());
         if self.lease_owner.as_deref() != Some(self.me.as_str())
             || seq != Some(expected)
+            || run.seq <= expected
             || run_id != Some(&run.run_id)
         {
             return Err(StoreError::Conflict { expected });
         }
         self.item = dynamo_store::encode_item(run, self.sim.clock().real())?;
+        self.seen = run.seq;
         Ok(())
     }
 }
@@ -230,7 +238,7 @@ fn single_lambda(spec: &RunSpec, plan: &Plan, cuts: &Cuts) -> Leg {
 // ---------------------------------------------------------------------------------------------
 // Step Functions: the payload is the store.
 
-/// As `sfn::PayloadStore`: the payload keeps only the latest run; `seq` must advance by one.
+/// As `sfn::PayloadStore`: the payload keeps only the latest run; `seq` must advance.
 #[derive(Default)]
 struct PayloadStore {
     seq: Option<u64>,
@@ -238,10 +246,8 @@ struct PayloadStore {
 
 impl RunStore for PayloadStore {
     async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
-        if let Some(previous) = self.seq {
-            if run.seq != previous.saturating_add(1) {
-                return Err(StoreError::Conflict { expected: previous });
-            }
+        if let Some(previous) = self.seq.filter(|previous| run.seq <= *previous) {
+            return Err(StoreError::Conflict { expected: previous });
         }
         self.seq = Some(run.seq);
         Ok(())

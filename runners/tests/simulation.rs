@@ -984,3 +984,88 @@ fn an_append_kickoff_is_recorded_before_it_goes_out_and_never_repeated_after_a_c
         "both cases seen: {performed}/8"
     );
 }
+
+/// Saves are bounded by time as well as by count: while a 10,000-file export stages, the
+/// production driver saves the run about once per (virtual) second, not once per file; every
+/// step outside the per-file work is still saved at once.
+#[test]
+fn staging_saves_are_bounded_by_time_not_by_the_number_of_files() {
+    const FILES: usize = 10_000;
+    let spec = quick_spec(&[("TRANSFER_CONCURRENCY", "4")]);
+    let mut plan = Plan::happy(Plan::outputs(FILES));
+    plan.max_latency_ms = 40;
+    let drive_all = |interval: Duration| {
+        let run = started(&spec);
+        let clock = Arc::new(VirtualClock::new(run.started_at, None));
+        let sim = Sim::new(World::new(&spec, &plan), clock, false);
+        let mut store = sim.store(false, false);
+        store.put(&run);
+        let options = DriveOptions::new(Duration::MAX, None)
+            .with_clock(sim.clock())
+            .with_save_interval(interval);
+        let (run, stopped) = sim
+            .run(driver::drive(
+                run,
+                &sim,
+                &mut store,
+                &options,
+                &sim,
+                sim.crash_signal(),
+            ))
+            .unwrap();
+        assert!(matches!(stopped, Stopped::Done(_)), "{stopped:?}");
+        assert_eq!(store.reload(), run, "the store holds the final run");
+        sim.trace()
+    };
+    let saves_in = |trace: &[Trace], phase: &str| {
+        trace
+            .iter()
+            .filter(|t| matches!(t, Trace::Saved { phase: p, .. } if *p == phase))
+            .count()
+    };
+    let steps = |trace: &[Trace], files: bool| {
+        trace
+            .iter()
+            .filter(
+                |t| matches!(t, Trace::Stepped(id) if matches!(id, EffectId::File { .. }) == files),
+            )
+            .count()
+    };
+
+    let every_step = drive_all(Duration::ZERO);
+    let throttled = drive_all(driver::SAVE_INTERVAL);
+
+    assert_eq!(steps(&throttled, true), FILES, "every file staged once");
+    assert!(saves_in(&every_step, "staging_files") >= FILES);
+    // Virtual time spent staging: from the first file started to the last one stepped.
+    let at = |t: &Trace| match t {
+        Trace::Started { at, request } if matches!(request.id, EffectId::File { .. }) => Some(*at),
+        _ => None,
+    };
+    let first = throttled.iter().find_map(at).unwrap();
+    let last = throttled.iter().rev().find_map(at).unwrap();
+    let seconds = first.until(last) / 1000;
+    assert!(
+        seconds >= 20,
+        "the staging lasts long enough to matter: {seconds} s"
+    );
+    let staging = saves_in(&throttled, "staging_files");
+    // One save per elapsed second, one as the phase ends its last second, one on the way out.
+    assert!(
+        staging as u64 <= seconds + 3,
+        "{staging} saves while staging for {seconds} s"
+    );
+    // Everything but file steps is saved as before.
+    let others = |trace: &[Trace]| {
+        trace
+            .iter()
+            .filter(|t| matches!(t, Trace::Saved { phase, .. } if *phase != "staging_files"))
+            .count()
+    };
+    assert_eq!(others(&throttled), others(&every_step));
+    assert_eq!(steps(&throttled, false), steps(&every_step, false));
+    println!(
+        "{FILES} files staged in {seconds} virtual s: {staging} saves while staging (every step: {})",
+        saves_in(&every_step, "staging_files")
+    );
+}

@@ -424,15 +424,17 @@ async fn a_killed_invocation_is_resumed_after_its_lease_expires_without_restagin
     let w = world("kill", slow_source(4, 150)).await;
     let lambda = w.lambda(&[]).await;
 
-    // Kill the invocation (drop its future) once two files have been downloaded.
+    // Kill the invocation (drop its future) once the item records a staged file (per-file
+    // steps are saved at most once a second).
     let (event, kill_ctx) = (scheduled(), ctx());
     let killed = tokio::select! {
         r = lambda.handle(&event, &kill_ctx) => panic!("finished before the kill: {r:?}"),
-        _ = eventually("two downloads", Duration::from_secs(30), || async {
-            w.source.stats().files_completed >= 2
+        _ = eventually("a staged file saved", Duration::from_secs(30), || async {
+            w.stored_run().await.is_some_and(|run| staged_files(&run) >= 1)
         }) => true,
     };
     assert!(killed);
+    let completed_at_kill = w.source.stats().files_completed as usize;
     let at_kill = w.stored_run().await.unwrap();
     let staged_at_kill = staged_files(&at_kill);
     assert!(staged_at_kill >= 1, "{:?}", at_kill.state.name());
@@ -483,12 +485,18 @@ async fn a_killed_invocation_is_resumed_after_its_lease_expires_without_restagin
         "staged at the kill: {staged_at_kill}; downloads: {:?}",
         w.source.file_attempts()
     );
-    // At most the one file in flight at the kill (concurrency 1) was downloaded again.
+    // Downloaded again: at most the files downloaded since the last save before the kill,
+    // and the one in flight (concurrency 1). None the item recorded as staged.
     let files = w.files();
     assert_eq!(files, 8);
     assert!(
-        (w.downloads() as usize) <= files + 1,
-        "re-downloaded staged files: {:?}",
+        staged_at_kill < files,
+        "the kill came too late to test anything"
+    );
+    let unsaved = completed_at_kill.saturating_sub(staged_at_kill);
+    assert!(
+        (w.downloads() as usize) <= files + unsaved + 1,
+        "re-downloaded staged files ({staged_at_kill} recorded, {completed_at_kill} downloaded at the kill): {:?}",
         w.source.file_attempts()
     );
     assert_eq!(w.pathling.total_resources(), 100);
@@ -847,21 +855,55 @@ async fn saves_on_a_stale_seq_or_a_lost_lease_conflict() {
     let run0 = SyncRun::start("r1", spec, None, now()).unwrap();
     a.replace(&run0).await.unwrap();
 
-    // Stale: the stored seq is 0, a save of seq 5 expects 4.
+    // A save must advance the seq the store last read or wrote (0)...
+    assert!(matches!(
+        a.save(&run0).await,
+        Err(StoreError::Conflict { expected: 0 })
+    ));
+    // ...by any amount: the driver leaves out saves of some per-file steps.
     let mut ahead = run0.clone();
     ahead.seq = 5;
+    a.save(&ahead).await.unwrap();
+    // Saving the same seq twice is stale.
     assert!(matches!(
         a.save(&ahead).await,
-        Err(StoreError::Conflict { expected: 4 })
+        Err(StoreError::Conflict { expected: 5 })
     ));
-    let mut next = run0.clone();
-    next.seq = 1;
-    a.save(&next).await.unwrap();
-    // Saving the same seq twice is also stale.
+    // The item changed underneath (another writer moved its seq on): stale, though the saved
+    // seq advances past both.
+    w.client
+        .update_item()
+        .table_name(&w.table)
+        .key("pk", AttributeValue::S(format!("sync#{SYNC}")))
+        .key("sk", AttributeValue::S("current".into()))
+        .update_expression("SET #seq = :seq")
+        .expression_attribute_names("#seq", "seq")
+        .expression_attribute_values(":seq", AttributeValue::N("6".into()))
+        .send()
+        .await
+        .unwrap();
+    let mut beyond = run0.clone();
+    beyond.seq = 9;
     assert!(matches!(
-        a.save(&next).await,
+        a.save(&beyond).await,
         Err(StoreError::Conflict { .. })
     ));
+    assert_eq!(w.item().await.unwrap()["seq"].as_n().unwrap(), "6");
+    // Put back as `a` wrote it, for the lease checks below.
+    w.client
+        .update_item()
+        .table_name(&w.table)
+        .key("pk", AttributeValue::S(format!("sync#{SYNC}")))
+        .key("sk", AttributeValue::S("current".into()))
+        .update_expression("SET #seq = :seq")
+        .expression_attribute_names("#seq", "seq")
+        .expression_attribute_values(":seq", AttributeValue::N("5".into()))
+        .send()
+        .await
+        .unwrap();
+    let mut next = run0.clone();
+    next.seq = 6;
+    a.save(&next).await.unwrap();
 
     // While a's lease lasts, b is busy; once it lapses b takes over and a can no longer save.
     assert!(matches!(
@@ -872,9 +914,9 @@ async fn saves_on_a_stale_seq_or_a_lost_lease_conflict() {
     let Acquired::Leased { store: b, run } = table.acquire(SYNC, "b").await.unwrap() else {
         panic!("an expired lease must be taken over")
     };
-    assert_eq!(run.unwrap().seq, 1);
+    assert_eq!(run.unwrap().seq, 6);
     let mut later = next.clone();
-    later.seq = 2;
+    later.seq = 7;
     assert!(matches!(
         a.save(&later).await,
         Err(StoreError::Conflict { .. })

@@ -500,6 +500,9 @@ impl Upload<'_> {
 
 /// A started multipart upload. Dropping it while `armed` (the `put_stream` future was cancelled)
 /// aborts it in the background.
+/// A part upload in flight: the part, and its buffer once the request let go of it.
+type PartUpload = JoinHandle<Result<(CompletedPart, Option<PartBuf>), StagingError>>;
+
 struct Multipart {
     client: Client,
     bucket: String,
@@ -508,7 +511,7 @@ struct Multipart {
     next_part_number: i32,
     parts: Vec<CompletedPart>,
     /// The part upload in flight; it ends with the part's buffer when the request let go of it.
-    in_flight: Option<JoinHandle<Result<(CompletedPart, Option<PartBuf>), StagingError>>>,
+    in_flight: Option<PartUpload>,
     armed: bool,
 }
 
