@@ -11,7 +11,7 @@
 # plain streaming copy) and the real pathling-import at two export sizes (the large file at
 # full size and at 1/--scale-down of it, default 1/10), and prints a table of figures and the
 # verdicts on the targets. Other options go to the bench binary (`--help` lists them), e.g.
-# --repeat 3, --gzip, --part-mib 16, --concurrency 4, --padding 1000, --source-latency-ms 50,
+# --repeat 3, --gzip, --part-mib 16, --memory-mib 64, --concurrency 4, --padding 1000, --source-latency-ms 50,
 # --compare LABEL=PATH (another pathling-import binary, runs interleaved).
 #
 # Needs about twice the export size of free disk (the S3 server stores objects as files; they
@@ -34,8 +34,9 @@ fi
 
 echo "bench: building release binaries into target/bench" >&2
 export CARGO_TARGET_DIR="$root/target/bench"
-cargo build --release --quiet -p pathling-import-runners --bin pathling-import
-cargo build --release --quiet -p pathling-import-tests --bin bench
+# One invocation, so the dependencies are built once with one feature set.
+cargo build --release -p pathling-import-runners --bin pathling-import \
+    -p pathling-import-tests --bin bench
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/pathling-import-bench.XXXXXX")
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
