@@ -48,6 +48,12 @@ impl Effects for crate::executor::Executor {
 pub trait Clock: Send + Sync {
     fn now(&self) -> Timestamp;
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()>;
+    /// Completes once the time has reached `at`, without moving it: the loop sets one while
+    /// effects are in flight (to save steps left unsaved), so a clock whose `sleep` moves
+    /// time on must answer it only when time has moved on by itself.
+    fn alarm(&self, at: Timestamp) -> BoxFuture<'static, ()> {
+        self.sleep(Duration::from_millis(self.now().until(at)))
+    }
 }
 
 /// The wall clock and tokio's timer.
@@ -331,9 +337,24 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                             (request, result)
                         });
                     }
+                    // Steps left unsaved are saved once the interval is over even when no
+                    // effect ends for a long while (one large file): a crash then repeats
+                    // only the files of the last interval.
+                    let flush_at = saves.pending.then(|| saves.last.plus_ms(interval_ms));
+                    let flush_due = async {
+                        match flush_at {
+                            Some(at) => clock.alarm(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     let completed = tokio::select! {
+                        biased;
                         c = in_flight.next() => c,
                         _ = &mut interrupt => return saves.flushed(store, run, Stopped::Interrupted).await,
+                        _ = flush_due => {
+                            saves.flush(store, &run, clock.now()).await?;
+                            continue;
+                        }
                     };
                     let Some((request, result)) = completed else {
                         break;

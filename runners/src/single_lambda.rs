@@ -541,10 +541,12 @@ impl SingleLambda {
             }
         };
         // Never sleep past the lease: nothing renews it while asleep.
+        // Saves renew the lease: a short lease (a test setting) must not outlast the save interval.
         let options = DriveOptions::new(
             self.settings.max_sleep.min(self.settings.lease / 2),
             Some(budget),
-        );
+        )
+        .with_save_interval(driver::SAVE_INTERVAL.min(self.settings.lease / 4));
         let was_done = run.is_done();
         let observer = LogObserver::default();
         let metrics = Emf::new(

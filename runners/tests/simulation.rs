@@ -1069,3 +1069,158 @@ fn staging_saves_are_bounded_by_time_not_by_the_number_of_files() {
         saves_in(&every_step, "staging_files")
     );
 }
+
+/// Per-file steps left unsaved are saved once the save interval is over even while no effect
+/// ends (one large file still moving): a crash then repeats only the files of the last
+/// interval, not every file since the large one started. Ordered with explicit signals: the
+/// time moves only when the test moves it, after the small files were stepped.
+#[test]
+fn unsaved_files_are_saved_after_the_interval_while_a_large_file_still_moves() {
+    use pathling_import_core::effect::{EffectResult, Request};
+    use pathling_import_core::state::FileStatus;
+    use pathling_import_core::Timestamp;
+    use pathling_import_runners::driver::{Clock, Effects, Observer, RunStore, StoreError};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    use tokio::sync::{mpsc, watch, Notify};
+
+    /// Time moves only when the test says so; alarms wake when it does.
+    struct TestClock {
+        now: AtomicU64,
+        moved: watch::Sender<u64>,
+    }
+    impl Clock for TestClock {
+        fn now(&self) -> Timestamp {
+            Timestamp(self.now.load(Ordering::SeqCst))
+        }
+        fn sleep(&self, d: Duration) -> futures::future::BoxFuture<'static, ()> {
+            // Waits the machine asks for (export polls) pass at once.
+            let t = self.now.fetch_add(d.as_millis() as u64, Ordering::SeqCst);
+            self.moved.send_replace(t + d.as_millis() as u64);
+            Box::pin(std::future::ready(()))
+        }
+        fn alarm(&self, at: Timestamp) -> futures::future::BoxFuture<'static, ()> {
+            let mut moved = self.moved.subscribe();
+            Box::pin(async move {
+                let _ = moved.wait_for(|now| *now >= at.0).await;
+            })
+        }
+    }
+
+    /// The simulated world answers at once, except the large file, which waits for `release`.
+    struct LargeFileWorld {
+        world: Mutex<World>,
+        clock: Arc<TestClock>,
+        large: u32,
+        release: Arc<Notify>,
+    }
+    impl Effects for LargeFileWorld {
+        async fn execute(&self, request: &Request) -> EffectResult {
+            if matches!(request.id, EffectId::File { index, .. } if index == self.large) {
+                self.release.notified().await;
+            }
+            let now = self.clock.now();
+            self.world.lock().unwrap().answer(request, now)
+        }
+    }
+
+    fn staged(run: &SyncRun) -> usize {
+        match &run.state {
+            SyncState::StagingFiles(s) => s
+                .export
+                .files
+                .rows
+                .iter()
+                .filter(|r| r.status != FileStatus::Pending)
+                .count(),
+            _ => 0,
+        }
+    }
+
+    /// Records, for every save, how many files the saved run has staged.
+    struct Saves(mpsc::UnboundedSender<(String, usize)>);
+    impl RunStore for Saves {
+        async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+            let _ = self.0.send((run.state.name().to_string(), staged(run)));
+            Ok(())
+        }
+    }
+
+    /// Says when a small file was stepped.
+    struct Stepped(mpsc::UnboundedSender<u32>);
+    impl Observer for Stepped {
+        fn stepped(&self, _: &SyncRun, _: &SyncRun, request: &Request, _: &EffectResult) {
+            if let EffectId::File { index, .. } = request.id {
+                let _ = self.0.send(index);
+            }
+        }
+    }
+
+    let spec = quick_spec(&[("TRANSFER_CONCURRENCY", "4")]);
+    let plan = Plan::happy(Plan::outputs(4));
+    let run = started(&spec);
+    let (moved, _) = watch::channel(run.started_at.0);
+    let clock = Arc::new(TestClock {
+        now: AtomicU64::new(run.started_at.0),
+        moved,
+    });
+    let release = Arc::new(Notify::new());
+    let effects = Arc::new(LargeFileWorld {
+        world: Mutex::new(World::new(&spec, &plan)),
+        clock: clock.clone(),
+        large: 3,
+        release: release.clone(),
+    });
+    let (saved_tx, mut saved) = mpsc::unbounded_channel();
+    let (stepped_tx, mut stepped) = mpsc::unbounded_channel();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let options = DriveOptions::new(Duration::MAX, None).with_clock(clock.clone());
+        let drive = {
+            let effects = effects.clone();
+            async move {
+                let mut store = Saves(saved_tx);
+                driver::drive(
+                    run,
+                    effects.as_ref(),
+                    &mut store,
+                    &options,
+                    &Stepped(stepped_tx),
+                    std::future::pending(),
+                )
+                .await
+            }
+        };
+        let drive = tokio::spawn(drive);
+
+        // The three small files are stepped; none of them is saved yet (same instant).
+        let mut small = Vec::new();
+        while small.len() < 3 {
+            small.push(stepped.recv().await.unwrap());
+        }
+        small.sort();
+        assert_eq!(small, [0, 1, 2]);
+        tokio::task::yield_now().await;
+        while let Ok((phase, n)) = saved.try_recv() {
+            assert!(n == 0, "saved at once ({phase}, {n} staged): not throttled");
+        }
+
+        // The interval passes while the large file still moves: the three are saved.
+        let now = clock.now.fetch_add(1_000, Ordering::SeqCst) + 1_000;
+        clock.moved.send_replace(now);
+        // (A safety net, not an ordering: without the save the test would wait forever.)
+        let (phase, n) = tokio::time::timeout(Duration::from_secs(30), saved.recv())
+            .await
+            .expect("no save while the large file moves")
+            .unwrap();
+        assert_eq!((phase.as_str(), n), ("staging_files", 3));
+
+        release.notify_one();
+        let (_, stopped) = drive.await.unwrap().unwrap();
+        assert!(matches!(stopped, Stopped::Done(_)), "{stopped:?}");
+    });
+}

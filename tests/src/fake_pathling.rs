@@ -488,37 +488,16 @@ pub struct FakePathlingHandle {
 }
 
 impl FakePathlingHandle {
-    /// Unfinished and completed jobs as JSON, for [`FakePathlingHandle::restore_jobs`] in a
-    /// later process (the imported resources themselves are not kept).
-    pub fn snapshot_jobs(&self) -> Value {
-        let rt = lock(&self.shared.rt);
-        let jobs = rt.job_order.iter().filter_map(|id| rt.jobs.get(id));
-        Value::Array(
-            jobs.filter_map(|job| {
-                let result = match &job.state {
-                    JobState::Running | JobState::Loaded(_) => Value::Null,
-                    JobState::Completed(v) => v.clone(),
-                    JobState::Failed(_) | JobState::Cancelled => return None,
-                };
-                let inputs: Vec<Value> = job
-                    .inputs
-                    .iter()
-                    .map(|i| {
-                        json!({"resource_type": i.resource_type, "url": i.url,
-                               "original_url": i.original_url, "mode": i.mode.as_str(),
-                               "format": i.format})
-                    })
-                    .collect();
-                Some(
-                    json!({"id": job.id, "inputs": inputs, "save_mode": job.save_mode.as_str(),
-                            "body": job.body, "request_url": job.request_url, "result": result}),
-                )
-            })
-            .collect(),
-        )
+    /// Stops serving, then returns the unfinished and completed jobs as JSON, for
+    /// [`FakePathlingHandle::restore_jobs`] in a later process (the imported resources
+    /// themselves are not kept). Stopped first, so nothing accepted is missing.
+    pub async fn shutdown_with_jobs(self) -> Value {
+        let shared = self.shared.clone();
+        self.shutdown().await;
+        snapshot(&shared)
     }
 
-    /// Takes over jobs saved by [`FakePathlingHandle::snapshot_jobs`] (entries it cannot read
+    /// Takes over jobs saved by [`FakePathlingHandle::shutdown_with_jobs`] (entries it cannot read
     /// are skipped): an unfinished one reads its inputs again, a completed one answers as before.
     pub fn restore_jobs(&self, saved: &Value) {
         let generation = lock(&self.shared.config).generation;
@@ -727,6 +706,35 @@ impl FakePathlingHandle {
     pub async fn shutdown(self) {
         self.server.shutdown().await;
     }
+}
+
+/// Unfinished and completed jobs as JSON (see [`FakePathlingHandle::shutdown_with_jobs`]).
+fn snapshot(shared: &Shared) -> Value {
+    let rt = lock(&shared.rt);
+    let jobs = rt.job_order.iter().filter_map(|id| rt.jobs.get(id));
+    Value::Array(
+        jobs.filter_map(|job| {
+            let result = match &job.state {
+                JobState::Running | JobState::Loaded(_) => Value::Null,
+                JobState::Completed(v) => v.clone(),
+                JobState::Failed(_) | JobState::Cancelled => return None,
+            };
+            let inputs: Vec<Value> = job
+                .inputs
+                .iter()
+                .map(|i| {
+                    json!({"resource_type": i.resource_type, "url": i.url,
+                           "original_url": i.original_url, "mode": i.mode.as_str(),
+                           "format": i.format})
+                })
+                .collect();
+            Some(
+                json!({"id": job.id, "inputs": inputs, "save_mode": job.save_mode.as_str(),
+                        "body": job.body, "request_url": job.request_url, "result": result}),
+            )
+        })
+        .collect(),
+    )
 }
 
 async fn latency(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {

@@ -720,12 +720,18 @@ impl FakeSourceHandle {
             .collect()
     }
 
-    /// The accepted jobs as JSON, for [`FakeSourceHandle::restore_jobs`] in a later process.
-    pub fn snapshot_jobs(&self) -> Value {
-        Value::Array(self.jobs().iter().map(ExportJobInfo::to_json).collect())
+    /// Stops serving, then returns the accepted jobs as JSON, for
+    /// [`FakeSourceHandle::restore_jobs`] in a later process. Stopped first, so nothing
+    /// accepted is missing.
+    pub async fn shutdown_with_jobs(self) -> Value {
+        let shared = self.shared.clone();
+        self.shutdown().await;
+        let rt = lock(&shared.rt);
+        let jobs = rt.job_order.iter().filter_map(|id| rt.jobs.get(id));
+        Value::Array(jobs.map(ExportJobInfo::to_json).collect())
     }
 
-    /// Takes over jobs saved by [`FakeSourceHandle::snapshot_jobs`] (entries it cannot read
+    /// Takes over jobs saved by [`FakeSourceHandle::shutdown_with_jobs`] (entries it cannot read
     /// are skipped): their status URLs and files answer as before the restart.
     pub fn restore_jobs(&self, saved: &Value) {
         let mut rt = lock(&self.shared.rt);

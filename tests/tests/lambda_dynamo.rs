@@ -790,6 +790,21 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Moves the `current` item's `seq` attribute, as another writer would.
+async fn set_item_seq(w: &World, seq: u64) {
+    w.client
+        .update_item()
+        .table_name(&w.table)
+        .key("pk", AttributeValue::S(format!("sync#{SYNC}")))
+        .key("sk", AttributeValue::S("current".into()))
+        .update_expression("SET #seq = :seq")
+        .expression_attribute_names("#seq", "seq")
+        .expression_attribute_values(":seq", AttributeValue::N(seq.to_string()))
+        .send()
+        .await
+        .unwrap();
+}
+
 async fn put_current(w: &World, envelope: &str, seq: u64) -> HashMap<String, AttributeValue> {
     w.client
         .put_item()
@@ -871,17 +886,7 @@ async fn saves_on_a_stale_seq_or_a_lost_lease_conflict() {
     ));
     // The item changed underneath (another writer moved its seq on): stale, though the saved
     // seq advances past both.
-    w.client
-        .update_item()
-        .table_name(&w.table)
-        .key("pk", AttributeValue::S(format!("sync#{SYNC}")))
-        .key("sk", AttributeValue::S("current".into()))
-        .update_expression("SET #seq = :seq")
-        .expression_attribute_names("#seq", "seq")
-        .expression_attribute_values(":seq", AttributeValue::N("6".into()))
-        .send()
-        .await
-        .unwrap();
+    set_item_seq(&w, 6).await;
     let mut beyond = run0.clone();
     beyond.seq = 9;
     assert!(matches!(
@@ -890,17 +895,7 @@ async fn saves_on_a_stale_seq_or_a_lost_lease_conflict() {
     ));
     assert_eq!(w.item().await.unwrap()["seq"].as_n().unwrap(), "6");
     // Put back as `a` wrote it, for the lease checks below.
-    w.client
-        .update_item()
-        .table_name(&w.table)
-        .key("pk", AttributeValue::S(format!("sync#{SYNC}")))
-        .key("sk", AttributeValue::S("current".into()))
-        .update_expression("SET #seq = :seq")
-        .expression_attribute_names("#seq", "seq")
-        .expression_attribute_values(":seq", AttributeValue::N("5".into()))
-        .send()
-        .await
-        .unwrap();
+    set_item_seq(&w, 5).await;
     let mut next = run0.clone();
     next.seq = 6;
     a.save(&next).await.unwrap();

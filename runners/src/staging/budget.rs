@@ -102,7 +102,9 @@ impl MemoryBudget {
     /// A budget of `limit` bytes whose buffers of `part_size` bytes are pooled. `limit` must
     /// hold at least one such buffer (a store checks that it holds two).
     pub fn new(limit: usize, part_size: usize) -> Result<Self, StagingError> {
-        if part_size == 0 || limit < part_size {
+        // Buffers are counted in whole KiB (rounded up), the limit rounded down: one part must
+        // fit in those units too, or a transfer would wait for it forever.
+        if part_size == 0 || part_size.div_ceil(UNIT) > limit / UNIT {
             return Err(StagingError::Config(format!(
                 "a transfer memory budget of {limit} bytes cannot hold a part of {part_size} bytes"
             )));

@@ -756,7 +756,7 @@ fn millis(d: Duration) -> u64 {
 /// With `backwards`, [`Clock::now`] now and then answers an earlier time (down to the epoch),
 /// seeded, as a clock that steps backwards would; the virtual time itself never goes back.
 pub struct VirtualClock {
-    state: Mutex<ClockState>,
+    state: Arc<Mutex<ClockState>>,
 }
 
 struct ClockState {
@@ -770,11 +770,11 @@ struct ClockState {
 impl VirtualClock {
     pub fn new(start: Timestamp, backwards: Option<u64>) -> Self {
         VirtualClock {
-            state: Mutex::new(ClockState {
+            state: Arc::new(Mutex::new(ClockState {
                 now: start,
                 fed: start,
                 back: backwards.map(SplitMix64::new),
-            }),
+            })),
         }
     }
 
@@ -829,6 +829,20 @@ impl Clock for VirtualClock {
         let wake = s.fed.plus_ms(millis(duration));
         s.now = s.now.max(wake);
         Box::pin(std::future::ready(()))
+    }
+
+    /// Ready once the virtual time has reached `at` by itself (effects ending): the simulation
+    /// polls the driver again after each, so no waker is needed.
+    fn alarm(&self, at: Timestamp) -> BoxFuture<'static, ()> {
+        let state = self.state.clone();
+        Box::pin(std::future::poll_fn(move |_| {
+            let now = state.lock().unwrap_or_else(|p| p.into_inner()).now;
+            if now >= at {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }))
     }
 }
 

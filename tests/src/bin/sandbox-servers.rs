@@ -199,26 +199,27 @@ async fn run() -> ExitCode {
     });
     println!("{line}");
     wait_for_stop().await;
-    let mut code = ExitCode::SUCCESS;
+    let ports = (source.port(), source.storage_port(), target.port());
+    // Stopped first, so that nothing is accepted after the snapshot.
+    let source_jobs = source.shutdown_with_jobs().await;
+    let target_jobs = target.shutdown_with_jobs().await;
     if let Some(path) = &opts.state {
         let state = json!({
-            "source_port": source.port(),
-            "storage_port": source.storage_port(),
-            "target_port": target.port(),
-            "source_jobs": source.snapshot_jobs(),
-            "target_jobs": target.snapshot_jobs(),
+            "source_port": ports.0,
+            "storage_port": ports.1,
+            "target_port": ports.2,
+            "source_jobs": source_jobs,
+            "target_jobs": target_jobs,
         });
         if let Err(e) = save_state(path, &state) {
             eprintln!(
                 "cannot save the sandbox servers' state to {}: {e}",
                 path.display()
             );
-            code = ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     }
-    source.shutdown().await;
-    target.shutdown().await;
-    code
+    ExitCode::SUCCESS
 }
 
 /// The saved state, or `null` when there is none yet.
