@@ -164,7 +164,7 @@ pub const KEYS: &[(&str, bool, &str, &str)] = &[
     ("IMPORT_TIMEOUT", true, "(Σ of the waits)", "Seconds the import phase may take in all."),
     ("RETRY_AFTER_MAX", true, "3600", "Longest wait in seconds honoured from a server's Retry-After."),
     ("TRANSFER_CONCURRENCY", true, "4", "Files downloaded at once (1 to 32)."),
-    ("TRANSFER_PART_SIZE", true, "(from TRANSFER_MEMORY)", "S3 multipart part size in MiB (5 to 512). Unset: TRANSFER_MEMORY ÷ (2 × TRANSFER_CONCURRENCY) in whole MiB, at least 5 and at most 8 (5 with the defaults), so that every transfer can fill one part while uploading another. S3 allows 10,000 parts, so the part size bounds the largest file: about 48.8 GiB with 5 MiB parts, 78 GiB with 8 MiB, 4.9 TiB with 512 MiB."),
+    ("TRANSFER_PART_SIZE", true, "(from TRANSFER_MEMORY)", "S3 multipart part size in MiB (5 to 512). Unset: TRANSFER_MEMORY ÷ (2 × TRANSFER_CONCURRENCY) in whole MiB, at least 5 and at most 8 (5 with the defaults), so that every transfer can fill one part while uploading another. Parts double every 1,000 parts, up to half of TRANSFER_MEMORY, within S3's 10,000 parts: the largest file is about 139.6 GiB with the defaults, 2.4 TiB with TRANSFER_MEMORY 1024."),
     ("TRANSFER_MEMORY", true, "32", "Memory in MiB for the in-memory part buffers of all transfers together (10 to 16384): however many files transfer at once, their buffers stay within it, and a transfer waits for memory rather than exceed it. It must hold two parts of TRANSFER_PART_SIZE."),
     ("HTTP_CONNECT_TIMEOUT", true, "10", "Seconds to establish a connection."),
     ("HTTP_READ_TIMEOUT", true, "60", "Seconds without any progress before a request fails."),

@@ -1134,3 +1134,86 @@ async fn dir_file_url_root() {
     assert_eq!(again.root(), canonical);
     assert!(DirStore::from_file_url("s3://bucket/prefix").await.is_err());
 }
+
+#[tokio::test]
+async fn s3_parts_grow_so_the_part_limit_reaches_further() {
+    let endpoint = moto_endpoint();
+    let (_, client, bucket) = s3_store("part-growth", MIN_PART_SIZE).await;
+    let store = S3Store::from_sdk_config(
+        &bucket,
+        &sdk_config(&endpoint).await,
+        S3Options {
+            part_size: MIN_PART_SIZE,
+            memory: 8 * MIN_PART_SIZE,
+            ..S3Options::default()
+        },
+    )
+    .unwrap()
+    .with_max_parts_for_tests(3)
+    .with_part_growth_for_tests(1);
+    // The defaults (5 MiB parts, 32 MiB budget): 1,000 parts of 5 MiB, 1,000 of 10 MiB, then
+    // 16 MiB (half the budget): 143,000 MiB, about 139.6 GiB (48.8 GiB without growth).
+    const MIB: u64 = 1024 * 1024;
+    let defaults = S3Store::from_sdk_config(
+        &bucket,
+        &sdk_config(&endpoint).await,
+        S3Options {
+            part_size: MIN_PART_SIZE,
+            ..S3Options::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(defaults.largest_object(), 143_000 * MIB);
+    // A 1 GiB budget (8 MiB parts, growing to 512 MiB): about 2.4 TiB.
+    let large = S3Store::from_sdk_config(
+        &bucket,
+        &sdk_config(&endpoint).await,
+        S3Options {
+            part_size: 8 * MIB as usize,
+            memory: 1024 * MIB as usize,
+            ..S3Options::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(large.largest_object(), 2_552_000 * MIB);
+
+    // Doubling every part, up to half the budget: 5, 10 and 20 MiB; 15 MiB without growth.
+    assert_eq!(store.max_part_size(), 4 * MIN_PART_SIZE);
+    assert_eq!(store.largest_object(), 7 * MIN_PART_SIZE as u64);
+    let store = StagingStore::S3(store);
+
+    let data = ndjson(7 * MIN_PART_SIZE);
+    store
+        .put_stream("grown", chunked(&data, 1 << 20))
+        .await
+        .unwrap();
+    let back = store
+        .get_bytes("grown", 8 * MIN_PART_SIZE as u64)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(back == data, "the object reads back as sent");
+    let mut sizes = Vec::new();
+    for part in 1..=3 {
+        let head = client
+            .head_object()
+            .bucket(&bucket)
+            .key("grown")
+            .part_number(part)
+            .send()
+            .await
+            .unwrap();
+        sizes.push(head.content_length().unwrap() as usize / MIN_PART_SIZE);
+    }
+    assert_eq!(sizes, [1, 2, 4], "part sizes in units of 5 MiB");
+
+    let err = store
+        .put_stream("k", chunked(&ndjson(7 * MIN_PART_SIZE + 1), 1 << 20))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StagingError::TooManyParts { max_parts: 3, largest, .. } if largest == 7 * MIN_PART_SIZE as u64),
+        "{err:?}"
+    );
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+}

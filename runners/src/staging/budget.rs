@@ -321,6 +321,11 @@ impl PartBuf {
         self.data.len()
     }
 
+    /// The bytes it holds when full.
+    pub(crate) fn capacity(&self) -> usize {
+        self.lease.bytes
+    }
+
     pub(crate) fn is_full(&self) -> bool {
         self.data.len() == self.lease.bytes
     }

@@ -70,15 +70,18 @@ pub enum StagingError {
     #[error("invalid staging key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
 
-    /// The streamed body does not fit in S3's part limit at the configured part size.
+    /// The streamed body does not fit in S3's part limit with the configured part size and
+    /// memory budget (parts grow with the part number, up to half the budget).
     #[error(
-        "staging object {key:?} exceeds {max_parts} parts of {part_size} bytes (S3's multipart \
-         limit); configure a larger part size"
+        "staging object {key:?} exceeds {max_parts} parts, {largest} bytes with a part size of \
+         {part_size} bytes (S3's multipart limit); configure a larger part size or transfer memory"
     )]
     TooManyParts {
         key: String,
         max_parts: u32,
         part_size: usize,
+        /// The largest object these settings can upload.
+        largest: u64,
     },
 
     /// `get_bytes` of an object larger than the caller reads into memory. Whoever can write

@@ -46,9 +46,11 @@
 //!
 //! # S3 specifics
 //!
-//! Parts are exactly `part_size` bytes (minimum 5 MiB, maximum 5 GiB) except the last; an object
-//! needing more than 10,000 parts fails with [`StagingError::TooManyParts`] (5 MiB parts allow
-//! objects up to about 48.8 GiB, 8 MiB parts about 78 GiB) instead of producing a broken upload. Request checksums are only
+//! Parts start at `part_size` bytes (minimum 5 MiB) and double every [`GROW_EVERY`] parts up to
+//! half the memory budget (at most 5 GiB), the last part being whatever remains, because a
+//! download's length is often unknown when its upload starts. An object needing more than
+//! 10,000 parts fails with [`StagingError::TooManyParts`] (about 139.6 GiB with the defaults)
+//! instead of producing a broken upload. Request checksums are only
 //! calculated when an operation requires them: checksum trailers make uploads to moto slow
 //! quadratically and S3 still verifies the `Content-Length` and (over TLS) the transport.
 //!
@@ -66,7 +68,9 @@ mod s3;
 pub use budget::{BudgetStats, MemoryBudget, DEFAULT_TRANSFER_MEMORY};
 pub use dir::{DirStore, WRITE_BUFFER};
 pub use error::{FailureSide, StagingError};
-pub use s3::{S3Options, S3Store, DEFAULT_PART_SIZE, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE};
+pub use s3::{
+    S3Options, S3Store, DEFAULT_PART_SIZE, GROW_EVERY, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE,
+};
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, Stream};

@@ -22,10 +22,16 @@ use super::{validate_key, BodyStats, PutReport, ReadStream, StagingError, NEWLIN
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
 /// S3's maximum part size.
 pub const MAX_PART_SIZE: usize = 5 * 1024 * 1024 * 1024;
-/// Default part size: big enough for 78 GiB objects, small enough that moto stays fast.
+/// The part size of an [`S3Options::default`] (the configuration derives its own from the
+/// memory budget): small enough that moto stays fast.
 pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
 /// S3's maximum number of parts of one multipart upload.
 pub const MAX_PARTS: u32 = 10_000;
+/// Parts double in size every this many parts of an upload (up to [`S3Store::max_part_size`]),
+/// so that 10,000 parts reach far beyond 10,000 × the part size while every object up to
+/// 1,000 parts (4.9 GiB at 5 MiB) keeps the configured size. The length of a download is often
+/// unknown in advance (chunked answers), so the size cannot be chosen from it.
+pub const GROW_EVERY: u32 = 1_000;
 
 /// Settings of an [`S3Store`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +65,11 @@ pub struct S3Store {
     bucket: String,
     part_size: usize,
     max_parts: u32,
+    /// Parts double every this many parts ([`GROW_EVERY`]).
+    grow_every: u32,
+    /// The largest part: half the budget (a growing upload still leaves room for another
+    /// transfer), no less than the part size, at most S3's 5 GiB.
+    max_part: usize,
     budget: MemoryBudget,
 }
 
@@ -125,8 +136,40 @@ impl S3Store {
             bucket,
             part_size: options.part_size,
             max_parts: MAX_PARTS,
+            grow_every: GROW_EVERY,
+            max_part: (options.memory / 2).clamp(options.part_size, MAX_PART_SIZE),
             budget,
         })
+    }
+
+    /// The size of part `number` (from 1) of an upload, every part but the last.
+    fn part_size_of(&self, number: i32) -> usize {
+        let doublings = u32::try_from(number.max(1) - 1).unwrap_or(0) / self.grow_every.max(1);
+        // 2^20 parts sizes exceed S3's 5 GiB from any 5 MiB start: the cap applies anyway.
+        let factor = 1usize << doublings.min(20);
+        self.part_size
+            .saturating_mul(factor)
+            .clamp(self.part_size, self.max_part)
+    }
+
+    /// The largest part of any upload of this store.
+    pub fn max_part_size(&self) -> usize {
+        self.max_part
+    }
+
+    /// The largest object this store can upload: its part limit's worth of growing parts.
+    pub fn largest_object(&self) -> u64 {
+        (1..=self.max_parts as i32)
+            .map(|n| self.part_size_of(n) as u64)
+            .sum()
+    }
+
+    /// Parts double every `every` parts, so tests can see them grow without uploading gigabytes.
+    /// Not for production.
+    #[doc(hidden)]
+    pub fn with_part_growth_for_tests(mut self, every: u32) -> Self {
+        self.grow_every = every.max(1);
+        self
     }
 
     /// Lower the part limit so tests can reach it without uploading 50 GB. Not for production.
@@ -348,18 +391,22 @@ impl Upload<'_> {
 
     /// A buffer for the next part: the spare, a second one the budget can spare, our own part
     /// in flight once it is uploaded, or (holding nothing) whatever the budget gives when it can.
+    /// A buffer smaller than the part now due (parts grow) is let go instead of reused.
     async fn next_buffer(&mut self) -> Result<PartBuf, StagingError> {
-        if let Some(spare) = self.spare.take() {
+        let store = self.store;
+        let number = self.multipart.as_ref().map_or(1, |m| m.next_part_number);
+        let part_size = store.part_size_of(number);
+        let fits = |buf: &PartBuf| buf.capacity() == part_size;
+        if let Some(spare) = self.spare.take().filter(fits) {
             return Ok(spare);
         }
-        let budget = &self.store.budget;
-        let part_size = self.store.part_size;
+        let budget = &store.budget;
         if let Some(multipart) = self.multipart.as_mut() {
             if multipart.in_flight.is_some() {
                 if let Some(buf) = budget.try_buffer(part_size) {
                     return Ok(buf);
                 }
-                if let Some(buf) = multipart.wait_in_flight().await? {
+                if let Some(buf) = multipart.wait_in_flight().await?.filter(fits) {
                     return Ok(buf);
                 }
             }
@@ -385,6 +432,7 @@ impl Upload<'_> {
                 key: self.key.to_owned(),
                 max_parts: store.max_parts,
                 part_size: store.part_size,
+                largest: store.largest_object(),
             });
         }
         let reclaimed = multipart.wait_in_flight().await?;
