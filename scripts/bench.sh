@@ -11,8 +11,9 @@
 # plain streaming copy) and the real pathling-import at two export sizes (the large file at
 # full size and at 1/--scale-down of it, default 1/10), and prints a table of figures and the
 # verdicts on the targets. Other options go to the bench binary (`--help` lists them), e.g.
-# --repeat 3, --gzip, --part-mib 16, --memory-mib 64, --concurrency 4, --padding 1000, --source-latency-ms 50,
-# --compare LABEL=PATH (another pathling-import binary, runs interleaved).
+# --repeat 3, --gzip, --part-mib 16, --memory-mib 64, --concurrency 4, --padding 1000,
+# --source-latency-ms 50, --compare LABEL=PATH (another pathling-import binary, runs
+# interleaved), --compare-memory LABEL=MIB (this binary again with another TRANSFER_MEMORY).
 #
 # Needs about twice the export size of free disk (the S3 server stores objects as files; they
 # are deleted after each step) and, in the bench process, about 4× the export size of memory

@@ -59,7 +59,7 @@ const LARGE_TYPE: &str = "Observation";
 const SMALL_TYPE: &str = "Condition";
 const USAGE: &str = "usage: bench --pathling-import PATH [--label NAME] [--compare LABEL=PATH]... --s3-endpoint URL --access-key K \
 --secret-key S [--bucket NAME] [--work-dir DIR] [--large-gb N] [--small-mb N] [--files N] \
-[--scale-down N] [--padding BYTES] [--concurrency N] [--part-mib N] [--memory-mib N] [--chunk-kib N] [--gzip] \
+[--scale-down N] [--padding BYTES] [--concurrency N] [--part-mib N] [--memory-mib N] [--compare-memory LABEL=MIB] [--chunk-kib N] [--gzip] \
 [--repeat N] [--s3-server-pid PID] [--wrap 'CMD ARGS'] [--log LEVEL] [--source-latency-ms N] [--timeout SECONDS] [--skip-baselines]";
 
 type Res<T> = Result<T, String>;
@@ -89,6 +89,8 @@ struct Options {
     part_mib: Option<u64>,
     /// `TRANSFER_MEMORY` for pathling-import (unset: its default).
     memory_mib: Option<u64>,
+    /// `TRANSFER_MEMORY` of variants added with `--compare-memory`, by label.
+    variant_memory: Vec<(String, u64)>,
     chunk_kib: usize,
     gzip: bool,
     repeat: u32,
@@ -129,6 +131,7 @@ fn parse_args() -> Res<Options> {
         concurrency: 4,
         part_mib: None,
         memory_mib: None,
+        variant_memory: Vec::new(),
         chunk_kib: 16,
         gzip: false,
         repeat: 1,
@@ -164,6 +167,15 @@ fn parse_args() -> Res<Options> {
                     .ok_or_else(|| format!("--compare takes LABEL=PATH, got {v}"))?;
                 o.binaries.push((l.to_string(), PathBuf::from(path)));
             }
+            "--compare-memory" => {
+                let v = value()?;
+                let (l, mib) = v
+                    .split_once('=')
+                    .ok_or_else(|| format!("--compare-memory takes LABEL=MIB, got {v}"))?;
+                let mib = num(mib.to_string())? as u64;
+                o.variant_memory
+                    .push((l.to_string(), mib.clamp(10, 16_384)));
+            }
             "--s3-endpoint" => o.s3_endpoint = value()?,
             "--access-key" => o.access_key = value()?,
             "--secret-key" => o.secret_key = value()?,
@@ -192,9 +204,16 @@ fn parse_args() -> Res<Options> {
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
     }
-    match o.binaries.first_mut() {
-        Some((l, _)) if l.is_empty() => *l = label,
+    let main = match o.binaries.first_mut() {
+        Some((l, path)) if l.is_empty() => {
+            *l = label;
+            path.clone()
+        }
         _ => return Err(format!("--pathling-import is required\n{USAGE}")),
+    };
+    // The main binary again, with another transfer memory budget.
+    for (l, _) in &o.variant_memory {
+        o.binaries.push((l.clone(), main.clone()));
     }
     if o.s3_endpoint.is_empty() || o.access_key.is_empty() || o.secret_key.is_empty() {
         return Err(format!(
@@ -883,6 +902,7 @@ fn time_v_field(text: &str, label: &str) -> Option<f64> {
 /// Runs the real pathling-import once against the fakes and measures it.
 async fn run_import(
     o: &Options,
+    label: &str,
     binary: &Path,
     source: &str,
     target: &str,
@@ -910,7 +930,13 @@ async fn run_import(
     let state_file = run_dir.join("state.json");
     let staging_url = format!("s3://{}/{prefix}", o.bucket);
     let part_mib = o.part_mib.map(|m| m.to_string());
-    let memory_mib = o.memory_mib.map(|m| m.to_string());
+    let memory_mib = o
+        .variant_memory
+        .iter()
+        .find(|(l, _)| l == label)
+        .map(|(_, m)| *m)
+        .or(o.memory_mib)
+        .map(|m| m.to_string());
     let concurrency = o.concurrency.to_string();
     let nowhere = Path::new("/dev/null");
     let mut env: Vec<(&str, &std::ffi::OsStr)> = vec![
@@ -1217,6 +1243,7 @@ async fn measure_size(
         let _ = std::fs::remove_dir_all(&run_dir);
         let mut run = run_import(
             o,
+            label,
             binary,
             &source.base_url(),
             &target.base_url(),
@@ -1455,8 +1482,14 @@ fn print_table(o: &Options, sizes: &[SizeFigures]) {
     println!();
     // What this project's budget allows for part buffers (TRANSFER_MEMORY); binaries from
     // before the budget hold transfers × 2 parts instead.
-    let budget = o.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
     for (v, (label, _)) in o.binaries.iter().enumerate() {
+        let budget = o
+            .variant_memory
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, m)| *m)
+            .or(o.memory_mib)
+            .unwrap_or(DEFAULT_MEMORY_MIB);
         let peaks: Vec<(usize, f64)> = sizes
             .iter()
             .enumerate()
