@@ -109,6 +109,29 @@ async fn s3_store_with_memory(
     (StagingStore::S3(store), client, bucket)
 }
 
+/// An S3 store with `options` on an existing moto bucket.
+async fn s3_store_on(bucket: &str, options: S3Options) -> S3Store {
+    S3Store::from_sdk_config(bucket, &sdk_config(&moto_endpoint()).await, options)
+        .expect("store config")
+}
+
+/// The directory store's temp files under `root`, once a writer task has created one (or none
+/// after two seconds).
+async fn partial_files(root: &std::path::Path) -> Vec<String> {
+    for _ in 0..100 {
+        let partial: Vec<String> = files_under(root)
+            .into_iter()
+            .filter(|f| f.contains(".partial-"))
+            .collect();
+        if !partial.is_empty() {
+            return partial;
+        }
+        // Polling interval: the writer task creates its temp file by itself.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Vec::new()
+}
+
 /// NDJSON-like content of exactly `len` bytes: lines of varying length, ending with `\n`.
 fn ndjson(len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 64);
@@ -925,18 +948,7 @@ async fn dir_write_is_atomic_when_the_stream_fails() {
     };
     tx.unbounded_send(Ok(Bytes::from(ndjson(600_000)))).unwrap();
     // Wait until the data is being written to the temp file.
-    let mut partial = Vec::new();
-    for _ in 0..100 {
-        partial = files_under(&root)
-            .into_iter()
-            .filter(|f| f.contains(".partial-"))
-            .collect();
-        if !partial.is_empty() {
-            break;
-        }
-        // Polling interval: the writer task creates its temp file by itself.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let partial = partial_files(&root).await;
     assert_eq!(partial.len(), 1, "temp file beside the target: {partial:?}");
     assert!(partial[0].starts_with("run/.000001-Patient.ndjson.partial-"));
     // The final name still shows the old, complete object.
@@ -1047,18 +1059,7 @@ async fn dir_leftover_removal_spares_writes_in_flight() {
         tokio::spawn(async move { store.put_stream(key, rx).await })
     };
     tx.unbounded_send(Ok(Bytes::from(ndjson(100_000)))).unwrap();
-    let mut partial = Vec::new();
-    for _ in 0..100 {
-        partial = files_under(&root)
-            .into_iter()
-            .filter(|f| f.contains(".partial-"))
-            .collect();
-        if !partial.is_empty() {
-            break;
-        }
-        // Polling interval: the writer task creates its temp file by itself.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let partial = partial_files(&root).await;
     assert_eq!(partial.len(), 1, "{partial:?}");
 
     assert_eq!(store.remove_leftovers("run-1/").await.unwrap(), 0);
@@ -1137,44 +1138,40 @@ async fn dir_file_url_root() {
 
 #[tokio::test]
 async fn s3_parts_grow_so_the_part_limit_reaches_further() {
-    let endpoint = moto_endpoint();
     let (_, client, bucket) = s3_store("part-growth", MIN_PART_SIZE).await;
-    let store = S3Store::from_sdk_config(
+    let store = s3_store_on(
         &bucket,
-        &sdk_config(&endpoint).await,
         S3Options {
             part_size: MIN_PART_SIZE,
             memory: 8 * MIN_PART_SIZE,
             ..S3Options::default()
         },
     )
-    .unwrap()
+    .await
     .with_max_parts_for_tests(3)
     .with_part_growth_for_tests(1);
     // The defaults (5 MiB parts, 32 MiB budget): 1,000 parts of 5 MiB, 1,000 of 10 MiB, then
     // 16 MiB (half the budget): 143,000 MiB, about 139.6 GiB (48.8 GiB without growth).
     const MIB: u64 = 1024 * 1024;
-    let defaults = S3Store::from_sdk_config(
+    let defaults = s3_store_on(
         &bucket,
-        &sdk_config(&endpoint).await,
         S3Options {
             part_size: MIN_PART_SIZE,
             ..S3Options::default()
         },
     )
-    .unwrap();
+    .await;
     assert_eq!(defaults.largest_object(), 143_000 * MIB);
     // A 1 GiB budget (8 MiB parts, growing to 512 MiB): about 2.4 TiB.
-    let large = S3Store::from_sdk_config(
+    let large = s3_store_on(
         &bucket,
-        &sdk_config(&endpoint).await,
         S3Options {
             part_size: 8 * MIB as usize,
             memory: 1024 * MIB as usize,
             ..S3Options::default()
         },
     )
-    .unwrap();
+    .await;
     assert_eq!(large.largest_object(), 2_552_000 * MIB);
 
     // Doubling every part, up to half the budget: 5, 10 and 20 MiB; 15 MiB without growth.
