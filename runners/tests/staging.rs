@@ -509,24 +509,27 @@ async fn s3_part_limit_is_a_clear_error() {
 async fn s3_cancelled_upload_is_aborted_in_background() {
     let (store, client, bucket) = s3_store("cancel", MIN_PART_SIZE).await;
     let data = ndjson(MIN_PART_SIZE * 3 / 2);
-    // The download stalls after 1.5 parts, so the multipart upload has started.
-    let body = chunked(&data, 1 << 20).chain(stream::pending());
+    // The download stalls after 1.5 parts. The store asks for more only once it has pushed
+    // everything before, so when it asks, its multipart upload exists and is its own to abort
+    // (an upload merely listed by S3 may still have its CreateMultipartUpload answer on the
+    // way, which a drop cannot abort; the bucket's lifecycle rule removes such leftovers).
+    let (asked_for_more, stalled) = tokio::sync::oneshot::channel::<()>();
+    let stall = stream::once(async move {
+        let _ = asked_for_more.send(());
+        std::future::pending::<Result<Bytes, std::io::Error>>().await
+    });
+    let body = chunked(&data, 1 << 20).chain(Box::pin(stall));
     let task = {
         let store = store.clone();
         tokio::spawn(async move { store.put_stream("k", body).await })
     };
-    let mut started = false;
-    for _ in 0..100 {
-        if unfinished_uploads(&client, &bucket).await == 1 {
-            started = true;
-            break;
-        }
-        // Polling interval: the upload task starts its multipart upload by itself.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        started,
-        "the multipart upload never showed up in ListMultipartUploads"
+    stalled
+        .await
+        .expect("the store reads the body up to the stall");
+    assert_eq!(
+        unfinished_uploads(&client, &bucket).await,
+        1,
+        "the multipart upload has started"
     );
     // The caller gives up (e.g. its time budget ran out): the future is dropped.
     task.abort();
