@@ -55,9 +55,14 @@ pub struct ManifestFile {
     pub send_token: bool,
 }
 
-/// The most files one manifest may list; keeps the run's envelope within the Step Functions
-/// and DynamoDB size limits (measured in `tests/envelope_size.rs`).
-pub const MAX_MANIFEST_FILES: usize = 50_000;
+/// The most files one manifest may list. The envelope does not grow with it (the file table
+/// is stored as runs, measured in `tests/envelope_size.rs`); the decoded manifest in memory
+/// and in the staging store does, by about 150 bytes a file.
+pub const MAX_MANIFEST_FILES: usize = 1_000_000;
+
+/// The most resource types one manifest may list (FHIR R5 defines about 160): the file
+/// table stores a run per type, so this bounds the envelope too.
+pub const MAX_MANIFEST_TYPES: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
@@ -67,6 +72,10 @@ pub enum ManifestError {
     Field { field: String, problem: String },
     #[error("export manifest lists {0} files; at most {MAX_MANIFEST_FILES} are supported per run (narrow the export with TYPES or EXPORT_LEVEL)")]
     TooManyFiles(usize),
+    #[error(
+        "export manifest lists more than {MAX_MANIFEST_TYPES} resource types; FHIR defines fewer"
+    )]
+    TooManyTypes,
 }
 
 fn field_err(field: impl Into<String>, problem: impl Into<String>) -> ManifestError {
@@ -110,6 +119,11 @@ pub fn origin_of(url: &str) -> Option<String> {
 /// Every problem names the offending field, e.g. `output[3].type`. An entry whose URL (as
 /// written) an earlier entry already listed, in the same array or another, is skipped and
 /// counted in [`Manifest::duplicates`]: staging it again would import its resources twice.
+///
+/// Within each array, files are grouped by type, types in the order they first appear
+/// (a stable sort: a manifest that already lists each type's files together, as servers do,
+/// keeps its order). The per-file table then stores one run per type, whatever the manifest
+/// ([`crate::file_table`]).
 pub fn parse_manifest(body: &[u8], source_endpoint: &str) -> Result<Manifest, ManifestError> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| ManifestError::NotJson(e.to_string()))?;
@@ -196,6 +210,25 @@ pub fn parse_manifest(body: &[u8], source_endpoint: &str) -> Result<Manifest, Ma
             }
         }
     }
+    let mut rank: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for f in &files {
+        let next = rank.len();
+        rank.entry(f.type_name.clone()).or_insert(next);
+    }
+    if rank.len() > MAX_MANIFEST_TYPES {
+        return Err(ManifestError::TooManyTypes);
+    }
+    let array = |k: FileKind| match k {
+        FileKind::Output => 0,
+        FileKind::Deleted => 1,
+        FileKind::Error => 2,
+    };
+    files.sort_by_key(|f| {
+        (
+            array(f.kind),
+            rank.get(&f.type_name).copied().unwrap_or(usize::MAX),
+        )
+    });
     Ok(Manifest {
         transaction_time,
         requires_access_token,
@@ -459,6 +492,71 @@ mod tests {
         stored.as_object_mut().unwrap().remove("duplicates");
         let old: Manifest = serde_json::from_value(stored).unwrap();
         assert_eq!(old.duplicates, 0);
+    }
+
+    #[test]
+    fn each_array_is_grouped_by_type_in_first_seen_order() {
+        let item = |t: &str, i: u32| json!({"type": t, "url": format!("https://a/{i}")});
+        let m = manifest(json!({
+            "transactionTime": "2026-11-26T10:00:00Z",
+            "output": [item("Observation", 0), item("Patient", 1), item("Observation", 2),
+                       item("Encounter", 3), item("Patient", 4)],
+            "deleted": [item("Bundle", 5)],
+            "error": [item("OperationOutcome", 6), item("OperationOutcome", 7)]
+        }))
+        .unwrap();
+        let order: Vec<(&str, &str)> = m
+            .files
+            .iter()
+            .map(|f| (f.type_name.as_str(), &f.url[10..]))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("Observation", "0"),
+                ("Observation", "2"),
+                ("Patient", "1"),
+                ("Patient", "4"),
+                ("Encounter", "3"),
+                ("Bundle", "5"),
+                ("OperationOutcome", "6"),
+                ("OperationOutcome", "7")
+            ]
+        );
+        // A manifest already grouped keeps its order.
+        let grouped: Vec<Value> = m
+            .files
+            .iter()
+            .filter(|f| f.kind == FileKind::Output)
+            .map(|f| json!({"type": f.type_name, "url": f.url}))
+            .collect();
+        let again = manifest(json!({"transactionTime": "2026-11-26T10:00:00Z", "output": grouped}))
+            .unwrap();
+        assert_eq!(again.files[..5], m.files[..5]);
+    }
+
+    #[test]
+    fn too_many_types_is_a_clear_error() {
+        let name = |i: usize| -> String {
+            let letters: String = format!("{i:03}")
+                .bytes()
+                .map(|d| char::from(b'a' + (d - b'0')))
+                .collect();
+            format!("Type{letters}")
+        };
+        let output: Vec<Value> = (0..=MAX_MANIFEST_TYPES)
+            .map(|i| json!({"type": name(i), "url": format!("https://a/{i}")}))
+            .collect();
+        let err = manifest(json!({"transactionTime": "2026-11-26T10:00:00Z", "output": output}))
+            .unwrap_err();
+        assert_eq!(err, ManifestError::TooManyTypes);
+        assert!(err.to_string().contains("more than 256 resource types"));
+        let fits: Vec<Value> = (0..MAX_MANIFEST_TYPES)
+            .map(|i| json!({"type": name(i), "url": format!("https://a/{i}")}))
+            .collect();
+        assert!(
+            manifest(json!({"transactionTime": "2026-11-26T10:00:00Z", "output": fits})).is_ok()
+        );
     }
 
     #[test]

@@ -214,11 +214,7 @@ pub fn stepped(
         if !matches!(after.state, SyncState::StagingFiles(_)) {
             let (files, bytes, resources) = staged_counts(after).unwrap_or_else(|| {
                 let t = &s.export.files;
-                let files = t
-                    .rows
-                    .iter()
-                    .filter(|r| r.status == crate::state::FileStatus::Staged)
-                    .count() as u64;
+                let files = t.count_of(None, crate::state::FileStatus::Staged) as u64;
                 (files, t.bytes, t.resources_by_type.iter().sum())
             });
             out.push(LogEvent::new(
@@ -273,11 +269,7 @@ pub fn stepped(
 fn staged_counts(run: &SyncRun) -> Option<(u64, u64, u64)> {
     let table = |e: &crate::state::Exported| {
         let t = &e.files;
-        let files = t
-            .rows
-            .iter()
-            .filter(|r| r.status == crate::state::FileStatus::Staged)
-            .count() as u64;
+        let files = t.count_of(None, crate::state::FileStatus::Staged) as u64;
         (files, t.bytes, t.resources_by_type.iter().sum())
     };
     let summary = |s: &crate::state::Summary| (u64::from(s.files_staged), s.bytes, s.resources);

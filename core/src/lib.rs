@@ -16,7 +16,8 @@
 //!   resource type ([`content::NdjsonCheck`]), run by the executor on the bytes as they stream.
 //! - [`pathling`]: both `$import` request shapes, generation detection, delete Bundles.
 //! - [`retry`]: failure facts, classification, backoff, polling schedule, deadlines.
-//! - [`state`]: the closed enum of phases and the compact per-file table.
+//! - [`state`]: the closed enum of phases.
+//! - [`file_table`]: the per-file table, stored as runs so that it stays small.
 //! - [`effect`]: `Next`, `Request`, `Effect`, `Input`, `EffectResult`, `Rejected`.
 //! - [`machine`]: `SyncRun::{start, next, step}`.
 //! - [`events`]: the operator's event log (the bulk-data-client format), derived from steps.
@@ -102,6 +103,7 @@ pub mod config;
 pub mod content;
 pub mod effect;
 pub mod events;
+pub mod file_table;
 pub mod machine;
 pub mod metrics;
 pub mod pathling;

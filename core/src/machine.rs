@@ -119,6 +119,15 @@ fn resume_point(from: ResumeFrom, export: &Exported) -> ResumePoint {
 /// every slot busy, few enough that a crash repeats little.
 const BATCH_PER_SLOT: usize = 4;
 
+/// The most files of a phase that wait to retry before no fresh file is handed out (fewer
+/// when a batch is smaller): what bounds the retry entries in the envelope.
+pub const MAX_RETRYING: usize = 64;
+
+/// The most files that may fail for good before staging stops and the run fails (a retry
+/// continues it): a source that cannot serve this many files is broken, and each failed file
+/// costs room in the envelope.
+pub const MAX_FAILED_FILES: usize = 16;
+
 impl SyncRun {
     /// Starts a run. `watermark` is the previous run's (for `SINCE=auto`).
     pub fn start(
@@ -323,26 +332,30 @@ impl SyncRun {
     ) -> Next {
         let deleting = want == FileStatus::Staged;
         let limit = (self.spec.transfer.concurrency.max(1) as usize) * BATCH_PER_SLOT;
-        let in_phase = |r: &FileRow| r.status == want && (!deleting || r.kind == FileKind::Deleted);
-        // While `limit` files wait to retry, no fresh file is handed out: a source outage then
-        // costs a few retry entries in the envelope instead of one per file of the manifest
-        // (which would outgrow a DynamoDB item), and a failing source is not hammered.
-        let retrying = export
-            .files
-            .rows
+        let kind = deleting.then_some(FileKind::Deleted);
+        let table = &export.files;
+        let in_phase = |r: &FileRow| r.status == want && kind.is_none_or(|k| k == r.kind);
+        // Files waiting to retry hold back fresh ones: at most `hold` files are retrying or
+        // fresh in a batch. A source outage then costs a bounded number of retry entries and
+        // status holes in the envelope instead of one per file, and a failing source is not
+        // hammered.
+        let hold = limit.min(MAX_RETRYING);
+        let retrying: Vec<(u32, FileRow)> = table.failing().filter(|(_, r)| in_phase(r)).collect();
+        let fresh_allowed = hold.saturating_sub(retrying.len());
+        let due_retries = retrying
             .iter()
-            .filter(|r| in_phase(r) && r.failures > 0)
-            .count();
-        let eligible = |r: &FileRow| in_phase(r) && (retrying < limit || r.failures > 0);
-        let requests: Vec<Request> = export
-            .files
-            .rows
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| eligible(r) && r.not_before <= now)
-            .take(limit)
-            .map(|(i, r)| {
-                let index = i as u32;
+            .filter(|(_, r)| r.not_before <= now)
+            .copied();
+        let fresh = table
+            .with_status(0, kind, want)
+            .filter(|(_, r)| r.failures == 0)
+            .take(fresh_allowed);
+        let mut due: Vec<(u32, FileRow)> = due_retries.chain(fresh).collect();
+        due.sort_unstable_by_key(|(i, _)| *i);
+        due.truncate(limit);
+        let requests: Vec<Request> = due
+            .into_iter()
+            .map(|(index, r)| {
                 let key = self.file_key(export, index);
                 let effect = if deleting {
                     Effect::ApplyDeletions { index, key }
@@ -351,7 +364,7 @@ impl SyncRun {
                         manifest_key: export.manifest_key.clone(),
                         index,
                         kind: r.kind,
-                        type_name: export.files.type_name(r).to_string(),
+                        type_name: table.type_name(&r).to_string(),
                         key,
                         validate: self.spec.transfer.validate,
                     }
@@ -370,21 +383,14 @@ impl SyncRun {
         if !requests.is_empty() {
             return Next::Run { requests };
         }
-        match export
-            .files
-            .rows
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| eligible(r))
-            .min_by_key(|(_, r)| r.not_before)
-        {
+        // Nothing due: every file of the phase is waiting to retry.
+        match retrying.iter().min_by_key(|(_, r)| r.not_before) {
             Some((index, row)) => Next::SleepUntil {
                 until: row.not_before,
-                reason: match export.files.errors.get(&(index as u32)) {
-                    Some(cause) => format!(
-                        "{reason} ({} after: {cause})",
-                        export.files.describe(index as u32)
-                    ),
+                reason: match table.error(*index) {
+                    Some(cause) => {
+                        format!("{reason} ({} after: {cause})", table.describe(*index))
+                    }
                     None => reason.to_string(),
                 },
             },
@@ -399,9 +405,8 @@ impl SyncRun {
     pub fn file_key(&self, export: &Exported, index: u32) -> crate::staging::StagingKey {
         let (kind, type_name) = export
             .files
-            .rows
-            .get(index as usize)
-            .map(|r| (r.kind, export.files.type_name(r)))
+            .row(index)
+            .map(|r| (r.kind, export.files.type_name(&r)))
             .unwrap_or((FileKind::Output, ""));
         self.spec
             .staging
@@ -412,16 +417,10 @@ impl SyncRun {
     pub fn import_inputs(&self, export: &Exported, api: PathlingApi) -> Vec<ImportInput> {
         export
             .files
-            .rows
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.kind == FileKind::Output && r.status == FileStatus::Staged)
+            .with_status(0, Some(FileKind::Output), FileStatus::Staged)
             .map(|(i, r)| ImportInput {
-                type_name: export.files.type_name(r).to_string(),
-                url: self
-                    .spec
-                    .staging
-                    .import_url(&self.file_key(export, i as u32), api),
+                type_name: export.files.type_name(&r).to_string(),
+                url: self.spec.staging.import_url(&self.file_key(export, i), api),
             })
             .collect()
     }
@@ -610,13 +609,19 @@ impl SyncRun {
                 other => other,
             },
             ResumeFrom::ApplyingDeletions => {
-                for row in export.files.rows.iter_mut() {
-                    if row.kind == FileKind::Deleted && row.status == FileStatus::Staged {
+                let retrying: Vec<u32> = export
+                    .files
+                    .failing()
+                    .filter(|(_, r)| r.kind == FileKind::Deleted && r.status == FileStatus::Staged)
+                    .map(|(i, _)| i)
+                    .collect();
+                for index in retrying {
+                    export.files.update(index, |row| {
                         row.failures = 0;
                         row.not_before = Timestamp::ZERO;
-                    }
+                    });
                 }
-                export.files.errors.clear();
+                export.files.forget_errors();
                 SyncState::ApplyingDeletions(ApplyingDeletions {
                     export,
                     import_job: point.import_job.clone(),
@@ -930,14 +935,18 @@ impl SyncRun {
                         ..
                     } => {
                         let table = &mut export.files;
-                        let row = &mut table.rows[index as usize];
-                        row.status = FileStatus::Staged;
                         // Staging retries are over: deletions count their own attempts, and a
                         // staged row costs nothing in the envelope's retry map.
-                        row.failures = 0;
-                        row.not_before = Timestamp::ZERO;
+                        table.update(index, |row| {
+                            row.status = FileStatus::Staged;
+                            row.failures = 0;
+                            row.not_before = Timestamp::ZERO;
+                        });
+                        let Some(row) = table.row(index) else {
+                            return Err(Rejected::Stale { got: id });
+                        };
                         let (kind, type_idx) = (row.kind, usize::from(row.type_idx));
-                        table.errors.remove(&index);
+                        table.forget_error(index);
                         table.bytes = table.bytes.saturating_add(bytes);
                         if kind == FileKind::Output {
                             if let Some(n) = table.resources_by_type.get_mut(type_idx) {
@@ -950,7 +959,9 @@ impl SyncRun {
                         Ok(self.after_staging_step(export, s.failed.as_ref(), now))
                     }
                     EffectResult::Failed(f) => {
-                        let row = export.files.rows[index as usize];
+                        let Some(row) = export.files.row(index) else {
+                            return Err(Rejected::Stale { got: id });
+                        };
                         let failures = row.failures.saturating_add(1);
                         let give_up = if classify(&f) == Verdict::Permanent {
                             Some(f.to_string())
@@ -965,26 +976,23 @@ impl SyncRun {
                         } else {
                             None
                         };
-                        let r = &mut export.files.rows[index as usize];
-                        r.failures = failures;
                         if let Some(reason) = give_up {
-                            r.status = FileStatus::Failed;
-                            export
-                                .files
-                                .errors
-                                .insert(index, crate::bulk::truncate(&reason, 300));
+                            export.files.update(index, |r| {
+                                r.failures = failures;
+                                r.status = FileStatus::Failed;
+                            });
+                            export.files.note_error(index, &reason);
                             // The staging store failing is every file's problem: stop now. A
                             // file the source cannot serve is its own: the others go on, so
-                            // that a retry has only the failed ones left to stage.
+                            // that a retry has only the failed ones left to stage, until so
+                            // many failed that the source is plainly broken.
                             let store_failed =
                                 matches!(f.kind, FailureKind::Storage { .. } | FailureKind::Local);
-                            let pending = export
-                                .files
-                                .rows
-                                .iter()
-                                .any(|r| r.status == FileStatus::Pending);
+                            let pending = export.files.count_of(None, FileStatus::Pending) > 0;
+                            let too_many =
+                                export.files.count_of(None, FileStatus::Failed) >= MAX_FAILED_FILES;
                             let first = s.failed.clone().unwrap_or(f);
-                            if pending && !store_failed {
+                            if pending && !store_failed && !too_many {
                                 return Ok(SyncState::StagingFiles(StagingFiles {
                                     export,
                                     stall_deadline: s.stall_deadline,
@@ -993,10 +1001,7 @@ impl SyncRun {
                             }
                             return Ok(self.staging_failed(export, Some(&first)));
                         }
-                        export
-                            .files
-                            .errors
-                            .insert(index, crate::bulk::truncate(&f.to_string(), 300));
+                        export.files.note_error(index, &f.to_string());
                         let delay = failure_delay_ms(
                             &spec.retry.transfer,
                             failures,
@@ -1005,7 +1010,10 @@ impl SyncRun {
                             spec.retry.retry_after_max_ms,
                             now,
                         );
-                        r.not_before = now.plus_ms(delay).min(s.stall_deadline);
+                        export.files.update(index, |r| {
+                            r.failures = failures;
+                            r.not_before = now.plus_ms(delay).min(s.stall_deadline);
+                        });
                         Ok(SyncState::StagingFiles(StagingFiles {
                             export,
                             stall_deadline: s.stall_deadline,
@@ -1106,14 +1114,17 @@ impl SyncRun {
                 let mut next = s.clone();
                 match result {
                     EffectResult::DeletionsApplied { deleted, absent } => {
-                        next.export.files.rows[index as usize].status = FileStatus::Applied;
-                        next.export.files.errors.remove(&index);
+                        next.export
+                            .files
+                            .update(index, |r| r.status = FileStatus::Applied);
+                        next.export.files.forget_error(index);
                         next.deleted = next.deleted.saturating_add(deleted);
                         next.absent = next.absent.saturating_add(absent);
-                        let pending =
-                            next.export.files.rows.iter().any(|r| {
-                                r.kind == FileKind::Deleted && r.status == FileStatus::Staged
-                            });
+                        let pending = next
+                            .export
+                            .files
+                            .count_of(Some(FileKind::Deleted), FileStatus::Staged)
+                            > 0;
                         if pending {
                             return Ok(SyncState::ApplyingDeletions(next));
                         }
@@ -1130,14 +1141,14 @@ impl SyncRun {
                         )
                     }
                     EffectResult::Failed(f) => {
-                        let failures = next.export.files.rows[index as usize]
-                            .failures
+                        let failures = next
+                            .export
+                            .files
+                            .row(index)
+                            .map_or(0, |r| r.failures)
                             .saturating_add(1);
                         let what = next.export.files.describe(index);
-                        next.export
-                            .files
-                            .errors
-                            .insert(index, crate::bulk::truncate(&f.to_string(), 300));
+                        next.export.files.note_error(index, &f.to_string());
                         if classify(&f) == Verdict::Permanent
                             || failures > retry_limit(&f, &spec.retry.import)
                         {
@@ -1167,9 +1178,10 @@ impl SyncRun {
                             spec.retry.retry_after_max_ms,
                             now,
                         );
-                        let row = &mut next.export.files.rows[index as usize];
-                        row.failures = failures;
-                        row.not_before = now.plus_ms(delay);
+                        next.export.files.update(index, |row| {
+                            row.failures = failures;
+                            row.not_before = now.plus_ms(delay);
+                        });
                         Ok(SyncState::ApplyingDeletions(next))
                     }
                     other => Err(mismatch(Phase::ApplyingDeletions, &other)),
@@ -1202,7 +1214,7 @@ impl SyncRun {
                 return Err(Rejected::Stale { got: id })
             }
         };
-        let ok = export.files.rows.get(index as usize).is_some_and(|r| {
+        let ok = export.files.row(index).is_some_and(|r| {
             r.status == want && r.failures == attempt && (!deleting || r.kind == FileKind::Deleted)
         });
         if ok {
@@ -1214,26 +1226,31 @@ impl SyncRun {
 
     fn exported(&self, s: &PollingExport, digest: ManifestDigest, now: Timestamp) -> SyncState {
         if let Some(previous) = s.resuming.as_deref() {
-            let same =
-                previous.transaction_time == digest.transaction_time
-                    && previous.files.rows.len() == digest.files.len()
-                    && previous.files.rows.iter().zip(&digest.files).all(
-                        |(row, (kind, type_name))| {
-                            row.kind == *kind && previous.files.type_name(row) == type_name
-                        },
-                    );
+            let same = previous.transaction_time == digest.transaction_time
+                && previous.files.len() == digest.files.len()
+                && previous
+                    .files
+                    .iter()
+                    .zip(&digest.files)
+                    .all(|(row, (kind, type_name))| {
+                        row.kind == *kind && previous.files.type_name(&row) == type_name
+                    });
             if same {
                 let mut export = previous.clone();
-                for row in export.files.rows.iter_mut() {
-                    if row.status == FileStatus::Failed {
-                        row.status = FileStatus::Pending;
-                    }
-                    if row.status == FileStatus::Pending {
-                        row.failures = 0;
-                        row.not_before = Timestamp::ZERO;
-                    }
+                // Failed and retrying files start over; only they have failures to forget.
+                let failing: Vec<u32> = export.files.failing().map(|(i, _)| i).collect();
+                for index in failing {
+                    export.files.update(index, |row| {
+                        if row.status == FileStatus::Failed {
+                            row.status = FileStatus::Pending;
+                        }
+                        if row.status == FileStatus::Pending {
+                            row.failures = 0;
+                            row.not_before = Timestamp::ZERO;
+                        }
+                    });
                 }
-                export.files.errors.clear();
+                export.files.forget_errors();
                 return self.after_staging_step(export, None, now);
             }
             // Another manifest for the same job (the source re-ran it): stage it all anew.
@@ -1258,24 +1275,14 @@ impl SyncRun {
         failed: Option<&Failure>,
         now: Timestamp,
     ) -> SyncState {
-        if export
-            .files
-            .rows
-            .iter()
-            .any(|r| r.status == FileStatus::Pending)
-        {
+        if export.files.count_of(None, FileStatus::Pending) > 0 {
             return SyncState::StagingFiles(StagingFiles {
                 export,
                 stall_deadline: now.plus_ms(patience_ms(&self.spec.retry.transfer)),
                 failed: failed.cloned(),
             });
         }
-        if export
-            .files
-            .rows
-            .iter()
-            .any(|r| r.status == FileStatus::Failed)
-        {
+        if export.files.count_of(None, FileStatus::Failed) > 0 {
             return self.staging_failed(export, failed);
         }
         let errors = &export.source_errors;
@@ -1305,17 +1312,17 @@ impl SyncRun {
     /// Staging ends with files that could not be staged: the run fails naming them, and keeps
     /// the export job so that a retry stages only those.
     fn staging_failed(&self, export: Exported, cause: Option<&Failure>) -> SyncState {
-        let failed: Vec<u32> = export
+        let failed = export.files.count_of(None, FileStatus::Failed);
+        let first = export
             .files
-            .rows
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.status == FileStatus::Failed)
-            .map(|(i, _)| i as u32)
-            .collect();
-        let first = failed.first().copied().unwrap_or(0);
-        let why = export.files.errors.get(&first).cloned().unwrap_or_default();
-        let more = match failed.len() {
+            .with_status(0, None, FileStatus::Failed)
+            .next()
+            .map_or(0, |(i, _)| i);
+        let why = match export.files.error(first) {
+            Some(why) => why.to_string(),
+            None => "see the event log for its error".to_string(),
+        };
+        let more = match failed {
             0 | 1 => String::new(),
             n => format!(" (and {} other file(s))", n - 1),
         };
@@ -1478,10 +1485,8 @@ impl SyncRun {
         if job_url.is_some() {
             summary.imported_files = export
                 .files
-                .rows
-                .iter()
-                .filter(|r| r.kind == FileKind::Output && r.status == FileStatus::Staged)
-                .count() as u32;
+                .count_of(Some(FileKind::Output), FileStatus::Staged)
+                as u32;
         }
         summary
     }
@@ -1515,7 +1520,7 @@ impl SyncRun {
 fn summarise(export: &Exported) -> Summary {
     let t = &export.files;
     let mut by_type = std::collections::BTreeMap::new();
-    for r in t.rows.iter().filter(|r| r.kind == FileKind::Output) {
+    for r in t.iter().filter(|r| r.kind == FileKind::Output) {
         let idx = usize::from(r.type_idx);
         by_type.insert(
             t.types.get(idx).cloned().unwrap_or_default(),
@@ -1526,12 +1531,9 @@ fn summarise(export: &Exported) -> Summary {
         transaction_time: Some(export.transaction_time.clone()),
         since: export.since.clone(),
         nothing_to_import: false,
-        files: t.rows.len() as u32,
-        files_staged: t
-            .rows
-            .iter()
-            .filter(|r| matches!(r.status, FileStatus::Staged | FileStatus::Applied))
-            .count() as u32,
+        files: t.len() as u32,
+        files_staged: (t.count_of(None, FileStatus::Staged) + t.count_of(None, FileStatus::Applied))
+            as u32,
         bytes: t.bytes,
         resources: by_type.values().fold(0u64, |a, b| a.saturating_add(*b)),
         resources_by_type: by_type,

@@ -17,16 +17,43 @@ use serde_json::Value;
 ///   records when it was sent, polls remember a `429`. Every new field is optional, so a v1
 ///   envelope reads as v2 unchanged; the version still moved on so that a v1 binary refuses
 ///   a v2 envelope instead of silently dropping what it does not know.
-pub const SCHEMA_VERSION: u64 = 2;
+/// - 3: the per-file table is stored as runs (`layout`, `status`) instead of one column entry
+///   per file, so that it stays a few KiB at a million files ([`crate::file_table`]).
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// Upgrades an envelope from version `i + 1` to `i + 2` (index 0 upgrades v1 to v2).
 pub type Upcaster = fn(Value) -> Result<Value, String>;
-pub const UPCASTERS: &[Upcaster] = &[v1_to_v2];
+pub const UPCASTERS: &[Upcaster] = &[v1_to_v2, v2_to_v3];
 
 /// v1 → v2: nothing to rewrite (see [`SCHEMA_VERSION`]).
 fn v1_to_v2(v: Value) -> Result<Value, String> {
     if !v.is_object() {
         return Err("not a JSON object".into());
+    }
+    Ok(v)
+}
+
+/// v2 → v3: every file table (in the state, a resume point or a failed run's retry) is
+/// rewritten from columns into runs.
+fn v2_to_v3(mut v: Value) -> Result<Value, String> {
+    fn walk(v: &mut Value) -> Result<(), String> {
+        match v {
+            Value::Object(map) => {
+                if map.contains_key("type_of") && map.contains_key("types") {
+                    *v = crate::file_table::upcast_v2_table(v)?;
+                    return Ok(());
+                }
+                map.values_mut().try_for_each(walk)
+            }
+            Value::Array(items) => items.iter_mut().try_for_each(walk),
+            _ => Ok(()),
+        }
+    }
+    if !v.is_object() {
+        return Err("not a JSON object".into());
+    }
+    if let Some(state) = v.get_mut("state") {
+        walk(state)?;
     }
     Ok(v)
 }

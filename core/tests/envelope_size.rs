@@ -1,5 +1,7 @@
-//! Size budgets of the persisted envelope: it must stay far below the Step Functions payload
-//! limit (256 KiB) and a DynamoDB item (400 KB) for realistic manifests.
+//! Size budgets of the persisted envelope: it must not grow with the manifest. Target: at
+//! most 16 KiB at 1,000,000 files, in every phase, with the worst the machine allows (the most
+//! transfer slots, files retrying, files failed for good, long error texts). That is what one
+//! save writes to the state file, a DynamoDB item or a Step Functions payload.
 //!
 //! Run with `cargo test -p pathling-import-core --test envelope_size -- --nocapture` to see
 //! the measured sizes.
@@ -8,8 +10,9 @@
 mod common;
 
 use common::*;
-use pathling_import_core::bulk::{FileKind, OutcomeSummary, MAX_MANIFEST_FILES};
+use pathling_import_core::bulk::{parse_manifest, FileKind, OutcomeSummary, MAX_MANIFEST_FILES};
 use pathling_import_core::effect::{EffectResult, Next};
+use pathling_import_core::machine::{MAX_FAILED_FILES, MAX_RETRYING};
 use pathling_import_core::persist;
 use pathling_import_core::retry::{Failure, FailureKind};
 use pathling_import_core::spec::RunSpec;
@@ -17,10 +20,8 @@ use pathling_import_core::state::{FileStatus, SyncState};
 use pathling_import_core::{SyncRun, Timestamp};
 
 const KIB: usize = 1024;
-/// The budget for a 10,000-file manifest.
-const BUDGET_10K: usize = 200 * KIB;
-/// DynamoDB's item limit is 400 KB; keep headroom for the store's own attributes.
-const DYNAMODB_BUDGET: usize = 350_000;
+/// The budget of one envelope, whatever the manifest.
+const BUDGET: usize = 16 * KIB;
 
 /// Realistic resource types, long names included.
 const TYPES: [&str; 30] = [
@@ -56,35 +57,56 @@ const TYPES: [&str; 30] = [
     "RelatedPerson",
 ];
 
-/// The worst case for the retry bound: the most transfer slots configuration allows.
+/// The worst case for the bounds: the most transfer slots configuration allows.
 fn spec() -> RunSpec {
     spec_with(&[("TRANSFER_CONCURRENCY", "32"), ("APPLY_DELETIONS", "true")])
 }
 
-/// `n` files: about 90 % `output[]` over 30 types, 7 % `deleted[]`, 3 % `error[]`, in manifest
-/// order.
-fn manifest(n: usize) -> Vec<(FileKind, &'static str)> {
+/// A manifest of `n` files as a server that interleaves its types would list them: about
+/// 90 % `output[]` over 30 types round-robin, 7 % `deleted[]`, 3 % `error[]`. Decoded by the
+/// production [`parse_manifest`], as the executor does.
+fn manifest_run(n: usize) -> SyncRun {
     let deleted = n * 7 / 100;
     let errors = n * 3 / 100;
     let outputs = n - deleted - errors;
-    (0..outputs)
-        .map(|i| (FileKind::Output, TYPES[i % TYPES.len()]))
-        .chain((0..deleted).map(|_| (FileKind::Deleted, "Bundle")))
-        .chain((0..errors).map(|_| (FileKind::Error, "OperationOutcome")))
-        .collect()
+    let entry = |t: &str, i: usize| format!(r#"{{"type":"{t}","url":"https://s.example/f/{i}"}}"#);
+    let output: Vec<String> = (0..outputs)
+        .map(|i| entry(TYPES[i % TYPES.len()], i))
+        .collect();
+    let deleted: Vec<String> = (0..deleted).map(|i| entry("Bundle", outputs + i)).collect();
+    let error: Vec<String> = (0..errors)
+        .map(|i| entry("OperationOutcome", n + i))
+        .collect();
+    let body = format!(
+        r#"{{"transactionTime":"{TRANSACTION_TIME}","request":"x","requiresAccessToken":true,"output":[{}],"deleted":[{}],"error":[{}]}}"#,
+        output.join(","),
+        deleted.join(","),
+        error.join(",")
+    );
+    let manifest = parse_manifest(body.as_bytes(), "https://s.example").unwrap();
+    assert_eq!(manifest.files.len(), n);
+    let run = answer(
+        &polling_export(spec()),
+        EffectResult::ExportCompleted {
+            digest: manifest.digest(),
+        },
+        T0,
+    );
+    assert!(matches!(run.state, SyncState::StagingFiles(_)));
+    run
 }
 
-/// A long error text, as a proxy's HTML error page would give (the machine keeps 300 chars).
-fn long_failure(i: usize) -> EffectResult {
+/// A long error text, as a proxy's HTML error page would give.
+fn long_failure(i: usize, status: u16) -> EffectResult {
     let message = format!(
-        "502 Bad Gateway from upstream while fetching export file {i}: <html><head><title>502 \
+        "{status} from upstream while fetching export file {i}: <html><head><title>502 \
          Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr>\
          <center>nginx/1.25.3</center><p>The upstream server returned an invalid response \
          while the proxy was reading the response header. Request id {i:032x}.</p></body></html>"
     );
     EffectResult::Failed(Failure::new(
         FailureKind::Http {
-            status: 502,
+            status,
             transient_outcome: false,
             outcome: false,
         },
@@ -92,37 +114,68 @@ fn long_failure(i: usize) -> EffectResult {
     ))
 }
 
-/// Marks files `0..count` staged, as `FileStaged` would (bytes, resources per type).
-fn mark_staged(run: &mut SyncRun, count: usize) {
-    let SyncState::StagingFiles(s) = &mut run.state else {
-        panic!("{}", run.state.name())
-    };
-    let t = &mut s.export.files;
-    for row in t.rows.iter_mut().take(count) {
-        row.status = FileStatus::Staged;
+fn table(run: &mut SyncRun) -> &mut pathling_import_core::state::FileTable {
+    match &mut run.state {
+        SyncState::StagingFiles(s) => &mut s.export.files,
+        SyncState::ApplyingDeletions(s) => &mut s.export.files,
+        other => panic!("{}", other.name()),
+    }
+}
+
+/// Marks the first `count` files of this status as `to`, as their results would (bytes,
+/// resources per type), and records what the `error[]` files said at their longest.
+fn settle(run: &mut SyncRun, count: usize, from: FileStatus, to: FileStatus) {
+    let t = table(run);
+    let indexes: Vec<u32> = t
+        .with_status(0, None, from)
+        .filter(|(_, r)| to != FileStatus::Applied || r.kind == FileKind::Deleted)
+        .take(count)
+        .map(|(i, _)| i)
+        .collect();
+    for i in indexes {
+        t.update(i, |r| r.status = to);
         t.bytes += 250_000_000;
-        if row.kind == FileKind::Output {
-            t.resources_by_type[usize::from(row.type_idx)] += 123_456;
+        let ty = usize::from(t.row(i).unwrap().type_idx);
+        t.resources_by_type[ty] += 123_456;
+    }
+    if let SyncState::StagingFiles(s) = &mut run.state {
+        let mut outcomes = OutcomeSummary::default();
+        for i in 0..20 {
+            outcomes.add_line(
+                format!(
+                    r#"{{"resourceType":"OperationOutcome","issue":[{{"severity":"error","code":"processing","diagnostics":"{}"}}]}}"#,
+                    format!("Resource Observation/{i} could not be exported: ").repeat(8)
+                )
+                .as_bytes(),
+            );
         }
+        s.export.source_errors = outcomes;
     }
-    // What five error[] files' OperationOutcomes say, at their longest.
-    let mut outcomes = OutcomeSummary::default();
-    for i in 0..20 {
-        outcomes.add_line(
-            format!(
-                r#"{{"resourceType":"OperationOutcome","issue":[{{"severity":"error","code":"processing","diagnostics":"{}"}}]}}"#,
-                format!("Resource Observation/{i} could not be exported: ").repeat(8)
-            )
-            .as_bytes(),
-        );
+}
+
+/// One batch answered out of order (last first), its first file failing for good: what a
+/// source that cannot serve a few files leaves in the table (a failed file amid staged ones).
+fn batch_with_a_lost_file(run: SyncRun, now: Timestamp) -> SyncRun {
+    let mut run = run;
+    let mut reqs = requests(&run, now);
+    let lost = reqs.remove(0);
+    for req in reqs.into_iter().rev() {
+        run = step_ok(&run, req.id, file_staged(), now);
     }
-    s.export.source_errors = outcomes;
+    step_ok(&run, lost.id, long_failure(lost_index(&lost), 404), now)
+}
+
+fn lost_index(req: &pathling_import_core::effect::Request) -> usize {
+    match req.id {
+        pathling_import_core::effect::EffectId::File { index, .. }
+        | pathling_import_core::effect::EffectId::Deletions { index, .. } => index as usize,
+        other => panic!("{other:?}"),
+    }
 }
 
 /// A source outage at its worst: every file handed out fails with a long error, until the
 /// machine stops handing out fresh files and sleeps. The first file succeeds, so that one
-/// less than a batch is retrying when the next batch of fresh files goes out (the most
-/// retry entries the machine can reach: just under two batches).
+/// less than a batch is retrying when the next batch of fresh files goes out.
 fn outage(run: SyncRun, now: Timestamp) -> SyncRun {
     let mut run = run;
     let mut failed = 0usize;
@@ -132,10 +185,18 @@ fn outage(run: SyncRun, now: Timestamp) -> SyncRun {
             Next::Run { requests } => {
                 for req in requests {
                     let result = if std::mem::take(&mut first) {
-                        file_staged()
+                        match req.id {
+                            pathling_import_core::effect::EffectId::Deletions { .. } => {
+                                EffectResult::DeletionsApplied {
+                                    deleted: 1,
+                                    absent: 0,
+                                }
+                            }
+                            _ => file_staged(),
+                        }
                     } else {
                         failed += 1;
-                        long_failure(failed)
+                        long_failure(failed, 502)
                     };
                     run = step_ok(&run, req.id, result, now);
                 }
@@ -148,31 +209,40 @@ fn outage(run: SyncRun, now: Timestamp) -> SyncRun {
 }
 
 fn retrying(run: &SyncRun) -> usize {
-    match &run.state {
-        SyncState::StagingFiles(s) => s
-            .export
-            .files
-            .rows
-            .iter()
-            .filter(|r| r.failures > 0)
-            .count(),
-        _ => 0,
-    }
+    let files = match &run.state {
+        SyncState::StagingFiles(s) => &s.export.files,
+        SyncState::ApplyingDeletions(s) => &s.export.files,
+        _ => return 0,
+    };
+    files
+        .failing()
+        .filter(|(_, r)| r.status != FileStatus::Failed)
+        .count()
 }
 
-/// Half the files staged, then an outage: the largest `StagingFiles` envelope for `n` files.
-fn mid_staging(n: usize) -> SyncRun {
-    let mut run = staging(spec(), &manifest(n));
-    mark_staged(&mut run, n / 2);
-    let run = outage(run, T0.plus_secs(3_600));
-    assert!(retrying(&run) > 0 || n < 3);
+/// Half the files staged, the most files failed for good that leave the run staging, out of
+/// order answers, then an outage: the largest `StagingFiles` envelope.
+fn mid_staging(base: &SyncRun) -> SyncRun {
+    let mut run = base.clone();
+    let n = files_of(base);
+    settle(&mut run, n / 2, FileStatus::Pending, FileStatus::Staged);
+    let mut now = T0.plus_secs(60);
+    // Batches of 128 files (32 slots × 4); leave pending files for the outage.
+    for _ in 1..MAX_FAILED_FILES.min(n / 2 / 128) {
+        run = batch_with_a_lost_file(run, now);
+        now = now.plus_secs(1);
+    }
+    let run = outage(run, now.plus_secs(3_600));
+    assert!(matches!(run.state, SyncState::StagingFiles(_)));
+    assert!(retrying(&run) > 0);
     run
 }
 
 /// Every file staged: the run is kicking off the import (detecting the Pathling generation).
-fn kicking_off(n: usize) -> SyncRun {
-    let mut run = staging(spec(), &manifest(n));
-    mark_staged(&mut run, n - 1);
+fn kicking_off(base: &SyncRun) -> SyncRun {
+    let mut run = base.clone();
+    let n = files_of(base);
+    settle(&mut run, n - 1, FileStatus::Pending, FileStatus::Staged);
     let last = requests(&run, T0).remove(0);
     let run = step_ok(&run, last.id, file_staged(), T0);
     assert!(
@@ -183,6 +253,63 @@ fn kicking_off(n: usize) -> SyncRun {
     run
 }
 
+/// The import done, half the deletions applied, then the target failing every deletion.
+fn mid_deletions(base: &SyncRun) -> SyncRun {
+    let n = files_of(base);
+    let run = kicking_off(base);
+    let run = answer(
+        &run,
+        EffectResult::PathlingDetected {
+            api: Some(pathling_import_core::spec::PathlingApi::V9),
+            version: Some("9.8.0".into()),
+        },
+        T0,
+    );
+    let run = answer(
+        &run,
+        EffectResult::ImportAccepted {
+            job_url: JOB_URL.into(),
+        },
+        T0,
+    );
+    let mut run = answer(&run, import_completed(), T0);
+    assert!(
+        matches!(run.state, SyncState::ApplyingDeletions(_)),
+        "{}",
+        run.state.name()
+    );
+    let deleted = n * 7 / 100;
+    settle(
+        &mut run,
+        deleted / 2,
+        FileStatus::Staged,
+        FileStatus::Applied,
+    );
+    outage(run, T0.plus_secs(60))
+}
+
+/// Staging stopped by too many files failing for good: the failed run keeps its table (a
+/// resume point) and cleans up the export job.
+fn failed(base: &SyncRun) -> SyncRun {
+    let mut run = base.clone();
+    let n = files_of(base);
+    settle(&mut run, n / 2, FileStatus::Pending, FileStatus::Staged);
+    let mut now = T0.plus_secs(60);
+    while matches!(run.state, SyncState::StagingFiles(_)) {
+        run = batch_with_a_lost_file(run, now);
+        now = now.plus_secs(1);
+    }
+    assert!(run.failing(), "{}", run.state.name());
+    run
+}
+
+fn files_of(run: &SyncRun) -> usize {
+    match &run.state {
+        SyncState::StagingFiles(s) => s.export.files.len(),
+        other => panic!("{}", other.name()),
+    }
+}
+
 fn size(run: &SyncRun) -> usize {
     let text = persist::encode_string(run);
     // What is measured must be what is stored: it decodes to the same run.
@@ -191,59 +318,69 @@ fn size(run: &SyncRun) -> usize {
 }
 
 #[test]
-fn envelope_sizes_by_manifest_size() {
-    println!("files   staging (half staged, outage)   kicking_off_import   retry entries");
-    let mut at_10k = (0, 0);
-    for n in [1usize, 100, 1_000, 10_000] {
-        let staging = mid_staging(n);
-        let import = kicking_off(n);
-        let (s, i) = (size(&staging), size(&import));
+fn the_envelope_stays_within_16_kib_up_to_a_million_files_in_every_phase() {
+    println!(
+        "files      staging     kicking_off   deletions     failed       (bytes; retrying files)"
+    );
+    for n in [1_000usize, 10_000, 100_000, MAX_MANIFEST_FILES] {
+        let base = manifest_run(n);
+        let staging = mid_staging(&base);
+        let sizes = [
+            size(&staging),
+            size(&kicking_off(&base)),
+            size(&mid_deletions(&base)),
+            size(&failed(&base)),
+        ];
         println!(
-            "{n:>6}   {s:>9} bytes ({:>5.1} KiB)      {i:>9} bytes ({:>5.1} KiB)   {}",
-            s as f64 / 1024.0,
-            i as f64 / 1024.0,
+            "{n:>9}  {:>9}   {:>9}     {:>9}     {:>9}    ({} retrying)",
+            sizes[0],
+            sizes[1],
+            sizes[2],
+            sizes[3],
             retrying(&staging)
         );
-        if n == 10_000 {
-            at_10k = (s, i);
+        for (phase, bytes) in ["staging", "kicking_off", "deletions", "failed"]
+            .iter()
+            .zip(sizes)
+        {
+            assert!(bytes <= BUDGET, "{n} files, {phase}: {bytes} bytes");
         }
     }
-    assert!(
-        at_10k.0 < BUDGET_10K,
-        "10,000 files while staging: {} bytes",
-        at_10k.0
-    );
-    assert!(
-        at_10k.1 < BUDGET_10K,
-        "10,000 files at the import: {} bytes",
-        at_10k.1
-    );
-}
-
-#[test]
-fn the_largest_allowed_manifest_fits_a_dynamodb_item() {
-    let n = MAX_MANIFEST_FILES;
-    let staging = size(&mid_staging(n));
-    let import = size(&kicking_off(n));
-    println!(
-        "MAX_MANIFEST_FILES = {n}: staging {staging} bytes ({:.1} KiB), kicking_off_import \
-         {import} bytes ({:.1} KiB); Step Functions allows 262,144 bytes",
-        staging as f64 / 1024.0,
-        import as f64 / 1024.0
-    );
-    assert!(staging < DYNAMODB_BUDGET, "{staging} bytes");
-    assert!(import < DYNAMODB_BUDGET, "{import} bytes");
 }
 
 #[test]
 fn a_source_outage_keeps_few_files_in_the_retry_map() {
-    // 10,000 files, none staged yet, the source down: the machine stops handing out fresh
-    // files once a batch worth (concurrency × 4) is waiting to retry, so the retry map stays
-    // small instead of growing to one long entry per file.
-    let run = outage(staging(spec(), &manifest(10_000)), T0);
+    // 100,000 files, none staged yet, the source down: the machine stops handing out fresh
+    // files once MAX_RETRYING files wait to retry, so the retry map stays small instead of
+    // growing to one long entry per file.
+    let run = outage(manifest_run(100_000), T0);
     let entries = retrying(&run);
     let bytes = size(&run);
-    println!("outage over 10,000 fresh files: {entries} files retrying, {bytes} bytes");
-    assert!(entries <= 2 * 32 * 4, "{entries} files retrying");
-    assert!(bytes < BUDGET_10K, "{bytes} bytes");
+    println!("outage over 100,000 fresh files: {entries} files retrying, {bytes} bytes");
+    assert!(entries <= 2 * MAX_RETRYING, "{entries} files retrying");
+    assert!(bytes <= BUDGET, "{bytes} bytes");
+}
+
+#[test]
+fn an_interleaved_manifest_is_grouped_by_type() {
+    let run = manifest_run(3_000);
+    let SyncState::StagingFiles(s) = &run.state else {
+        panic!()
+    };
+    let t = &s.export.files;
+    // 30 output types, then Bundle, then OperationOutcome: one run each, in first-seen order.
+    let mut groups: Vec<(FileKind, String)> = Vec::new();
+    for r in t.iter() {
+        let g = (r.kind, t.type_name(&r).to_string());
+        if groups.last() != Some(&g) {
+            groups.push(g);
+        }
+    }
+    assert_eq!(groups.len(), 32);
+    assert_eq!(groups[0], (FileKind::Output, "Patient".to_string()));
+    assert_eq!(groups[1], (FileKind::Output, "Observation".to_string()));
+    assert_eq!(
+        groups[31],
+        (FileKind::Error, "OperationOutcome".to_string())
+    );
 }

@@ -643,12 +643,21 @@ fn malformed_envelopes_are_refused() {
     malformed(&|v| v["state"]["phase"] = json!("teleporting"));
     malformed(&|v| v["seq"] = json!("three"));
     malformed(&|v| v["state"]["export"] = json!(null));
-    let m = malformed(&|v| v["state"]["export"]["files"]["status"] = json!("s"));
-    assert!(m.contains("columns differ in length"), "{m}");
-    let m = malformed(&|v| v["state"]["export"]["files"]["status"] = json!("spxppp"));
+    let m = malformed(&|v| v["state"]["export"]["files"]["status"] = json!("s1"));
+    assert!(m.contains("status and layout differ in length"), "{m}");
+    let m = malformed(&|v| v["state"]["export"]["files"]["status"] = json!("s7"));
+    assert!(m.contains("status and layout differ in length"), "{m}");
+    let m = malformed(&|v| v["state"]["export"]["files"]["status"] = json!("s1p1x1p3"));
     assert!(m.contains("unknown status"), "{m}");
-    let m = malformed(&|v| v["state"]["export"]["files"]["type_of"][0] = json!(99));
+    let m = malformed(&|v| v["state"]["export"]["files"]["status"] = json!("s0p6"));
+    assert!(m.contains("bad run length"), "{m}");
+    // A run length that would expand a corrupt file into billions of rows is refused.
+    let m = malformed(&|v| v["state"]["export"]["files"]["layout"] = json!("o0*99999999999"));
+    assert!(m.contains("bad run length"), "{m}");
+    let m = malformed(&|v| v["state"]["export"]["files"]["layout"] = json!("o99*6"));
     assert!(m.contains("out of range"), "{m}");
+    let m = malformed(&|v| v["state"]["export"]["files"]["layout"] = json!("o0-6"));
+    assert!(m.contains("is not {kind}{type}*{rows}"), "{m}");
     let m = malformed(&|v| {
         v["state"]["export"]["files"]["retries"] = json!({"first": [1, 0, "x"]});
     });
@@ -666,7 +675,30 @@ fn the_staging_fixture_keeps_its_retry_entry() {
     let SyncState::StagingFiles(s) = &run.state else {
         panic!()
     };
-    let row = s.export.files.rows[1];
+    let row = s.export.files.row(1).unwrap();
     assert_eq!(row.failures, 1);
-    assert!(s.export.files.errors[&1].contains("connection reset"));
+    assert!(s
+        .export
+        .files
+        .error(1)
+        .unwrap()
+        .contains("connection reset"));
+}
+
+/// v2 stored the file table as columns; upcast, it is the table the generator builds today
+/// (every status, a retry entry with its error).
+#[test]
+fn a_v2_file_table_upcasts_to_the_same_rows() {
+    let files = |run: &SyncRun| match &run.state {
+        SyncState::StagingFiles(s) => s.export.files.clone(),
+        other => panic!("{}", other.name()),
+    };
+    let v2 = std::fs::read(fixtures_root().join("v2/staging_files.json")).unwrap();
+    let old = files(&persist::decode(&v2).unwrap());
+    let new = files(&staging_files());
+    assert_eq!(
+        old.iter().collect::<Vec<_>>(),
+        new.iter().collect::<Vec<_>>()
+    );
+    assert_eq!(old, new);
 }

@@ -765,7 +765,7 @@ fn manifest_with_files_moves_to_staging() {
         s.export.manifest_key,
         next.spec.staging.manifest_key(RUN_ID)
     );
-    assert_eq!(s.export.files.rows.len(), 5);
+    assert_eq!(s.export.files.len(), 5);
     assert_eq!(
         s.export.files.types,
         ["Patient", "Observation", "Bundle", "OperationOutcome"]
@@ -773,7 +773,6 @@ fn manifest_with_files_moves_to_staging() {
     assert!(s
         .export
         .files
-        .rows
         .iter()
         .all(|r| r.status == FileStatus::Pending && r.failures == 0));
     assert_eq!(s.stall_deadline, at(620));
@@ -929,7 +928,7 @@ fn a_staged_file_is_recorded_and_renews_the_stall_deadline() {
     );
 
     let s = staging_state(&next);
-    assert_eq!(s.export.files.rows[1].status, FileStatus::Staged);
+    assert_eq!(s.export.files.row(1).unwrap().status, FileStatus::Staged);
     assert_eq!(s.export.files.bytes, 4_096);
     assert_eq!(s.export.files.resources_by_type, [0, 17, 0, 0]);
     assert_eq!(s.stall_deadline, at(700));
@@ -1008,11 +1007,16 @@ fn per_file_transient_failure_is_retried_later_with_a_new_attempt() {
     let next = step_ok(&run, req.id, network(), at(1));
 
     let s = staging_state(&next);
-    let row = s.export.files.rows[2];
+    let row = s.export.files.row(2).unwrap();
     assert_eq!(row.status, FileStatus::Pending);
     assert_eq!(row.failures, 1);
     assert!(row.not_before > at(1));
-    assert!(s.export.files.errors[&2].contains("connection reset"));
+    assert!(s
+        .export
+        .files
+        .error(2)
+        .unwrap()
+        .contains("connection reset"));
     // Not handed out before its time, then with attempt 1.
     let now_ids: Vec<EffectId> = requests(&next, at(1)).iter().map(|r| r.id).collect();
     assert!(!now_ids
@@ -1034,7 +1038,7 @@ fn staging_sleeps_until_the_earliest_retry_when_only_retries_remain() {
     let reqs = requests(&run, T0);
     let run = step_ok(&run, reqs[0].id, file_staged(), T0);
     let run = step_ok(&run, reqs[1].id, network(), T0);
-    let nb = staging_state(&run).export.files.rows[1].not_before;
+    let nb = staging_state(&run).export.files.row(1).unwrap().not_before;
 
     assert_eq!(sleep_until(&run, T0), nb);
 }
@@ -1044,7 +1048,7 @@ fn a_file_staged_after_failures_forgets_them() {
     let run = staging(spec(), &[(OUT, "Patient"), (OUT, "Observation")]);
     let reqs = requests(&run, T0);
     let run = step_ok(&run, reqs[0].id, network(), T0);
-    let nb = staging_state(&run).export.files.rows[0].not_before;
+    let nb = staging_state(&run).export.files.row(0).unwrap().not_before;
     let retry = requests(&run, nb).remove(0);
     assert_eq!(
         retry.id,
@@ -1057,9 +1061,13 @@ fn a_file_staged_after_failures_forgets_them() {
     let next = step_ok(&run, retry.id, file_staged(), nb);
 
     let t = &staging_state(&next).export.files;
-    assert_eq!(t.rows[0].status, FileStatus::Staged);
-    assert_eq!(t.rows[0].failures, 0, "deletions count their own attempts");
-    assert!(!t.errors.contains_key(&0));
+    assert_eq!(t.row(0).unwrap().status, FileStatus::Staged);
+    assert_eq!(
+        t.row(0).unwrap().failures,
+        0,
+        "deletions count their own attempts"
+    );
+    assert!(t.error(0).is_none());
 }
 
 #[test]
@@ -1125,7 +1133,7 @@ fn per_file_retries_spent_fail_naming_the_file() {
     for _ in 0..2 {
         let req = requests(&run, now).remove(0);
         run = step_ok(&run, req.id, network(), now);
-        now = staging_state(&run).export.files.rows[0].not_before;
+        now = staging_state(&run).export.files.row(0).unwrap().not_before;
     }
     let req = requests(&run, now).remove(0);
     assert_eq!(
@@ -1156,7 +1164,7 @@ fn staging_fails_when_no_file_is_staged_within_the_transfer_patience() {
     assert_eq!(stall, at(60));
     let req = requests(&run, T0).remove(0);
     let run = step_ok(&run, req.id, network(), at(10));
-    let nb = staging_state(&run).export.files.rows[0].not_before;
+    let nb = staging_state(&run).export.files.row(0).unwrap().not_before;
     assert!(nb <= stall);
 
     let req = requests(&run, at(61)).remove(0);
@@ -1178,7 +1186,10 @@ fn per_file_retry_after_is_honoured() {
 
     let next = step_ok(&run, req.id, failed(f), T0);
 
-    assert_eq!(staging_state(&next).export.files.rows[0].not_before, at(90));
+    assert_eq!(
+        staging_state(&next).export.files.row(0).unwrap().not_before,
+        at(90)
+    );
 }
 
 #[test]
@@ -1191,10 +1202,10 @@ fn fresh_files_wait_while_a_batch_worth_of_files_is_retrying() {
         run = step_ok(&run, req.id, network(), T0);
     }
     let t = &staging_state(&run).export.files;
-    assert_eq!(t.rows.iter().filter(|r| r.failures > 0).count(), 4);
+    assert_eq!(t.iter().filter(|r| r.failures > 0).count(), 4);
 
     // Files 4 and 5 are fresh and due, yet the run sleeps until the first retry.
-    let first_retry = t.rows[..4].iter().map(|r| r.not_before).min().unwrap();
+    let first_retry = t.iter().take(4).map(|r| r.not_before).min().unwrap();
     assert_eq!(sleep_until(&run, T0), first_retry);
     let reqs = requests(&run, first_retry);
     assert!(reqs
@@ -1206,7 +1217,6 @@ fn fresh_files_wait_while_a_batch_worth_of_files_is_retrying() {
     let due = staging_state(&run)
         .export
         .files
-        .rows
         .iter()
         .map(|r| r.not_before)
         .max()
@@ -2108,7 +2118,7 @@ fn deletions_applied_mark_each_file_then_succeed_with_the_counts() {
         T0,
     );
     let s = deleting(&run);
-    assert_eq!(s.export.files.rows[1].status, FileStatus::Applied);
+    assert_eq!(s.export.files.row(1).unwrap().status, FileStatus::Applied);
     assert_eq!((s.deleted, s.absent), (5, 1));
 
     let done = step_ok(
@@ -2165,7 +2175,7 @@ fn deletion_transient_failure_is_retried_with_a_new_attempt() {
 
     let next = step_ok(&run, req.id, http(503, "busy"), T0);
 
-    let row = deleting(&next).export.files.rows[1];
+    let row = deleting(&next).export.files.row(1).unwrap();
     assert_eq!(row.status, FileStatus::Staged);
     assert_eq!(row.failures, 1);
     let retry = requests(&next, row.not_before);
@@ -2205,7 +2215,7 @@ fn deletion_retries_spent_fail() {
     run = answer(&run, import_completed(), T0);
     let req = requests(&run, T0).remove(0);
     run = step_ok(&run, req.id, network(), T0);
-    let nb = deleting(&run).export.files.rows[1].not_before;
+    let nb = deleting(&run).export.files.row(1).unwrap().not_before;
     let req = requests(&run, nb).remove(0);
 
     let next = step_ok(&run, req.id, network(), nb);
@@ -2221,7 +2231,7 @@ fn staging_failures_do_not_count_against_the_deletion_retries() {
     let run = staging(spec, &[(DEL, "Bundle")]);
     let req = requests(&run, T0).remove(0);
     let run = step_ok(&run, req.id, network(), T0);
-    let nb = staging_state(&run).export.files.rows[0].not_before;
+    let nb = staging_state(&run).export.files.row(0).unwrap().not_before;
     let req = requests(&run, nb).remove(0);
     let run = step_ok(&run, req.id, file_staged(), nb);
     let req = requests(&run, nb).remove(0);
@@ -2236,7 +2246,7 @@ fn staging_failures_do_not_count_against_the_deletion_retries() {
     let next = step_ok(&run, req.id, network(), nb);
 
     assert_eq!(
-        deleting(&next).export.files.rows[0].failures,
+        deleting(&next).export.files.row(0).unwrap().failures,
         1,
         "one retry left"
     );
@@ -2766,14 +2776,15 @@ fn a_retry_after_a_staging_failure_stages_only_what_is_missing() {
     assert!(p.resuming.is_some());
     let retried = answer(&retried, export_completed(FILES), at(100));
     let s = staging_state(&retried);
-    assert_eq!(s.export.files.rows[0].status, FileStatus::Staged);
-    assert_eq!(s.export.files.rows[2].status, FileStatus::Staged);
-    assert_eq!(s.export.files.rows[1].status, FileStatus::Pending);
+    assert_eq!(s.export.files.row(0).unwrap().status, FileStatus::Staged);
+    assert_eq!(s.export.files.row(2).unwrap().status, FileStatus::Staged);
+    assert_eq!(s.export.files.row(1).unwrap().status, FileStatus::Pending);
     assert_eq!(
-        s.export.files.rows[1].failures, 0,
+        s.export.files.row(1).unwrap().failures,
+        0,
         "a fresh set of attempts"
     );
-    assert!(s.export.files.errors.is_empty());
+    assert!((0..s.export.files.len() as u32).all(|i| s.export.files.error(i).is_none()));
     let asked: Vec<u32> = requests(&retried, at(100))
         .iter()
         .map(|r| match r.id {
@@ -2911,11 +2922,10 @@ fn a_retried_export_with_another_manifest_is_staged_anew() {
     let other = &[(OUT, "Patient"), (OUT, "Condition")];
     let next = answer(&retried, export_completed(other), at(3));
     let s = staging_state(&next);
-    assert_eq!(s.export.files.rows.len(), 2);
+    assert_eq!(s.export.files.len(), 2);
     assert!(s
         .export
         .files
-        .rows
         .iter()
         .all(|r| r.status == FileStatus::Pending));
 }
@@ -3227,4 +3237,82 @@ fn several_failed_files_are_counted_in_the_reason() {
         "{reason}"
     );
     assert!(reason.ends_with("(and 1 other file(s))"), "{reason}");
+}
+
+/// A source that cannot serve many files is broken: once MAX_FAILED_FILES files failed for
+/// good, staging stops (files in flight are abandoned) and the run fails, keeping its export
+/// so that a retry continues with every file not staged yet.
+#[test]
+fn staging_stops_once_too_many_files_failed_for_good() {
+    use pathling_import_core::machine::MAX_FAILED_FILES;
+    let files: Vec<(FileKind, &str)> = (0..200).map(|_| (OUT, "Patient")).collect();
+    let mut run = staging(spec_with(&[("TRANSFER_CONCURRENCY", "8")]), &files);
+    let mut lost = 0;
+    while matches!(run.state, SyncState::StagingFiles(_)) {
+        // Each batch: its first file is gone at the source, the second is staged.
+        let reqs = requests(&run, at(1));
+        run = step_ok(&run, reqs[0].id, http(404, "Not Found"), at(1));
+        lost += 1;
+        if let (Some(second), SyncState::StagingFiles(_)) = (reqs.get(1), &run.state) {
+            run = step_ok(&run, second.id, file_staged(), at(1));
+        }
+    }
+    assert_eq!(lost, MAX_FAILED_FILES);
+    let (phase, reason) = failure_of(&run);
+    assert_eq!(phase, "staging_files");
+    assert!(
+        reason.starts_with("could not stage output[0] Patient: HTTP 404")
+            && reason.ends_with(&format!("(and {} other file(s))", MAX_FAILED_FILES - 1)),
+        "{reason}"
+    );
+    // Most files were never tried: a retry stages them, and the failed ones again.
+    let failed = match &run.state {
+        SyncState::CleaningUp(c) => c.then.clone().into_state(),
+        other => other.clone(),
+    };
+    let SyncState::Failed(f) = &failed else {
+        panic!("{failed:?}")
+    };
+    let resume = f.resume.as_ref().expect("a resume point");
+    assert_eq!(resume.from, ResumeFrom::StagingFiles);
+    let t = &resume.export.files;
+    assert_eq!(t.count_of(None, FileStatus::Failed), MAX_FAILED_FILES);
+    assert_eq!(t.count_of(None, FileStatus::Staged), MAX_FAILED_FILES - 1);
+    assert_eq!(
+        t.count_of(None, FileStatus::Pending),
+        200 - 2 * MAX_FAILED_FILES + 1
+    );
+}
+
+/// Error texts are for people, and each costs room in the envelope: the table keeps those
+/// of the MAX_ERRORS lowest-indexed files, sparing files that failed for good (the run's
+/// failure names the first of them).
+#[test]
+fn the_table_keeps_the_errors_of_a_few_files_and_spares_failed_ones() {
+    use pathling_import_core::file_table::MAX_ERRORS;
+    let files: Vec<(FileKind, &str)> = (0..40).map(|_| (OUT, "Patient")).collect();
+    let run = staging(spec_with(&[("TRANSFER_CONCURRENCY", "8")]), &files);
+    let reqs = requests(&run, T0);
+    assert!(reqs.len() > MAX_ERRORS + 2);
+    // The last file of the batch fails for good, every other one fails for now.
+    let (last, rest) = reqs.split_last().unwrap();
+    let mut run = step_ok(&run, last.id, http(404, "gone for good"), T0);
+    for req in rest {
+        run = step_ok(&run, req.id, network(), T0);
+    }
+    let t = &staging_state(&run).export.files;
+    let kept: Vec<u32> = (0..40).filter(|i| t.error(*i).is_some()).collect();
+    assert_eq!(kept.len(), MAX_ERRORS, "{kept:?}");
+    let failed_index = match last.id {
+        EffectId::File { index, .. } => index,
+        other => panic!("{other:?}"),
+    };
+    assert!(kept.contains(&failed_index), "{kept:?}");
+    assert!(t.error(failed_index).unwrap().contains("gone for good"));
+    assert_eq!(
+        &kept[..MAX_ERRORS - 1],
+        &(0..MAX_ERRORS as u32 - 1).collect::<Vec<_>>()[..]
+    );
+    // Every retrying file still has its schedule, error text or not.
+    assert_eq!(t.failing().count(), reqs.len());
 }

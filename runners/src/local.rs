@@ -569,14 +569,11 @@ pub fn status(path: &Path, json: bool, out: &dyn Say) -> u8 {
         run.started_at
     );
     if let SyncState::StagingFiles(s) = &run.state {
-        let rows = &s.export.files.rows;
-        let staged = rows
-            .iter()
-            .filter(|r| r.status == FileStatus::Staged)
-            .count();
+        let files = &s.export.files;
+        let staged = files.count_of(None, FileStatus::Staged);
         println!(
             "{staged}/{} file(s) staged, {:.1} MB",
-            rows.len(),
+            files.len(),
             s.export.files.bytes as f64 / 1e6
         );
     }

@@ -523,12 +523,9 @@ fn status_line(run: &SyncRun, stopped: &Stopped) -> String {
     let phase = run.state.name();
     match &run.state {
         SyncState::StagingFiles(s) => {
-            let rows = &s.export.files.rows;
-            let staged = rows
-                .iter()
-                .filter(|r| r.status != FileStatus::Pending)
-                .count();
-            format!("{phase}: {staged}/{} file(s) staged", rows.len())
+            let files = &s.export.files;
+            let staged = files.len() - files.count_of(None, FileStatus::Pending);
+            format!("{phase}: {staged}/{} file(s) staged", files.len())
         }
         SyncState::PollingExport(p) => with_progress(phase, p.progress.as_deref()),
         SyncState::PollingImport(p) => with_progress(phase, p.progress.as_deref()),

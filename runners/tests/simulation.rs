@@ -324,7 +324,7 @@ fn a_permanently_failing_file_fails_the_run_naming_it() {
     let (phase, reason) = failed(&outcome);
     assert_eq!(phase, "staging_files");
     assert!(
-        reason.starts_with("could not stage output[3] Condition: HTTP 403"),
+        reason.starts_with("could not stage output[3] Encounter: HTTP 403"),
         "{reason}"
     );
     assert!(world.accepted_import.is_none());
@@ -389,14 +389,9 @@ fn a_source_outage_during_staging_keeps_few_files_in_retry() {
         .events
         .iter()
         .filter_map(|e| match &e.after.as_ref().unwrap().state {
-            pathling_import_core::state::SyncState::StagingFiles(s) => Some(
-                s.export
-                    .files
-                    .rows
-                    .iter()
-                    .filter(|r| r.failures > 0)
-                    .count(),
-            ),
+            pathling_import_core::state::SyncState::StagingFiles(s) => {
+                Some(s.export.files.failing().count())
+            }
             _ => None,
         })
         .max()
@@ -1129,7 +1124,6 @@ fn unsaved_files_are_saved_after_the_interval_while_a_large_file_still_moves() {
             SyncState::StagingFiles(s) => s
                 .export
                 .files
-                .rows
                 .iter()
                 .filter(|r| r.status != FileStatus::Pending)
                 .count(),

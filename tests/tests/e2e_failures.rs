@@ -229,9 +229,7 @@ async fn a_missing_file_fails_the_run_naming_it() {
         "the export job is kept for a retry"
     );
     // The other files were staged while the run went on without the missing one.
-    let status = state["state"]["resume"]["export"]["files"]["status"]
-        .as_str()
-        .unwrap();
+    let status = statuses(&state["state"]["resume"]["export"]["files"]).unwrap();
     assert_eq!(status.matches('f').count(), 1, "{status}");
     assert_eq!(status.matches('s').count(), status.len() - 1, "{status}");
     let completed_before = w.src.stats().files_completed;

@@ -289,7 +289,6 @@ fn staged_files(run: &SyncRun) -> usize {
         SyncState::StagingFiles(s) => s
             .export
             .files
-            .rows
             .iter()
             .filter(|r| r.status != FileStatus::Pending)
             .count(),

@@ -368,14 +368,8 @@ impl Progress {
                     .unwrap_or_default()
             ),
             SyncState::StagingFiles(s) => {
-                let total = s.export.files.rows.len();
-                let staged = s
-                    .export
-                    .files
-                    .rows
-                    .iter()
-                    .filter(|r| r.status != FileStatus::Pending)
-                    .count();
+                let total = s.export.files.len();
+                let staged = total - s.export.files.count_of(None, FileStatus::Pending);
                 let bytes = self.counters.bytes_downloaded.load(Ordering::Relaxed);
                 let secs = self.started.elapsed().as_secs_f64().max(0.001);
                 format!(

@@ -383,18 +383,14 @@ impl Handlers {
     fn transfer_outcome(&self, run: &SyncRun, stopped: &Stopped) -> Result<Value, LambdaFailure> {
         let export = match &run.state {
             SyncState::StagingFiles(s) => {
-                let rows = &s.export.files.rows;
-                let staged = rows
-                    .iter()
-                    .filter(|r| r.status == FileStatus::Staged)
-                    .count();
+                let staged = s.export.files.count_of(None, FileStatus::Staged);
                 let when = match stopped {
                     Stopped::Sleeping { until } => format!("; next retry at {until}"),
                     _ => String::new(),
                 };
                 return Err(LambdaFailure::job_in_progress(format!(
                     "Transfer in progress: {staged}/{} file(s) staged (run {}){when}",
-                    rows.len(),
+                    s.export.files.len(),
                     run.run_id
                 )));
             }

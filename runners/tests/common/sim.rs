@@ -175,7 +175,7 @@ impl Plan {
             kickoff: Fault::None,
             hiccups: Vec::new(),
             export_gone: false,
-            files,
+            files: Plan::grouped(files),
             generation: PathlingApi::V9,
             reports_version: true,
             detect: Fault::None,
@@ -188,7 +188,26 @@ impl Plan {
         }
     }
 
-    /// `n` output files over a few types, in manifest order.
+    /// Files in the order the machine indexes them: by array, then by type in the order types
+    /// first appear (what `parse_manifest` makes of any manifest). [`Plan::manifest_json`]
+    /// lists them interleaved, so the grouping is exercised.
+    pub fn grouped(mut files: Vec<PlanFile>) -> Vec<PlanFile> {
+        let mut rank: Vec<String> = Vec::new();
+        for f in &files {
+            if !rank.contains(&f.type_name) {
+                rank.push(f.type_name.clone());
+            }
+        }
+        let array = |k: FileKind| match k {
+            FileKind::Output => 0,
+            FileKind::Deleted => 1,
+            FileKind::Error => 2,
+        };
+        files.sort_by_key(|f| (array(f.kind), rank.iter().position(|t| *t == f.type_name)));
+        files
+    }
+
+    /// `n` output files over a few types, in the machine's order (grouped by type).
     pub fn outputs(n: usize) -> Vec<PlanFile> {
         const TYPES: [&str; 5] = [
             "Patient",
@@ -197,9 +216,11 @@ impl Plan {
             "Condition",
             "MedicationRequest",
         ];
-        (0..n)
-            .map(|i| PlanFile::ok(FileKind::Output, TYPES[i % TYPES.len()]))
-            .collect()
+        Plan::grouped(
+            (0..n)
+                .map(|i| PlanFile::ok(FileKind::Output, TYPES[i % TYPES.len()]))
+                .collect(),
+        )
     }
 
     /// A random plan: every kind of fault the world knows, with small counts.
@@ -253,7 +274,7 @@ impl Plan {
             kickoff: fault(&mut rng, 30, 3),
             hiccups,
             export_gone: rng.chance(3),
-            files,
+            files: Plan::grouped(files),
             generation: if rng.chance(50) {
                 PathlingApi::V9
             } else {
@@ -386,6 +407,17 @@ pub struct World {
 
 impl World {
     pub fn new(spec: &RunSpec, plan: &Plan) -> Self {
+        let order = |files: &[PlanFile]| -> Vec<(FileKind, String)> {
+            files
+                .iter()
+                .map(|f| (f.kind, f.type_name.clone()))
+                .collect()
+        };
+        assert_eq!(
+            order(&plan.files),
+            order(&Plan::grouped(plan.files.clone())),
+            "a plan lists its files in the machine's order: build it with Plan::grouped"
+        );
         World {
             spec: spec.clone(),
             plan: plan.clone(),
@@ -425,13 +457,26 @@ impl World {
             };
             json!({"type": f.type_name, "url": url, "count": 10})
         };
+        // Each array lists its types round-robin (a server may interleave them), keeping the
+        // order in which types first appear: the machine's grouping gives the plan's order.
         let array = |kind: FileKind| -> Vec<Value> {
-            self.plan
+            let mut groups: Vec<Vec<(usize, &PlanFile)>> = Vec::new();
+            for (i, f) in self
+                .plan
                 .files
                 .iter()
                 .enumerate()
                 .filter(|(_, f)| f.kind == kind)
-                .map(|(i, f)| item(i, f))
+            {
+                match groups.last_mut() {
+                    Some(g) if g[0].1.type_name == f.type_name => g.push((i, f)),
+                    _ => groups.push(vec![(i, f)]),
+                }
+            }
+            let longest = groups.iter().map(Vec::len).max().unwrap_or(0);
+            (0..longest)
+                .flat_map(|round| groups.iter().filter_map(move |g| g.get(round)))
+                .map(|(i, f)| item(*i, f))
                 .collect()
         };
         json!({

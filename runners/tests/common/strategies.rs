@@ -101,7 +101,7 @@ pub fn plan() -> impl Strategy<Value = Plan> {
                 kickoff,
                 hiccups,
                 export_gone,
-                files: o.into_iter().chain(d).chain(e).collect(),
+                files: Plan::grouped(o.into_iter().chain(d).chain(e).collect()),
                 generation,
                 reports_version,
                 detect,

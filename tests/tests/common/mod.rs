@@ -525,11 +525,26 @@ pub fn phase_of(state: &Value) -> &str {
     state["state"]["phase"].as_str().unwrap_or("")
 }
 
-/// The file table's status column (`"sspp"`), when the state has one.
+/// A file table's status, one character per file (`"sspp"`), decoded from the stored runs.
+pub fn statuses(files: &Value) -> Option<String> {
+    use pathling_import_core::state::{FileStatus, FileTable};
+    let table: FileTable = serde_json::from_value(files.clone()).ok()?;
+    Some(
+        table
+            .iter()
+            .map(|r| match r.status {
+                FileStatus::Pending => 'p',
+                FileStatus::Staged => 's',
+                FileStatus::Applied => 'a',
+                FileStatus::Failed => 'f',
+            })
+            .collect(),
+    )
+}
+
+/// The state's file table status (see [`statuses`]), when the state has one.
 pub fn file_status(state: &Value) -> Option<String> {
-    state["state"]["export"]["files"]["status"]
-        .as_str()
-        .map(str::to_string)
+    statuses(&state["state"]["export"]["files"])
 }
 
 /// Indexes of files staged according to an envelope.
