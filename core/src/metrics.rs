@@ -52,10 +52,14 @@ pub enum Metric {
     RunsCancelled,
     /// How long a run took, from its start to its end.
     RunDuration,
+    /// Writes of the run's state (a DynamoDB item or the state file; what DynamoDB bills).
+    StateWrites,
+    /// Bytes of those writes.
+    StateBytes,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 9] = [
+    pub const ALL: [Metric; 11] = [
         Metric::FilesStaged,
         Metric::BytesStaged,
         Metric::ResourcesStaged,
@@ -65,6 +69,8 @@ impl Metric {
         Metric::RunsFailed,
         Metric::RunsCancelled,
         Metric::RunDuration,
+        Metric::StateWrites,
+        Metric::StateBytes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,12 +84,14 @@ impl Metric {
             Metric::RunsFailed => "RunsFailed",
             Metric::RunsCancelled => "RunsCancelled",
             Metric::RunDuration => "RunDuration",
+            Metric::StateWrites => "StateWrites",
+            Metric::StateBytes => "StateBytes",
         }
     }
 
     pub fn unit(self) -> Unit {
         match self {
-            Metric::BytesStaged => Unit::Bytes,
+            Metric::BytesStaged | Metric::StateBytes => Unit::Bytes,
             Metric::PhaseDuration | Metric::RunDuration => Unit::Milliseconds,
             _ => Unit::Count,
         }
@@ -115,6 +123,17 @@ impl Sample {
             phase: Some(phase),
         }
     }
+}
+
+/// The samples of a save of the run that wrote `bytes` (none when nothing was written).
+pub fn saved(bytes: u64) -> Vec<Sample> {
+    if bytes == 0 {
+        return Vec::new();
+    }
+    vec![
+        Sample::total(Metric::StateWrites, 1),
+        Sample::total(Metric::StateBytes, bytes),
+    ]
 }
 
 /// The samples of an accepted result at `now`: `before` is the run the request was made from,

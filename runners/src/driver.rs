@@ -20,8 +20,12 @@ use std::time::Duration;
 /// last read or wrote (same run, same `seq`), so that two workers can never both advance the
 /// same run. `run.seq` is greater than that one's, not necessarily by one: the driver leaves
 /// out saves of intermediate per-file steps (see [`DriveOptions::save_interval`]).
+///
+/// A save answers how many bytes it wrote to durable storage (0 when the store keeps the run
+/// elsewhere, as the Step Functions payload does): observers count them
+/// ([`Observer::saved`]), so that what a run costs in writes can be seen and tested.
 pub trait RunStore {
-    fn save(&mut self, run: &SyncRun) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn save(&mut self, run: &SyncRun) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +89,8 @@ pub trait Observer: Send + Sync {
     ) {
     }
     fn rejected(&self, _request: &Request, _why: &str) {}
+    /// The driver saved `run`, writing `bytes` bytes.
+    fn saved(&self, _run: &SyncRun, _bytes: u64) {}
 }
 
 /// Several observers as one (the progress display, the log observer, the event log, the
@@ -105,6 +111,42 @@ impl Observer for All<'_> {
     }
     fn rejected(&self, request: &Request, why: &str) {
         self.0.iter().for_each(|o| o.rejected(request, why));
+    }
+    fn saved(&self, run: &SyncRun, bytes: u64) {
+        self.0.iter().for_each(|o| o.saved(run, bytes));
+    }
+}
+
+/// Counts a drive's saves: how often the run was written, how many bytes in all, and the
+/// largest write (what the CLI reports and the tests check; the Lambda runners publish the
+/// same as metrics).
+#[derive(Default)]
+pub struct SaveCount {
+    writes: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+    largest: std::sync::atomic::AtomicU64,
+}
+
+impl SaveCount {
+    /// `(writes, bytes, largest)` so far.
+    pub fn figures(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.writes.load(Relaxed),
+            self.bytes.load(Relaxed),
+            self.largest.load(Relaxed),
+        )
+    }
+}
+
+impl Observer for SaveCount {
+    fn saved(&self, _run: &SyncRun, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if bytes > 0 {
+            self.writes.fetch_add(1, Relaxed);
+            self.bytes.fetch_add(bytes, Relaxed);
+            self.largest.fetch_max(bytes, Relaxed);
+        }
     }
 }
 
@@ -242,7 +284,7 @@ pub async fn drive_until<S: RunStore, E: Effects>(
 ) -> Result<(SyncRun, Stopped), DriveError> {
     let clock = options.clock.as_ref();
     let mut interrupt = std::pin::pin!(interrupt);
-    let mut saves = Saves::new(clock.now());
+    let mut saves = Saves::new(clock.now(), observer);
     let interval_ms = u64::try_from(options.save_interval.as_millis()).unwrap_or(u64::MAX);
     loop {
         if stop(&run) {
@@ -406,18 +448,20 @@ pub async fn drive_until<S: RunStore, E: Effects>(
 }
 
 /// Which steps of a drive are not yet saved (see [`DriveOptions::save_interval`]).
-struct Saves {
+struct Saves<'a> {
     /// When the run was last saved.
     last: Timestamp,
     /// A stepped run has not been saved yet.
     pending: bool,
+    observer: &'a dyn Observer,
 }
 
-impl Saves {
-    fn new(now: Timestamp) -> Self {
+impl<'a> Saves<'a> {
+    fn new(now: Timestamp, observer: &'a dyn Observer) -> Self {
         Saves {
             last: now,
             pending: false,
+            observer,
         }
     }
 
@@ -427,7 +471,8 @@ impl Saves {
         run: &SyncRun,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        store.save(run).await?;
+        let bytes = store.save(run).await?;
+        self.observer.saved(run, bytes);
         self.last = now;
         self.pending = false;
         Ok(())

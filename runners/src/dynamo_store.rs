@@ -380,7 +380,8 @@ impl DynamoStore {
             }
             None => "attribute_not_exists(#env)",
         };
-        self.write_current(run, guard, names, values).await
+        self.write_current(run, guard, names, values).await?;
+        Ok(())
     }
 
     /// Gives the lease up (if still ours). Errors are only logged: an unreleased lease merely
@@ -416,9 +417,14 @@ impl DynamoStore {
         guard: &str,
         mut names: HashMap<String, String>,
         mut values: HashMap<String, AttributeValue>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let t = self.table.table_clock().now();
         let mut item = encode_item(run, t)?;
+        // What the write costs is its envelope (the other attributes are a few dozen bytes).
+        let bytes = item
+            .get("envelope")
+            .and_then(|e| e.as_s().ok())
+            .map_or(0, |e| e.len() as u64);
         let mut take = |name: &str| item.remove(name).unwrap_or(AttributeValue::Null(true));
         let expires = t.plus_ms(ms(self.table.lease));
         names.extend([
@@ -493,7 +499,7 @@ impl DynamoStore {
                 tracing::warn!(run_id = %run.run_id, "writing the finished run's history item failed (retried before the next run): {e}");
             }
         }
-        Ok(())
+        Ok(bytes)
     }
 
     async fn write_history(&self, run: &SyncRun) -> Result<(), StoreError> {
@@ -525,7 +531,7 @@ impl DynamoStore {
 }
 
 impl RunStore for DynamoStore {
-    async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+    async fn save(&mut self, run: &SyncRun) -> Result<u64, StoreError> {
         // The item must still hold the run as this store last read or wrote it.
         let expected = match &self.current {
             Some((run_id, seq)) if *run_id == run.run_id => *seq,

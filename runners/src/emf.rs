@@ -4,7 +4,8 @@
 //!
 //! What is published ([`pathling_import_core::metrics`] derives it from each step):
 //! - per invocation, one line of totals (`FilesStaged`, `BytesStaged`, `ResourcesStaged`,
-//!   `Retries`) with the dimension `Runner`;
+//!   `Retries`, and `StateWrites` / `StateBytes` where the state is written to DynamoDB) with
+//!   the dimension `Runner`;
 //! - as they happen, `PhaseDuration` when a phase ends, and `RunsSucceeded` / `RunsFailed` /
 //!   `RunsCancelled` with `RunDuration` when a run ends, with the dimensions `Runner` and
 //!   `Phase` (the phase that ended; the phase a run failed or was cancelled in), and again
@@ -158,6 +159,10 @@ impl Observer for Emf {
     fn stepped(&self, before: &SyncRun, after: &SyncRun, request: &Request, result: &EffectResult) {
         let at = now();
         self.publish(metrics::stepped(before, request, result, after, at), at);
+    }
+
+    fn saved(&self, _run: &SyncRun, bytes: u64) {
+        self.publish(metrics::saved(bytes), now());
     }
 }
 

@@ -174,10 +174,11 @@ impl FileStore {
     /// Replaces the stored run with another one (a new run after the previous ended, or one
     /// that replaces a corrupt file).
     pub fn replace(&mut self, run: &SyncRun) -> Result<(), StoreError> {
-        self.write(run)
+        self.write(run).map(|_| ())
     }
 
-    fn write(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+    /// Writes the run durably; answers the bytes written.
+    fn write(&mut self, run: &SyncRun) -> Result<u64, StoreError> {
         let text = serde_json::to_vec_pretty(&persist::encode(run))
             .map_err(|e| StoreError::Io(e.to_string()))?;
         let tmp = sibling(&self.path, ".tmp");
@@ -196,12 +197,12 @@ impl FileStore {
         })();
         result.map_err(|e| StoreError::Io(format!("{}: {e}", self.path.display())))?;
         self.seq = Some(run.seq);
-        Ok(())
+        Ok(text.len() as u64)
     }
 }
 
 impl RunStore for FileStore {
-    async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+    async fn save(&mut self, run: &SyncRun) -> Result<u64, StoreError> {
         // The file is locked: the only writer is this store, so the run only has to move on.
         if let Some(last) = self.seq.filter(|last| run.seq <= *last) {
             return Err(StoreError::Conflict { expected: last });

@@ -416,16 +416,25 @@ async fn drive_to_end(
     }
     let observer = observe(executor.counters.clone());
     let options = DriveOptions::new(Duration::MAX, None);
+    let saves = driver::SaveCount::default();
     let result = driver::drive(
         run.clone(),
         executor,
         store,
         &options,
-        &All(&[observer.as_ref(), log]),
+        &All(&[observer.as_ref(), log, &saves]),
         interrupt,
     )
     .await;
     drop(observer);
+    let (writes, bytes, largest) = saves.figures();
+    tracing::info!(
+        run_id = %run.run_id,
+        writes,
+        bytes,
+        largest,
+        "state file written {writes} time(s), {bytes} bytes in all, {largest} at most"
+    );
     let (run, stopped) = match result {
         Ok(x) => x,
         Err(e) => {

@@ -347,12 +347,13 @@ struct PayloadStore {
 }
 
 impl RunStore for PayloadStore {
-    async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+    async fn save(&mut self, run: &SyncRun) -> Result<u64, StoreError> {
         if let Some(previous) = self.seq.filter(|previous| run.seq <= *previous) {
             return Err(StoreError::Conflict { expected: previous });
         }
         self.seq = Some(run.seq);
-        Ok(())
+        // Nothing is written: the task's answer carries the run.
+        Ok(0)
     }
 }
 

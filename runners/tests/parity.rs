@@ -175,7 +175,7 @@ impl RunStore for ItemStore {
     /// Conditional, as `DynamoStore::save`: the lease is ours, and the item still holds this
     /// run at the `seq` this store last read or wrote (the driver may leave out saves of
     /// per-file steps, so `run.seq` may be further ahead than one).
-    async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+    async fn save(&mut self, run: &SyncRun) -> Result<u64, StoreError> {
         let expected = self.seen;
         let seq = self
             .item
@@ -191,7 +191,7 @@ impl RunStore for ItemStore {
         }
         self.item = dynamo_store::encode_item(run, self.sim.clock().real())?;
         self.seen = run.seq;
-        Ok(())
+        Ok(0)
     }
 }
 
@@ -245,12 +245,12 @@ struct PayloadStore {
 }
 
 impl RunStore for PayloadStore {
-    async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+    async fn save(&mut self, run: &SyncRun) -> Result<u64, StoreError> {
         if let Some(previous) = self.seq.filter(|previous| run.seq <= *previous) {
             return Err(StoreError::Conflict { expected: previous });
         }
         self.seq = Some(run.seq);
-        Ok(())
+        Ok(0)
     }
 }
 

@@ -942,6 +942,7 @@ fn an_append_kickoff_is_recorded_before_it_goes_out_and_never_repeated_after_a_c
         seq,
         phase,
         sending: true,
+        ..
     } = &t[kickoff - 1]
     else {
         panic!(
@@ -1065,6 +1066,67 @@ fn staging_saves_are_bounded_by_time_not_by_the_number_of_files() {
     );
 }
 
+/// What a whole run writes to its store grows linearly with the manifest, and no save is
+/// larger than 16 KiB: the production driver with its save interval, a 10,000- and a
+/// 100,000-file export over the same virtual network, every envelope encoded and decoded.
+#[test]
+fn state_writes_grow_linearly_with_the_files_and_every_save_is_small() {
+    const BUDGET: usize = 16 * 1024;
+    let spec = quick_spec(&[("TRANSFER_CONCURRENCY", "8")]);
+    let measure = |files: usize| {
+        let mut plan = Plan::happy(with_extra_files(Plan::outputs(files)));
+        plan.max_latency_ms = 40;
+        let run = started(&spec);
+        let clock = Arc::new(VirtualClock::new(run.started_at, None));
+        let sim = Sim::new(World::new(&spec, &plan), clock, false);
+        let mut store = sim.store(true, false);
+        store.put(&run);
+        let options = DriveOptions::new(Duration::MAX, None).with_clock(sim.clock());
+        let (run, stopped) = sim
+            .run(driver::drive(
+                run,
+                &sim,
+                &mut store,
+                &options,
+                &sim,
+                sim.crash_signal(),
+            ))
+            .unwrap();
+        assert!(matches!(stopped, Stopped::Done(_)), "{stopped:?}");
+        let SyncState::Succeeded(summary) = &run.state else {
+            panic!("{}", run.state.name())
+        };
+        assert_eq!(summary.files_staged as usize, files + 2);
+        let sizes: Vec<usize> = sim
+            .trace()
+            .iter()
+            .filter_map(|t| match t {
+                Trace::Saved { bytes, .. } => *bytes,
+                _ => None,
+            })
+            .collect();
+        let total: usize = sizes.iter().sum();
+        let largest = sizes.iter().copied().max().unwrap_or(0);
+        println!(
+            "{files:>7} files: {} saves, {total} bytes written, largest save {largest} bytes",
+            sizes.len()
+        );
+        assert!(
+            largest <= BUDGET,
+            "{files} files: a save of {largest} bytes"
+        );
+        (sizes.len(), total)
+    };
+    let (saves_10k, bytes_10k) = measure(10_000);
+    let (saves_100k, bytes_100k) = measure(100_000);
+    let ratio = bytes_100k as f64 / bytes_10k as f64;
+    println!("10x the files: {ratio:.1}x the bytes, {saves_100k}/{saves_10k} the saves");
+    // Linear: ten times the files (and the time they take) write about ten times the bytes,
+    // not a hundred times (which a table growing with the files, saved once a second, did).
+    assert!(ratio <= 12.0, "10x the files wrote {ratio:.1}x the bytes");
+    assert!(saves_100k <= 12 * saves_10k);
+}
+
 /// Per-file steps left unsaved are saved once the save interval is over even while no effect
 /// ends (one large file still moving): a crash then repeats only the files of the last
 /// interval, not every file since the large one started. Ordered with explicit signals: the
@@ -1134,9 +1196,9 @@ fn unsaved_files_are_saved_after_the_interval_while_a_large_file_still_moves() {
     /// Records, for every save, how many files the saved run has staged.
     struct Saves(mpsc::UnboundedSender<(String, usize)>);
     impl RunStore for Saves {
-        async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+        async fn save(&mut self, run: &SyncRun) -> Result<u64, StoreError> {
             let _ = self.0.send((run.state.name().to_string(), staged(run)));
-            Ok(())
+            Ok(0)
         }
     }
 

@@ -473,6 +473,9 @@ impl FakePathling {
             .route(&base_route, post(batch))
             .route("/login", get(login_page))
             .layer(middleware::from_fn_with_state(shared.clone(), latency))
+            // Pathling (Spring Boot) sets no limit on a JSON request body; axum's default of
+            // 2 MB would refuse the `$import` of a 100,000-file export (about 15 MB).
+            .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
             .with_state(shared.clone());
         Ok(FakePathlingHandle {
             shared,

@@ -755,6 +755,17 @@ async fn a_run_publishes_valid_emf_metrics_that_add_up() {
         w.pathling.total_resources() as u64
     );
     assert_eq!(totals["Retries"], 1, "the one 429");
+    // Every save of the run wrote the DynamoDB item: at least one per invocation, and each
+    // a small envelope.
+    assert!(totals["StateWrites"] >= all.len() as u64, "{totals:?}");
+    assert!(
+        totals["StateBytes"] <= totals["StateWrites"] * 16 * 1024,
+        "{totals:?}"
+    );
+    assert!(
+        totals["StateBytes"] >= totals["StateWrites"] * 500,
+        "{totals:?}"
+    );
     assert_eq!(
         durations,
         [

@@ -628,16 +628,18 @@ struct TransferStore {
 }
 
 impl RunStore for TransferStore {
-    async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+    async fn save(&mut self, run: &SyncRun) -> Result<u64, StoreError> {
         if self.last_write.elapsed() < SAVE_EVERY {
-            return Ok(());
+            return Ok(0);
         }
+        let envelope = Bytes::from(persist::encode_string(run));
+        let bytes = envelope.len() as u64;
         self.staging
-            .put_bytes(&self.key, Bytes::from(persist::encode_string(run)))
+            .put_bytes(&self.key, envelope)
             .await
             .map_err(|e| StoreError::Io(format!("saving the transfer's progress: {e}")))?;
         self.last_write = Instant::now();
-        Ok(())
+        Ok(bytes)
     }
 }
 

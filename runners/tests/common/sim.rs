@@ -921,6 +921,8 @@ pub enum Trace {
         seq: u64,
         phase: &'static str,
         sending: bool,
+        /// The envelope's size, when the store checks its round-trip (it encodes it then).
+        bytes: Option<usize>,
     },
 }
 
@@ -1347,12 +1349,14 @@ impl SimStore {
 }
 
 impl RunStore for SimStore {
-    async fn save(&mut self, run: &SyncRun) -> Result<(), StoreError> {
+    async fn save(&mut self, run: &SyncRun) -> Result<u64, StoreError> {
+        let mut bytes = None;
         if self.check_roundtrip {
             let text = persist::encode_string(run);
             let back = persist::decode(text.as_bytes())
                 .unwrap_or_else(|e| panic!("envelope does not decode: {e}\n{text}"));
             assert_eq!(&back, run, "envelope round-trip in {}", run.state.name());
+            bytes = Some(text.len());
         }
         let now = self.sim.clock.last_fed();
         let mut s = self.sim.lock();
@@ -1379,12 +1383,13 @@ impl RunStore for SimStore {
             seq: run.seq,
             phase: run.state.name(),
             sending,
+            bytes,
         });
         if s.record_saves {
             s.saves.push((now, run.clone()));
         }
         s.last_saved = Some(run.clone());
-        Ok(())
+        Ok(bytes.unwrap_or(0) as u64)
     }
 }
 
