@@ -115,126 +115,273 @@ pub fn origin_of(url: &str) -> Option<String> {
     ))
 }
 
-/// Decodes and validates a completed export's manifest (the 200 answer to a status poll).
-/// Every problem names the offending field, e.g. `output[3].type`. An entry whose URL (as
-/// written) an earlier entry already listed, in the same array or another, is skipped and
-/// counted in [`Manifest::duplicates`]: staging it again would import its resources twice.
+/// Decodes and validates a completed export's manifest (the 200 answer to a status poll),
+/// when it is one page: a manifest that links a `next` page is refused (the executor reads
+/// paged manifests with [`ManifestPages`]).
+pub fn parse_manifest(body: &[u8], source_endpoint: &str) -> Result<Manifest, ManifestError> {
+    let mut pages = ManifestPages::new(source_endpoint);
+    if pages.add(body)?.is_some() {
+        return Err(field_err(
+            "link",
+            "the manifest continues on another page (a paged manifest is read page by page)",
+        ));
+    }
+    pages.finish()
+}
+
+/// The most pages a paged manifest may have (each page has at least one file, or links on:
+/// an endless chain of empty pages is refused here).
+pub const MAX_MANIFEST_PAGES: u32 = 10_000;
+
+/// A manifest read page by page: the first page is the status poll's answer, each later one
+/// the `link` (relation `next`) of the page before (Bulk Data's paged manifest).
 ///
-/// Within each array, files are grouped by type, types in the order they first appear
+/// Every problem names the offending field, e.g. `output[3].type` (`page 2: output[3].type`
+/// after the first page). An entry whose URL (as written) an earlier entry already listed,
+/// on any page and in any array, is skipped and counted in [`Manifest::duplicates`]: staging
+/// it again would import its resources twice.
+///
+/// [`ManifestPages::finish`] groups each array by type, types in the order they first appear
 /// (a stable sort: a manifest that already lists each type's files together, as servers do,
 /// keeps its order). The per-file table then stores one run per type, whatever the manifest
 /// ([`crate::file_table`]).
-pub fn parse_manifest(body: &[u8], source_endpoint: &str) -> Result<Manifest, ManifestError> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| ManifestError::NotJson(e.to_string()))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| ManifestError::NotJson("not a JSON object".into()))?;
-    let transaction_time = match obj.get("transactionTime") {
-        Some(Value::String(s)) if crate::time::parse_fhir_instant(s).is_some() => s.clone(),
-        Some(other) => {
-            return Err(field_err(
-                "transactionTime",
-                format!("not a FHIR instant: {}", truncate(&other.to_string(), 80)),
-            ))
+pub struct ManifestPages {
+    source_origin: Option<String>,
+    /// From the first page; every later page must agree.
+    transaction_time: Option<String>,
+    requires_access_token: bool,
+    files: Vec<ManifestFile>,
+    seen: std::collections::HashSet<String>,
+    duplicates: u32,
+    pages: u32,
+    /// Entries listed so far, duplicates included (for the too-many-files message).
+    listed: usize,
+    /// The pages linked so far.
+    linked: std::collections::HashSet<String>,
+}
+
+impl ManifestPages {
+    pub fn new(source_endpoint: &str) -> Self {
+        ManifestPages {
+            source_origin: origin_of(source_endpoint),
+            transaction_time: None,
+            requires_access_token: true,
+            files: Vec::new(),
+            seen: std::collections::HashSet::new(),
+            duplicates: 0,
+            pages: 0,
+            listed: 0,
+            linked: std::collections::HashSet::new(),
         }
-        None => return Err(field_err("transactionTime", "missing")),
-    };
-    let requires_access_token = match obj.get("requiresAccessToken") {
-        Some(Value::Bool(b)) => *b,
-        // Absent: assume the server wants its token; it still only goes to its own origin.
-        None | Some(Value::Null) => true,
-        Some(_) => return Err(field_err("requiresAccessToken", "not a boolean")),
-    };
-    if obj.get("link").is_some_and(|l| !l.is_null()) {
-        return Err(field_err(
-            "link",
-            "paged manifests are not supported; ask the server for a single manifest",
-        ));
     }
-    let source_origin = origin_of(source_endpoint);
-    let mut files = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut duplicates = 0u32;
-    for (name, kind, required) in [
-        ("output", FileKind::Output, true),
-        ("deleted", FileKind::Deleted, false),
-        ("error", FileKind::Error, false),
-    ] {
-        let items = match obj.get(name) {
-            Some(Value::Array(items)) => items.as_slice(),
-            None | Some(Value::Null) if !required => &[],
-            None => return Err(field_err(name, "missing (an empty array is allowed)")),
-            Some(_) => return Err(field_err(name, "not an array")),
+
+    /// Pages read so far.
+    pub fn pages(&self) -> u32 {
+        self.pages
+    }
+
+    /// Adds the next page; answers the URL of the page after it, if it links one.
+    pub fn add(&mut self, body: &[u8]) -> Result<Option<String>, ManifestError> {
+        self.pages += 1;
+        let page = self.pages;
+        let named = |e: ManifestError| match e {
+            ManifestError::Field { field, problem } if page > 1 => ManifestError::Field {
+                field: format!("page {page}: {field}"),
+                problem,
+            },
+            ManifestError::NotJson(m) if page > 1 => {
+                ManifestError::NotJson(format!("page {page}: {m}"))
+            }
+            other => other,
         };
-        for (i, item) in items.iter().enumerate() {
-            let at = |f: &str| format!("{name}[{i}].{f}");
-            let type_name = item
-                .get("type")
-                .and_then(Value::as_str)
-                .ok_or_else(|| field_err(at("type"), "missing or not a string"))?;
-            if !is_resource_type(type_name) {
+        self.add_page(body).map_err(named)
+    }
+
+    fn add_page(&mut self, body: &[u8]) -> Result<Option<String>, ManifestError> {
+        let v: Value =
+            serde_json::from_slice(body).map_err(|e| ManifestError::NotJson(e.to_string()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ManifestError::NotJson("not a JSON object".into()))?;
+        let transaction_time = match obj.get("transactionTime") {
+            Some(Value::String(s)) if crate::time::parse_fhir_instant(s).is_some() => s.clone(),
+            Some(other) => {
                 return Err(field_err(
-                    at("type"),
-                    format!("{:?} is not a FHIR resource type", truncate(type_name, 80)),
+                    "transactionTime",
+                    format!("not a FHIR instant: {}", truncate(&other.to_string(), 80)),
+                ))
+            }
+            None => return Err(field_err("transactionTime", "missing")),
+        };
+        let requires_access_token = match obj.get("requiresAccessToken") {
+            Some(Value::Bool(b)) => *b,
+            // Absent: assume the server wants its token; it still only goes to its own origin.
+            None | Some(Value::Null) => true,
+            Some(_) => return Err(field_err("requiresAccessToken", "not a boolean")),
+        };
+        match &self.transaction_time {
+            None => {
+                self.transaction_time = Some(transaction_time);
+                self.requires_access_token = requires_access_token;
+            }
+            Some(first) if *first != transaction_time => {
+                return Err(field_err(
+                    "transactionTime",
+                    format!("{transaction_time} differs from the first page's {first}"),
+                ))
+            }
+            Some(_) if requires_access_token != self.requires_access_token => {
+                return Err(field_err(
+                    "requiresAccessToken",
+                    "differs from the first page's",
+                ))
+            }
+            Some(_) => {}
+        }
+        let next = next_link(obj.get("link"))?;
+        for (name, kind, required) in [
+            ("output", FileKind::Output, true),
+            ("deleted", FileKind::Deleted, false),
+            ("error", FileKind::Error, false),
+        ] {
+            let items = match obj.get(name) {
+                Some(Value::Array(items)) => items.as_slice(),
+                None | Some(Value::Null) if !required => &[],
+                None => return Err(field_err(name, "missing (an empty array is allowed)")),
+                Some(_) => return Err(field_err(name, "not an array")),
+            };
+            self.listed = self.listed.saturating_add(items.len());
+            for (i, item) in items.iter().enumerate() {
+                self.add_file(name, kind, i, item)?;
+                if self.files.len() > MAX_MANIFEST_FILES {
+                    return Err(ManifestError::TooManyFiles(self.listed));
+                }
+            }
+        }
+        if let Some(url) = &next {
+            if self.pages >= MAX_MANIFEST_PAGES {
+                return Err(field_err(
+                    "link",
+                    format!("more than {MAX_MANIFEST_PAGES} pages; the manifest does not end"),
                 ));
             }
-            let url = item
-                .get("url")
-                .and_then(Value::as_str)
-                .ok_or_else(|| field_err(at("url"), "missing or not a string"))?;
-            let origin = origin_of(url).ok_or_else(|| {
-                field_err(
-                    at("url"),
-                    format!("{:?} is not an absolute http(s) URL", truncate(url, 120)),
-                )
-            })?;
-            if !seen.insert(url) {
-                duplicates = duplicates.saturating_add(1);
-                continue;
-            }
-            files.push(ManifestFile {
-                kind,
-                type_name: type_name.to_string(),
-                url: url.to_string(),
-                send_token: requires_access_token && source_origin.as_deref() == Some(&origin),
-            });
-            if files.len() > MAX_MANIFEST_FILES {
-                return Err(ManifestError::TooManyFiles(
-                    ["output", "deleted", "error"]
-                        .iter()
-                        .filter_map(|n| obj.get(*n).and_then(Value::as_array))
-                        .map(Vec::len)
-                        .sum(),
+            if !self.linked.insert(url.clone()) {
+                return Err(field_err(
+                    "link",
+                    format!(
+                        "{:?} is a page already read (the pages form a loop)",
+                        truncate(url, 120)
+                    ),
                 ));
             }
         }
+        Ok(next)
     }
-    let mut rank: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for f in &files {
-        let next = rank.len();
-        rank.entry(f.type_name.clone()).or_insert(next);
+
+    fn add_file(
+        &mut self,
+        name: &str,
+        kind: FileKind,
+        i: usize,
+        item: &Value,
+    ) -> Result<(), ManifestError> {
+        let at = |f: &str| format!("{name}[{i}].{f}");
+        let type_name = item
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| field_err(at("type"), "missing or not a string"))?;
+        if !is_resource_type(type_name) {
+            return Err(field_err(
+                at("type"),
+                format!("{:?} is not a FHIR resource type", truncate(type_name, 80)),
+            ));
+        }
+        let url = item
+            .get("url")
+            .and_then(Value::as_str)
+            .ok_or_else(|| field_err(at("url"), "missing or not a string"))?;
+        let origin = origin_of(url).ok_or_else(|| {
+            field_err(
+                at("url"),
+                format!("{:?} is not an absolute http(s) URL", truncate(url, 120)),
+            )
+        })?;
+        if !self.seen.insert(url.to_string()) {
+            self.duplicates = self.duplicates.saturating_add(1);
+            return Ok(());
+        }
+        self.files.push(ManifestFile {
+            kind,
+            type_name: type_name.to_string(),
+            url: url.to_string(),
+            send_token: self.requires_access_token
+                && self.source_origin.as_deref() == Some(&origin),
+        });
+        Ok(())
     }
-    if rank.len() > MAX_MANIFEST_TYPES {
-        return Err(ManifestError::TooManyTypes);
+
+    /// The whole manifest, grouped by array and type.
+    pub fn finish(self) -> Result<Manifest, ManifestError> {
+        let Some(transaction_time) = self.transaction_time else {
+            return Err(field_err("transactionTime", "missing"));
+        };
+        let mut files = self.files;
+        let mut rank: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for f in &files {
+            let next = rank.len();
+            rank.entry(f.type_name.clone()).or_insert(next);
+        }
+        if rank.len() > MAX_MANIFEST_TYPES {
+            return Err(ManifestError::TooManyTypes);
+        }
+        let array = |k: FileKind| match k {
+            FileKind::Output => 0,
+            FileKind::Deleted => 1,
+            FileKind::Error => 2,
+        };
+        files.sort_by_key(|f| {
+            (
+                array(f.kind),
+                rank.get(&f.type_name).copied().unwrap_or(usize::MAX),
+            )
+        });
+        Ok(Manifest {
+            transaction_time,
+            requires_access_token: self.requires_access_token,
+            files,
+            duplicates: self.duplicates,
+        })
     }
-    let array = |k: FileKind| match k {
-        FileKind::Output => 0,
-        FileKind::Deleted => 1,
-        FileKind::Error => 2,
+}
+
+/// The `next` page of a manifest's `link` array (`[{"relation": "next", "url": ...}]`); other
+/// relations are ignored.
+fn next_link(link: Option<&Value>) -> Result<Option<String>, ManifestError> {
+    let links = match link {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(links)) => links,
+        Some(_) => return Err(field_err("link", "not an array")),
     };
-    files.sort_by_key(|f| {
-        (
-            array(f.kind),
-            rank.get(&f.type_name).copied().unwrap_or(usize::MAX),
-        )
-    });
-    Ok(Manifest {
-        transaction_time,
-        requires_access_token,
-        files,
-        duplicates,
-    })
+    let mut next = None;
+    for (i, l) in links.iter().enumerate() {
+        if l.get("relation").and_then(Value::as_str) != Some("next") {
+            continue;
+        }
+        let url = l
+            .get("url")
+            .and_then(Value::as_str)
+            .ok_or_else(|| field_err(format!("link[{i}].url"), "missing or not a string"))?;
+        if origin_of(url).is_none() {
+            return Err(field_err(
+                format!("link[{i}].url"),
+                format!("{:?} is not an absolute http(s) URL", truncate(url, 120)),
+            ));
+        }
+        if next.replace(url.to_string()).is_some() {
+            return Err(field_err("link", "more than one next page"));
+        }
+    }
+    Ok(next)
 }
 
 pub(crate) fn truncate(s: &str, max: usize) -> String {
@@ -533,6 +680,104 @@ mod tests {
         let again = manifest(json!({"transactionTime": "2026-11-26T10:00:00Z", "output": grouped}))
             .unwrap();
         assert_eq!(again.files[..5], m.files[..5]);
+    }
+
+    #[test]
+    fn a_paged_manifest_is_read_page_by_page() {
+        let item = |t: &str, i: u32| json!({"type": t, "url": format!("{SRC}/files/{i}")});
+        let page = |items: Vec<Value>, next: Option<&str>| {
+            let mut p = json!({"transactionTime": "2026-11-26T10:00:00Z", "output": items});
+            if let Some(n) = next {
+                p["link"] = json!([{"relation": "self", "url": "https://x/1"},
+                                   {"relation": "next", "url": n}]);
+            }
+            p.to_string()
+        };
+        let mut pages = ManifestPages::new(SRC);
+        let next = pages
+            .add(
+                page(
+                    vec![item("Patient", 0), item("Observation", 1)],
+                    Some("https://a/p2"),
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+        assert_eq!(next.as_deref(), Some("https://a/p2"));
+        // The second page repeats a URL of the first (kept once) and adds to both types.
+        let next = pages
+            .add(
+                page(
+                    vec![
+                        item("Observation", 1),
+                        item("Patient", 2),
+                        item("Observation", 3),
+                    ],
+                    None,
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+        assert_eq!(next, None);
+        assert_eq!(pages.pages(), 2);
+        let m = pages.finish().unwrap();
+        let urls: Vec<&str> = m.files.iter().map(|f| &f.url[SRC.len()..]).collect();
+        assert_eq!(urls, ["/files/0", "/files/2", "/files/1", "/files/3"]);
+        assert_eq!(m.duplicates, 1);
+        assert!(m.files.iter().all(|f| f.send_token));
+
+        // A single-page reader refuses a manifest that goes on.
+        let err = parse_manifest(page(vec![], Some("https://a/p2")).as_bytes(), SRC).unwrap_err();
+        assert!(err.to_string().contains("another page"), "{err}");
+    }
+
+    #[test]
+    fn bad_pages_name_the_page_and_the_field() {
+        let page = |tt: &str, link: Value| {
+            json!({"transactionTime": tt, "output": [], "link": link}).to_string()
+        };
+        let first = page(
+            "2026-11-26T10:00:00Z",
+            json!([{"relation": "next", "url": "https://a/2"}]),
+        );
+        let mut pages = ManifestPages::new(SRC);
+        pages.add(first.as_bytes()).unwrap();
+        let err = pages
+            .add(page("2026-11-27T10:00:00Z", Value::Null).as_bytes())
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("page 2: transactionTime: 2026-11-27T10:00:00Z differs"),
+            "{err}"
+        );
+        // Pages that link back to one already read would never end.
+        let mut pages = ManifestPages::new(SRC);
+        pages.add(first.as_bytes()).unwrap();
+        let err = pages.add(first.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("page 2: link"), "{err}");
+        assert!(err.to_string().contains("loop"), "{err}");
+        // A next link must be an absolute http(s) URL, and there is one.
+        let mut pages = ManifestPages::new(SRC);
+        let err = pages
+            .add(
+                page(
+                    "2026-11-26T10:00:00Z",
+                    json!([{"relation": "next", "url": "file:///etc/passwd"}]),
+                )
+                .as_bytes(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("link[0].url"), "{err}");
+        let err = ManifestPages::new(SRC)
+            .add(
+                page(
+                    "2026-11-26T10:00:00Z",
+                    json!([{"relation": "next", "url": "https://a/2"}, {"relation": "next", "url": "https://a/3"}]),
+                )
+                .as_bytes(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("more than one next page"), "{err}");
     }
 
     #[test]

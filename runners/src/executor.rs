@@ -13,7 +13,7 @@ use crate::staging::{FailureSide, S3Options, S3Store, StagingError, StagingStore
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use pathling_import_core::bulk::{
-    deleted_refs, parse_manifest, FileKind, Manifest, OutcomeSummary, ResourceRef,
+    deleted_refs, FileKind, Manifest, ManifestPages, OutcomeSummary, ResourceRef,
 };
 use pathling_import_core::config::{Secrets, TlsConfig};
 use pathling_import_core::effect::{
@@ -365,12 +365,41 @@ impl Executor {
                 retry_after,
             }),
             JobPoll::Completed { body, .. } => {
-                let manifest = parse_manifest(&body, &self.source_base)
-                    .map_err(|e| Failure::new(FailureKind::Undecodable, e.to_string()))?;
+                // A paged manifest is read to its end now: its `next` links may not outlive
+                // the export, and the machine needs every file to plan the run.
+                let undecodable = |e: pathling_import_core::bulk::ManifestError| {
+                    Failure::new(FailureKind::Undecodable, e.to_string())
+                };
+                let mut pages = ManifestPages::new(&self.source_base);
+                let mut next = pages.add(&body).map_err(undecodable)?;
+                while let Some(url) = next {
+                    let page = self.manifest_page(&url, pages.pages() + 1).await?;
+                    next = pages.add(&page).map_err(undecodable)?;
+                }
+                let manifest = pages.finish().map_err(undecodable)?;
                 let digest = self.store_manifest(manifest_key, manifest).await?;
                 Ok(EffectResult::ExportCompleted { digest })
             }
         }
+    }
+
+    /// Page `page` of a paged manifest, at its `next` link: read like the first page (the
+    /// token only to the source's origin, capped by `MANIFEST_MAX_SIZE`).
+    async fn manifest_page(&self, url: &str, page: u32) -> Result<Bytes, Failure> {
+        let ctx = format!("export manifest page {page}");
+        self.allowed(&ctx, url)?;
+        let authenticate = same_origin(url, &self.source_base);
+        let resp = self
+            .send(Side::Source, authenticate, &ctx, || {
+                self.http(Side::Source)
+                    .get(url)
+                    .header("accept", "application/json")
+            })
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_failure(&ctx, resp).await);
+        }
+        read_capped(resp, self.manifest_max_bytes, &ctx, "MANIFEST_MAX_SIZE").await
     }
 
     /// One poll of an asynchronous job (the export's status URL on the source, or a Pathling

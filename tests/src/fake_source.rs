@@ -216,6 +216,10 @@ pub struct SourceConfig {
     pub manifest_expires: Option<Duration>,
     /// Answer the completing poll with this oversized (valid JSON) manifest instead.
     pub oversized_manifest: Option<OversizedManifest>,
+    /// Page the manifest: at most this many `output[]` entries a page, each page but the last
+    /// linking the next (`link: [{relation: next, url: …/bulkmanifest/{job}/{page}}]`, which
+    /// needs the bearer token like the status URL); `deleted[]` and `error[]` on the last.
+    pub manifest_page_size: Option<usize>,
     /// `(type, url)` entries appended to the manifest's `output[]` as given (a URL of another
     /// host, which a client must judge before fetching it).
     pub extra_output: Vec<(String, String)>,
@@ -290,6 +294,7 @@ impl Default for SourceConfig {
             permanent_error: None,
             manifest_expires: None,
             oversized_manifest: None,
+            manifest_page_size: None,
             extra_output: Vec::new(),
             content_location: None,
             deleted: Vec::new(),
@@ -619,6 +624,10 @@ impl FakeSource {
                 get(poll_status).delete(delete_job),
             )
             .route(&format!("{p}/bulkfiles/{{job}}/{{file}}"), get(file_get))
+            .route(
+                &format!("{p}/bulkmanifest/{{job}}/{{page}}"),
+                get(manifest_page_get),
+            )
             .layer(middleware::from_fn_with_state(shared.clone(), latency))
             .with_state(shared.clone());
         let storage_router = Router::new()
@@ -1289,6 +1298,10 @@ async fn poll_status(
         return oversized_manifest(&job, oversized);
     }
     let manifest = build_manifest(&shared, &cfg, &mut rt, &job);
+    let manifest = match cfg.manifest_page_size {
+        Some(size) => paged(&manifest, size, 1, &shared.base_url(&cfg), &job.id),
+        None => manifest,
+    };
     let mut resp = json_response(StatusCode::OK, &manifest);
     if let Some(at) = cfg
         .manifest_expires
@@ -1383,6 +1396,57 @@ fn deleted_for_job(cfg: &SourceConfig, job: &ExportJobInfo) -> Vec<(String, Stri
         .filter(|(t, _)| job.filter.types.as_ref().is_none_or(|ts| ts.contains(t)))
         .cloned()
         .collect()
+}
+
+/// Page `page` (from 1) of `manifest`, at most `size` `output[]` entries a page.
+fn paged(manifest: &Value, size: usize, page: usize, base: &str, job: &str) -> Value {
+    let output = manifest["output"].as_array().cloned().unwrap_or_default();
+    let pages = output.len().div_ceil(size.max(1)).max(1);
+    let mut out = manifest.clone();
+    out["output"] = Value::Array(
+        output
+            .chunks(size.max(1))
+            .nth(page - 1)
+            .map(<[Value]>::to_vec)
+            .unwrap_or_default(),
+    );
+    if page < pages {
+        for array in ["deleted", "error"] {
+            if out.get(array).is_some() {
+                out[array] = json!([]);
+            }
+        }
+        out["link"] =
+            json!([{"relation": "next", "url": format!("{base}/bulkmanifest/{job}/{}", page + 1)}]);
+    }
+    out
+}
+
+/// A later page of a paged manifest ([`SourceConfig::manifest_page_size`]).
+async fn manifest_page_get(
+    State(shared): State<Arc<Shared>>,
+    Path((job_id, page)): Path<(String, usize)>,
+    headers: HeaderMap,
+) -> Response {
+    let cfg = shared.config();
+    let mut rt = lock(&shared.rt);
+    if cfg.auth.is_some() {
+        if let Err(resp) = rt.auth.check_bearer(&headers) {
+            return resp;
+        }
+    }
+    let Some(job) = rt.jobs.get(&job_id).filter(|j| j.completed).cloned() else {
+        return empty_response(StatusCode::NOT_FOUND);
+    };
+    let (Some(size), true) = (cfg.manifest_page_size, page >= 2) else {
+        return empty_response(StatusCode::NOT_FOUND);
+    };
+    rt.stats.manifests += 1;
+    let manifest = build_manifest(&shared, &cfg, &mut rt, &job);
+    json_response(
+        StatusCode::OK,
+        &paged(&manifest, size, page, &shared.base_url(&cfg), &job.id),
+    )
 }
 
 fn build_manifest(

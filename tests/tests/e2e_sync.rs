@@ -402,3 +402,36 @@ async fn configuration_from_the_environment() {
     assert_pathling_holds_export(&pathling, &src);
     assert!(src.jobs()[0].deleted);
 }
+
+/// A paged manifest (Bulk Data's `link` with relation `next`) is read to its last page, with
+/// the token on every page of the source's origin; the files of every page are staged and
+/// imported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_manifest_is_read_to_its_last_page() {
+    let mut sandbox = Sandbox::new();
+    let auth = SourceAuth::basic();
+    let src = FakeSource::start(SourceConfig {
+        auth: Some(auth.fake.clone()),
+        requires_access_token: true,
+        in_progress_polls: 0,
+        dataset: DatasetConfig::new(&[("Patient", 40, 4), ("Observation", 120, 7)]),
+        manifest_page_size: Some(3),
+        ..SourceConfig::default()
+    })
+    .await
+    .unwrap();
+    let staging = Staging::Dir;
+    let pathling = start_pathling(Gen::V9, &sandbox, &staging, |_| {}).await;
+    sandbox
+        .configure(&src.base_url(), &pathling.base_url(), &staging)
+        .source_auth(&auth);
+
+    let out = sandbox.run(&[]).await;
+    out.assert_code(0);
+    // 11 files, 3 a page: 4 pages (the first from the status URL).
+    assert_eq!(src.stats().manifests, 4);
+    assert_eq!(pathling.resource_count("Patient"), 40);
+    assert_eq!(pathling.resource_count("Observation"), 120);
+    let state = sandbox.state().unwrap();
+    assert_eq!(state["state"]["files"], json!(11), "{state}");
+}
