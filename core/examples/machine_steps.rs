@@ -43,7 +43,9 @@ fn main() -> ExitCode {
     };
     let digest = ManifestDigest {
         transaction_time: "2026-01-01T00:00:00Z".into(),
-        files: (0..n).map(|_| (FileKind::Output, "Patient".into())).collect(),
+        files: (0..n)
+            .map(|_| (FileKind::Output, "Patient".into()))
+            .collect(),
         duplicates: 0,
     };
     let started = std::time::Instant::now();

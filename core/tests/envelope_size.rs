@@ -256,22 +256,7 @@ fn kicking_off(base: &SyncRun) -> SyncRun {
 /// The import done, half the deletions applied, then the target failing every deletion.
 fn mid_deletions(base: &SyncRun) -> SyncRun {
     let n = files_of(base);
-    let run = kicking_off(base);
-    let run = answer(
-        &run,
-        EffectResult::PathlingDetected {
-            api: Some(pathling_import_core::spec::PathlingApi::V9),
-            version: Some("9.8.0".into()),
-        },
-        T0,
-    );
-    let run = answer(
-        &run,
-        EffectResult::ImportAccepted {
-            job_url: JOB_URL.into(),
-        },
-        T0,
-    );
+    let run = import_accepted(kicking_off(base));
     let mut run = answer(&run, import_completed(), T0);
     assert!(
         matches!(run.state, SyncState::ApplyingDeletions(_)),

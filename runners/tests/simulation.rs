@@ -981,6 +981,37 @@ fn an_append_kickoff_is_recorded_before_it_goes_out_and_never_repeated_after_a_c
     );
 }
 
+/// Drives `plan` to its end with the production driver and a fresh store (checking every
+/// envelope's round-trip when asked): the final run and the trace.
+fn drive_to_end(
+    spec: &pathling_import_core::spec::RunSpec,
+    plan: &Plan,
+    check_roundtrip: bool,
+    save_interval: Duration,
+) -> (SyncRun, Vec<Trace>) {
+    let run = started(spec);
+    let clock = Arc::new(VirtualClock::new(run.started_at, None));
+    let sim = Sim::new(World::new(spec, plan), clock, false);
+    let mut store = sim.store(check_roundtrip, false);
+    store.put(&run);
+    let options = DriveOptions::new(Duration::MAX, None)
+        .with_clock(sim.clock())
+        .with_save_interval(save_interval);
+    let (run, stopped) = sim
+        .run(driver::drive(
+            run,
+            &sim,
+            &mut store,
+            &options,
+            &sim,
+            sim.crash_signal(),
+        ))
+        .unwrap();
+    assert!(matches!(stopped, Stopped::Done(_)), "{stopped:?}");
+    assert_eq!(store.reload(), run, "the store holds the final run");
+    (run, sim.trace())
+}
+
 /// Saves are bounded by time as well as by count: while a 10,000-file export stages, the
 /// production driver saves the run about once per (virtual) second, not once per file; every
 /// step outside the per-file work is still saved at once.
@@ -990,29 +1021,7 @@ fn staging_saves_are_bounded_by_time_not_by_the_number_of_files() {
     let spec = quick_spec(&[("TRANSFER_CONCURRENCY", "4")]);
     let mut plan = Plan::happy(Plan::outputs(FILES));
     plan.max_latency_ms = 40;
-    let drive_all = |interval: Duration| {
-        let run = started(&spec);
-        let clock = Arc::new(VirtualClock::new(run.started_at, None));
-        let sim = Sim::new(World::new(&spec, &plan), clock, false);
-        let mut store = sim.store(false, false);
-        store.put(&run);
-        let options = DriveOptions::new(Duration::MAX, None)
-            .with_clock(sim.clock())
-            .with_save_interval(interval);
-        let (run, stopped) = sim
-            .run(driver::drive(
-                run,
-                &sim,
-                &mut store,
-                &options,
-                &sim,
-                sim.crash_signal(),
-            ))
-            .unwrap();
-        assert!(matches!(stopped, Stopped::Done(_)), "{stopped:?}");
-        assert_eq!(store.reload(), run, "the store holds the final run");
-        sim.trace()
-    };
+    let drive_all = |interval: Duration| drive_to_end(&spec, &plan, false, interval).1;
     let saves_in = |trace: &[Trace], phase: &str| {
         trace
             .iter()
@@ -1076,29 +1085,12 @@ fn state_writes_grow_linearly_with_the_files_and_every_save_is_small() {
     let measure = |files: usize| {
         let mut plan = Plan::happy(with_extra_files(Plan::outputs(files)));
         plan.max_latency_ms = 40;
-        let run = started(&spec);
-        let clock = Arc::new(VirtualClock::new(run.started_at, None));
-        let sim = Sim::new(World::new(&spec, &plan), clock, false);
-        let mut store = sim.store(true, false);
-        store.put(&run);
-        let options = DriveOptions::new(Duration::MAX, None).with_clock(sim.clock());
-        let (run, stopped) = sim
-            .run(driver::drive(
-                run,
-                &sim,
-                &mut store,
-                &options,
-                &sim,
-                sim.crash_signal(),
-            ))
-            .unwrap();
-        assert!(matches!(stopped, Stopped::Done(_)), "{stopped:?}");
+        let (run, trace) = drive_to_end(&spec, &plan, true, driver::SAVE_INTERVAL);
         let SyncState::Succeeded(summary) = &run.state else {
             panic!("{}", run.state.name())
         };
         assert_eq!(summary.files_staged as usize, files + 2);
-        let sizes: Vec<usize> = sim
-            .trace()
+        let sizes: Vec<usize> = trace
             .iter()
             .filter_map(|t| match t {
                 Trace::Saved { bytes, .. } => *bytes,

@@ -265,7 +265,12 @@ pub fn kicking_off_import(spec: RunSpec, files: &[(FileKind, &str)]) -> SyncRun 
 
 /// Detects (when `auto`) a 9.x server, then has the import accepted.
 pub fn polling_import(spec: RunSpec, files: &[(FileKind, &str)]) -> SyncRun {
-    let mut run = kicking_off_import(spec, files);
+    import_accepted(kicking_off_import(spec, files))
+}
+
+/// From `KickingOffImport`: detects (when `auto`) a 9.x server, then has the import accepted.
+pub fn import_accepted(run: SyncRun) -> SyncRun {
+    let mut run = run;
     if let pathling_import_core::effect::Effect::DetectPathling = single(&run, T0).effect {
         run = answer(
             &run,
