@@ -143,7 +143,7 @@ struct Chunk {
 }
 
 /// Per-file progress (see the module docs for its shape and costs).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct FileTable {
     pub types: Vec<String>,
     chunks: Vec<Arc<Chunk>>,
@@ -155,6 +155,26 @@ pub struct FileTable {
     errors: BTreeMap<u32, String>,
     pub bytes: u64,
     pub resources_by_type: Vec<u64>,
+}
+
+/// A summary, not a million rows: a table may end up in a panic message or a log line.
+impl std::fmt::Debug for FileTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let by_status: Vec<(FileStatus, usize)> = FileStatus::ALL
+            .iter()
+            .map(|s| (*s, self.count_of(None, *s)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        f.debug_struct("FileTable")
+            .field("files", &self.len)
+            .field("types", &self.types)
+            .field("by_status", &by_status)
+            .field("failing", &self.failing().collect::<Vec<_>>())
+            .field("errors", &self.errors)
+            .field("bytes", &self.bytes)
+            .field("resources_by_type", &self.resources_by_type)
+            .finish()
+    }
 }
 
 impl FileTable {
@@ -307,6 +327,10 @@ impl FileTable {
     pub fn note_error(&mut self, index: u32, text: &str) {
         self.errors
             .insert(index, crate::bulk::truncate(text, MAX_ERROR_CHARS));
+        self.prune_errors();
+    }
+
+    fn prune_errors(&mut self) {
         // Over the bound, the highest-indexed error goes, sparing files that failed for good
         // (the run's failure names the first of them).
         while self.errors.len() > MAX_ERRORS {
@@ -522,6 +546,8 @@ impl TryFrom<FileTableWire> for FileTable {
         }
         let mut table = FileTable::from_rows(w.types, rows, w.resources_by_type);
         table.errors = errors;
+        // A table stored by an older version may hold more errors than are kept now.
+        table.prune_errors();
         table.bytes = w.bytes;
         Ok(table)
     }
@@ -566,4 +592,97 @@ pub(crate) fn upcast_v2_table(v: &serde_json::Value) -> Result<serde_json::Value
     out.insert("layout".into(), Value::String(layout));
     out.insert("status".into(), Value::String(status));
     Ok(Value::Object(out))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    fn table(n: usize) -> FileTable {
+        let files: Vec<(FileKind, String)> = (0..n)
+            .map(|i| match i % 10 {
+                8 => (FileKind::Deleted, "Bundle".to_string()),
+                9 => (FileKind::Error, "OperationOutcome".to_string()),
+                _ => (FileKind::Output, "Patient".to_string()),
+            })
+            .collect();
+        FileTable::from_digest(&files)
+    }
+
+    proptest! {
+        /// Whatever the updates, the counts, the chunk-skipping search and the stored runs
+        /// agree with a plain walk over the rows.
+        #[test]
+        fn counts_search_and_runs_agree_with_the_rows(
+            n in 1usize..3_000,
+            updates in prop::collection::vec((0usize..3_000, 0usize..4, 0u32..3), 0..200),
+            from in 0u32..3_000,
+        ) {
+            let mut t = table(n);
+            for (i, s, failures) in updates {
+                t.update((i % n) as u32, |r| {
+                    r.status = FileStatus::ALL[s];
+                    r.failures = failures;
+                });
+            }
+            let rows: Vec<FileRow> = t.iter().collect();
+            prop_assert_eq!(rows.len(), t.len());
+            for kind in [None, Some(FileKind::Output), Some(FileKind::Deleted)] {
+                for status in FileStatus::ALL {
+                    let plain: Vec<u32> = rows
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, r)| {
+                            *i as u32 >= from && r.status == status && kind.is_none_or(|k| k == r.kind)
+                        })
+                        .map(|(i, _)| i as u32)
+                        .collect();
+                    let found: Vec<u32> = t.with_status(from, kind, status).map(|(i, _)| i).collect();
+                    prop_assert_eq!(&found, &plain);
+                    let all = rows
+                        .iter()
+                        .filter(|r| r.status == status && kind.is_none_or(|k| k == r.kind))
+                        .count();
+                    prop_assert_eq!(t.count_of(kind, status), all);
+                }
+            }
+            let failing: Vec<u32> = t.failing().map(|(i, _)| i).collect();
+            let plain: Vec<u32> = (0..n as u32).filter(|i| rows[*i as usize].failures > 0).collect();
+            prop_assert_eq!(failing, plain);
+            let text = serde_json::to_string(&t).unwrap();
+            let back: FileTable = serde_json::from_str(&text).unwrap();
+            prop_assert_eq!(back, t);
+        }
+    }
+
+    #[test]
+    fn a_million_rows_debug_as_a_summary() {
+        let mut t = table(1_000_000);
+        t.update(7, |r| r.status = FileStatus::Staged);
+        let text = format!("{t:?}");
+        assert!(text.len() < 400, "{text}");
+        assert!(text.contains("files: 1000000"), "{text}");
+        assert!(text.contains("(Staged, 1)"), "{text}");
+    }
+
+    #[test]
+    fn a_stored_table_with_more_errors_keeps_those_of_the_failed_and_lowest_files() {
+        let mut t = table(100);
+        t.update(90, |r| {
+            r.status = FileStatus::Failed;
+            r.failures = 1;
+        });
+        let mut wire = FileTableWire::from(&t);
+        for i in 0..40u32 {
+            wire.retries
+                .insert(i.to_string(), (1, Timestamp::ZERO, format!("error {i}")));
+        }
+        wire.retries
+            .insert("90".into(), (1, Timestamp::ZERO, "gone for good".into()));
+        let back = FileTable::try_from(wire).unwrap();
+        let kept: Vec<u32> = (0..100).filter(|i| back.error(*i).is_some()).collect();
+        assert_eq!(kept, [0, 1, 2, 3, 4, 5, 6, 90]);
+    }
 }
