@@ -127,15 +127,24 @@ pub struct SaveCount {
     largest: std::sync::atomic::AtomicU64,
 }
 
+/// What a drive wrote to its store (see [`SaveCount`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StateWrites {
+    pub writes: u64,
+    pub bytes: u64,
+    /// The largest single write.
+    pub largest: u64,
+}
+
 impl SaveCount {
-    /// `(writes, bytes, largest)` so far.
-    pub fn figures(&self) -> (u64, u64, u64) {
+    /// The figures so far.
+    pub fn figures(&self) -> StateWrites {
         use std::sync::atomic::Ordering::Relaxed;
-        (
-            self.writes.load(Relaxed),
-            self.bytes.load(Relaxed),
-            self.largest.load(Relaxed),
-        )
+        StateWrites {
+            writes: self.writes.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            largest: self.largest.load(Relaxed),
+        }
     }
 }
 

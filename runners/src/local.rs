@@ -427,7 +427,11 @@ async fn drive_to_end(
     )
     .await;
     drop(observer);
-    let (writes, bytes, largest) = saves.figures();
+    let driver::StateWrites {
+        writes,
+        bytes,
+        largest,
+    } = saves.figures();
     tracing::info!(
         run_id = %run.run_id,
         writes,

@@ -130,6 +130,8 @@ pub struct Task {
     budget: Option<Duration>,
     metrics_namespace: String,
     metrics: MetricsSink,
+    /// Print the event log on stdout (CloudWatch Logs); its staging copy is kept either way.
+    event_log_on_stdout: bool,
 }
 
 impl Task {
@@ -148,12 +150,20 @@ impl Task {
             budget,
             metrics_namespace,
             metrics: MetricsSink::Stdout,
+            event_log_on_stdout: true,
         })
     }
 
     /// Sends the metrics elsewhere than stdout (tests).
     pub fn with_metrics_sink(mut self, sink: MetricsSink) -> Task {
         self.metrics = sink;
+        self
+    }
+
+    /// Keeps the event log off stdout (tests of 100,000 files: it would be 30 MB of output;
+    /// the staging copy is still written).
+    pub fn without_event_log_on_stdout(mut self) -> Task {
+        self.event_log_on_stdout = false;
         self
     }
 
@@ -285,7 +295,12 @@ impl Task {
         let executor = self.executors.for_spec(&run.spec).await?;
         let options =
             DriveOptions::new(self.max_sleep, Some(effective_budget(budget_until, now())));
-        let log = EventLog::new(&run.run_id, executor.clone(), Sink::Stdout);
+        let sink = if self.event_log_on_stdout {
+            Sink::Stdout
+        } else {
+            Sink::None
+        };
+        let log = EventLog::new(&run.run_id, executor.clone(), sink);
         if run.seq > 0 {
             log.record(&events::run_resumed(&run, false));
         }

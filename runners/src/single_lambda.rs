@@ -240,6 +240,9 @@ pub struct Summary {
     /// One human line.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What this invocation wrote to the DynamoDB item (also published as metrics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_writes: Option<driver::StateWrites>,
 }
 
 impl Summary {
@@ -253,6 +256,7 @@ impl Summary {
             wake_at: None,
             outcome: terminal.as_ref().and_then(|t| serde_json::to_value(t).ok()),
             message: terminal.as_ref().map(report::describe_terminal),
+            state_writes: None,
         }
     }
 }
@@ -266,6 +270,8 @@ pub struct SingleLambda {
     executor: Arc<Executor>,
     metrics_namespace: String,
     metrics: MetricsSink,
+    /// Print the event log on stdout (CloudWatch Logs); its staging copy is kept either way.
+    event_log_on_stdout: bool,
     _sentry: Option<sentry::ClientInitGuard>,
 }
 
@@ -316,6 +322,7 @@ impl SingleLambda {
             executor: Arc::new(executor),
             metrics_namespace,
             metrics: MetricsSink::Stdout,
+            event_log_on_stdout: true,
             _sentry: None,
         })
     }
@@ -323,6 +330,13 @@ impl SingleLambda {
     /// Sends the metrics elsewhere than stdout (tests).
     pub fn with_metrics_sink(mut self, sink: MetricsSink) -> SingleLambda {
         self.metrics = sink;
+        self
+    }
+
+    /// Keeps the event log off stdout (tests of 100,000 files: it would be 30 MB of output;
+    /// the staging copy is still written).
+    pub fn without_event_log_on_stdout(mut self) -> SingleLambda {
+        self.event_log_on_stdout = false;
         self
     }
 
@@ -515,7 +529,12 @@ impl SingleLambda {
                     .map_err(|e| LambdaFailure::configuration(e.to_string()))?,
             )
         };
-        let log = EventLog::new(&run.run_id, executor.clone(), Sink::Stdout);
+        let sink = if self.event_log_on_stdout {
+            Sink::Stdout
+        } else {
+            Sink::None
+        };
+        let log = EventLog::new(&run.run_id, executor.clone(), sink);
         if let Some(event) = resumed {
             log.record(&event);
         }
@@ -555,12 +574,13 @@ impl SingleLambda {
             &run.run_id,
             self.metrics.clone(),
         );
+        let saves = driver::SaveCount::default();
         let drove = driver::drive(
             run.clone(),
             executor.as_ref(),
             store,
             &options,
-            &All(&[&observer, &log, &metrics]),
+            &All(&[&observer, &log, &metrics, &saves]),
             watchdog,
         )
         .await;
@@ -575,6 +595,7 @@ impl SingleLambda {
         };
         run = latest;
         let mut summary = Summary::of(sync_id, Some(&run), StopReason::Done);
+        summary.state_writes = Some(saves.figures());
         match stopped {
             Stopped::Done(terminal) => {
                 if let (Terminal::Failed(f), false) = (terminal.as_ref(), was_done) {
@@ -671,6 +692,7 @@ mod tests {
             wake_at: None,
             outcome: None,
             message: None,
+            state_writes: None,
         };
         assert_eq!(
             serde_json::to_value(StopReason::OutOfBudget).unwrap(),
