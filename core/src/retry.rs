@@ -52,6 +52,10 @@ pub enum FailureKind {
     /// Something local and permanent: a credential that cannot be loaded, a key that does
     /// not parse.
     Local,
+    /// A file's transfer was cut because the invocation running it ended (a Lambda's time
+    /// budget) before it did. Tried again, but only [`UNFINISHED_RETRIES`] times: a file that
+    /// cannot move within one invocation would otherwise start over in every one, forever.
+    Unfinished,
 }
 
 impl FailureKind {
@@ -67,6 +71,7 @@ impl FailureKind {
             FailureKind::Undecodable => "undecodable",
             FailureKind::Storage { .. } => "storage",
             FailureKind::Local => "local",
+            FailureKind::Unfinished => "unfinished",
         }
     }
 }
@@ -113,6 +118,7 @@ impl std::fmt::Display for Failure {
             FailureKind::Undecodable => write!(f, "unexpected answer: {}", self.message),
             FailureKind::Storage { .. } => write!(f, "staging store: {}", self.message),
             FailureKind::Local => f.write_str(&self.message),
+            FailureKind::Unfinished => write!(f, "unfinished: {}", self.message),
         }
     }
 }
@@ -131,9 +137,11 @@ pub enum Verdict {
 /// heal by waiting.
 pub fn classify(f: &Failure) -> Verdict {
     match f.kind {
-        FailureKind::Network | FailureKind::Timeout | FailureKind::Dns | FailureKind::Refused => {
-            Verdict::Transient
-        }
+        FailureKind::Network
+        | FailureKind::Timeout
+        | FailureKind::Dns
+        | FailureKind::Refused
+        | FailureKind::Unfinished => Verdict::Transient,
         FailureKind::Tls => Verdict::Permanent,
         FailureKind::Http {
             status,
@@ -159,10 +167,15 @@ pub fn classify(f: &Failure) -> Verdict {
 /// restart or a resolver hiccup, not hours against a typo in an endpoint.
 pub const FAST_FAIL_RETRIES: u32 = 3;
 
+/// Retries of a file whose transfer an invocation's end cut ([`FailureKind::Unfinished`]): a
+/// first attempt may have started late in an invocation, a third is not going to fit either.
+pub const UNFINISHED_RETRIES: u32 = 2;
+
 /// How many times a transient failure of this kind is retried under `policy`.
 pub fn retry_limit(f: &Failure, policy: &PhasePolicy) -> u32 {
     match f.kind {
         FailureKind::Dns | FailureKind::Refused => policy.times.min(FAST_FAIL_RETRIES),
+        FailureKind::Unfinished => policy.times.min(UNFINISHED_RETRIES),
         _ => policy.times,
     }
 }
@@ -292,6 +305,16 @@ mod tests {
             back_off,
             timeout_ms: None,
         }
+    }
+
+    #[test]
+    fn an_unfinished_transfer_is_tried_again_only_twice() {
+        let cut = Failure::new(FailureKind::Unfinished, "the invocation ended");
+        assert_eq!(classify(&cut), Verdict::Transient);
+        assert_eq!(retry_limit(&cut, &policy(24, 1, 1.0)), UNFINISHED_RETRIES);
+        assert_eq!(retry_limit(&cut, &policy(1, 1, 1.0)), 1);
+        assert_eq!(cut.to_string(), "unfinished: the invocation ended");
+        assert_eq!(cut.kind.name(), "unfinished");
     }
 
     #[test]

@@ -419,6 +419,16 @@ pub fn max_sleep(config: &Config, default: Duration) -> Result<Duration, LambdaF
 /// than `now + configured`. When the deadline is unusable — in the past (cargo-lambda's
 /// emulator sends a duration, so the deadline lies in 1970) or further away than Lambda's
 /// 15 minutes — the configured budget (default [`DEFAULT_TIME_BUDGET`]) is used instead.
+/// When to cut transfers still in flight after a budget that ends at `budget` (with `margin`
+/// left before the Lambda's deadline): two thirds into the margin, so that the last save and
+/// the answer still happen, or sooner after a short budget (as long after it as the budget
+/// lasted, at least 5 s: tests run with budgets of a second, and must not cut small files).
+pub fn cut_after(budget: Timestamp, now: Timestamp, margin: Duration) -> Timestamp {
+    let margin_ms = u64::try_from(margin.as_millis()).unwrap_or(u64::MAX);
+    let span = budget.0.saturating_sub(now.0).max(5_000);
+    budget.plus_ms((margin_ms / 3 * 2).min(span))
+}
+
 pub fn budget_until(
     ctx: &Context,
     now: Timestamp,
@@ -511,6 +521,16 @@ mod tests {
     fn a_deadline_within_the_margin_leaves_no_budget() {
         let b = budget_from_deadline(NOW.0 + 10_000, NOW, None, MARGIN);
         assert_eq!(b, NOW, "never before now, never negative");
+    }
+
+    #[test]
+    fn transfers_are_cut_two_thirds_into_the_margin_or_soon_after_a_short_budget() {
+        // A real budget: 14 min, then 20 s of the 30 s margin.
+        let budget = NOW.plus_ms(840_000);
+        assert_eq!(cut_after(budget, NOW, MARGIN), budget.plus_ms(20_000));
+        // A test's budget of a second: cut 5 s after it.
+        let budget = NOW.plus_ms(1_000);
+        assert_eq!(cut_after(budget, NOW, MARGIN), budget.plus_ms(5_000));
     }
 
     #[test]

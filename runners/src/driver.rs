@@ -10,6 +10,7 @@
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use pathling_import_core::effect::{EffectId, EffectResult, Input, Next, Request};
+use pathling_import_core::retry::{Failure, FailureKind};
 use pathling_import_core::{SyncRun, Terminal, Timestamp};
 use std::collections::VecDeque;
 use std::future::Future;
@@ -204,6 +205,13 @@ pub struct DriveOptions {
     /// by time as well as by count (10,000 small files would otherwise mean 10,000 envelope
     /// writes). `Duration::ZERO` saves every step.
     pub save_interval: Duration,
+    /// Cut what is still in flight at this moment (on `clock`), after the budget, before
+    /// whoever runs the drive is stopped (a Lambda's deadline): each file in flight is stepped
+    /// as [`FailureKind::Unfinished`], so that a file too slow for one invocation fails the run
+    /// naming it after a few tries instead of starting over in every invocation; run-level
+    /// effects in flight are dropped (they are asked for again). The drive then returns
+    /// [`Stopped::OutOfBudget`] (or [`Stopped::Done`], when a cut ended the run).
+    pub cut_at: Option<Timestamp>,
 }
 
 /// The default of [`DriveOptions::save_interval`].
@@ -217,7 +225,13 @@ impl DriveOptions {
             budget_until,
             clock: Arc::new(SystemClock),
             save_interval: SAVE_INTERVAL,
+            cut_at: None,
         }
+    }
+
+    pub fn with_cut_at(mut self, at: Timestamp) -> Self {
+        self.cut_at = Some(at);
+        self
     }
 
     pub fn with_save_interval(mut self, interval: Duration) -> Self {
@@ -237,6 +251,7 @@ impl std::fmt::Debug for DriveOptions {
             .field("max_sleep", &self.max_sleep)
             .field("budget_until", &self.budget_until)
             .field("save_interval", &self.save_interval)
+            .field("cut_at", &self.cut_at)
             .finish_non_exhaustive()
     }
 }
@@ -332,7 +347,7 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                 // effects are never refilled (their ids change with every step).
                 let refillable = requests.iter().all(per_file);
                 let mut queue: VecDeque<Request> = requests.into();
-                let mut in_flight_ids: Vec<EffectId> = Vec::new();
+                let mut in_flight_requests: Vec<Request> = Vec::new();
                 let mut in_flight = FuturesUnordered::new();
                 let mut out_of_budget = false;
                 // Once a result moves the run to another phase (a file failed for good, a
@@ -353,11 +368,9 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                             // The machine hands out the files due now, in-flight ones
                             // included (they are still pending): start only the others.
                             if let Next::Run { requests } = run.next(clock.now()) {
-                                queue.extend(
-                                    requests
-                                        .into_iter()
-                                        .filter(|r| per_file(r) && !in_flight_ids.contains(&r.id)),
-                                );
+                                queue.extend(requests.into_iter().filter(|r| {
+                                    per_file(r) && !in_flight_requests.iter().any(|q| q.id == r.id)
+                                }));
                             }
                         }
                         let Some(mut request) = queue.pop_front() else {
@@ -381,7 +394,7 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                                 }
                             }
                         }
-                        in_flight_ids.push(request.id);
+                        in_flight_requests.push(request.clone());
                         observer.started(&run, &request);
                         in_flight.push(async move {
                             let result = executor.execute(&request).await;
@@ -398,10 +411,35 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                             None => std::future::pending().await,
                         }
                     };
+                    let cut_due = async {
+                        match options.cut_at {
+                            Some(at) => clock.alarm(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     let completed = tokio::select! {
                         biased;
                         c = in_flight.next() => c,
                         _ = &mut interrupt => return saves.flushed(store, run, Stopped::Interrupted).await,
+                        _ = cut_due => {
+                            // Dropping the transfers aborts them (see the staging stores).
+                            drop(in_flight);
+                            for request in in_flight_requests.into_iter().filter(per_file) {
+                                let result = EffectResult::Failed(Failure::new(
+                                    FailureKind::Unfinished,
+                                    "the invocation ended before this file's transfer did \
+                                     (a file must move within one invocation's time budget)",
+                                ));
+                                run = apply(&run, &request, result, &mut saves, store, clock, interval_ms)
+                                    .await?;
+                            }
+                            // The last cut may have ended the run (a file given up on).
+                            let stopped = match run.state.terminal() {
+                                Some(terminal) => Stopped::Done(Box::new(terminal)),
+                                None => Stopped::OutOfBudget,
+                            };
+                            return saves.flushed(store, run, stopped).await;
+                        }
                         _ = flush_due => {
                             saves.flush(store, &run, clock.now()).await?;
                             continue;
@@ -410,48 +448,75 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                     let Some((request, result)) = completed else {
                         break;
                     };
-                    in_flight_ids.retain(|id| *id != request.id);
-                    if let EffectResult::Failed(f) = &result {
-                        // Every failure is logged with its cause as it happens; the machine
-                        // decides (and the next wait line says) whether it is retried.
-                        tracing::warn!(
-                            run_id = %run.run_id,
-                            phase = run.state.name(),
-                            effect = request.effect.name(),
-                            status = f.status().unwrap_or(0),
-                            kind = f.kind.name(),
-                            "{f}"
-                        );
-                    }
-                    match run.step(
-                        Input::Completed {
-                            id: request.id,
-                            result: result.clone(),
-                        },
-                        clock.now(),
-                    ) {
-                        Ok(stepped) => {
-                            let now = clock.now();
-                            let routine = per_file(&request)
-                                && stepped.state.name() == run.state.name()
-                                && now.0 < saves.last.0.saturating_add(interval_ms);
-                            if routine {
-                                saves.pending = true;
-                            } else {
-                                saves.save(store, &stepped, now).await?;
-                            }
-                            observer.stepped(&run, &stepped, &request, &result);
-                            run = stepped;
-                        }
-                        // A refused result changes nothing (e.g. a file result after the run
-                        // already failed on another file).
-                        Err(why) => observer.rejected(&request, &why.to_string()),
-                    }
+                    in_flight_requests.retain(|q| q.id != request.id);
+                    run = apply(
+                        &run,
+                        &request,
+                        result,
+                        &mut saves,
+                        store,
+                        clock,
+                        interval_ms,
+                    )
+                    .await?;
                 }
                 if out_of_budget {
                     return saves.flushed(store, run, Stopped::OutOfBudget).await;
                 }
             }
+        }
+    }
+}
+
+/// Steps one result into the run (saving it now, or within the save interval for a routine
+/// per-file step) and tells the observers; a refused result changes nothing.
+async fn apply<S: RunStore>(
+    run: &SyncRun,
+    request: &Request,
+    result: EffectResult,
+    saves: &mut Saves<'_>,
+    store: &mut S,
+    clock: &dyn Clock,
+    interval_ms: u64,
+) -> Result<SyncRun, StoreError> {
+    let observer = saves.observer;
+    if let EffectResult::Failed(f) = &result {
+        // Every failure is logged with its cause as it happens; the machine decides (and the
+        // next wait line says) whether it is retried.
+        tracing::warn!(
+            run_id = %run.run_id,
+            phase = run.state.name(),
+            effect = request.effect.name(),
+            status = f.status().unwrap_or(0),
+            kind = f.kind.name(),
+            "{f}"
+        );
+    }
+    match run.step(
+        Input::Completed {
+            id: request.id,
+            result: result.clone(),
+        },
+        clock.now(),
+    ) {
+        Ok(stepped) => {
+            let now = clock.now();
+            let routine = per_file(request)
+                && stepped.state.name() == run.state.name()
+                && now.0 < saves.last.0.saturating_add(interval_ms);
+            if routine {
+                saves.pending = true;
+            } else {
+                saves.save(store, &stepped, now).await?;
+            }
+            observer.stepped(run, &stepped, request, &result);
+            Ok(stepped)
+        }
+        // A refused result changes nothing (e.g. a file result after the run already failed
+        // on another file).
+        Err(why) => {
+            observer.rejected(request, &why.to_string());
+            Ok(run.clone())
         }
     }
 }

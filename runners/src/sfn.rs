@@ -293,8 +293,15 @@ impl Task {
             None => run,
         };
         let executor = self.executors.for_spec(&run.spec).await?;
-        let options =
-            DriveOptions::new(self.max_sleep, Some(effective_budget(budget_until, now())));
+        let t = now();
+        let budget = effective_budget(budget_until, t);
+        // Cut what is in flight before Lambda's hard stop (files in flight count an unfinished
+        // attempt), so that the answer still goes out.
+        let options = DriveOptions::new(self.max_sleep, Some(budget)).with_cut_at(aws::cut_after(
+            budget,
+            t,
+            DEADLINE_MARGIN,
+        ));
         let sink = if self.event_log_on_stdout {
             Sink::Stdout
         } else {

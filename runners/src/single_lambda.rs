@@ -542,16 +542,15 @@ impl SingleLambda {
 
         let t = now();
         let budget = aws::budget_until(ctx, t, self.settings.budget, MARGIN);
-        // Abandon effects still in flight well before Lambda's hard stop, so the last save
-        // and the lease release still happen.
-        let hard_stop = budget.plus_ms(ms(MARGIN) * 2 / 3);
+        // Cut effects still in flight well before Lambda's hard stop, so the last save and the
+        // lease release still happen (files in flight count an unfinished attempt).
+        let cut_at = aws::cut_after(budget, t, MARGIN);
         let lease = store.lease_watch();
         let lease_guard = (ms(self.settings.lease) / 4).min(1000);
         let watchdog = async move {
             loop {
                 // Stop shortly before the lease could lapse (every save renews it).
-                let lease_end = lease.load(Ordering::Acquire).saturating_sub(lease_guard);
-                let stop_at = lease_end.min(hard_stop.0);
+                let stop_at = lease.load(Ordering::Acquire).saturating_sub(lease_guard);
                 let now_ms = now().0;
                 if now_ms >= stop_at {
                     return;
@@ -565,7 +564,8 @@ impl SingleLambda {
             self.settings.max_sleep.min(self.settings.lease / 2),
             Some(budget),
         )
-        .with_save_interval(driver::SAVE_INTERVAL.min(self.settings.lease / 4));
+        .with_save_interval(driver::SAVE_INTERVAL.min(self.settings.lease / 4))
+        .with_cut_at(cut_at);
         let was_done = run.is_done();
         let observer = LogObserver::default();
         let metrics = Emf::new(

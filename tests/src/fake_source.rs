@@ -251,6 +251,8 @@ pub struct SourceConfig {
     pub max_concurrent_downloads: Option<usize>,
     /// Uncompressed bytes per body chunk.
     pub chunk_bytes: usize,
+    /// Pause before each body chunk of a file download: a source that serves files slowly.
+    pub chunk_delay: Duration,
     /// Delay before handling any request (both origins).
     pub latency: Duration,
     /// Files (by name: `{Type}.{k}.ndjson`, `deleted.0.ndjson`, `error.0.ndjson`) answered
@@ -309,6 +311,7 @@ impl Default for SourceConfig {
             reset: None,
             max_concurrent_downloads: None,
             chunk_bytes: 16 * 1024,
+            chunk_delay: Duration::ZERO,
             latency: Duration::ZERO,
             html_files: BTreeSet::new(),
             lost_files: BTreeSet::new(),
@@ -1826,7 +1829,11 @@ fn serve_file(
         shared: shared.clone(),
         _guard: guard,
     };
-    let stream = futures_util::stream::unfold(body, |mut b| async move {
+    let delay = cfg.chunk_delay;
+    let stream = futures_util::stream::unfold(body, move |mut b| async move {
+        if !delay.is_zero() && !b.done {
+            tokio::time::sleep(delay).await;
+        }
         if b.broken && !b.done {
             // Part of the fault being faked: hyper flushes what it has buffered while the body
             // is pending, and says nothing when it is done; without this pause the headers and

@@ -1248,3 +1248,58 @@ async fn a_100000_file_export_writes_small_items_a_bounded_number_of_times() {
     assert_eq!(w.downloads(), FILES, "each file downloaded once");
     assert_eq!(w.pathling.resource_count("Observation"), FILES as usize);
 }
+
+/// A file too slow for one invocation is cut before the invocation ends (its transfer
+/// aborted, nothing left behind), and after a few cut attempts the run fails naming it,
+/// instead of starting the file over in every invocation forever. The other files are staged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_too_slow_for_an_invocation_fails_the_run_naming_it_after_a_few_cuts() {
+    let w = world(
+        "unfinished",
+        SourceConfig {
+            // The Observation file comes in 16 KiB chunks 250 ms apart (about 12 s; not
+            // gzipped, whose encoder would gather the chunks); with a budget of 1 s, an
+            // invocation's cut comes 6 s after it starts.
+            dataset: DatasetConfig::new(&[("Patient", 10, 1), ("Observation", 2_000, 1)]),
+            gzip_when_asked: false,
+            chunk_delay: Duration::from_millis(250),
+            in_progress_polls: 0,
+            ..SourceConfig::default()
+        },
+    )
+    .await;
+    let lambda = w
+        .lambda(&[("LAMBDA_TIME_BUDGET", "1"), ("TRANSFER_CONCURRENCY", "2")])
+        .await;
+    let all = invoke_until_done(&lambda, &scheduled()).await;
+    let last = all.last().unwrap();
+    let outcome = last.outcome.as_ref().unwrap();
+    assert_eq!(outcome["status"], "failed", "{outcome}");
+    let reason = outcome["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(
+            "could not stage output[1] Observation: gave up after 3 attempt(s): unfinished:"
+        ) && reason.contains("within one invocation"),
+        "{reason}"
+    );
+    let attempts = w.source.file_attempts();
+    let observation = attempts
+        .iter()
+        .find(|(name, _)| name.contains("Observation"))
+        .map(|(_, n)| *n);
+    assert_eq!(observation, Some(3), "{attempts:?}");
+    // The small file was staged; the cut transfers left nothing behind.
+    let staged: Vec<String> = walk(w.staging.path())
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        staged.iter().any(|p| p.ends_with("Patient.ndjson")),
+        "{staged:#?}"
+    );
+    assert!(
+        !staged.iter().any(|p| p.contains(".partial-")),
+        "{staged:#?}"
+    );
+    assert!(!staged.iter().any(|p| p.contains("Observation.ndjson")));
+}
