@@ -1272,3 +1272,87 @@ fn unsaved_files_are_saved_after_the_interval_while_a_large_file_still_moves() {
         assert!(matches!(stopped, Stopped::Done(_)), "{stopped:?}");
     });
 }
+
+/// A file too slow for any invocation: each invocation's cut (after its budget, before its
+/// end) steps it as unfinished while the other files are staged, and the third cut fails the
+/// run naming it. The production driver over the virtual clock, invocation after invocation
+/// from the store, each starting when the previous one said to wake up.
+#[test]
+fn a_file_cut_in_every_invocation_fails_the_run_naming_it() {
+    use pathling_import_core::state::FileStatus;
+    let spec = quick_spec(&[("TRANSFER_CONCURRENCY", "2")]);
+    let mut files = Plan::outputs(4);
+    // Ten minutes to stage, against invocations of 60 s of budget and a cut 20 s later.
+    files[2].slow_ms = Some(600_000);
+    let mut plan = Plan::happy(files);
+    plan.max_latency_ms = 200;
+    let (sim, mut store, mut run) = rig(&spec, &plan);
+    let clock = sim.clock();
+    let mut outcomes = Vec::new();
+    let terminal = loop {
+        assert!(outcomes.len() < 20, "no end after {outcomes:?}");
+        let start = clock.real();
+        let options = DriveOptions::new(Duration::from_secs(30), Some(start.plus_secs(60)))
+            .with_clock(clock.clone())
+            .with_cut_at(start.plus_secs(80));
+        let (next, stopped) = sim
+            .run(driver::drive(
+                store.reload(),
+                &sim,
+                &mut store,
+                &options,
+                &sim,
+                sim.crash_signal(),
+            ))
+            .unwrap();
+        assert!(
+            clock.real().0 <= start.plus_secs(80).0 + 1_000,
+            "the invocation outlived its cut"
+        );
+        run = next;
+        outcomes.push(format!("{stopped:?}"));
+        match stopped {
+            Stopped::Done(terminal) => break terminal,
+            Stopped::Sleeping { until } => clock.advance_to(until),
+            Stopped::OutOfBudget | Stopped::Interrupted => clock.advance(1_000),
+        }
+    };
+    let Terminal::Failed(f) = *terminal else {
+        panic!("{terminal:?}")
+    };
+    assert!(
+        f.reason.starts_with(&format!(
+            "could not stage {}: gave up after 3 attempt(s): unfinished:",
+            plan.describe(2)
+        )),
+        "{}",
+        f.reason
+    );
+    // Three attempts at the slow file, each cut; the others staged once.
+    let trace = sim.trace();
+    let attempts_at = |index: u32| {
+        trace
+            .iter()
+            .filter(|t| {
+                matches!(t, Trace::Started { request, .. }
+                    if matches!(request.id, EffectId::File { index: i, .. } if i == index))
+            })
+            .count()
+    };
+    assert_eq!(attempts_at(2), 3);
+    for other in [0, 1, 3] {
+        assert_eq!(attempts_at(other), 1, "file {other}");
+    }
+    let resume = f.resume.expect("the failed run can be retried");
+    let statuses: Vec<FileStatus> = resume.export.files.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            FileStatus::Staged,
+            FileStatus::Staged,
+            FileStatus::Failed,
+            FileStatus::Staged
+        ]
+    );
+    assert_eq!(store.reload(), run, "the store holds the failed run");
+}

@@ -124,6 +124,8 @@ pub struct PlanFile {
     pub fatal: bool,
     /// The file does not end with a newline.
     pub no_final_newline: bool,
+    /// Staging it takes this long (virtual ms), whatever the plan's latency.
+    pub slow_ms: Option<u64>,
 }
 
 impl PlanFile {
@@ -135,6 +137,7 @@ impl PlanFile {
             delete: Fault::None,
             fatal: false,
             no_final_newline: false,
+            slow_ms: None,
         }
     }
 }
@@ -442,8 +445,15 @@ impl World {
     }
 
     /// How long the next effect takes.
-    pub fn latency(&mut self) -> u64 {
-        self.rng.below(self.plan.max_latency_ms + 1)
+    pub fn latency(&mut self, request: &Request) -> u64 {
+        let slow = match &request.effect {
+            Effect::StageFile { index, .. } => {
+                self.plan.files.get(*index as usize).and_then(|f| f.slow_ms)
+            }
+            _ => None,
+        };
+        let random = self.rng.below(self.plan.max_latency_ms + 1);
+        slow.unwrap_or(random)
     }
 
     /// The manifest the source hands out once the export is done.
@@ -810,6 +820,9 @@ struct ClockState {
     /// The last `now` handed to the driver.
     fed: Timestamp,
     back: Option<SplitMix64>,
+    /// Alarms the driver waits on (time → how many): [`Sim::run`] moves the virtual time on
+    /// to the earliest when it comes before every effect in flight ends.
+    alarms: std::collections::BTreeMap<Timestamp, usize>,
 }
 
 impl VirtualClock {
@@ -819,6 +832,7 @@ impl VirtualClock {
                 now: start,
                 fed: start,
                 back: backwards.map(SplitMix64::new),
+                alarms: std::collections::BTreeMap::new(),
             })),
         }
     }
@@ -840,6 +854,12 @@ impl VirtualClock {
     pub fn advance(&self, ms: u64) {
         let mut s = self.lock();
         s.now = s.now.plus_ms(ms);
+    }
+
+    /// The earliest alarm still waited on that has not rung yet.
+    fn next_alarm(&self) -> Option<Timestamp> {
+        let s = self.lock();
+        s.alarms.keys().find(|at| **at > s.now).copied()
     }
 
     /// Moves the virtual time on to `t` (never back).
@@ -876,13 +896,37 @@ impl Clock for VirtualClock {
         Box::pin(std::future::ready(()))
     }
 
-    /// Ready once the virtual time has reached `at` by itself (effects ending): the simulation
-    /// polls the driver again after each, so no waker is needed.
+    /// Ready once the virtual time has reached `at`: by effects ending, or, when it comes
+    /// first, by [`Sim::run`] moving the time on to it. The simulation polls the driver again
+    /// after each, so no waker is needed. Registered while the future lives.
     fn alarm(&self, at: Timestamp) -> BoxFuture<'static, ()> {
-        let state = self.state.clone();
+        struct Registered {
+            state: Arc<Mutex<ClockState>>,
+            at: Timestamp,
+        }
+        impl Drop for Registered {
+            fn drop(&mut self) {
+                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(n) = s.alarms.get_mut(&self.at) {
+                    *n -= 1;
+                    if *n == 0 {
+                        s.alarms.remove(&self.at);
+                    }
+                }
+            }
+        }
+        *self.lock().alarms.entry(at).or_default() += 1;
+        let registered = Registered {
+            state: self.state.clone(),
+            at,
+        };
         Box::pin(std::future::poll_fn(move |_| {
-            let now = state.lock().unwrap_or_else(|p| p.into_inner()).now;
-            if now >= at {
+            let now = registered
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .now;
+            if now >= registered.at {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -1083,7 +1127,7 @@ impl Sim {
     fn start(&self, request: &Request, waker: Waker) -> u64 {
         let mut s = self.lock();
         let at = self.clock.real();
-        let latency = s.world.latency();
+        let latency = s.world.latency(request);
         let ticket = s.next_ticket;
         s.next_ticket += 1;
         s.trace.push(Trace::Started {
@@ -1176,6 +1220,16 @@ impl Sim {
         loop {
             if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
                 return out;
+            }
+            // An alarm before every effect in flight ends rings first.
+            let next_due = self.lock().in_flight.iter().map(|f| f.due).min();
+            if let Some(at) = self
+                .clock
+                .next_alarm()
+                .filter(|at| next_due.is_none_or(|due| *at < due))
+            {
+                self.clock.advance_to(at);
+                continue;
             }
             if !self.complete_next() && !self.lock().crashed {
                 panic!("the driver waits, with no effect in flight");

@@ -57,6 +57,7 @@ pub fn files(
                 delete,
                 fatal: fatal && kind == FileKind::Error,
                 no_final_newline: no_nl,
+                slow_ms: None,
             }),
         0..=max,
     )
