@@ -1289,8 +1289,7 @@ fn a_file_cut_in_every_invocation_fails_the_run_naming_it() {
     let (sim, mut store, _) = rig(&spec, &plan);
     let clock = sim.clock();
     let mut outcomes = Vec::new();
-    let mut last = None;
-    let terminal = loop {
+    let (terminal, last) = loop {
         assert!(outcomes.len() < 20, "no end after {outcomes:?}");
         let start = clock.real();
         let options = DriveOptions::new(Duration::from_secs(30), Some(start.plus_secs(60)))
@@ -1310,10 +1309,9 @@ fn a_file_cut_in_every_invocation_fails_the_run_naming_it() {
             clock.real().0 <= start.plus_secs(80).0 + 1_000,
             "the invocation outlived its cut"
         );
-        last = Some(next);
         outcomes.push(format!("{stopped:?}"));
         match stopped {
-            Stopped::Done(terminal) => break terminal,
+            Stopped::Done(terminal) => break (terminal, next),
             Stopped::Sleeping { until } => clock.advance_to(until),
             Stopped::OutOfBudget | Stopped::Interrupted => clock.advance(1_000),
         }
@@ -1355,5 +1353,5 @@ fn a_file_cut_in_every_invocation_fails_the_run_naming_it() {
             FileStatus::Staged
         ]
     );
-    assert_eq!(Some(store.reload()), last, "the store holds the failed run");
+    assert_eq!(store.reload(), last, "the store holds the failed run");
 }
