@@ -215,6 +215,10 @@ impl ManifestPages {
         };
         let requires_access_token = match obj.get("requiresAccessToken") {
             Some(Value::Bool(b)) => *b,
+            // Absent on a later page: as the first page said.
+            None | Some(Value::Null) if self.transaction_time.is_some() => {
+                self.requires_access_token
+            }
             // Absent: assume the server wants its token; it still only goes to its own origin.
             None | Some(Value::Null) => true,
             Some(_) => return Err(field_err("requiresAccessToken", "not a boolean")),
@@ -725,6 +729,17 @@ mod tests {
         assert_eq!(urls, ["/files/0", "/files/2", "/files/1", "/files/3"]);
         assert_eq!(m.duplicates, 1);
         assert!(m.files.iter().all(|f| f.send_token));
+
+        // A later page may leave requiresAccessToken out: the first page's value holds.
+        let mut pages = ManifestPages::new(SRC);
+        let first = json!({"transactionTime": "2026-11-26T10:00:00Z", "requiresAccessToken": false,
+                           "output": [item("Patient", 7)],
+                           "link": [{"relation": "next", "url": "https://a/p2"}]});
+        pages.add(first.to_string().as_bytes()).unwrap();
+        pages
+            .add(page(vec![item("Patient", 8)], None).as_bytes())
+            .unwrap();
+        assert!(pages.finish().unwrap().files.iter().all(|f| !f.send_token));
 
         // A single-page reader refuses a manifest that goes on.
         let err = parse_manifest(page(vec![], Some("https://a/p2")).as_bytes(), SRC).unwrap_err();

@@ -52,8 +52,9 @@ pub enum FailureKind {
     /// Something local and permanent: a credential that cannot be loaded, a key that does
     /// not parse.
     Local,
-    /// A file's transfer was cut because the invocation running it ended (a Lambda's time
-    /// budget) before it did. Tried again, but only [`UNFINISHED_RETRIES`] times: a file that
+    /// An effect (a file's transfer, reading a paged manifest) was cut because the invocation
+    /// running it ended (a Lambda's time budget) before it did. Transient, but retried only
+    /// while the failures so far, of any kind, are at most [`UNFINISHED_RETRIES`]: a file that
     /// cannot move within one invocation would otherwise start over in every one, forever.
     Unfinished,
 }
@@ -167,8 +168,9 @@ pub fn classify(f: &Failure) -> Verdict {
 /// restart or a resolver hiccup, not hours against a typo in an endpoint.
 pub const FAST_FAIL_RETRIES: u32 = 3;
 
-/// Retries of a file whose transfer an invocation's end cut ([`FailureKind::Unfinished`]): a
-/// first attempt may have started late in an invocation, a third is not going to fit either.
+/// Retries after an invocation's end cut an effect ([`FailureKind::Unfinished`]), counting the
+/// effect's earlier failures of any kind: a first attempt may have started late in an
+/// invocation, a third is not going to fit either.
 pub const UNFINISHED_RETRIES: u32 = 2;
 
 /// How many times a transient failure of this kind is retried under `policy`.

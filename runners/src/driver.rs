@@ -206,10 +206,11 @@ pub struct DriveOptions {
     /// writes). `Duration::ZERO` saves every step.
     pub save_interval: Duration,
     /// Cut what is still in flight at this moment (on `clock`), after the budget, before
-    /// whoever runs the drive is stopped (a Lambda's deadline): each file in flight is stepped
-    /// as [`FailureKind::Unfinished`], so that a file too slow for one invocation fails the run
-    /// naming it after a few tries instead of starting over in every invocation; run-level
-    /// effects in flight are dropped (they are asked for again). The drive then returns
+    /// whoever runs the drive is stopped (a Lambda's deadline): each effect in flight is
+    /// stepped as [`FailureKind::Unfinished`], so that a file (or a paged manifest's reading)
+    /// too slow for one invocation fails after a few tries instead of starting over in every
+    /// invocation; an effect that must not be repeated blindly (an append kick-off) is only
+    /// dropped, its recorded sending holding the run. The drive then returns
     /// [`Stopped::OutOfBudget`] (or [`Stopped::Done`], when a cut ended the run).
     pub cut_at: Option<Timestamp>,
 }
@@ -424,7 +425,15 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                         _ = cut_due => {
                             // Dropping the transfers aborts them (see the staging stores).
                             drop(in_flight);
-                            for request in in_flight_requests.into_iter().filter(per_file) {
+                            // A cut effect counts as an unfinished attempt, so that one too
+                            // slow for any invocation ends its phase after a few (a file,
+                            // a paged manifest's reading), except one that must not be
+                            // repeated blindly: its recorded sending holds the run instead.
+                            let cut: Vec<Request> = in_flight_requests
+                                .into_iter()
+                                .filter(|r| per_file(r) || !run.record_before(r))
+                                .collect();
+                            for request in cut {
                                 let result = EffectResult::Failed(Failure::new(
                                     FailureKind::Unfinished,
                                     "the invocation ended before this file's transfer did \

@@ -455,6 +455,22 @@ impl Executor {
     ) -> Result<ManifestDigest, Failure> {
         let stored = serde_json::to_vec(&manifest)
             .map_err(|e| Failure::new(FailureKind::Local, format!("encoding the manifest: {e}")))?;
+        // What is stored must read back (a new process, another invocation): the read is
+        // capped at twice MANIFEST_MAX_SIZE, which a paged manifest may outgrow.
+        let cap = self.manifest_max_bytes.saturating_mul(2);
+        if stored.len() as u64 > cap {
+            return Err(Failure::new(
+                FailureKind::Local,
+                format!(
+                    "the export's manifest ({} files over its pages) is {} MiB decoded, more than \
+                     twice MANIFEST_MAX_SIZE ({} MiB) allows to read back; raise \
+                     MANIFEST_MAX_SIZE or narrow the export",
+                    manifest.files.len(),
+                    stored.len().div_ceil(1024 * 1024),
+                    self.manifest_max_bytes / (1024 * 1024)
+                ),
+            ));
+        }
         self.staging
             .put_bytes(key.as_str(), Bytes::from(stored))
             .await

@@ -1273,20 +1273,14 @@ fn unsaved_files_are_saved_after_the_interval_while_a_large_file_still_moves() {
     });
 }
 
-/// A file too slow for any invocation: each invocation's cut (after its budget, before its
-/// end) steps it as unfinished while the other files are staged, and the third cut fails the
-/// run naming it. The production driver over the virtual clock, invocation after invocation
-/// from the store, each starting when the previous one said to wake up.
-#[test]
-fn a_file_cut_in_every_invocation_fails_the_run_naming_it() {
-    use pathling_import_core::state::FileStatus;
-    let spec = quick_spec(&[("TRANSFER_CONCURRENCY", "2")]);
-    let mut files = Plan::outputs(4);
-    // Ten minutes to stage, against invocations of 60 s of budget and a cut 20 s later.
-    files[2].slow_ms = Some(600_000);
-    let mut plan = Plan::happy(files);
-    plan.max_latency_ms = 200;
-    let (sim, mut store, _) = rig(&spec, &plan);
+/// Invocation after invocation, as a Lambda runner is called: each drive reads the run from
+/// the store, works for a 60 s budget and is cut 20 s later; the next one starts when the
+/// previous one said to wake up. Returns how the run ended, the last run and the trace.
+fn invocations_until_done(
+    spec: &pathling_import_core::spec::RunSpec,
+    plan: &Plan,
+) -> (Terminal, SyncRun, Vec<Trace>, SimStore) {
+    let (sim, mut store, _) = rig(spec, plan);
     let clock = sim.clock();
     let mut outcomes = Vec::new();
     let (terminal, last) = loop {
@@ -1311,12 +1305,38 @@ fn a_file_cut_in_every_invocation_fails_the_run_naming_it() {
         );
         outcomes.push(format!("{stopped:?}"));
         match stopped {
-            Stopped::Done(terminal) => break (terminal, next),
+            Stopped::Done(terminal) => break (*terminal, next),
             Stopped::Sleeping { until } => clock.advance_to(until),
             Stopped::OutOfBudget | Stopped::Interrupted => clock.advance(1_000),
         }
     };
-    let Terminal::Failed(f) = *terminal else {
+    (terminal, last, sim.trace(), store)
+}
+
+fn starts_where(
+    trace: &[Trace],
+    wanted: impl Fn(&pathling_import_core::effect::Request) -> bool,
+) -> usize {
+    trace
+        .iter()
+        .filter(|t| matches!(t, Trace::Started { request, .. } if wanted(request)))
+        .count()
+}
+
+/// A file too slow for any invocation: each invocation's cut (after its budget, before its
+/// end) steps it as unfinished while the other files are staged, and the third cut fails the
+/// run naming it.
+#[test]
+fn a_file_cut_in_every_invocation_fails_the_run_naming_it() {
+    use pathling_import_core::state::FileStatus;
+    let spec = quick_spec(&[("TRANSFER_CONCURRENCY", "2")]);
+    let mut files = Plan::outputs(4);
+    // Ten minutes to stage, against invocations of 60 s of budget and a cut 20 s later.
+    files[2].slow_ms = Some(600_000);
+    let mut plan = Plan::happy(files);
+    plan.max_latency_ms = 200;
+    let (terminal, last, trace, store) = invocations_until_done(&spec, &plan);
+    let Terminal::Failed(f) = terminal else {
         panic!("{terminal:?}")
     };
     assert!(
@@ -1328,19 +1348,10 @@ fn a_file_cut_in_every_invocation_fails_the_run_naming_it() {
         f.reason
     );
     // Three attempts at the slow file, each cut; the others staged once.
-    let trace = sim.trace();
-    let attempts_at = |index: u32| {
-        trace
-            .iter()
-            .filter(|t| {
-                matches!(t, Trace::Started { request, .. }
-                    if matches!(request.id, EffectId::File { index: i, .. } if i == index))
-            })
-            .count()
-    };
-    assert_eq!(attempts_at(2), 3);
+    let file = |index: u32| move |r: &pathling_import_core::effect::Request| matches!(r.id, EffectId::File { index: i, .. } if i == index);
+    assert_eq!(starts_where(&trace, file(2)), 3);
     for other in [0, 1, 3] {
-        assert_eq!(attempts_at(other), 1, "file {other}");
+        assert_eq!(starts_where(&trace, file(other)), 1, "file {other}");
     }
     let resume = f.resume.expect("the failed run can be retried");
     let statuses: Vec<FileStatus> = resume.export.files.iter().map(|r| r.status).collect();
@@ -1354,4 +1365,33 @@ fn a_file_cut_in_every_invocation_fails_the_run_naming_it() {
         ]
     );
     assert_eq!(store.reload(), last, "the store holds the failed run");
+}
+
+/// Reading the manifest (a paged one, from a slow source) that no invocation can finish is
+/// cut like a file: after three cuts the run fails in its export phase, instead of asking the
+/// source again from the first page in every invocation until the export expires.
+#[test]
+fn a_manifest_read_cut_in_every_invocation_fails_the_run() {
+    let spec = quick_spec(&[]);
+    let mut plan = Plan::happy(Plan::outputs(2));
+    plan.max_latency_ms = 200;
+    plan.slow_manifest_ms = Some(600_000);
+    let (terminal, _, trace, _) = invocations_until_done(&spec, &plan);
+    for t in &trace {
+        eprintln!(
+            "DEBUG {}",
+            format!("{t:?}").chars().take(200).collect::<String>()
+        );
+    }
+    let Terminal::Failed(f) = terminal else {
+        panic!("{terminal:?}")
+    };
+    assert_eq!(f.phase.as_str(), "polling_export", "{}", f.reason);
+    assert!(f.reason.contains("unfinished"), "{}", f.reason);
+    let polls = starts_where(&trace, |r| matches!(r.effect, Effect::PollExport { .. }));
+    assert_eq!(polls, 3);
+    assert_eq!(
+        starts_where(&trace, |r| matches!(r.effect, Effect::StageFile { .. })),
+        0
+    );
 }

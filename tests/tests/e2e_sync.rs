@@ -435,3 +435,39 @@ async fn a_paged_manifest_is_read_to_its_last_page() {
     let state = sandbox.state().unwrap();
     assert_eq!(state["state"]["files"], json!(11), "{state}");
 }
+
+/// A paged manifest whose decoded whole could not be read back (each page within
+/// MANIFEST_MAX_SIZE, all of them more than twice it) fails the run at once naming the
+/// setting, before any file is staged: read back later (a new process), it would otherwise
+/// fail every file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_manifest_too_large_to_read_back_fails_naming_manifest_max_size() {
+    let mut sandbox = Sandbox::new();
+    let src = FakeSource::start(SourceConfig {
+        in_progress_polls: 0,
+        // 20,000 files, 5,000 a page (about 0.6 MB each): about 2.8 MB decoded.
+        dataset: DatasetConfig::new(&[("Observation", 20_000, 20_000)]),
+        manifest_page_size: Some(5_000),
+        ..SourceConfig::default()
+    })
+    .await
+    .unwrap();
+    let staging = Staging::Dir;
+    let pathling = start_pathling(Gen::V9, &sandbox, &staging, |_| {}).await;
+    sandbox
+        .configure(&src.base_url(), &pathling.base_url(), &staging)
+        .set("manifestMaxSize", 1);
+
+    let out = sandbox.run(&[]).await;
+    out.assert_code(1)
+        .assert_stderr_contains("MANIFEST_MAX_SIZE")
+        .assert_stderr_contains("20000 files");
+    assert_eq!(src.stats().manifests, 4, "every page was read");
+    assert_eq!(src.stats().files_completed, 0, "no file was downloaded");
+    let state = sandbox.state().unwrap();
+    assert_eq!(
+        state["state"]["in_phase"],
+        json!("polling_export"),
+        "{state}"
+    );
+}

@@ -168,6 +168,8 @@ pub struct Plan {
     pub cleanup_fails: bool,
     /// Each effect takes `0..=max_latency_ms` of virtual time.
     pub max_latency_ms: u64,
+    /// The completing export poll (reading the manifest) takes this long instead.
+    pub slow_manifest_ms: Option<u64>,
     pub seed: u64,
 }
 
@@ -187,6 +189,7 @@ impl Plan {
             import_fails: false,
             cleanup_fails: false,
             max_latency_ms: 2_000,
+            slow_manifest_ms: None,
             seed: 1,
         }
     }
@@ -290,6 +293,7 @@ impl Plan {
             import_fails: rng.chance(3),
             cleanup_fails: rng.chance(20),
             max_latency_ms: rng.below(3_000),
+            slow_manifest_ms: None,
             seed: rng.next_u64(),
         }
     }
@@ -450,6 +454,7 @@ impl World {
             Effect::StageFile { index, .. } => {
                 self.plan.files.get(*index as usize).and_then(|f| f.slow_ms)
             }
+            Effect::PollExport { .. } => self.plan.slow_manifest_ms,
             _ => None,
         };
         let random = self.rng.below(self.plan.max_latency_ms + 1);

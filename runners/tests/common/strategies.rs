@@ -111,6 +111,7 @@ pub fn plan() -> impl Strategy<Value = Plan> {
                 import_fails,
                 cleanup_fails,
                 max_latency_ms,
+                slow_manifest_ms: None,
                 seed,
             }
         },
