@@ -47,6 +47,7 @@ fn main() -> ExitCode {
             .map(|_| (FileKind::Output, "Patient".into()))
             .collect(),
         duplicates: 0,
+        files_hash: None,
     };
     let started = std::time::Instant::now();
     let mut steps = 0u64;

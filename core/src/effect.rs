@@ -200,10 +200,35 @@ pub struct ManifestDigest {
     /// File URLs the manifest listed again after their first listing (not in `files`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub duplicates: u32,
+    /// A hash of every file's array, type and URL without its query (a pre-signed URL signed
+    /// again keeps its path): a retried run continues its staged files only under the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_hash: Option<u64>,
 }
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+/// FNV-1a over each file's array, type and URL up to its query, with separators.
+fn files_hash(files: &[crate::bulk::ManifestFile]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for f in files {
+        let path = f.url.split(['?', '#']).next().unwrap_or("");
+        eat(f.kind.as_str().as_bytes());
+        eat(b"\0");
+        eat(f.type_name.as_bytes());
+        eat(b"\0");
+        eat(path.as_bytes());
+        eat(b"\n");
+    }
+    h
 }
 
 impl crate::bulk::Manifest {
@@ -216,6 +241,7 @@ impl crate::bulk::Manifest {
                 .map(|f| (f.kind, f.type_name.clone()))
                 .collect(),
             duplicates: self.duplicates,
+            files_hash: Some(files_hash(&self.files)),
         }
     }
 }

@@ -1226,7 +1226,14 @@ impl SyncRun {
 
     fn exported(&self, s: &PollingExport, digest: ManifestDigest, now: Timestamp) -> SyncState {
         if let Some(previous) = s.resuming.as_deref() {
-            let same = previous.transaction_time == digest.transaction_time
+            // The same files in the same order, their URLs too when both runs know them: a
+            // staged index must never stand for another file of the same type.
+            let same_urls = match (previous.files_hash, digest.files_hash) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            };
+            let same = same_urls
+                && previous.transaction_time == digest.transaction_time
                 && previous.files.len() == digest.files.len()
                 && previous
                     .files
@@ -1237,6 +1244,7 @@ impl SyncRun {
                     });
             if same {
                 let mut export = previous.clone();
+                export.files_hash = digest.files_hash.or(previous.files_hash);
                 // Failed and retrying files start over; only they have failures to forget.
                 let failing: Vec<u32> = export.files.failing().map(|(i, _)| i).collect();
                 for index in failing {
@@ -1263,6 +1271,7 @@ impl SyncRun {
             files: FileTable::from_digest(&digest.files),
             source_errors: OutcomeSummary::default(),
             duplicate_urls: digest.duplicates,
+            files_hash: digest.files_hash,
         };
         self.after_staging_step(export, None, now)
     }

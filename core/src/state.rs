@@ -162,6 +162,9 @@ pub struct Exported {
     /// File URLs the manifest listed more than once: each is staged (and imported) once.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub duplicate_urls: u32,
+    /// The manifest's [`crate::effect::ManifestDigest::files_hash`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_hash: Option<u64>,
 }
 
 fn is_zero(n: &u32) -> bool {

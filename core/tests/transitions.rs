@@ -3316,3 +3316,54 @@ fn the_table_keeps_the_errors_of_a_few_files_and_spares_failed_ones() {
     // Every retrying file still has its schedule, error text or not.
     assert_eq!(t.failing().count(), reqs.len());
 }
+
+/// A retried run continues its staged files only when the source lists the same files: same
+/// arrays and types and, when both manifests say, the same URLs up to their query (a
+/// pre-signed URL signed again keeps its path). Files listed otherwise are all staged anew, so
+/// that a staged index never stands for another file of the same type.
+#[test]
+fn a_retry_continues_only_a_manifest_with_the_same_file_urls() {
+    use pathling_import_core::bulk::{parse_manifest, Manifest};
+    let manifest = |paths: &[&str], query: &str| -> Manifest {
+        let output: Vec<Value> = paths
+            .iter()
+            .map(|p| json!({"type": "Patient", "url": format!("https://s.example/{p}{query}")}))
+            .collect();
+        let body = json!({"transactionTime": TRANSACTION_TIME, "output": output});
+        parse_manifest(body.to_string().as_bytes(), "https://s.example").unwrap()
+    };
+    let completed = |m: &Manifest| EffectResult::ExportCompleted { digest: m.digest() };
+    let first = manifest(&["a", "b", "c"], "?sig=1");
+    // Staging fails on file 1 (403); the others are staged; then a retry asks again.
+    let run = answer(&polling_export(spec()), completed(&first), T0);
+    let reqs = requests(&run, T0);
+    let run = step_ok(&run, reqs[1].id, http(403, "Forbidden"), at(1));
+    let failed = stage_all(&run, at(1));
+    let retried = failed
+        .step(
+            Input::Retry {
+                spec: Box::new(spec()),
+            },
+            at(100),
+        )
+        .unwrap();
+    let staged_after = |m: &Manifest| -> Vec<FileStatus> {
+        let run = answer(&retried, completed(m), at(100));
+        staging_state(&run)
+            .export
+            .files
+            .iter()
+            .map(|r| r.status)
+            .collect()
+    };
+    // Signed again: the same files, only file 1 left to stage.
+    assert_eq!(
+        staged_after(&manifest(&["a", "b", "c"], "?sig=2")),
+        [FileStatus::Staged, FileStatus::Pending, FileStatus::Staged]
+    );
+    // The same types, other files (or another order): everything anew.
+    assert_eq!(
+        staged_after(&manifest(&["a", "c", "b"], "?sig=1")),
+        [FileStatus::Pending; 3]
+    );
+}

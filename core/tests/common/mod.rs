@@ -157,6 +157,7 @@ pub fn digest(files: &[(FileKind, &str)]) -> ManifestDigest {
         transaction_time: TRANSACTION_TIME.into(),
         files: files.iter().map(|(k, t)| (*k, t.to_string())).collect(),
         duplicates: 0,
+        files_hash: None,
     }
 }
 
