@@ -139,6 +139,16 @@ impl NdjsonCheck {
         }
     }
 
+    /// The check of a file's rest, continuing at the start of a line after `newlines` lines of
+    /// which `resources` were non-blank (and passed this check before): an interrupted
+    /// transfer resumes at a line boundary, where the check holds nothing else.
+    pub fn resume_at(expected_type: &str, mode: Validation, newlines: u64, resources: u64) -> Self {
+        let mut check = NdjsonCheck::new(expected_type, mode);
+        check.line = newlines.saturating_add(1);
+        check.head_done = resources > 0;
+        check
+    }
+
     /// Checks the next chunk of the body (of any size, cut anywhere).
     pub fn push(&mut self, chunk: &[u8]) -> Result<(), ContentError> {
         if let Some(e) = &self.failed {
@@ -586,6 +596,21 @@ mod tests {
             assert!(text.contains("column 36"), "{text}");
             assert!(text.contains(r#""id":"6",,"#), "{text}");
         }
+    }
+
+    #[test]
+    fn a_resumed_check_numbers_lines_on_and_samples_only_a_fresh_file() {
+        let mut c = NdjsonCheck::resume_at("Patient", Validation::Sample, 41, 40);
+        // The sample was the file's first line: a later one of another type passes.
+        c.push(b"{\"resourceType\":\"Observation\"}\n").unwrap();
+        let err = c.push(b"<html>\n").unwrap_err();
+        assert_eq!(err.line(), 43);
+        let mut c = NdjsonCheck::resume_at("Patient", Validation::Sample, 3, 0);
+        let err = c.push(b"{\"resourceType\":\"Observation\"}\n").unwrap_err();
+        assert!(
+            matches!(err, ContentError::WrongType { line: 4, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -57,6 +57,11 @@ pub enum FailureKind {
     /// while the failures so far, of any kind, are at most [`UNFINISHED_RETRIES`]: a file that
     /// cannot move within one invocation would otherwise start over in every one, forever.
     Unfinished,
+    /// A file's transfer was cut at an invocation's end after it stored more of the file than
+    /// it started with (a checkpoint advanced): the next attempt continues from there, so the
+    /// attempt is not counted as a failure and is retried at once. It cannot repeat forever:
+    /// each one stores more of a file of finite size.
+    Paused,
 }
 
 impl FailureKind {
@@ -73,6 +78,7 @@ impl FailureKind {
             FailureKind::Storage { .. } => "storage",
             FailureKind::Local => "local",
             FailureKind::Unfinished => "unfinished",
+            FailureKind::Paused => "paused",
         }
     }
 }
@@ -120,6 +126,7 @@ impl std::fmt::Display for Failure {
             FailureKind::Storage { .. } => write!(f, "staging store: {}", self.message),
             FailureKind::Local => f.write_str(&self.message),
             FailureKind::Unfinished => write!(f, "unfinished: {}", self.message),
+            FailureKind::Paused => write!(f, "paused: {}", self.message),
         }
     }
 }
@@ -142,7 +149,8 @@ pub fn classify(f: &Failure) -> Verdict {
         | FailureKind::Timeout
         | FailureKind::Dns
         | FailureKind::Refused
-        | FailureKind::Unfinished => Verdict::Transient,
+        | FailureKind::Unfinished
+        | FailureKind::Paused => Verdict::Transient,
         FailureKind::Tls => Verdict::Permanent,
         FailureKind::Http {
             status,

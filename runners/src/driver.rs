@@ -41,11 +41,21 @@ pub enum StoreError {
 /// Performs the machine's effects and reports what happened as facts.
 pub trait Effects: Sync {
     fn execute(&self, request: &Request) -> impl Future<Output = EffectResult> + Send;
+
+    /// Whether `request`, whose execution was just cut short, stored part of its file that a
+    /// later attempt continues from (see the staging stores' checkpoints).
+    fn progressed(&self, _request: &Request) -> bool {
+        false
+    }
 }
 
 impl Effects for crate::executor::Executor {
     fn execute(&self, request: &Request) -> impl Future<Output = EffectResult> + Send {
         crate::executor::Executor::execute(self, request)
+    }
+
+    fn progressed(&self, request: &Request) -> bool {
+        crate::executor::Executor::progressed(self, request)
     }
 }
 
@@ -434,11 +444,22 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                                 .filter(|r| per_file(r) || !run.record_before(r))
                                 .collect();
                             for request in cut {
-                                let result = EffectResult::Failed(Failure::new(
-                                    FailureKind::Unfinished,
-                                    "the invocation ended before this file's transfer did \
-                                     (a file must move within one invocation's time budget)",
-                                ));
+                                // One that stored more of its file continues next time; one
+                                // that did not would only start over.
+                                let failure = if executor.progressed(&request) {
+                                    Failure::new(
+                                        FailureKind::Paused,
+                                        "the invocation ended in this file's transfer, which \
+                                         continues from its last checkpoint",
+                                    )
+                                } else {
+                                    Failure::new(
+                                        FailureKind::Unfinished,
+                                        "the invocation ended before this file's transfer \
+                                         stored any more of it",
+                                    )
+                                };
+                                let result = EffectResult::Failed(failure);
                                 run = apply(&run, &request, result, &mut saves, store, clock, interval_ms)
                                     .await?;
                             }

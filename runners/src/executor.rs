@@ -9,7 +9,9 @@ use crate::auth::{Authenticator, BearerToken, Side};
 use crate::http::{header, read_capped, status_failure, transport_failure, MAX_JSON_ANSWER};
 use crate::net::{AddressPolicy, Clients};
 use crate::redact;
-use crate::staging::{FailureSide, S3Options, S3Store, StagingError, StagingStore};
+use crate::staging::{
+    FailureSide, PutReport, S3Options, S3Store, SourceFacts, StagingError, StagingStore,
+};
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use pathling_import_core::bulk::{
@@ -54,6 +56,8 @@ pub struct Counters {
     pub bytes_downloaded: AtomicU64,
     pub files_staged: AtomicU64,
     pub resources_staged: AtomicU64,
+    /// Files whose staging continued an interrupted attempt's.
+    pub files_resumed: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +124,9 @@ pub struct Executor {
     staging: StagingStore,
     manifests: Mutex<HashMap<StagingKey, Arc<Manifest>>>,
     pub counters: Arc<Counters>,
+    /// Per file being staged (by staging key): the bytes stored when its attempt started, and
+    /// those its latest checkpoint holds, so a cut attempt that got somewhere is told apart.
+    progress: std::sync::Mutex<HashMap<String, (u64, Arc<AtomicU64>)>>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -188,6 +195,7 @@ impl Executor {
             staging,
             manifests: Mutex::new(HashMap::new()),
             counters: Arc::new(Counters::default()),
+            progress: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -547,13 +555,93 @@ impl Executor {
         // manifest may have been rewritten by whoever can write the staging prefix.
         let send_token =
             manifest.requires_access_token && same_origin(&file.url, &self.source_base);
+        // An error[] file's lines are folded as they pass, which a continued transfer could
+        // not redo: it always moves whole (such files are small).
+        if kind == FileKind::Error {
+            return self
+                .stage_whole(&ctx, &file.url, send_token, type_name, key, validate)
+                .await;
+        }
+        let identity = url_identity(&file.url);
+        let staging_ctx = format!("staging {key}");
+        let mut from = self
+            .staging
+            .resume_point(key.as_str(), identity)
+            .await
+            .map_err(|e| staging_failure(&staging_ctx, &e))?;
+        let progress = Arc::new(AtomicU64::new(0));
+        self.progress_of().insert(
+            key.as_str().to_owned(),
+            (from.as_ref().map_or(0, |f| f.stored()), progress.clone()),
+        );
         let resp = self
             .send(Side::Source, send_token, &ctx, || {
-                self.source_http.get(&file.url).header("accept", NDJSON)
+                let req = self.source_http.get(&file.url).header("accept", NDJSON);
+                match &from {
+                    Some(f) => {
+                        // Offsets count decoded bytes: ask for them unencoded.
+                        let req = req
+                            .header(reqwest::header::ACCEPT_ENCODING, "identity")
+                            .header(reqwest::header::RANGE, format!("bytes={}-", f.offset()));
+                        match &f.facts().validator {
+                            Some(v) => req.header(reqwest::header::IF_RANGE, v),
+                            None => req,
+                        }
+                    }
+                    None => req,
+                }
             })
             .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(unexpected(&ctx, resp, "200 OK").await);
+        let mut facts = SourceFacts {
+            identity,
+            validator: validator_of(resp.headers()),
+            length: None,
+        };
+        let skip = match (resp.status(), &from) {
+            (StatusCode::PARTIAL_CONTENT, Some(f)) => {
+                let range =
+                    header(resp.headers(), "content-range").and_then(|r| parse_content_range(&r));
+                match range {
+                    Some((start, total)) if start == f.offset() => {
+                        facts.length = total;
+                    }
+                    _ => {
+                        return Err(self
+                            .restart(
+                                &ctx,
+                                key,
+                                "the source answered the range request with another range",
+                            )
+                            .await)
+                    }
+                }
+                if !f.facts().agrees_with(&facts) {
+                    return Err(self.restart(&ctx, key, "the source's file changed").await);
+                }
+                0
+            }
+            (StatusCode::OK, _) => {
+                facts.length = resp.content_length();
+                match &from {
+                    Some(f) if f.facts().agrees_with(&facts) => f.offset(),
+                    Some(_) => {
+                        // Another file now: the whole body is here, start over with it.
+                        self.staging
+                            .forget_resume(key.as_str())
+                            .await
+                            .map_err(|e| staging_failure(&staging_ctx, &e))?;
+                        from = None;
+                        0
+                    }
+                    None => 0,
+                }
+            }
+            _ => return Err(unexpected(&ctx, resp, "200 OK").await),
+        };
+        if let Some(f) = &from {
+            // Kept from the first answer: a continued one says nothing of the file's identity
+            // that the checkpoint does not already hold.
+            facts = f.facts().clone();
         }
         let counters = self.counters.clone();
         let body = resp.bytes_stream().inspect_ok(move |chunk| {
@@ -561,9 +649,64 @@ impl Executor {
                 .bytes_downloaded
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         });
-        let mut outcomes = (kind == FileKind::Error).then(OutcomeSummary::default);
-        // The manifest's type for the file: the resource type of an output[] file, `Bundle`
-        // for deleted[], `OperationOutcome` for error[].
+        let body = skip_bytes(body, skip);
+        let check = match &from {
+            Some(f) => NdjsonCheck::resume_at(type_name, validate, f.newlines(), f.lines()),
+            None => NdjsonCheck::new(type_name, validate),
+        };
+        let body = CheckedBody::new(body, check, None);
+        let staged = self
+            .staging
+            .put_resumable(key.as_str(), Box::pin(body), facts, from, progress)
+            .await;
+        self.progress_of().remove(key.as_str());
+        let report = match staged {
+            Ok(report) => report,
+            Err(e) => {
+                // Bytes that fail the check will fail it again: nothing to continue.
+                if e.body_error().is_some_and(|b| {
+                    b.downcast_ref::<BodyFailure>()
+                        .is_some_and(|f| matches!(f, BodyFailure::Content(_)))
+                }) {
+                    let _ = self.staging.forget_resume(key.as_str()).await;
+                }
+                return Err(match e.side() {
+                    FailureSide::Body => body_failure(&ctx, &e),
+                    FailureSide::Store => staging_failure(&staging_ctx, &e),
+                });
+            }
+        };
+        if report.resumed_at > 0 {
+            self.counters.files_resumed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.staged(kind, report, None)
+    }
+
+    /// Stages a file from its first byte, with no checkpoint.
+    async fn stage_whole(
+        &self,
+        ctx: &str,
+        url: &str,
+        send_token: bool,
+        type_name: &str,
+        key: &StagingKey,
+        validate: Validation,
+    ) -> Result<EffectResult, Failure> {
+        let resp = self
+            .send(Side::Source, send_token, ctx, || {
+                self.source_http.get(url).header("accept", NDJSON)
+            })
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(unexpected(ctx, resp, "200 OK").await);
+        }
+        let counters = self.counters.clone();
+        let body = resp.bytes_stream().inspect_ok(move |chunk| {
+            counters
+                .bytes_downloaded
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        });
+        let mut outcomes = Some(OutcomeSummary::default());
         let check = NdjsonCheck::new(type_name, validate);
         let body = CheckedBody::new(body, check, outcomes.as_mut());
         let report = self
@@ -571,9 +714,46 @@ impl Executor {
             .put_stream(key.as_str(), Box::pin(body))
             .await
             .map_err(|e| match e.side() {
-                FailureSide::Body => body_failure(&ctx, &e),
+                FailureSide::Body => body_failure(ctx, &e),
                 FailureSide::Store => staging_failure(&format!("staging {key}"), &e),
             })?;
+        self.staged(FileKind::Error, report, outcomes)
+    }
+
+    /// Drops the checkpoint of `key` after the source answered otherwise than it promised; the
+    /// next attempt starts over.
+    async fn restart(&self, ctx: &str, key: &StagingKey, why: &str) -> Failure {
+        self.progress_of().remove(key.as_str());
+        if let Err(e) = self.staging.forget_resume(key.as_str()).await {
+            return staging_failure(&format!("staging {key}"), &e);
+        }
+        Failure::new(
+            FailureKind::Network,
+            format!("{ctx}: {why}; the file starts over"),
+        )
+    }
+
+    fn progress_of(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Arc<AtomicU64>)>> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the attempt at staging `request`'s file stored more than it started with (a
+    /// checkpoint advanced); forgets the attempt. For attempts cut short.
+    pub fn progressed(&self, request: &Request) -> bool {
+        let Effect::StageFile { key, .. } = &request.effect else {
+            return false;
+        };
+        self.progress_of()
+            .remove(key.as_str())
+            .is_some_and(|(start, now)| now.load(Ordering::Relaxed) > start)
+    }
+
+    fn staged(
+        &self,
+        kind: FileKind,
+        report: PutReport,
+        outcomes: Option<OutcomeSummary>,
+    ) -> Result<EffectResult, Failure> {
         self.counters.files_staged.fetch_add(1, Ordering::Relaxed);
         if kind == FileKind::Output {
             self.counters
@@ -892,6 +1072,58 @@ fn body_failure(ctx: &str, e: &StagingError) -> Failure {
         },
         format!("{ctx}: {e}: {detail}"),
     )
+}
+
+/// A hash of a file URL up to its query: a re-signed pre-signed URL names the same file.
+fn url_identity(url: &str) -> u64 {
+    let path = url.split(['?', '#']).next().unwrap_or("");
+    pathling_import_core::retry::stable_hash(&[path.as_bytes()])
+}
+
+/// What recognises a file's version in `If-Range`: a strong ETag, else `Last-Modified`.
+fn validator_of(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    header(headers, "etag")
+        .filter(|e| !e.starts_with("W/"))
+        .or_else(|| header(headers, "last-modified"))
+}
+
+/// `bytes START-END/TOTAL` (TOTAL may be `*`): the start, and the total when given.
+fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
+    let spec = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = spec.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let start: u64 = start.trim().parse().ok()?;
+    let end: u64 = end.trim().parse().ok()?;
+    if end < start {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((start, total))
+}
+
+/// The stream without its first `skip` bytes (a source that ignored a `Range` request sends
+/// the file from its start).
+fn skip_bytes<S, E>(body: S, skip: u64) -> impl Stream<Item = Result<Bytes, E>> + Send + Unpin
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+    E: Send,
+{
+    let mut left = skip;
+    body.filter_map(move |item| {
+        let out = match item {
+            Ok(mut chunk) if left > 0 => {
+                let cut = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+                left -= cut as u64;
+                let rest = chunk.split_off(cut);
+                (!rest.is_empty()).then_some(Ok(rest))
+            }
+            other => Some(other),
+        };
+        std::future::ready(out)
+    })
 }
 
 /// Splits a byte stream into lines without holding more than one partial line.

@@ -246,7 +246,8 @@ async fn s3_small_object_uses_put_object() {
         PutReport {
             bytes: data.len() as u64,
             lines: count_lines(&data),
-            newline_added: false
+            newline_added: false,
+            resumed_at: 0,
         }
     );
     assert_eq!(store.get_bytes(key, ANY).await.unwrap().unwrap(), data);
@@ -354,7 +355,8 @@ async fn s3_missing_trailing_newline_is_added() {
         PutReport {
             bytes: 17,
             lines: 2,
-            newline_added: true
+            newline_added: true,
+            resumed_at: 0,
         }
     );
     assert_eq!(
@@ -904,7 +906,8 @@ async fn dir_round_trip_newline_and_lines() {
         PutReport {
             bytes: 19,
             lines: 2,
-            newline_added: true
+            newline_added: true,
+            resumed_at: 0,
         }
     );
     assert_eq!(
@@ -1216,4 +1219,329 @@ async fn s3_parts_grow_so_the_part_limit_reaches_further() {
         "{err:?}"
     );
     assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resuming an interrupted transfer
+// ---------------------------------------------------------------------------------------------
+
+use pathling_import_runners::staging::{ResumeFrom, SourceFacts};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+const IDENTITY: u64 = 42;
+
+fn facts() -> SourceFacts {
+    SourceFacts {
+        identity: IDENTITY,
+        validator: Some("\"v1\"".into()),
+        length: None,
+    }
+}
+
+/// Waits (up to 20 s) until `progress` holds `bytes`: the store's part uploads and checkpoint
+/// writes run in tasks of their own.
+async fn progress_reaches(progress: &AtomicU64, bytes: u64) {
+    for _ in 0..2000 {
+        if progress.load(Ordering::Relaxed) >= bytes {
+            assert_eq!(
+                progress.load(Ordering::Relaxed),
+                bytes,
+                "no checkpoint beyond"
+            );
+            return;
+        }
+        // Polling interval of a condition the store's own tasks bring about.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "no checkpoint of {bytes} bytes: {}",
+        progress.load(Ordering::Relaxed)
+    );
+}
+
+/// One attempt that continues `from` (or starts) and is killed once the body has handed over
+/// byte `kill_at` and the checkpoint of `checkpointed` bytes is written (the future is
+/// dropped while the body waits for more): returns the bytes it read.
+async fn killed_attempt(
+    store: &StagingStore,
+    key: &str,
+    data: &[u8],
+    from: Option<ResumeFrom>,
+    kill_at: usize,
+    checkpointed: u64,
+) -> usize {
+    let offset = from.as_ref().map_or(0, |f| f.offset() as usize);
+    let body = chunked(&data[offset..kill_at], 100_003).chain(stream::pending());
+    let progress = Arc::new(AtomicU64::new(0));
+    let put = store.put_resumable(key, Box::pin(body), facts(), from, progress.clone());
+    tokio::select! {
+        r = put => panic!("the attempt ended: {r:?}"),
+        () = progress_reaches(&progress, checkpointed) => {}
+    }
+    kill_at - offset
+}
+
+/// Kills a resumable upload at several offsets, each attempt continuing the previous one's
+/// checkpoint, then lets the last run to the end: the object is byte-identical, each attempt
+/// read again at most one part (plus the line it cut) of what an earlier one had read, and
+/// nothing is left behind.
+async fn kills_at_several_offsets_then_complete(store: &StagingStore, unit: usize) {
+    let data = ndjson(5 * unit + unit / 3);
+    let key = "run/output/000001-Patient.ndjson";
+    assert!(store.resume_point(key, IDENTITY).await.unwrap().is_none());
+    let mut from: Option<ResumeFrom> = None;
+    let mut read = 0usize;
+    // Killed inside part 2, just after part 3 starts, mid part 5: checkpoints of 1, 2, 4 parts.
+    for (kill_at, checkpointed) in [
+        (unit + unit / 2, unit),
+        (2 * unit + 1, 2 * unit),
+        (4 * unit + unit / 2, 4 * unit),
+    ] {
+        let before = from.as_ref().map_or(0, |f| f.offset() as usize);
+        read += killed_attempt(store, key, &data, from, kill_at, checkpointed as u64).await;
+        let point = store
+            .resume_point(key, IDENTITY)
+            .await
+            .unwrap()
+            .expect("a checkpoint after the kill");
+        assert_eq!(point.stored(), checkpointed as u64);
+        let offset = point.offset() as usize;
+        assert_eq!(data[offset - 1], b'\n', "continues at a line's start");
+        assert!(checkpointed - offset < 200, "within one line: {offset}");
+        let newlines = data[..offset].iter().filter(|b| **b == b'\n').count();
+        assert_eq!(point.newlines() as usize, newlines);
+        assert_eq!(point.lines(), count_lines(&data[..offset]));
+        // What the next attempt reads again: from this offset to where the kill came.
+        assert!(
+            kill_at - offset <= unit + 200,
+            "{kill_at} - {offset} > one part"
+        );
+        assert!(offset > before);
+        from = Some(point);
+    }
+    let from = from.expect("checkpoint");
+    let offset = from.offset() as usize;
+    read += data.len() - offset;
+    let report = store
+        .put_resumable(
+            key,
+            Box::pin(chunked(&data[offset..], 65_537)),
+            facts(),
+            Some(from),
+            Arc::new(AtomicU64::new(0)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.resumed_at, 4 * unit as u64);
+    assert_eq!(report.bytes, data.len() as u64);
+    assert_eq!(report.lines, count_lines(&data));
+    assert!(!report.newline_added);
+    assert_eq!(read_all(store, key).await, data, "byte-identical");
+    // Three kills, each costing at most a part and a line read again.
+    assert!(read - data.len() <= 3 * (unit + 200), "read {read}");
+    assert!(store.resume_point(key, IDENTITY).await.unwrap().is_none());
+}
+
+async fn s3_keys(client: &Client, bucket: &str) -> Vec<String> {
+    client
+        .list_objects_v2()
+        .bucket(bucket)
+        .send()
+        .await
+        .expect("ListObjectsV2")
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_a_killed_upload_continues_from_its_last_part() {
+    let (store, client, bucket) = s3_store("s3_resume", MIN_PART_SIZE).await;
+    let StagingStore::S3(s3) = store else {
+        unreachable!()
+    };
+    // Two ETags per segment: the chain of checkpoints crosses segments.
+    let store = StagingStore::S3(s3.with_checkpoint_segment_for_tests(2));
+    kills_at_several_offsets_then_complete(&store, MIN_PART_SIZE).await;
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+    let keys = s3_keys(&client, &bucket).await;
+    assert_eq!(
+        keys,
+        ["run/output/000001-Patient.ndjson"],
+        "only the object"
+    );
+}
+
+/// Where the directory store checkpoints an attempt fed `chunk`-byte chunks from `offset`, up
+/// to `kill_at`: at the first chunk end at least `every` bytes past the last checkpoint.
+fn dir_checkpoint(offset: usize, last: usize, every: usize, kill_at: usize, chunk: usize) -> u64 {
+    (1..)
+        .map(|k| (offset + k * chunk).min(kill_at))
+        .find(|end| end - last >= every || *end == kill_at)
+        .expect("a chunk end") as u64
+}
+
+#[tokio::test]
+async fn dir_a_killed_write_continues_from_its_last_checkpoint() {
+    const EVERY: usize = 300_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = StagingStore::Dir(
+        DirStore::new(dir.path())
+            .await
+            .unwrap()
+            .with_checkpoint_every_for_tests(EVERY as u64),
+    );
+    let data = ndjson(1_000_000);
+    let key = "run/output/000002-Patient.ndjson";
+    let c1 = dir_checkpoint(0, 0, EVERY, 450_000, 100_003);
+    killed_attempt(&store, key, &data, None, 450_000, c1).await;
+    let from = store
+        .resume_point(key, IDENTITY)
+        .await
+        .unwrap()
+        .expect("checkpoint");
+    assert_eq!(from.stored(), c1);
+    let offset = from.offset() as usize;
+    assert_eq!(data[offset - 1], b'\n');
+    let c2 = dir_checkpoint(offset, c1 as usize, EVERY, 700_000, 100_003);
+    assert!(c2 < 700_000, "a checkpoint before the kill");
+    killed_attempt(&store, key, &data, Some(from), 700_000, c2).await;
+    let from = store
+        .resume_point(key, IDENTITY)
+        .await
+        .unwrap()
+        .expect("checkpoint");
+    assert_eq!(from.stored(), c2);
+    let offset = from.offset() as usize;
+    let report = store
+        .put_resumable(
+            key,
+            Box::pin(chunked(&data[offset..], 70_001)),
+            facts(),
+            Some(from),
+            Arc::new(AtomicU64::new(0)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.resumed_at, c2);
+    assert_eq!(
+        (report.bytes, report.lines),
+        (data.len() as u64, count_lines(&data))
+    );
+    assert_eq!(read_all(&store, key).await, data, "byte-identical");
+    let left: Vec<String> = files_under(dir.path())
+        .into_iter()
+        .filter(|f| f.contains(".resume"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// The bytes before the checkpoint are read again; a source that serves others there (a
+/// regenerated file) makes the attempt fail and start over instead of splicing two versions.
+async fn other_bytes_on_the_second_read_start_over(store: &StagingStore, unit: usize) {
+    let data = ndjson(3 * unit);
+    let key = "run/output/000003-Patient.ndjson";
+    killed_attempt(store, key, &data, None, unit + 10, unit as u64).await;
+    let from = store
+        .resume_point(key, IDENTITY)
+        .await
+        .unwrap()
+        .expect("checkpoint");
+    let offset = from.offset() as usize;
+    let mut other = data.clone();
+    other[unit - 2] = b'X';
+    let err = store
+        .put_resumable(
+            key,
+            Box::pin(chunked(&other[offset..], 4096)),
+            facts(),
+            Some(from),
+            Arc::new(AtomicU64::new(0)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("ResumeMismatch"), "{err}");
+    assert!(err.is_transient(), "the next attempt starts over: {err}");
+    assert!(
+        store.resume_point(key, IDENTITY).await.unwrap().is_none(),
+        "forgotten"
+    );
+    assert!(
+        matches!(store.get_bytes(key, ANY).await, Ok(None)),
+        "nothing staged"
+    );
+}
+
+#[tokio::test]
+async fn s3_other_bytes_on_the_second_read_start_over() {
+    let (store, client, bucket) = s3_store("s3_resume_mismatch", MIN_PART_SIZE).await;
+    other_bytes_on_the_second_read_start_over(&store, MIN_PART_SIZE).await;
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0, "aborted");
+    assert!(s3_keys(&client, &bucket).await.is_empty());
+}
+
+#[tokio::test]
+async fn dir_other_bytes_on_the_second_read_start_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StagingStore::Dir(
+        DirStore::new(dir.path())
+            .await
+            .unwrap()
+            .with_checkpoint_every_for_tests(100_003),
+    );
+    other_bytes_on_the_second_read_start_over(&store, 100_003).await;
+    let left = files_under(dir.path());
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// A download that breaks keeps what was checkpointed (the next attempt continues); a store
+/// configured with another part size cannot continue it and forgets it, and a checkpoint of
+/// another file (URL) is not this one's.
+#[tokio::test]
+async fn s3_a_broken_download_keeps_its_upload_for_the_next_attempt() {
+    let (store, client, bucket) = s3_store("s3_resume_broken", MIN_PART_SIZE).await;
+    let data = ndjson(2 * MIN_PART_SIZE + 1000);
+    let broken = || Box::pin(failing_after(&data[..MIN_PART_SIZE + 500], 65_536));
+    let key = "run/output/000004-Patient.ndjson";
+    let progress = Arc::new(AtomicU64::new(0));
+    let err = store
+        .put_resumable(key, broken(), facts(), None, progress.clone())
+        .await
+        .unwrap_err();
+    assert_body_failure(&err);
+    assert_eq!(progress.load(Ordering::Relaxed), MIN_PART_SIZE as u64);
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 1, "kept");
+    let other = s3_store_on(
+        &bucket,
+        S3Options {
+            part_size: 2 * MIN_PART_SIZE,
+            memory: DEFAULT_TRANSFER_MEMORY,
+            force_path_style: None,
+        },
+    )
+    .await;
+    let other = StagingStore::S3(other);
+    assert!(other.resume_point(key, IDENTITY).await.unwrap().is_none());
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0, "aborted");
+    assert!(store.resume_point(key, IDENTITY).await.unwrap().is_none());
+
+    let key = "run/output/000005-Patient.ndjson";
+    let progress = Arc::new(AtomicU64::new(0));
+    store
+        .put_resumable(key, broken(), facts(), None, progress.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 1, "kept");
+    assert!(store
+        .resume_point(key, IDENTITY + 1)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0, "aborted");
+    assert!(
+        s3_keys(&client, &bucket).await.is_empty(),
+        "no checkpoint left"
+    );
 }

@@ -3,15 +3,16 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{Stream, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 use url::Url;
 
 use super::budget::{MemoryBudget, DEFAULT_TRANSFER_MEMORY};
-use super::{validate_key, BodyStats, PutReport, ReadStream, StagingError, NEWLINE};
+use super::resume::{self, ResumeFrom, SourceFacts};
+use super::{validate_key, BodyStats, FailureSide, PutReport, ReadStream, StagingError, NEWLINE};
 
 /// Write buffer: fewer blocking-pool round trips than writing each (often small) download chunk.
 /// Drawn from the store's memory budget.
@@ -79,12 +80,17 @@ fn remove_temps(dir: &Path, shown: &str) -> Result<u32, StagingError> {
     Ok(removed)
 }
 
+/// A resumable write records a checkpoint (after an fsync of what it wrote) every this many
+/// bytes.
+pub const CHECKPOINT_EVERY: u64 = 16 * 1024 * 1024;
+
 /// A local directory used as staging store. Objects are files under the root; a key's `/`
 /// separates directories.
 #[derive(Debug, Clone)]
 pub struct DirStore {
     root: PathBuf,
     budget: MemoryBudget,
+    checkpoint_every: u64,
 }
 
 impl DirStore {
@@ -102,6 +108,7 @@ impl DirStore {
         Ok(DirStore {
             root,
             budget: MemoryBudget::new(DEFAULT_TRANSFER_MEMORY, WRITE_BUFFER)?,
+            checkpoint_every: CHECKPOINT_EVERY,
         })
     }
 
@@ -112,6 +119,13 @@ impl DirStore {
             budget: MemoryBudget::new(memory, WRITE_BUFFER)?,
             ..self
         })
+    }
+
+    /// Checkpoints every `bytes` so tests can see several in a small file. Not for production.
+    #[doc(hidden)]
+    pub fn with_checkpoint_every_for_tests(mut self, bytes: u64) -> Self {
+        self.checkpoint_every = bytes.max(1);
+        self
     }
 
     /// The budget write buffers are drawn from.
@@ -178,6 +192,245 @@ impl DirStore {
         }
         temp.commit(out.into_inner(), key, &path).await?;
         Ok(stats.report(newline_added))
+    }
+
+    fn layout(&self) -> [u64; 4] {
+        [self.checkpoint_every, 0, 0, 0]
+    }
+
+    /// The checkpoint of an interrupted resumable write of `key`, when one exists for the file
+    /// `identity` names and its partial file holds what it says; an unusable one is forgotten.
+    pub async fn resume_point(
+        &self,
+        key: &str,
+        identity: u64,
+    ) -> Result<Option<ResumeFrom>, StagingError> {
+        validate_key(key)?;
+        let ckey = resume::checkpoint_key(key);
+        let Some(bytes) = self.get_bytes(&ckey, resume::MAX_CHECKPOINT).await? else {
+            return Ok(None);
+        };
+        let checkpoint = resume::decode(&ckey, &bytes).ok().filter(|c| {
+            c.v == resume::VERSION
+                && c.facts.identity == identity
+                && c.layout == self.layout()
+                && c.line_start <= c.stored
+        });
+        let partial = self.path_of(&resume::partial_key(key))?;
+        let held = match tokio::fs::metadata(&partial).await {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(StagingError::io("stat", key, &e)),
+        };
+        match checkpoint {
+            Some(checkpoint) if held >= checkpoint.stored && checkpoint.stored > 0 => {
+                Ok(Some(ResumeFrom {
+                    checkpoint,
+                    etags: Vec::new(),
+                }))
+            }
+            _ => {
+                self.forget(key).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Removes the partial file and the checkpoint of `key`.
+    pub async fn forget(&self, key: &str) -> Result<(), StagingError> {
+        self.delete(&resume::partial_key(key)).await?;
+        self.delete(&resume::checkpoint_key(key)).await
+    }
+
+    /// Streams `body` into `key` like [`put_stream`](Self::put_stream), but through a partial
+    /// file beside it (`.resume/{name}`) whose start is fsynced and recorded in a checkpoint
+    /// every [`CHECKPOINT_EVERY`] bytes, so an interrupted write can continue; `from` continues
+    /// one, and `body` then starts at its [`offset`](ResumeFrom::offset). `progress` is set to
+    /// the bytes each checkpoint holds.
+    pub async fn put_resumable<S, E>(
+        &self,
+        key: &str,
+        mut body: S,
+        facts: SourceFacts,
+        from: Option<ResumeFrom>,
+        progress: Arc<AtomicU64>,
+    ) -> Result<PutReport, StagingError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let path = self.path_of(key)?;
+        let partial_key = resume::partial_key(key);
+        let partial_path = self.path_of(&partial_key)?;
+        let _lease = self.budget.reserve(WRITE_BUFFER).await?;
+        if let Some(dir) = partial_path.parent() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| StagingError::io("create_dir", key, &e))?;
+        }
+        let mut stats = BodyStats::default();
+        let mut verify = None;
+        let mut resumed_at = 0;
+        let file = match &from {
+            Some(from) => {
+                let c = &from.checkpoint;
+                stats = BodyStats::at(resume::LinePoint {
+                    line_start: c.line_start,
+                    newlines: c.newlines,
+                    lines: c.lines,
+                });
+                verify = Some((c.stored, c.tail.clone()));
+                resumed_at = c.stored;
+                let opened = async {
+                    let mut file = tokio::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&partial_path)
+                        .await?;
+                    // What was written after the checkpoint is not known to be whole.
+                    file.set_len(c.stored).await?;
+                    file.seek(std::io::SeekFrom::End(0)).await?;
+                    Ok::<_, std::io::Error>(file)
+                }
+                .await;
+                opened.map_err(|e| StagingError::io("open_partial", key, &e))?
+            }
+            None => tokio::fs::File::create(&partial_path)
+                .await
+                .map_err(|e| StagingError::io("create_partial", key, &e))?,
+        };
+        let mut partial = Partial {
+            store: self,
+            key,
+            path: partial_path,
+            keep: from.is_some(),
+            done: false,
+        };
+        let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+        let mut last_checkpoint = stats.bytes().max(resumed_at);
+        let mut body_failed = None;
+        while let Some(item) = body.next().await {
+            let chunk = match item {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    body_failed = Some(StagingError::body(stats.bytes(), e));
+                    break;
+                }
+            };
+            let mut data = &chunk[..];
+            if let Some((until, tail)) = &verify {
+                let take = usize::try_from(until - stats.bytes())
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                stats.observe(&data[..take]);
+                data = &data[take..];
+                if stats.bytes() == *until {
+                    if !tail.ends_with(&resume::hex(stats.tail())) {
+                        let err = StagingError::Store {
+                            operation: "resume",
+                            key: key.to_owned(),
+                            status: None,
+                            code: Some("ResumeMismatch".into()),
+                            transient: true,
+                            message: format!(
+                                "the bytes before {until} differ from those stored before; \
+                                 the file starts over"
+                            ),
+                        };
+                        return Err(partial.discard(err).await);
+                    }
+                    verify = None;
+                }
+            }
+            if data.is_empty() {
+                continue;
+            }
+            stats.observe(data);
+            if let Err(e) = out.write_all(data).await {
+                return Err(partial.fail(StagingError::io("write", key, &e)).await);
+            }
+            if stats.bytes() - last_checkpoint >= self.checkpoint_every {
+                let checkpoint = resume::Checkpoint {
+                    v: resume::VERSION,
+                    facts: facts.clone(),
+                    upload_id: None,
+                    layout: self.layout(),
+                    stored: stats.bytes(),
+                    line_start: stats.line_point().line_start,
+                    newlines: stats.line_point().newlines,
+                    lines: stats.line_point().lines,
+                    tail: resume::hex(stats.tail()),
+                    segments: 0,
+                    etags: Vec::new(),
+                };
+                if let Err(err) = self.checkpoint(&mut out, key, &checkpoint).await {
+                    return Err(partial.fail(err).await);
+                }
+                partial.keep = true;
+                last_checkpoint = stats.bytes();
+                progress.store(last_checkpoint, Ordering::Relaxed);
+            }
+        }
+        if let Some(err) = body_failed {
+            return Err(partial.fail(err).await);
+        }
+        if let Some((until, _)) = verify {
+            let err = StagingError::Store {
+                operation: "resume",
+                key: key.to_owned(),
+                status: None,
+                code: Some("ResumeMismatch".into()),
+                transient: true,
+                message: format!("the source's file ended before byte {until}; it starts over"),
+            };
+            return Err(partial.discard(err).await);
+        }
+        let newline_added = stats.needs_newline();
+        if newline_added {
+            stats.observe(NEWLINE);
+            if let Err(e) = out.write_all(NEWLINE).await {
+                return Err(partial.fail(StagingError::io("write", key, &e)).await);
+            }
+        }
+        let committed = async {
+            out.flush().await?;
+            let file = out.into_inner();
+            file.sync_all().await?;
+            drop(file);
+            tokio::fs::rename(&partial.path, &path).await?;
+            Ok::<(), std::io::Error>(())
+        }
+        .await;
+        if let Err(e) = committed {
+            return Err(partial.fail(StagingError::io("commit", key, &e)).await);
+        }
+        partial.done = true;
+        if let Some(dir) = path.parent() {
+            let synced = async { tokio::fs::File::open(dir).await?.sync_all().await }.await;
+            synced.map_err(|e| StagingError::io("fsync_dir", key, &e))?;
+        }
+        let _ = self.delete(&resume::checkpoint_key(key)).await;
+        let mut report = stats.report(newline_added);
+        report.resumed_at = resumed_at;
+        Ok(report)
+    }
+
+    /// Makes what `out` wrote durable, then records `checkpoint` of it.
+    async fn checkpoint(
+        &self,
+        out: &mut BufWriter<tokio::fs::File>,
+        key: &str,
+        checkpoint: &resume::Checkpoint,
+    ) -> Result<(), StagingError> {
+        out.flush()
+            .await
+            .map_err(|e| StagingError::io("write", key, &e))?;
+        out.get_ref()
+            .sync_data()
+            .await
+            .map_err(|e| StagingError::io("fsync", key, &e))?;
+        let body = serde_json::to_vec(checkpoint).unwrap_or_default();
+        self.put_bytes(&resume::checkpoint_key(key), Bytes::from(body))
+            .await
     }
 
     /// Removes the temp files that writes interrupted by a crash or a SIGKILL left under
@@ -284,6 +537,44 @@ impl DirStore {
             }
         });
         Ok(stream.boxed())
+    }
+}
+
+/// The partial file of a resumable write: kept when dropped or failed once a checkpoint names
+/// it (a later attempt continues it), removed otherwise.
+struct Partial<'a> {
+    store: &'a DirStore,
+    key: &'a str,
+    path: PathBuf,
+    keep: bool,
+    done: bool,
+}
+
+impl Partial<'_> {
+    /// After `err`: kept when a checkpoint names it and the failure may pass (the download
+    /// broke, an interruption), else removed with its checkpoint.
+    async fn fail(&mut self, err: StagingError) -> StagingError {
+        if self.keep && (err.side() == FailureSide::Body || err.is_transient()) {
+            self.done = true;
+            return err;
+        }
+        self.discard(err).await
+    }
+
+    async fn discard(&mut self, err: StagingError) -> StagingError {
+        self.done = true;
+        match self.store.forget(self.key).await {
+            Ok(()) => err,
+            Err(e) => err.with_cleanup_failure(format!("removing the partial file: {e}")),
+        }
+    }
+}
+
+impl Drop for Partial<'_> {
+    fn drop(&mut self) {
+        if !self.done && !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -63,11 +63,13 @@
 pub mod budget;
 mod dir;
 mod error;
+mod resume;
 mod s3;
 
 pub use budget::{BudgetStats, MemoryBudget, DEFAULT_TRANSFER_MEMORY};
-pub use dir::{DirStore, WRITE_BUFFER};
+pub use dir::{DirStore, CHECKPOINT_EVERY, WRITE_BUFFER};
 pub use error::{FailureSide, StagingError};
+pub use resume::{ResumeFrom, SourceFacts};
 pub use s3::{
     S3Options, S3Store, DEFAULT_PART_SIZE, GROW_EVERY, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE,
 };
@@ -84,6 +86,9 @@ pub struct PutReport {
     pub lines: u64,
     /// Whether a `\n` was appended because the body did not end with one.
     pub newline_added: bool,
+    /// Bytes an earlier, interrupted attempt had stored, which this one continued from (0: it
+    /// stored the whole file).
+    pub resumed_at: u64,
 }
 
 /// A streaming read of a stored object.
@@ -116,6 +121,52 @@ impl StagingStore {
         match self {
             StagingStore::S3(s) => s.put_stream(key, body).await,
             StagingStore::Dir(d) => d.put_stream(key, body).await,
+        }
+    }
+
+    /// The checkpoint of an interrupted [`put_resumable`](Self::put_resumable) of `key`, when
+    /// one exists for the file `identity` names (see [`SourceFacts::identity`]) and this store,
+    /// as configured now, can continue it. An unusable checkpoint is forgotten (its upload
+    /// aborted).
+    pub async fn resume_point(
+        &self,
+        key: &str,
+        identity: u64,
+    ) -> Result<Option<ResumeFrom>, StagingError> {
+        match self {
+            StagingStore::S3(s) => s.resume_point(key, identity).await,
+            StagingStore::Dir(d) => d.resume_point(key, identity).await,
+        }
+    }
+
+    /// Forgets what an interrupted [`put_resumable`](Self::put_resumable) of `key` left: S3
+    /// aborts its upload, the directory removes its partial file, and the checkpoint goes.
+    pub async fn forget_resume(&self, key: &str) -> Result<(), StagingError> {
+        match self {
+            StagingStore::S3(s) => s.forget(key, None).await,
+            StagingStore::Dir(d) => d.forget(key).await,
+        }
+    }
+
+    /// [`put_stream`](Self::put_stream), resumable: the store records checkpoints as it goes
+    /// (see [Resuming](self#resuming)), and `from` continues an interrupted attempt, `body`
+    /// then starting at [`ResumeFrom::offset`]. `progress` is set to the bytes each
+    /// checkpoint holds, so a caller can tell an interrupted attempt that got somewhere.
+    pub async fn put_resumable<S, E>(
+        &self,
+        key: &str,
+        body: S,
+        facts: SourceFacts,
+        from: Option<ResumeFrom>,
+        progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Result<PutReport, StagingError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        match self {
+            StagingStore::S3(s) => s.put_resumable(key, body, facts, from, progress).await,
+            StagingStore::Dir(d) => d.put_resumable(key, body, facts, from, progress).await,
         }
     }
 
@@ -242,22 +293,52 @@ pub(crate) fn validate_key(key: &str) -> Result<(), StagingError> {
 }
 
 /// Tracks what `put_stream` needs to know about the body as it passes: size, non-blank lines,
-/// and whether it ends with a newline.
-#[derive(Debug, Default)]
+/// whether it ends with a newline, and (for checkpoints) where its last line starts and its
+/// last few bytes.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct BodyStats {
     bytes: u64,
     lines: u64,
     /// The current (unterminated) line has a non-whitespace byte.
     line_has_content: bool,
     last_byte: Option<u8>,
+    /// Newlines so far, and the offset after the last one.
+    newlines: u64,
+    line_start: u64,
+    /// The last bytes (at most [`resume::TAIL`]).
+    tail: Vec<u8>,
 }
 
 impl BodyStats {
+    /// The stats of a body whose first `point.line_start` bytes were stored before, as a
+    /// checkpoint recorded them.
+    pub(crate) fn at(point: resume::LinePoint) -> Self {
+        BodyStats {
+            bytes: point.line_start,
+            lines: point.lines,
+            line_has_content: false,
+            last_byte: (point.line_start > 0).then_some(b'\n'),
+            newlines: point.newlines,
+            line_start: point.line_start,
+            tail: Vec::new(),
+        }
+    }
+
     pub(crate) fn observe(&mut self, chunk: &[u8]) {
         if let Some(&last) = chunk.last() {
             self.last_byte = Some(last);
         }
+        let start = self.bytes;
         self.bytes += chunk.len() as u64;
+        if chunk.len() >= resume::TAIL {
+            self.tail.clear();
+            self.tail
+                .extend_from_slice(&chunk[chunk.len() - resume::TAIL..]);
+        } else {
+            self.tail.extend_from_slice(chunk);
+            let excess = self.tail.len().saturating_sub(resume::TAIL);
+            self.tail.drain(..excess);
+        }
         // Per line: one SIMD search for its end, and a content check that stops at the first
         // non-blank byte (a resource's opening brace).
         let mut rest = chunk;
@@ -270,12 +351,28 @@ impl BodyStats {
             let Some(end) = end else { break };
             self.lines += u64::from(self.line_has_content);
             self.line_has_content = false;
+            self.newlines += 1;
             rest = &rest[end + 1..];
+            self.line_start = start + (chunk.len() - rest.len()) as u64;
         }
     }
 
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Where the current line starts, and the counts before it.
+    pub(crate) fn line_point(&self) -> resume::LinePoint {
+        resume::LinePoint {
+            line_start: self.line_start,
+            newlines: self.newlines,
+            lines: self.lines,
+        }
+    }
+
+    /// The last bytes seen (at most [`resume::TAIL`]).
+    pub(crate) fn tail(&self) -> &[u8] {
+        &self.tail
     }
 
     /// A non-empty body must end with a newline.
@@ -288,6 +385,7 @@ impl BodyStats {
             bytes: self.bytes,
             lines: self.lines,
             newline_added,
+            resumed_at: 0,
         }
     }
 }
@@ -357,6 +455,21 @@ mod tests {
                 .count() as u64;
             proptest::prop_assert_eq!(s.report(false).lines, expected);
             proptest::prop_assert_eq!(s.bytes(), body.len() as u64);
+            // Where a checkpoint would continue: after the last newline, with the counts
+            // before it, and the last bytes to recognise the rest by.
+            let line_start = body.iter().rposition(|b| *b == b'\n').map_or(0, |at| at + 1);
+            let point = s.line_point();
+            proptest::prop_assert_eq!(point.line_start, line_start as u64);
+            proptest::prop_assert_eq!(point.newlines, terminated as u64);
+            proptest::prop_assert_eq!(point.lines, expected);
+            let tail = &body[body.len().saturating_sub(resume::TAIL)..];
+            proptest::prop_assert_eq!(s.tail(), tail);
+            // Stats restored at the line's start go on as if they had seen it all.
+            let mut resumed = BodyStats::at(point);
+            resumed.observe(&body[line_start..]);
+            proptest::prop_assert_eq!(resumed.line_point(), point);
+            proptest::prop_assert_eq!(resumed.report(false), s.report(false));
+            proptest::prop_assert_eq!(resumed.needs_newline(), s.needs_newline());
         }
     }
 }

@@ -2,6 +2,8 @@
 //! part buffers drawn from the store's [`MemoryBudget`].
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_s3::config::RequestChecksumCalculation;
@@ -16,7 +18,8 @@ use tokio::task::JoinHandle;
 
 use super::budget::{MemoryBudget, PartBuf, DEFAULT_TRANSFER_MEMORY};
 use super::error::scrub;
-use super::{validate_key, BodyStats, PutReport, ReadStream, StagingError, NEWLINE};
+use super::resume::{self, ResumeFrom, SourceFacts};
+use super::{validate_key, BodyStats, FailureSide, PutReport, ReadStream, StagingError, NEWLINE};
 
 /// S3's minimum size of every part but the last.
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
@@ -71,6 +74,8 @@ pub struct S3Store {
     /// transfer), no less than the part size, at most S3's 5 GiB.
     max_part: usize,
     budget: MemoryBudget,
+    /// ETags per checkpoint segment ([`resume::SEGMENT`]).
+    segment: usize,
 }
 
 impl fmt::Debug for S3Store {
@@ -139,6 +144,7 @@ impl S3Store {
             grow_every: GROW_EVERY,
             max_part: (options.memory / 2).clamp(options.part_size, MAX_PART_SIZE),
             budget,
+            segment: resume::SEGMENT,
         })
     }
 
@@ -172,6 +178,14 @@ impl S3Store {
         self
     }
 
+    /// Checkpoints keep `etags` ETags per segment, so tests see segments without uploading
+    /// 256 parts. Not for production.
+    #[doc(hidden)]
+    pub fn with_checkpoint_segment_for_tests(mut self, etags: usize) -> Self {
+        self.segment = etags.max(1);
+        self
+    }
+
     /// Lower the part limit so tests can reach it without uploading 50 GB. Not for production.
     #[doc(hidden)]
     pub fn with_max_parts_for_tests(mut self, max_parts: u32) -> Self {
@@ -197,7 +211,142 @@ impl S3Store {
         &self.client
     }
 
-    pub async fn put_stream<S, E>(&self, key: &str, mut body: S) -> Result<PutReport, StagingError>
+    pub async fn put_stream<S, E>(&self, key: &str, body: S) -> Result<PutReport, StagingError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        self.put(key, body, None).await
+    }
+
+    /// How this store cuts parts, recorded in checkpoints.
+    fn layout(&self) -> [u64; 4] {
+        [
+            self.part_size as u64,
+            u64::from(self.grow_every),
+            self.max_part as u64,
+            self.segment as u64,
+        ]
+    }
+
+    /// The checkpoint of an interrupted resumable upload of `key`, when one exists for the
+    /// file `identity` names and this store can continue it; an unusable one is forgotten.
+    pub async fn resume_point(
+        &self,
+        key: &str,
+        identity: u64,
+    ) -> Result<Option<ResumeFrom>, StagingError> {
+        validate_key(key)?;
+        let ckey = resume::checkpoint_key(key);
+        let Some(bytes) = self.get_bytes(&ckey, resume::MAX_CHECKPOINT).await? else {
+            return Ok(None);
+        };
+        let usable = match resume::decode(&ckey, &bytes) {
+            Ok(c) => {
+                let usable = c.v == resume::VERSION
+                    && c.facts.identity == identity
+                    && c.layout == self.layout()
+                    && c.upload_id.is_some();
+                usable.then_some(c)
+            }
+            Err(_) => None,
+        };
+        let Some(checkpoint) = usable else {
+            self.forget(key, None).await?;
+            return Ok(None);
+        };
+        let mut etags = Vec::new();
+        for k in 0..checkpoint.segments {
+            let skey = resume::segment_key(key, k);
+            let segment: Option<Vec<String>> = self
+                .get_bytes(&skey, resume::MAX_CHECKPOINT)
+                .await?
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            match segment {
+                Some(s) if s.len() == self.segment => etags.extend(s),
+                _ => {
+                    self.forget(key, Some(&checkpoint)).await?;
+                    return Ok(None);
+                }
+            }
+        }
+        etags.extend(checkpoint.etags.iter().cloned());
+        let parts = i32::try_from(etags.len()).unwrap_or(i32::MAX);
+        let stored: u64 = (1..=parts).map(|n| self.part_size_of(n) as u64).sum();
+        if stored != checkpoint.stored || checkpoint.line_start > stored || parts == 0 {
+            self.forget(key, Some(&checkpoint)).await?;
+            return Ok(None);
+        }
+        Ok(Some(ResumeFrom { checkpoint, etags }))
+    }
+
+    /// Aborts the upload a checkpoint of `key` names and removes the checkpoint.
+    pub(crate) async fn forget(
+        &self,
+        key: &str,
+        known: Option<&resume::Checkpoint>,
+    ) -> Result<(), StagingError> {
+        validate_key(key)?;
+        let ckey = resume::checkpoint_key(key);
+        let read;
+        let checkpoint = match known {
+            Some(c) => Some(c),
+            None => {
+                read = match self.get_bytes(&ckey, resume::MAX_CHECKPOINT).await? {
+                    Some(b) => resume::decode(&ckey, &b).ok(),
+                    None => None,
+                };
+                read.as_ref()
+            }
+        };
+        if let Some(c) = checkpoint {
+            if let Some(id) = &c.upload_id {
+                let _ = self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+                    .await;
+            }
+            for k in 0..c.segments {
+                self.delete(&resume::segment_key(key, k)).await?;
+            }
+        }
+        self.delete(&ckey).await
+    }
+
+    /// Streams `body` into `key` like [`put_stream`](Self::put_stream), recording a checkpoint
+    /// after every part so that an interrupted upload can continue ([`resume_point`]
+    /// (Self::resume_point)); `from` continues one, and `body` then starts at its
+    /// [`offset`](ResumeFrom::offset). `progress` is set to the bytes each checkpoint holds.
+    pub async fn put_resumable<S, E>(
+        &self,
+        key: &str,
+        body: S,
+        facts: SourceFacts,
+        from: Option<ResumeFrom>,
+        progress: Arc<AtomicU64>,
+    ) -> Result<PutReport, StagingError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let resumable = Resumable {
+            facts,
+            from,
+            progress,
+        };
+        self.put(key, body, Some(resumable)).await
+    }
+
+    async fn put<S, E>(
+        &self,
+        key: &str,
+        mut body: S,
+        resumable: Option<Resumable>,
+    ) -> Result<PutReport, StagingError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::error::Error + Send + Sync + 'static,
@@ -209,31 +358,105 @@ impl S3Store {
             buf: None,
             spare: None,
             multipart: None,
+            stats: BodyStats::default(),
+            boundary: None,
+            checkpoints: None,
+            verify: None,
         };
-        let mut stats = BodyStats::default();
+        let mut resumed_at = 0;
+        if let Some(r) = resumable {
+            let keep = Arc::new(AtomicBool::new(false));
+            if let Some(from) = r.from {
+                let c = from.checkpoint;
+                let Some(upload_id) = c.upload_id.clone() else {
+                    return Err(StagingError::Config(format!(
+                        "the checkpoint of {key:?} names no multipart upload"
+                    )));
+                };
+                resumed_at = c.stored;
+                upload.stats = BodyStats::at(resume::LinePoint {
+                    line_start: c.line_start,
+                    newlines: c.newlines,
+                    lines: c.lines,
+                });
+                upload.verify = Some((c.stored, c.tail.clone()));
+                keep.store(true, Ordering::Relaxed);
+                let parts = from
+                    .etags
+                    .into_iter()
+                    .zip(1..)
+                    .map(|(e_tag, number)| {
+                        CompletedPart::builder()
+                            .e_tag(e_tag)
+                            .part_number(number)
+                            .build()
+                    })
+                    .collect::<Vec<_>>();
+                upload.multipart = Some(Multipart {
+                    client: self.client.clone(),
+                    bucket: self.bucket.clone(),
+                    key: key.to_owned(),
+                    upload_id,
+                    next_part_number: parts.len() as i32 + 1,
+                    parts,
+                    in_flight: None,
+                    armed: true,
+                    keep: keep.clone(),
+                });
+            }
+            upload.checkpoints = Some(Checkpoints {
+                facts: r.facts,
+                progress: r.progress,
+                keep,
+            });
+        }
         loop {
             let chunk = match body.next().await {
                 None => break,
                 Some(Ok(chunk)) => chunk,
                 Some(Err(e)) => {
-                    let err = StagingError::body(stats.bytes(), e);
-                    return Err(upload.abort(err).await);
+                    let err = StagingError::body(upload.stats.bytes(), e);
+                    return Err(upload.fail(err).await);
                 }
             };
-            stats.observe(&chunk);
             if let Err(err) = upload.push(&chunk).await {
-                return Err(upload.abort(err).await);
+                return Err(upload.fail(err).await);
             }
         }
-        let newline_added = stats.needs_newline();
+        if let Some((until, _)) = &upload.verify {
+            let err = mismatch(key, format!("the source's file ended before byte {until}"));
+            return Err(upload.fail(err).await);
+        }
+        let newline_added = upload.stats.needs_newline();
         if newline_added {
-            stats.observe(NEWLINE);
             if let Err(err) = upload.push(NEWLINE).await {
-                return Err(upload.abort(err).await);
+                return Err(upload.fail(err).await);
             }
         }
+        let stats = upload.stats.clone();
+        let resumable = upload.checkpoints.is_some();
         upload.finish().await?;
-        Ok(stats.report(newline_added))
+        if resumable {
+            // The object is complete: a checkpoint left behind would only name a finished
+            // upload, which a later attempt finds gone and starts over from.
+            let _ = self.forget_checkpoint(key).await;
+        }
+        let mut report = stats.report(newline_added);
+        report.resumed_at = resumed_at;
+        Ok(report)
+    }
+
+    /// Removes the checkpoint of `key` (not its upload).
+    async fn forget_checkpoint(&self, key: &str) -> Result<(), StagingError> {
+        let ckey = resume::checkpoint_key(key);
+        if let Some(b) = self.get_bytes(&ckey, resume::MAX_CHECKPOINT).await? {
+            if let Ok(c) = resume::decode(&ckey, &b) {
+                for k in 0..c.segments {
+                    self.delete(&resume::segment_key(key, k)).await?;
+                }
+            }
+        }
+        self.delete(&ckey).await
     }
 
     pub async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<(), StagingError> {
@@ -363,6 +586,38 @@ struct Upload<'a> {
     /// A buffer back from a finished part upload, to fill next.
     spare: Option<PartBuf>,
     multipart: Option<Multipart>,
+    /// What the bytes pushed so far (and, resumed, those stored before) hold.
+    stats: BodyStats,
+    /// The stats where the full part in `buf` ends, for its checkpoint.
+    boundary: Option<Boundary>,
+    /// Set for a resumable upload.
+    checkpoints: Option<Checkpoints>,
+    /// Resumed: the body's bytes up to this offset are stored already; they are only checked,
+    /// and must end with this tail (hex).
+    verify: Option<(u64, String)>,
+}
+
+/// What a resumable upload records.
+struct Resumable {
+    facts: SourceFacts,
+    from: Option<ResumeFrom>,
+    progress: Arc<AtomicU64>,
+}
+
+struct Checkpoints {
+    facts: SourceFacts,
+    /// The bytes the last checkpoint holds.
+    progress: Arc<AtomicU64>,
+    /// A checkpoint names the upload: dropped, it is kept for a later attempt.
+    keep: Arc<AtomicBool>,
+}
+
+/// The stats at the end of a part.
+#[derive(Clone)]
+struct Boundary {
+    stored: u64,
+    point: resume::LinePoint,
+    tail: String,
 }
 
 impl Upload<'_> {
@@ -370,10 +625,28 @@ impl Upload<'_> {
     /// arrives, so the data left at the end (the last part, or the whole object for a
     /// `PutObject`) is never empty unless the whole body is.
     async fn push(&mut self, mut data: &[u8]) -> Result<(), StagingError> {
+        if let Some((until, tail)) = &self.verify {
+            let take = usize::try_from(until - self.stats.bytes())
+                .unwrap_or(usize::MAX)
+                .min(data.len());
+            self.stats.observe(&data[..take]);
+            data = &data[take..];
+            if self.stats.bytes() == *until {
+                let seen = resume::hex(self.stats.tail());
+                if !tail.ends_with(&seen) {
+                    return Err(mismatch(
+                        self.key,
+                        format!("the bytes before {until} differ from those stored before"),
+                    ));
+                }
+                self.verify = None;
+            }
+        }
         while !data.is_empty() {
             if self.buf.as_ref().is_some_and(PartBuf::is_full) {
                 if let Some(full) = self.buf.take() {
-                    self.send_part(full).await?;
+                    let boundary = self.boundary.take();
+                    self.send_part(full, boundary).await?;
                 }
             }
             let buf = match &mut self.buf {
@@ -384,6 +657,14 @@ impl Upload<'_> {
                 }
             };
             let taken = buf.fill(data);
+            self.stats.observe(&data[..taken]);
+            if buf.is_full() && self.checkpoints.is_some() {
+                self.boundary = Some(Boundary {
+                    stored: self.stats.bytes(),
+                    point: self.stats.line_point(),
+                    tail: resume::hex(self.stats.tail()),
+                });
+            }
             data = &data[taken..];
         }
         Ok(())
@@ -417,13 +698,18 @@ impl Upload<'_> {
 
     /// Start an upload of a full, non-last part after the previous one has finished (so at most
     /// one part is in flight while the next fills).
-    async fn send_part(&mut self, part: PartBuf) -> Result<(), StagingError> {
+    async fn send_part(
+        &mut self,
+        part: PartBuf,
+        boundary: Option<Boundary>,
+    ) -> Result<(), StagingError> {
         let store = self.store;
+        let keep = self.checkpoints.as_ref().map(|c| c.keep.clone());
         let multipart = match &mut self.multipart {
             Some(m) => m,
             None => self
                 .multipart
-                .insert(Multipart::create(store, self.key).await?),
+                .insert(Multipart::create(store, self.key, keep.unwrap_or_default()).await?),
         };
         // This part is not the last one (more data follows), so the last part will need
         // a number too: refuse before uploading anything that can never be completed.
@@ -443,10 +729,53 @@ impl Upload<'_> {
         let key = self.key.to_owned();
         let upload_id = multipart.upload_id.clone();
         let (bytes, frozen) = part.freeze();
+        // The checkpoint this part completes, written once it is uploaded.
+        let checkpoint = match (&self.checkpoints, boundary) {
+            (Some(c), Some(b)) => {
+                // After part `number`, the segments hold every full SEGMENT of ETags; the
+                // part that fills one writes it.
+                let per = store.segment;
+                let segments = number as usize / per;
+                let first = if (number as usize).is_multiple_of(per) {
+                    (segments - 1) * per
+                } else {
+                    segments * per
+                };
+                let etags: Vec<String> = multipart
+                    .parts
+                    .get(first..)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|p| p.e_tag().unwrap_or_default().to_owned())
+                    .collect();
+                Some(PendingCheckpoint {
+                    checkpoint: resume::Checkpoint {
+                        v: resume::VERSION,
+                        facts: c.facts.clone(),
+                        upload_id: Some(upload_id.clone()),
+                        layout: store.layout(),
+                        stored: b.stored,
+                        line_start: b.point.line_start,
+                        newlines: b.point.newlines,
+                        lines: b.point.lines,
+                        tail: b.tail,
+                        segments: (first / per) as u32,
+                        etags,
+                    },
+                    progress: c.progress.clone(),
+                    keep: c.keep.clone(),
+                })
+            }
+            _ => None,
+        };
+        let store_for_task = store.clone();
         // Spawned so the part uploads while the caller keeps pulling the body into the next
         // buffer; the handle is awaited (or aborted) before the next part or completion.
         multipart.in_flight = Some(tokio::spawn(async move {
             let part = upload_part(&client, &bucket, &key, &upload_id, number, bytes).await?;
+            if let Some(pending) = checkpoint {
+                pending.write(&store_for_task, &key, &part).await;
+            }
             Ok((part, frozen.reclaim()))
         }));
         // Kept for the next part unless another upload waits for its first: then it goes
@@ -470,25 +799,29 @@ impl Upload<'_> {
         let Some(multipart) = self.multipart.as_mut() else {
             return self.store.put_object(self.key, data).await;
         };
+        let store = self.store;
+        let key = self.key;
         let result = async {
             multipart.wait_in_flight().await?;
-            let number = multipart.next_part_number;
-            let store = self.store;
-            let part = upload_part(
-                &store.client,
-                &store.bucket,
-                self.key,
-                &multipart.upload_id,
-                number,
-                data,
-            )
-            .await?;
-            multipart.parts.push(part);
+            // Resumed at the very end, nothing may be left for a last part.
+            if !data.is_empty() || multipart.parts.is_empty() {
+                let number = multipart.next_part_number;
+                let part = upload_part(
+                    &store.client,
+                    &store.bucket,
+                    key,
+                    &multipart.upload_id,
+                    number,
+                    data,
+                )
+                .await?;
+                multipart.parts.push(part);
+            }
             store
                 .client
                 .complete_multipart_upload()
                 .bucket(&store.bucket)
-                .key(self.key)
+                .key(key)
                 .upload_id(&multipart.upload_id)
                 .multipart_upload(
                     CompletedMultipartUpload::builder()
@@ -497,7 +830,7 @@ impl Upload<'_> {
                 )
                 .send()
                 .await
-                .map_err(|e| sdk_error("CompleteMultipartUpload", self.key, e))?;
+                .map_err(|e| sdk_error("CompleteMultipartUpload", key, e))?;
             Ok::<(), StagingError>(())
         }
         .await;
@@ -506,8 +839,48 @@ impl Upload<'_> {
                 multipart.armed = false;
                 Ok(())
             }
-            Err(err) => Err(self.abort(err).await),
+            Err(err) => Err(self.fail(err).await),
         }
+    }
+
+    /// After `err`: a resumable upload with a checkpoint is kept for a later attempt when the
+    /// failure may pass (the download broke, the store was busy), once its part in flight has
+    /// landed (and recorded its checkpoint); otherwise the upload is aborted and its
+    /// checkpoint removed.
+    async fn fail(&mut self, err: StagingError) -> StagingError {
+        let gone = err.code() == Some("NoSuchUpload");
+        let passing = (err.side() == FailureSide::Body || err.is_transient())
+            && err.code() != Some("ResumeMismatch");
+        if let (Some(c), true, false) = (&self.checkpoints, passing, gone) {
+            if let Some(m) = self.multipart.as_mut() {
+                // The part in flight records a checkpoint when it lands: worth the wait. Its
+                // own failure changes nothing here.
+                let _ = m.wait_in_flight().await;
+                if c.keep.load(Ordering::Relaxed) {
+                    m.armed = false;
+                    return err;
+                }
+            }
+        }
+        let err = self.abort(err).await;
+        if self.checkpoints.is_some() {
+            if let Err(e) = self.store.forget_checkpoint(self.key).await {
+                return err.with_cleanup_failure(format!("removing the checkpoint: {e}"));
+            }
+        }
+        if gone {
+            // The upload this attempt continued vanished (aborted, or completed by another
+            // attempt): the next attempt starts over.
+            return StagingError::Store {
+                operation: "UploadPart",
+                key: self.key.to_owned(),
+                status: err.status(),
+                code: Some("NoSuchUpload".into()),
+                transient: true,
+                message: "the multipart upload to continue is gone; the file starts over".into(),
+            };
+        }
+        err
     }
 
     /// Abort the multipart upload (if one was started) after `err`, and return the error to
@@ -561,10 +934,16 @@ struct Multipart {
     /// The part upload in flight; it ends with the part's buffer when the request let go of it.
     in_flight: Option<PartUpload>,
     armed: bool,
+    /// A checkpoint names this upload: dropped, it is kept for a later attempt to continue.
+    keep: Arc<AtomicBool>,
 }
 
 impl Multipart {
-    async fn create(store: &S3Store, key: &str) -> Result<Self, StagingError> {
+    async fn create(
+        store: &S3Store,
+        key: &str,
+        keep: Arc<AtomicBool>,
+    ) -> Result<Self, StagingError> {
         let resp = store
             .client
             .create_multipart_upload()
@@ -586,6 +965,7 @@ impl Multipart {
             parts: Vec::new(),
             in_flight: None,
             armed: true,
+            keep,
         })
     }
 
@@ -615,6 +995,11 @@ impl Drop for Multipart {
         if let Some(handle) = self.in_flight.take() {
             handle.abort();
         }
+        if self.keep.load(Ordering::Relaxed) {
+            // A later attempt continues it from its checkpoint (or the bucket's lifecycle
+            // rule removes it, should none ever come).
+            return;
+        }
         // Best effort: without a runtime (or if the process ends first) the upload stays until
         // the bucket's lifecycle rule removes it.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -628,6 +1013,56 @@ impl Drop for Multipart {
                 let _ = request.send().await;
             });
         }
+    }
+}
+
+/// A checkpoint to write once its part is uploaded.
+struct PendingCheckpoint {
+    checkpoint: resume::Checkpoint,
+    progress: Arc<AtomicU64>,
+    keep: Arc<AtomicBool>,
+}
+
+impl PendingCheckpoint {
+    /// Writes the checkpoint (after the segment the part completes, if it does). A failure
+    /// only costs a later attempt the progress since the previous checkpoint, so it is
+    /// logged, not fatal.
+    async fn write(mut self, store: &S3Store, key: &str, part: &CompletedPart) {
+        let c = &mut self.checkpoint;
+        c.etags.push(part.e_tag().unwrap_or_default().to_owned());
+        let result = async {
+            if c.etags.len() == store.segment {
+                let segment = serde_json::to_vec(&c.etags).unwrap_or_default();
+                let skey = resume::segment_key(key, c.segments);
+                store.put_object(&skey, Bytes::from(segment)).await?;
+                c.segments += 1;
+                c.etags.clear();
+            }
+            let body = serde_json::to_vec(&c).unwrap_or_default();
+            store
+                .put_object(&resume::checkpoint_key(key), Bytes::from(body))
+                .await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.keep.store(true, Ordering::Relaxed);
+                self.progress.store(c.stored, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(key, error = %e, "could not record a checkpoint"),
+        }
+    }
+}
+
+/// The error of a continued upload whose source served other bytes than before.
+fn mismatch(key: &str, what: String) -> StagingError {
+    StagingError::Store {
+        operation: "resume",
+        key: key.to_owned(),
+        status: None,
+        code: Some("ResumeMismatch".into()),
+        transient: true,
+        message: format!("{what}; the file starts over"),
     }
 }
 

@@ -1,0 +1,221 @@
+//! Checkpoints of resumable transfers: what a later attempt (another invocation, a restarted
+//! CLI, another Lambda) needs to continue a file's upload where an interrupted one stopped.
+//!
+//! A checkpoint describes the first `stored` bytes of the file, which are durably in the store
+//! (S3: the parts of a multipart upload; directory: the fsynced start of a partial file). It
+//! also names the start of the line those bytes cut (`line_start`) and the counts before it, so
+//! that the download can continue at a line boundary: the content check and the counters
+//! restart there without any state from the middle of a line. The bytes between `line_start`
+//! and `stored` are read again but only checked, and compared with the `tail` kept of them, so
+//! a source that serves other bytes on the second read is caught instead of spliced.
+//!
+//! Stored beside the file, in a `.resume/` folder of the file's own folder:
+//! `.resume/{name}.json` holds the latest checkpoint; for S3 the ETags of parts
+//! `1..=segments * SEGMENT` are in immutable `.resume/{name}.{k}.json` segments (each written
+//! once), so a checkpoint write stays small however many parts the upload has.
+
+use serde::{Deserialize, Serialize};
+
+use super::StagingError;
+
+/// ETags per immutable segment of a checkpoint.
+pub(crate) const SEGMENT: usize = 256;
+
+/// Bytes of the tail kept to recognise the bytes before `stored` on a second read.
+pub(crate) const TAIL: usize = 64;
+
+/// Checkpoints larger than this are not read (a checkpoint is at most a few KiB).
+pub(crate) const MAX_CHECKPOINT: u64 = 1024 * 1024;
+
+/// What the download said about the file, kept to recognise it when continuing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFacts {
+    /// A hash of the file's URL up to its query (a re-signed URL names the same file).
+    pub identity: u64,
+    /// A strong `ETag`, else the `Last-Modified` date: sent as `If-Range` when continuing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validator: Option<String>,
+    /// The file's full length, when the source said it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length: Option<u64>,
+}
+
+impl SourceFacts {
+    /// Whether `other` (said by a later answer) may be the same file: whatever both know agrees.
+    pub fn agrees_with(&self, other: &SourceFacts) -> bool {
+        fn same<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+            a.is_none() || b.is_none() || a == b
+        }
+        self.identity == other.identity
+            && same(&self.validator, &other.validator)
+            && same(&self.length, &other.length)
+    }
+}
+
+/// Where an interrupted transfer continues: the body handed to
+/// [`put_resumable`](super::StagingStore::put_resumable) must start at [`offset`](Self::offset).
+#[derive(Debug, Clone)]
+pub struct ResumeFrom {
+    pub(crate) checkpoint: Checkpoint,
+    /// The ETags of every stored part, in order (S3).
+    pub(crate) etags: Vec<String>,
+}
+
+impl ResumeFrom {
+    /// The byte the body must start from: the start of the line the stored bytes cut.
+    pub fn offset(&self) -> u64 {
+        self.checkpoint.line_start
+    }
+
+    /// Bytes already stored: the body's bytes before this are only checked, not stored again.
+    pub fn stored(&self) -> u64 {
+        self.checkpoint.stored
+    }
+
+    /// Lines (blank ones included) before [`offset`](Self::offset).
+    pub fn newlines(&self) -> u64 {
+        self.checkpoint.newlines
+    }
+
+    /// Non-blank lines (resources) before [`offset`](Self::offset).
+    pub fn lines(&self) -> u64 {
+        self.checkpoint.lines
+    }
+
+    pub fn facts(&self) -> &SourceFacts {
+        &self.checkpoint.facts
+    }
+}
+
+/// The stored form of a checkpoint (`.resume/{name}.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Checkpoint {
+    pub v: u32,
+    pub facts: SourceFacts,
+    /// The S3 multipart upload holding the stored bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
+    /// How the store cut the parts (S3: part size, growth, largest part, ETags per segment;
+    /// directory: bytes per checkpoint); a store configured otherwise does not continue the
+    /// upload, as its parts would fall elsewhere.
+    pub layout: [u64; 4],
+    pub stored: u64,
+    pub line_start: u64,
+    pub newlines: u64,
+    pub lines: u64,
+    /// The last bytes before `stored` (at most [`TAIL`]), hex.
+    pub tail: String,
+    /// Full segments of ETags stored apart.
+    #[serde(default)]
+    pub segments: u32,
+    /// The ETags of the parts after the segments.
+    #[serde(default)]
+    pub etags: Vec<String>,
+}
+
+pub(crate) const VERSION: u32 = 1;
+
+/// Where the checkpoint of `key` is stored, and its segments.
+pub(crate) fn checkpoint_key(key: &str) -> String {
+    let (dir, name) = split(key);
+    format!("{dir}.resume/{name}.json")
+}
+
+pub(crate) fn segment_key(key: &str, k: u32) -> String {
+    let (dir, name) = split(key);
+    format!("{dir}.resume/{name}.{k}.json")
+}
+
+/// The directory store's partial file of `key`.
+pub(crate) fn partial_key(key: &str) -> String {
+    let (dir, name) = split(key);
+    format!("{dir}.resume/{name}")
+}
+
+/// `("a/b/", "c")` for `a/b/c`.
+fn split(key: &str) -> (&str, &str) {
+    match key.rfind('/') {
+        Some(at) => (&key[..=at], &key[at + 1..]),
+        None => ("", key),
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn decode(key: &str, bytes: &[u8]) -> Result<Checkpoint, StagingError> {
+    let checkpoint: Checkpoint =
+        serde_json::from_slice(bytes).map_err(|e| StagingError::Store {
+            operation: "read checkpoint",
+            key: key.to_owned(),
+            status: None,
+            code: None,
+            transient: false,
+            message: format!("unreadable checkpoint: {e}"),
+        })?;
+    Ok(checkpoint)
+}
+
+/// What a stream of stored bytes tells about where its lines are: kept by
+/// [`BodyStats`](super::BodyStats) so that a checkpoint can be cut at any byte.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LinePoint {
+    /// Offset just after the last newline (0 before the first).
+    pub line_start: u64,
+    /// Newlines before `line_start`.
+    pub newlines: u64,
+    /// Non-blank lines before `line_start`.
+    pub lines: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sit_in_a_resume_folder_beside_the_file() {
+        assert_eq!(
+            checkpoint_key("p/run/output/000001-Patient.ndjson"),
+            "p/run/output/.resume/000001-Patient.ndjson.json"
+        );
+        assert_eq!(segment_key("a", 3), ".resume/a.3.json");
+        assert_eq!(partial_key("x/y"), "x/.resume/y");
+        for key in [
+            checkpoint_key("a/b"),
+            segment_key("a/b", 0),
+            partial_key("a/b"),
+        ] {
+            assert!(super::super::validate_key(&key).is_ok(), "{key}");
+        }
+    }
+
+    #[test]
+    fn facts_agree_on_what_both_know() {
+        let a = SourceFacts {
+            identity: 1,
+            validator: Some("\"v1\"".into()),
+            length: Some(10),
+        };
+        let unknown = SourceFacts {
+            identity: 1,
+            ..SourceFacts::default()
+        };
+        assert!(a.agrees_with(&unknown) && unknown.agrees_with(&a));
+        let changed = SourceFacts {
+            validator: Some("\"v2\"".into()),
+            ..a.clone()
+        };
+        assert!(!a.agrees_with(&changed));
+        let longer = SourceFacts {
+            length: Some(11),
+            ..a.clone()
+        };
+        assert!(!a.agrees_with(&longer));
+        let other = SourceFacts {
+            identity: 2,
+            ..unknown.clone()
+        };
+        assert!(!unknown.agrees_with(&other));
+    }
+}
