@@ -1178,6 +1178,34 @@ fn staging_fails_when_no_file_is_staged_within_the_transfer_patience() {
     );
 }
 
+/// A cut after a checkpoint advanced is progress: it neither counts as a failure nor waits,
+/// and it restarts the staging patience, however often it comes (each one stored more).
+#[test]
+fn a_paused_file_goes_on_at_once_without_counting_a_failure() {
+    let run = staging(
+        spec_with(&[("TRANSFER_RETRY_TIMES", "1"), ("TRANSFER_TIMEOUT", "60")]),
+        &[(OUT, "Patient")],
+    );
+    let mut run = run;
+    let mut now = T0;
+    for i in 1..=10u64 {
+        let req = requests(&run, now).remove(0);
+        let paused = Failure::new(FailureKind::Paused, "the invocation ended");
+        now = at(50 * i);
+        run = step_ok(&run, req.id, failed(paused), now);
+        let s = staging_state(&run);
+        let row = s.export.files.row(0).unwrap();
+        assert_eq!(row.failures, 0, "not a failure");
+        assert_eq!(row.not_before, now, "goes on at once");
+        assert_eq!(s.stall_deadline, at(50 * i + 60), "patience restarts");
+        assert!(s.export.files.error(0).is_none(), "no error kept");
+    }
+    // An ordinary failure after the pauses still counts from zero.
+    let req = requests(&run, now).remove(0);
+    let run = step_ok(&run, req.id, network(), now);
+    assert_eq!(staging_state(&run).export.files.row(0).unwrap().failures, 1);
+}
+
 #[test]
 fn per_file_retry_after_is_honoured() {
     let run = staging(spec(), &[(OUT, "Patient")]);

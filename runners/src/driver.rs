@@ -456,7 +456,8 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                                     Failure::new(
                                         FailureKind::Unfinished,
                                         "the invocation ended before this file's transfer \
-                                         stored any more of it",
+                                         stored any more of it (each part of a file must move \
+                                         within one invocation's time budget)",
                                     )
                                 };
                                 let result = EffectResult::Failed(failure);

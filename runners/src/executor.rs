@@ -642,6 +642,14 @@ impl Executor {
             // Kept from the first answer: a continued one says nothing of the file's identity
             // that the checkpoint does not already hold.
             facts = f.facts().clone();
+            tracing::info!(
+                key = %key,
+                stored = f.stored(),
+                from = f.offset(),
+                ranged = skip == 0,
+                "{key} continues after the {} bytes an interrupted attempt stored",
+                f.stored()
+            );
         }
         let counters = self.counters.clone();
         let body = resp.bytes_stream().inspect_ok(move |chunk| {
@@ -1012,7 +1020,8 @@ pub async fn open_staging(
         StagingLocation::Directory { root } => StagingStore::Dir(
             crate::staging::DirStore::from_file_url(&format!("file://{root}"))
                 .await?
-                .with_memory(memory)?,
+                .with_memory(memory)?
+                .with_checkpoint_every(transfer.part_size),
         ),
     })
 }

@@ -1391,7 +1391,7 @@ async fn dir_a_killed_write_continues_from_its_last_checkpoint() {
         DirStore::new(dir.path())
             .await
             .unwrap()
-            .with_checkpoint_every_for_tests(EVERY as u64),
+            .with_checkpoint_every(EVERY as u64),
     );
     let data = ndjson(1_000_000);
     let key = "run/output/000002-Patient.ndjson";
@@ -1489,7 +1489,7 @@ async fn dir_other_bytes_on_the_second_read_start_over() {
         DirStore::new(dir.path())
             .await
             .unwrap()
-            .with_checkpoint_every_for_tests(100_003),
+            .with_checkpoint_every(100_003),
     );
     other_bytes_on_the_second_read_start_over(&store, 100_003).await;
     let left = files_under(dir.path());

@@ -265,6 +265,12 @@ pub struct SourceConfig {
     /// `output[]` files (by name) listed a second time, with the same URL, at the end of the
     /// manifest's `output[]`.
     pub repeat_in_manifest: BTreeSet<String>,
+    /// Serve `Range: bytes=N-` requests (`206 Partial Content`), with `Accept-Ranges`, a strong
+    /// `ETag` per file and `If-Range`, as a static file server does.
+    pub ranges: bool,
+    /// A download (started while this is set) stops sending after this byte of the file and
+    /// hangs, as a source gone silent: the client is killed or cut meanwhile.
+    pub stall_at: Option<u64>,
 }
 
 impl Default for SourceConfig {
@@ -316,6 +322,8 @@ impl Default for SourceConfig {
             html_files: BTreeSet::new(),
             lost_files: BTreeSet::new(),
             repeat_in_manifest: BTreeSet::new(),
+            ranges: false,
+            stall_at: None,
         }
     }
 }
@@ -505,6 +513,10 @@ pub struct SourceStats {
     pub downloads_rejected_concurrency: u64,
     /// Highest number of simultaneous downloads observed.
     pub max_concurrent_downloads_seen: usize,
+    /// Bytes of file bodies sent (uncompressed), both origins.
+    pub file_bytes_sent: u64,
+    /// Downloads answered `206 Partial Content`.
+    pub ranges_served: u64,
 }
 
 #[derive(Default)]
@@ -1688,6 +1700,11 @@ struct FileBody {
     emitted: u64,
     reset_at: Option<u64>,
     broken: bool,
+    /// Bytes of the file not sent (a range request's start).
+    skip: u64,
+    /// Stop sending at this byte and hang.
+    stall_at: Option<u64>,
+    stalled: bool,
     chunk: usize,
     shared: Arc<Shared>,
     _guard: DownloadGuard,
@@ -1731,7 +1748,19 @@ impl FileBody {
                     self.broken = true;
                 }
             }
+            if let Some(at) = self.stall_at {
+                if self.emitted + raw.len() as u64 >= at {
+                    raw.truncate(at.saturating_sub(self.emitted) as usize);
+                    self.stalled = true;
+                }
+            }
+            let start = self.emitted;
             self.emitted += raw.len() as u64;
+            if self.skip > start {
+                let drop = (self.skip - start).min(raw.len() as u64) as usize;
+                raw.drain(..drop);
+            }
+            lock(&self.shared.rt).stats.file_bytes_sent += raw.len() as u64;
             let out = match self.gzip.as_mut() {
                 None => raw,
                 Some(enc) => {
@@ -1770,6 +1799,22 @@ impl FileBody {
 /// What [`SourceConfig::html_files`] are answered with.
 pub const HTML_PAGE: &str = "<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\n\
     <body><form action=\"/login\" method=\"post\">Your session has expired.</form></body></html>\n";
+
+/// The length of a file's body, as [`FileBody`] writes it.
+fn file_length(cfg: &SourceConfig, job: &ExportJobInfo, kind: &FileKind) -> u64 {
+    let mut lines = LineSource::new(cfg, job, kind);
+    let (mut total, mut count, mut line) = (0u64, 0u64, Vec::new());
+    while {
+        line.clear();
+        lines.next_line(&mut line)
+    } {
+        total += line.len() as u64;
+        count += 1;
+    }
+    let separators = count.saturating_sub(1);
+    let trailing = u64::from(!cfg.no_trailing_newline && count > 0);
+    total + separators + trailing
+}
 
 /// Serves a file body. `gzip_allowed` is false on the storage origin.
 #[allow(clippy::too_many_arguments)]
@@ -1813,8 +1858,42 @@ fn serve_file(
         .as_ref()
         .filter(|r| *attempts <= r.first_attempts)
         .map(|r| r.after_bytes);
-    let gzip =
-        gzip_allowed && cfg.gzip_when_asked && header_has_token(headers, "accept-encoding", "gzip");
+    let etag = format!("\"{}-{name}\"", job.id);
+    let range = cfg
+        .ranges
+        .then(|| {
+            headers
+                .get(header::RANGE)?
+                .to_str()
+                .ok()?
+                .strip_prefix("bytes=")?
+                .strip_suffix('-')?
+                .parse::<u64>()
+                .ok()
+        })
+        .flatten()
+        .filter(|_| {
+            headers
+                .get(header::IF_RANGE)
+                .is_none_or(|v| v.to_str().is_ok_and(|v| v == etag))
+        });
+    let length = range.map(|_| file_length(cfg, job, kind));
+    if let (Some(start), Some(length)) = (range, length) {
+        if start >= length {
+            let mut resp = empty_response(StatusCode::RANGE_NOT_SATISFIABLE);
+            set_header(
+                &mut resp,
+                header::CONTENT_RANGE,
+                &format!("bytes */{length}"),
+            );
+            return resp;
+        }
+        rt.stats.ranges_served += 1;
+    }
+    let gzip = range.is_none()
+        && gzip_allowed
+        && cfg.gzip_when_asked
+        && header_has_token(headers, "accept-encoding", "gzip");
     let body = FileBody {
         lines: LineSource::new(cfg, job, kind),
         wrote_any: false,
@@ -1825,12 +1904,19 @@ fn serve_file(
         emitted: 0,
         reset_at,
         broken: false,
+        skip: range.unwrap_or(0),
+        stall_at: cfg.stall_at,
+        stalled: false,
         chunk: cfg.chunk_bytes.max(1),
         shared: shared.clone(),
         _guard: guard,
     };
     let delay = cfg.chunk_delay;
     let stream = futures_util::stream::unfold(body, move |mut b| async move {
+        if b.stalled {
+            // Gone silent: the connection stays open and nothing more comes.
+            std::future::pending::<()>().await;
+        }
         if !delay.is_zero() && !b.done {
             tokio::time::sleep(delay).await;
         }
@@ -1845,6 +1931,15 @@ fn serve_file(
     });
     let mut resp = Response::new(Body::from_stream(stream));
     set_header(&mut resp, header::CONTENT_TYPE, FHIR_NDJSON);
+    if cfg.ranges {
+        set_header(&mut resp, header::ACCEPT_RANGES, "bytes");
+        set_header(&mut resp, header::ETAG, &etag);
+    }
+    if let (Some(start), Some(length)) = (range, length) {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let range = format!("bytes {start}-{}/{length}", length - 1);
+        set_header(&mut resp, header::CONTENT_RANGE, &range);
+    }
     if gzip {
         set_header(&mut resp, header::CONTENT_ENCODING, "gzip");
     }

@@ -335,3 +335,128 @@ async fn cancel_and_fresh_clean_up_the_abandoned_export() {
     assert_eq!(w.sandbox.phase(), "succeeded");
     assert_pathling_holds_export(&w.pathling, &w.src);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Killed inside a file
+// ---------------------------------------------------------------------------------------------
+
+const PART: u64 = 5 * 1024 * 1024;
+
+/// The bytes the checkpoint of the run's one staged file holds (0 without one).
+async fn checkpointed(staging: &Staging, sandbox: &Sandbox) -> u64 {
+    let objects = staging.objects(sandbox).await;
+    objects
+        .iter()
+        .find(|(k, _)| k.contains("/.resume/") && k.ends_with(".ndjson.json"))
+        .map_or(0, |(_, v)| {
+            let c: Value = serde_json::from_slice(v).unwrap();
+            c["stored"].as_u64().unwrap()
+        })
+}
+
+/// One large file, SIGKILLed twice while it moves (each time once a part more is stored), then
+/// run to the end: the staged file is byte-identical to the source's, each kill cost at most
+/// a part (and a line) downloaded again when the source serves ranges, and without ranges the
+/// upload still continues from its last part.
+async fn killed_mid_file(ranges: bool) {
+    let staging = Staging::s3().await;
+    let mut sandbox = Sandbox::new();
+    let src = FakeSource::start(SourceConfig {
+        dataset: DatasetConfig::new(&[("Observation", 60_000, 1)]),
+        in_progress_polls: 0,
+        ranges,
+        chunk_bytes: 64 * 1024,
+        ..SourceConfig::default()
+    })
+    .await
+    .unwrap();
+    let allowed = staging.allowable_sources(&sandbox);
+    let mut config = PathlingConfig::v9(&[allowed[0].as_str(), allowed[1].as_str()]);
+    config.s3 = staging.pathling_s3();
+    let pathling = FakePathling::start(config).await.unwrap();
+    sandbox
+        .configure(&src.base_url(), &pathling.base_url(), &staging)
+        .set("transferPartSize", 5);
+    // The source goes silent mid part 2, then just after part 3 begins: the kills come once
+    // parts 1, then 1-2 are stored (and checkpointed).
+    let kills = [(PART + PART / 2, PART), (2 * PART + 1, 2 * PART)];
+    let mut run_id = None;
+    for (stall, stored) in kills {
+        src.update(|c| c.stall_at = Some(stall));
+        let mut child = sandbox.spawn(&[]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while checkpointed(&staging, &sandbox).await < stored {
+            assert!(Instant::now() < deadline, "no checkpoint of {stored} bytes");
+            assert!(child.child.try_wait().unwrap().is_none(), "the CLI ended");
+            // Polling interval of a condition the CLI brings about.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(checkpointed(&staging, &sandbox).await, stored);
+        let killed = child.kill().await;
+        assert_eq!(killed.code, None, "killed by the signal");
+        let id = sandbox.run_id();
+        assert_eq!(run_id.get_or_insert(id.clone()), &id, "one run");
+    }
+    src.update(|c| c.stall_at = None);
+    // The source's file, read whole while its export job still exists.
+    let run_id = run_id.unwrap();
+    let objects = staging.objects(&sandbox).await;
+    let manifest: Value =
+        serde_json::from_slice(&objects[&format!("{run_id}/manifest.json")]).unwrap();
+    let url = manifest["files"][0]["url"].as_str().unwrap();
+    let before = src.stats().file_bytes_sent;
+    let served = reqwest::get(url).await.unwrap().bytes().await.unwrap();
+    let read_by_test = src.stats().file_bytes_sent - before;
+
+    let out = sandbox.run(&[]).await;
+    out.assert_code(0)
+        .assert_stderr_contains("continues after the 10485760 bytes an interrupted attempt stored");
+    assert_eq!(sandbox.run_id(), run_id);
+    assert_pathling_holds_export(&pathling, &src);
+    let sent = src.stats().file_bytes_sent - read_by_test;
+    // Byte-identical to what the source serves.
+    let objects = staging.objects(&sandbox).await;
+    let staged = objects
+        .iter()
+        .find(|(k, _)| k.starts_with(&format!("{run_id}/output/")) && k.ends_with(".ndjson"))
+        .map(|(_, v)| v)
+        .expect("the staged file");
+    assert!(
+        staged[..] == served[..],
+        "the staged file differs from the source's"
+    );
+    let len = staged.len() as u64;
+    assert!(len > 3 * PART, "a file of more than three parts: {len}");
+    assert!(
+        objects.keys().all(|k| !k.contains(".resume")),
+        "checkpoints left: {:?}",
+        objects.keys().collect::<Vec<_>>()
+    );
+    let expected = src.expected_resources(&pathling_import_tests::data::ExportFilter::default());
+    assert_staged(&staging, &sandbox, &run_id, 1, &expected).await;
+    println!(
+        "ranges {ranges}: file {len} B, sent {sent} B ({} B more than the file)",
+        sent - len
+    );
+    if ranges {
+        // Each kill: what was sent after the last stored part (under a part), plus the start of
+        // the line that part cut, sent again.
+        let again = sent - len;
+        assert!(again <= 2 * (PART / 2 + 4096), "{again} bytes sent again");
+        assert_eq!(src.stats().ranges_served, 2);
+    } else {
+        // Without ranges each attempt reads from the start, but stores only what is new.
+        assert_eq!(sent, (PART + PART / 2) + (2 * PART + 1) + len);
+        assert_eq!(src.stats().ranges_served, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_file_continues_from_its_last_part_with_ranges() {
+    killed_mid_file(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_file_continues_its_upload_without_ranges() {
+    killed_mid_file(false).await;
+}

@@ -1303,3 +1303,70 @@ async fn a_file_too_slow_for_an_invocation_fails_the_run_naming_it_after_a_few_c
     );
     assert!(!staged.iter().any(|p| p.contains("Observation.ndjson")));
 }
+
+/// A file too large for one invocation moves across several: each invocation's cut comes
+/// after it stored more of the file (the checkpoint advanced), which does not count as a
+/// failure; the next invocation continues from the last checkpoint with a range request, and
+/// the run succeeds with every resource imported once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_too_large_for_an_invocation_continues_across_invocations() {
+    const PART: u64 = 5 * 1024 * 1024;
+    let w = world(
+        "paused",
+        SourceConfig {
+            // About 16 MB of Observations in 64 KiB chunks 40 ms apart (1.6 MB/s, about 10 s);
+            // with a budget of 1 s, an invocation's cut comes 6 s after it starts.
+            dataset: DatasetConfig::new(&[("Patient", 10, 1), ("Observation", 60_000, 1)]),
+            gzip_when_asked: false,
+            ranges: true,
+            chunk_bytes: 64 * 1024,
+            chunk_delay: Duration::from_millis(40),
+            in_progress_polls: 0,
+            ..SourceConfig::default()
+        },
+    )
+    .await;
+    let lambda = w
+        .lambda(&[
+            ("LAMBDA_TIME_BUDGET", "1"),
+            ("TRANSFER_CONCURRENCY", "2"),
+            ("TRANSFER_PART_SIZE", "5"),
+        ])
+        .await;
+    let all = invoke_until_done(&lambda, &scheduled()).await;
+    let outcome = all.last().unwrap().outcome.as_ref().unwrap();
+    assert_eq!(outcome["status"], "succeeded", "{outcome}");
+    let attempts = w.source.file_attempts();
+    let observation = attempts
+        .iter()
+        .find(|(name, _)| name.contains("Observation"))
+        .map_or(0, |(_, n)| *n);
+    assert!(
+        observation >= 2,
+        "the file took one invocation: {attempts:?}"
+    );
+    let stats = w.source.stats();
+    assert_eq!(stats.ranges_served, u64::from(observation - 1), "continued");
+    assert_eq!(w.pathling.resource_count("Observation"), 60_000);
+    let staged: u64 = walk(w.staging.path())
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with(".ndjson"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    let again = stats.file_bytes_sent - staged;
+    println!(
+        "{} invocations, {observation} attempts at the file, {staged} B staged, {again} B sent again",
+        all.len()
+    );
+    // Each cut: what came after the last checkpoint (under a part), and the line it cut.
+    assert!(
+        again <= u64::from(observation - 1) * (PART + 4096),
+        "{again} B sent again"
+    );
+    assert!(
+        walk(w.staging.path())
+            .iter()
+            .all(|p| !p.to_string_lossy().contains(".resume/")),
+        "checkpoints left behind"
+    );
+}

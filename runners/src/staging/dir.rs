@@ -81,8 +81,9 @@ fn remove_temps(dir: &Path, shown: &str) -> Result<u32, StagingError> {
 }
 
 /// A resumable write records a checkpoint (after an fsync of what it wrote) every this many
-/// bytes.
-pub const CHECKPOINT_EVERY: u64 = 16 * 1024 * 1024;
+/// bytes, unless [`DirStore::with_checkpoint_every`] says otherwise (the runners use the part
+/// size, so that a part is the unit of resumption on either store).
+pub const CHECKPOINT_EVERY: u64 = 8 * 1024 * 1024;
 
 /// A local directory used as staging store. Objects are files under the root; a key's `/`
 /// separates directories.
@@ -121,9 +122,8 @@ impl DirStore {
         })
     }
 
-    /// Checkpoints every `bytes` so tests can see several in a small file. Not for production.
-    #[doc(hidden)]
-    pub fn with_checkpoint_every_for_tests(mut self, bytes: u64) -> Self {
+    /// The same store, checkpointing resumable writes every `bytes` (at least 1).
+    pub fn with_checkpoint_every(mut self, bytes: u64) -> Self {
         self.checkpoint_every = bytes.max(1);
         self
     }
@@ -428,9 +428,22 @@ impl DirStore {
             .sync_data()
             .await
             .map_err(|e| StagingError::io("fsync", key, &e))?;
+        // Written and renamed into place without an fsync of its own: the data it names is
+        // durable already, and a checkpoint lost with the machine only means an earlier one
+        // (or none) is found, which claims less.
+        let ckey = resume::checkpoint_key(key);
+        let path = self.path_of(&ckey)?;
+        let (mut temp, mut file) = TempFile::create(&ckey, &path).await?;
         let body = serde_json::to_vec(checkpoint).unwrap_or_default();
-        self.put_bytes(&resume::checkpoint_key(key), Bytes::from(body))
-            .await
+        if let Err(e) = file.write_all(&body).await {
+            return Err(temp.discard(StagingError::io("write", &ckey, &e)).await);
+        }
+        drop(file);
+        if let Err(e) = tokio::fs::rename(&temp.path, &path).await {
+            return Err(temp.discard(StagingError::io("rename", &ckey, &e)).await);
+        }
+        temp.armed = false;
+        Ok(())
     }
 
     /// Removes the temp files that writes interrupted by a crash or a SIGKILL left under
