@@ -959,9 +959,8 @@ impl SyncRun {
                         Ok(self.after_staging_step(export, s.failed.as_ref(), now))
                     }
                     EffectResult::Failed(f) if f.kind == FailureKind::Paused => {
-                        // Progress, not a failure: it goes on at once, and the patience
-                        // restarts as if a file had been staged.
-                        export.files.update(index, |r| r.not_before = now);
+                        // Progress, not a failure: the file stays due (it was, to be handed
+                        // out), and the patience restarts as if a file had been staged.
                         Ok(SyncState::StagingFiles(StagingFiles {
                             export,
                             stall_deadline: now.plus_ms(patience_ms(&spec.retry.transfer)),

@@ -1196,7 +1196,7 @@ fn a_paused_file_goes_on_at_once_without_counting_a_failure() {
         let s = staging_state(&run);
         let row = s.export.files.row(0).unwrap();
         assert_eq!(row.failures, 0, "not a failure");
-        assert_eq!(row.not_before, now, "goes on at once");
+        assert!(row.not_before <= now, "goes on at once");
         assert_eq!(s.stall_deadline, at(50 * i + 60), "patience restarts");
         assert!(s.export.files.error(0).is_none(), "no error kept");
     }

@@ -127,7 +127,19 @@ pub struct Executor {
     /// Per file being staged (by staging key): the bytes stored when its attempt started, and
     /// those its latest checkpoint holds, so a cut attempt that got somewhere is told apart.
     progress: std::sync::Mutex<HashMap<String, (u64, Arc<AtomicU64>)>>,
+    /// Files whose attempt in this process left a checkpoint.
+    continued: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Per folder of staged files, the names with a checkpoint when it was last listed (and
+    /// when): one listing instead of a lookup per file.
+    listings: Mutex<HashMap<String, Listing>>,
 }
+
+/// The names with a checkpoint in a folder, and when they were listed.
+type Listing = (std::time::Instant, Arc<std::collections::HashSet<String>>);
+
+/// How long a folder's listing of checkpoints is trusted: one left meanwhile by another process
+/// (another Lambda container) is missed for at most this long, which costs its progress only.
+const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -196,6 +208,8 @@ impl Executor {
             manifests: Mutex::new(HashMap::new()),
             counters: Arc::new(Counters::default()),
             progress: std::sync::Mutex::new(HashMap::new()),
+            continued: std::sync::Mutex::new(Default::default()),
+            listings: Mutex::new(HashMap::new()),
         })
     }
 
@@ -564,11 +578,12 @@ impl Executor {
         }
         let identity = url_identity(&file.url);
         let staging_ctx = format!("staging {key}");
-        let mut from = self
-            .staging
-            .resume_point(key.as_str(), identity)
-            .await
-            .map_err(|e| staging_failure(&staging_ctx, &e))?;
+        let mut from = match self.may_resume(key).await {
+            Ok(false) => Ok(None),
+            Ok(true) => self.staging.resume_point(key.as_str(), identity).await,
+            Err(e) => Err(e),
+        }
+        .map_err(|e| staging_failure(&staging_ctx, &e))?;
         let progress = Arc::new(AtomicU64::new(0));
         self.progress_of().insert(
             key.as_str().to_owned(),
@@ -665,9 +680,14 @@ impl Executor {
         let body = CheckedBody::new(body, check, None);
         let staged = self
             .staging
-            .put_resumable(key.as_str(), Box::pin(body), facts, from, progress)
+            .put_resumable(key.as_str(), Box::pin(body), facts, from, progress.clone())
             .await;
         self.progress_of().remove(key.as_str());
+        if staged.is_ok() {
+            self.continued_of().remove(key.as_str());
+        } else if progress.load(Ordering::Relaxed) > 0 {
+            self.continued_of().insert(key.as_str().to_owned());
+        }
         let report = match staged {
             Ok(report) => report,
             Err(e) => {
@@ -745,15 +765,48 @@ impl Executor {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn continued_of(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.continued.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `key` may have a checkpoint: this process left one, or the folder's listing
+    /// (taken at most [`LISTING_TTL`] ago) shows one.
+    async fn may_resume(&self, key: &StagingKey) -> Result<bool, StagingError> {
+        let key = key.as_str();
+        if self.continued_of().contains(key) {
+            return Ok(true);
+        }
+        let (folder, name) = match key.rsplit_once('/') {
+            Some((folder, name)) => (format!("{folder}/"), name),
+            None => (String::new(), key),
+        };
+        // Held across the listing, so that concurrent files of a folder list it once.
+        let mut listings = self.listings.lock().await;
+        if let Some((at, names)) = listings.get(&folder) {
+            if at.elapsed() < LISTING_TTL {
+                return Ok(names.contains(name));
+            }
+        }
+        let names = Arc::new(self.staging.checkpointed(&folder).await?);
+        let found = names.contains(name);
+        listings.insert(folder, (std::time::Instant::now(), names));
+        Ok(found)
+    }
+
     /// Whether the attempt at staging `request`'s file stored more than it started with (a
     /// checkpoint advanced); forgets the attempt. For attempts cut short.
     pub fn progressed(&self, request: &Request) -> bool {
         let Effect::StageFile { key, .. } = &request.effect else {
             return false;
         };
-        self.progress_of()
+        let progressed = self
+            .progress_of()
             .remove(key.as_str())
-            .is_some_and(|(start, now)| now.load(Ordering::Relaxed) > start)
+            .is_some_and(|(start, now)| now.load(Ordering::Relaxed) > start);
+        if progressed {
+            self.continued_of().insert(key.as_str().to_owned());
+        }
+        progressed
     }
 
     fn staged(

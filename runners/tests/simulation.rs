@@ -1367,6 +1367,31 @@ fn a_file_cut_in_every_invocation_fails_the_run_naming_it() {
     assert_eq!(store.reload(), last, "the store holds the failed run");
 }
 
+/// A file larger than any invocation, whose transfer keeps each part it stores, moves across
+/// invocations: each cut after a part more is a pause, not a failure, and the run succeeds
+/// with the file staged once and the others untouched.
+#[test]
+fn a_resumable_file_larger_than_an_invocation_moves_across_invocations() {
+    let spec = quick_spec(&[("TRANSFER_CONCURRENCY", "2")]);
+    let mut files = Plan::outputs(4);
+    // Ten minutes to stage, in parts of 10 s, against invocations of 60 s of budget and a cut
+    // 20 s later.
+    files[2].slow_ms = Some(600_000);
+    files[2].part_ms = Some(10_000);
+    let mut plan = Plan::happy(files);
+    plan.max_latency_ms = 200;
+    let (terminal, last, trace, store) = invocations_until_done(&spec, &plan);
+    assert!(matches!(terminal, Terminal::Succeeded(_)), "{terminal:?}");
+    let file = |index: u32| move |r: &pathling_import_core::effect::Request| matches!(r.id, EffectId::File { index: i, .. } if i == index);
+    let attempts = starts_where(&trace, file(2));
+    // At most 80 s an invocation, so at least eight of them; every cut gave a part more.
+    assert!((8..=12).contains(&attempts), "{attempts} attempts");
+    for other in [0, 1, 3] {
+        assert_eq!(starts_where(&trace, file(other)), 1, "file {other}");
+    }
+    assert_eq!(store.reload(), last, "the store holds the finished run");
+}
+
 /// Reading the manifest (a paged one, from a slow source) that no invocation can finish is
 /// cut like a file: after three cuts the run fails in its export phase, instead of asking the
 /// source again from the first page in every invocation until the export expires.
@@ -1377,12 +1402,6 @@ fn a_manifest_read_cut_in_every_invocation_fails_the_run() {
     plan.max_latency_ms = 200;
     plan.slow_manifest_ms = Some(600_000);
     let (terminal, _, trace, _) = invocations_until_done(&spec, &plan);
-    for t in &trace {
-        eprintln!(
-            "DEBUG {}",
-            format!("{t:?}").chars().take(200).collect::<String>()
-        );
-    }
     let Terminal::Failed(f) = terminal else {
         panic!("{terminal:?}")
     };

@@ -271,6 +271,8 @@ pub struct SourceConfig {
     /// A download (started while this is set) stops sending after this byte of the file and
     /// hangs, as a source gone silent: the client is killed or cut meanwhile.
     pub stall_at: Option<u64>,
+    /// Part of every file's `ETag`: changing it makes the files "changed" for `If-Range`.
+    pub file_version: u32,
 }
 
 impl Default for SourceConfig {
@@ -324,6 +326,7 @@ impl Default for SourceConfig {
             repeat_in_manifest: BTreeSet::new(),
             ranges: false,
             stall_at: None,
+            file_version: 0,
         }
     }
 }
@@ -1858,7 +1861,7 @@ fn serve_file(
         .as_ref()
         .filter(|r| *attempts <= r.first_attempts)
         .map(|r| r.after_bytes);
-    let etag = format!("\"{}-{name}\"", job.id);
+    let etag = format!("\"{}-{name}-v{}\"", job.id, cfg.file_version);
     let range = cfg
         .ranges
         .then(|| {

@@ -359,6 +359,12 @@ async fn checkpointed(staging: &Staging, sandbox: &Sandbox) -> u64 {
 /// a part (and a line) downloaded again when the source serves ranges, and without ranges the
 /// upload still continues from its last part.
 async fn killed_mid_file(ranges: bool) {
+    killed_mid_file_then(ranges, false).await;
+}
+
+/// With `changed`, the source's file has another version (`ETag`) when the run continues: the
+/// file starts over from the whole body the source then sends.
+async fn killed_mid_file_then(ranges: bool, changed: bool) {
     let staging = Staging::s3().await;
     let mut sandbox = Sandbox::new();
     let src = FakeSource::start(SourceConfig {
@@ -379,9 +385,13 @@ async fn killed_mid_file(ranges: bool) {
         .set("transferPartSize", 5);
     // The source goes silent mid part 2, then just after part 3 begins: the kills come once
     // parts 1, then 1-2 are stored (and checkpointed).
-    let kills = [(PART + PART / 2, PART), (2 * PART + 1, 2 * PART)];
+    let kills: &[(u64, u64)] = if changed {
+        &[(PART + PART / 2, PART)]
+    } else {
+        &[(PART + PART / 2, PART), (2 * PART + 1, 2 * PART)]
+    };
     let mut run_id = None;
-    for (stall, stored) in kills {
+    for &(stall, stored) in kills {
         src.update(|c| c.stall_at = Some(stall));
         let mut child = sandbox.spawn(&[]);
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -397,7 +407,10 @@ async fn killed_mid_file(ranges: bool) {
         let id = sandbox.run_id();
         assert_eq!(run_id.get_or_insert(id.clone()), &id, "one run");
     }
-    src.update(|c| c.stall_at = None);
+    src.update(|c| {
+        c.stall_at = None;
+        c.file_version += u32::from(changed);
+    });
     // The source's file, read whole while its export job still exists.
     let run_id = run_id.unwrap();
     let objects = staging.objects(&sandbox).await;
@@ -409,8 +422,14 @@ async fn killed_mid_file(ranges: bool) {
     let read_by_test = src.stats().file_bytes_sent - before;
 
     let out = sandbox.run(&[]).await;
-    out.assert_code(0)
-        .assert_stderr_contains("continues after the 10485760 bytes an interrupted attempt stored");
+    out.assert_code(0);
+    assert_eq!(
+        out.stderr
+            .contains("continues after the 10485760 bytes an interrupted attempt stored"),
+        !changed,
+        "{}",
+        out.stderr
+    );
     assert_eq!(sandbox.run_id(), run_id);
     assert_pathling_holds_export(&pathling, &src);
     let sent = src.stats().file_bytes_sent - read_by_test;
@@ -438,7 +457,11 @@ async fn killed_mid_file(ranges: bool) {
         "ranges {ranges}: file {len} B, sent {sent} B ({} B more than the file)",
         sent - len
     );
-    if ranges {
+    if changed {
+        // The If-Range answer was the whole new file, staged from its start.
+        assert_eq!(sent, (PART + PART / 2) + len);
+        assert_eq!(src.stats().ranges_served, 0);
+    } else if ranges {
         // Each kill: what was sent after the last stored part (under a part), plus the start of
         // the line that part cut, sent again.
         let again = sent - len;
@@ -459,4 +482,9 @@ async fn killed_mid_file_continues_from_its_last_part_with_ranges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_mid_file_continues_its_upload_without_ranges() {
     killed_mid_file(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_file_starts_over_when_the_source_file_changed() {
+    killed_mid_file_then(true, true).await;
 }

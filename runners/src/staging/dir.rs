@@ -236,6 +236,27 @@ impl DirStore {
         }
     }
 
+    /// The keys of the files directly in the folder `prefix` names (ending with `/`).
+    pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<String>, StagingError> {
+        let dir = self.path_of(prefix.trim_end_matches('/'))?;
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StagingError::io("read_dir", prefix, &e)),
+        };
+        let mut keys = Vec::new();
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(|e| StagingError::io("read_dir", prefix, &e))?
+        {
+            if let Some(name) = entry.file_name().to_str() {
+                keys.push(format!("{prefix}{name}"));
+            }
+        }
+        Ok(keys)
+    }
+
     /// Removes the partial file and the checkpoint of `key`.
     pub async fn forget(&self, key: &str) -> Result<(), StagingError> {
         self.delete(&resume::partial_key(key)).await?;
@@ -408,7 +429,9 @@ impl DirStore {
             let synced = async { tokio::fs::File::open(dir).await?.sync_all().await }.await;
             synced.map_err(|e| StagingError::io("fsync_dir", key, &e))?;
         }
-        let _ = self.delete(&resume::checkpoint_key(key)).await;
+        if partial.keep {
+            let _ = self.delete(&resume::checkpoint_key(key)).await;
+        }
         let mut report = stats.report(newline_added);
         report.resumed_at = resumed_at;
         Ok(report)

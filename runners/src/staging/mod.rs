@@ -16,7 +16,8 @@
 //! - [`PutReport::lines`] counts non-blank lines (lines with a non-whitespace byte), i.e. NDJSON
 //!   resources; [`PutReport::bytes`] is the stored size, newline included.
 //! - On any failure (the body stream yields an error, or the store fails) nothing is left under
-//!   the key and no unfinished S3 multipart upload is left behind: it is aborted before the error
+//!   the key and (except for a resumable put, see [Resuming](#resuming)) no unfinished S3
+//!   multipart upload is left behind: it is aborted before the error
 //!   is returned. If the abort itself fails the error is
 //!   [`StagingError::CleanupFailed`]. If the `put_stream` future is dropped midway (e.g. a
 //!   caller's timeout), a best-effort abort is spawned on the current Tokio runtime (a frozen or
@@ -53,6 +54,30 @@
 //! instead of producing a broken upload. Request checksums are only
 //! calculated when an operation requires them: checksum trailers make uploads to moto slow
 //! quadratically and S3 still verifies the `Content-Length` and (over TLS) the transport.
+//!
+//! # Resuming
+//!
+//! [`StagingStore::put_resumable`] is `put_stream` that an interrupted attempt (a killed
+//! process, a Lambda invocation cut at its end, a broken download) leaves continuable. After
+//! every part it stored (S3: a part uploaded; directory: every `checkpoint_every` bytes, the
+//! part size in the runners, fsynced to a partial file `.resume/{name}`), it writes a
+//! checkpoint beside the file, `.resume/{name}.json`: the source's facts (URL identity, strong
+//! `ETag` or `Last-Modified`, length), the S3 upload and its parts' ETags (full segments of 256
+//! in immutable `.resume/{name}.{k}.json`, so every checkpoint write stays small), the bytes
+//! stored, where the line they cut starts, the line counts there and the last 64 bytes.
+//!
+//! [`StagingStore::resume_point`] reads it back for a later attempt, which asks the source for
+//! the rest from that line's start (or skips to it in a whole body) and hands the store a body
+//! from there: the bytes up to the stored end are only checked against the kept tail (other
+//! bytes there fail with the transient `ResumeMismatch` and the checkpoint is dropped, so the
+//! next attempt starts over rather than splice two versions of a file), the rest is stored. An
+//! attempt cut short keeps its upload (or partial file) once a checkpoint names it, and so
+//! does one whose download broke or whose store failure may pass; any other failure aborts it
+//! and drops the checkpoint, as a completed write does. A checkpoint of another file, or of a
+//! store configured with other part sizes, is forgotten rather than continued.
+//!
+//! An interrupted attempt thus costs what it had read beyond its last checkpoint: at most two
+//! parts (the one uploading and the one filling) and one line.
 //!
 //! # Keys
 //!
@@ -137,6 +162,25 @@ impl StagingStore {
             StagingStore::S3(s) => s.resume_point(key, identity).await,
             StagingStore::Dir(d) => d.resume_point(key, identity).await,
         }
+    }
+
+    /// The names of the files under `folder` (a key prefix ending with `/`) that have a
+    /// checkpoint, and maybe a few other names: one listing, so that a caller asks for
+    /// [`resume_point`](Self::resume_point)s only where one may be.
+    pub async fn checkpointed(
+        &self,
+        folder: &str,
+    ) -> Result<std::collections::HashSet<String>, StagingError> {
+        let prefix = format!("{folder}.resume/");
+        let keys = match self {
+            StagingStore::S3(s) => s.list(&prefix).await?,
+            StagingStore::Dir(d) => d.list(&prefix).await?,
+        };
+        Ok(keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix(".json"))
+            .map(str::to_owned)
+            .collect())
     }
 
     /// Forgets what an interrupted [`put_resumable`](Self::put_resumable) of `key` left: S3

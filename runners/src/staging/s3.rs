@@ -280,6 +280,32 @@ impl S3Store {
         Ok(Some(ResumeFrom { checkpoint, etags }))
     }
 
+    /// The keys under `prefix`.
+    pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<String>, StagingError> {
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| sdk_error("ListObjectsV2", prefix, e))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok(keys),
+            }
+        }
+    }
+
     /// Aborts the upload a checkpoint of `key` names and removes the checkpoint.
     pub(crate) async fn forget(
         &self,
@@ -434,9 +460,12 @@ impl S3Store {
             }
         }
         let stats = upload.stats.clone();
-        let resumable = upload.checkpoints.is_some();
+        let checkpointed = upload
+            .checkpoints
+            .as_ref()
+            .is_some_and(|c| c.keep.load(Ordering::Relaxed));
         upload.finish().await?;
-        if resumable {
+        if checkpointed {
             // The object is complete: a checkpoint left behind would only name a finished
             // upload, which a later attempt finds gone and starts over from.
             let _ = self.forget_checkpoint(key).await;

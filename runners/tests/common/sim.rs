@@ -126,6 +126,9 @@ pub struct PlanFile {
     pub no_final_newline: bool,
     /// Staging it takes this long (virtual ms), whatever the plan's latency.
     pub slow_ms: Option<u64>,
+    /// Its staging stores a part every this many virtual ms, which an attempt cut short
+    /// keeps: the next attempt takes only what is left (a resumable transfer).
+    pub part_ms: Option<u64>,
 }
 
 impl PlanFile {
@@ -138,6 +141,7 @@ impl PlanFile {
             fatal: false,
             no_final_newline: false,
             slow_ms: None,
+            part_ms: None,
         }
     }
 }
@@ -391,6 +395,9 @@ pub struct World {
     /// Where the executor stored the manifest (contract: before answering `ExportCompleted`).
     pub stored_manifest: Option<(String, Manifest)>,
     pub stage_attempts: Vec<u32>,
+    /// Virtual ms of each file's staging stored by attempts cut short (see
+    /// [`PlanFile::part_ms`]).
+    pub stage_progress_ms: Vec<u64>,
     /// Successful writes per staging key.
     pub staged: BTreeMap<String, u32>,
     pub detects: u32,
@@ -433,6 +440,7 @@ impl World {
             export_polls: 0,
             stored_manifest: None,
             stage_attempts: vec![0; plan.files.len()],
+            stage_progress_ms: vec![0; plan.files.len()],
             staged: BTreeMap::new(),
             detects: 0,
             import_kickoffs: 0,
@@ -452,7 +460,12 @@ impl World {
     pub fn latency(&mut self, request: &Request) -> u64 {
         let slow = match &request.effect {
             Effect::StageFile { index, .. } => {
-                self.plan.files.get(*index as usize).and_then(|f| f.slow_ms)
+                let done = self.stage_progress_ms.get(*index as usize).copied();
+                self.plan
+                    .files
+                    .get(*index as usize)
+                    .and_then(|f| f.slow_ms)
+                    .map(|slow| slow.saturating_sub(done.unwrap_or(0)))
             }
             Effect::PollExport { .. } => self.plan.slow_manifest_ms,
             _ => None,
@@ -1287,6 +1300,18 @@ pub struct SimEffect<'a> {
     ticket: Option<u64>,
 }
 
+/// A dropped effect (the driver cut it at an invocation's end) is gone from the world: it
+/// will never be answered.
+impl Drop for SimEffect<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket {
+            let mut s = self.sim.lock();
+            s.in_flight.retain(|f| f.ticket != ticket);
+            s.completed.remove(&ticket);
+        }
+    }
+}
+
 impl Future for SimEffect<'_> {
     type Output = EffectResult;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<EffectResult> {
@@ -1311,6 +1336,37 @@ impl Effects for Sim {
             request: request.clone(),
             ticket: None,
         }
+    }
+
+    /// A resumable file ([`PlanFile::part_ms`]) keeps the whole parts its cut attempt moved.
+    fn progressed(&self, request: &Request) -> bool {
+        let Effect::StageFile { index, .. } = &request.effect else {
+            return false;
+        };
+        let mut s = self.lock();
+        let now = self.clock.real();
+        let Some(part) = s
+            .world
+            .plan
+            .files
+            .get(*index as usize)
+            .and_then(|f| f.part_ms)
+        else {
+            return false;
+        };
+        let started = s.trace.iter().rev().find_map(|t| match t {
+            Trace::Started { at, request: r } if r.id == request.id => Some(*at),
+            _ => None,
+        });
+        let Some(started) = started else {
+            return false;
+        };
+        let elapsed = now.0.saturating_sub(started.0);
+        let gained = elapsed / part.max(1) * part;
+        if let Some(p) = s.world.stage_progress_ms.get_mut(*index as usize) {
+            *p += gained;
+        }
+        gained > 0
     }
 }
 

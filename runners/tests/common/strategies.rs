@@ -58,6 +58,7 @@ pub fn files(
                 fatal: fatal && kind == FileKind::Error,
                 no_final_newline: no_nl,
                 slow_ms: None,
+                part_ms: None,
             }),
         0..=max,
     )
