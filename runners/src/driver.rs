@@ -47,6 +47,10 @@ pub trait Effects: Sync {
     fn progressed(&self, _request: &Request) -> bool {
         false
     }
+
+    /// With `true`, the invocation is about to end: transfers in flight stop at their next
+    /// part boundary (answering `paused`) instead of being cut mid-part; `false` undoes it.
+    fn wind_down(&self, _on: bool) {}
 }
 
 impl Effects for crate::executor::Executor {
@@ -56,6 +60,10 @@ impl Effects for crate::executor::Executor {
 
     fn progressed(&self, request: &Request) -> bool {
         crate::executor::Executor::progressed(self, request)
+    }
+
+    fn wind_down(&self, on: bool) {
+        crate::executor::Executor::wind_down(self, on)
     }
 }
 
@@ -321,6 +329,10 @@ pub async fn drive_until<S: RunStore, E: Effects>(
     let mut interrupt = std::pin::pin!(interrupt);
     let mut saves = Saves::new(clock.now(), observer);
     let interval_ms = u64::try_from(options.save_interval.as_millis()).unwrap_or(u64::MAX);
+    // A cached executor (a warm Lambda container) may still be winding down from the last
+    // invocation.
+    executor.wind_down(false);
+    let mut wound_down = false;
     loop {
         if stop(&run) {
             return saves.flushed(store, run, Stopped::Interrupted).await;
@@ -428,6 +440,15 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                             None => std::future::pending().await,
                         }
                     };
+                    // Where effects will be cut, the budget's end asks the transfers in flight
+                    // to stop at their next part boundary, their checkpoints written, so that
+                    // the cut finds little or nothing left to lose.
+                    let wind_down_due = async {
+                        match (options.cut_at, options.budget_until) {
+                            (Some(_), Some(at)) if !wound_down => clock.alarm(at).await,
+                            _ => std::future::pending().await,
+                        }
+                    };
                     let completed = tokio::select! {
                         biased;
                         c = in_flight.next() => c,
@@ -470,6 +491,11 @@ pub async fn drive_until<S: RunStore, E: Effects>(
                                 None => Stopped::OutOfBudget,
                             };
                             return saves.flushed(store, run, stopped).await;
+                        }
+                        _ = wind_down_due => {
+                            executor.wind_down(true);
+                            wound_down = true;
+                            continue;
                         }
                         _ = flush_due => {
                             saves.flush(store, &run, clock.now()).await?;

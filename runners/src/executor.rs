@@ -127,6 +127,8 @@ pub struct Executor {
     /// Per file being staged (by staging key): the bytes stored when its attempt started, and
     /// those its latest checkpoint holds, so a cut attempt that got somewhere is told apart.
     progress: std::sync::Mutex<HashMap<String, (u64, Arc<AtomicU64>)>>,
+    /// Set while the invocation is about to end: transfers stop at their next part boundary.
+    winding_down: Arc<std::sync::atomic::AtomicBool>,
     /// Files whose attempt in this process left a checkpoint.
     continued: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Per folder of staged files, the names with a checkpoint when it was last listed (and
@@ -208,6 +210,7 @@ impl Executor {
             manifests: Mutex::new(HashMap::new()),
             counters: Arc::new(Counters::default()),
             progress: std::sync::Mutex::new(HashMap::new()),
+            winding_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             continued: std::sync::Mutex::new(Default::default()),
             listings: Mutex::new(HashMap::new()),
         })
@@ -585,10 +588,9 @@ impl Executor {
         }
         .map_err(|e| staging_failure(&staging_ctx, &e))?;
         let progress = Arc::new(AtomicU64::new(0));
-        self.progress_of().insert(
-            key.as_str().to_owned(),
-            (from.as_ref().map_or(0, |f| f.stored()), progress.clone()),
-        );
+        let started_with = from.as_ref().map_or(0, |f| f.stored());
+        self.progress_of()
+            .insert(key.as_str().to_owned(), (started_with, progress.clone()));
         let resp = self
             .send(Side::Source, send_token, &ctx, || {
                 let req = self.source_http.get(&file.url).header("accept", NDJSON);
@@ -598,7 +600,7 @@ impl Executor {
                         let req = req
                             .header(reqwest::header::ACCEPT_ENCODING, "identity")
                             .header(reqwest::header::RANGE, format!("bytes={}-", f.offset()));
-                        match &f.facts().validator {
+                        match f.facts().if_range() {
                             Some(v) => req.header(reqwest::header::IF_RANGE, v),
                             None => req,
                         }
@@ -609,7 +611,8 @@ impl Executor {
             .await?;
         let mut facts = SourceFacts {
             identity,
-            validator: validator_of(resp.headers()),
+            etag: header(resp.headers(), "etag").filter(|e| !e.starts_with("W/")),
+            last_modified: header(resp.headers(), "last-modified"),
             length: None,
         };
         let skip = match (resp.status(), &from) {
@@ -651,6 +654,12 @@ impl Executor {
                     None => 0,
                 }
             }
+            // The stored bytes reach past the file now (it shrank): start over.
+            (StatusCode::RANGE_NOT_SATISFIABLE, Some(_)) => {
+                return Err(self
+                    .restart(&ctx, key, "the source cannot serve the file's rest")
+                    .await)
+            }
             _ => return Err(unexpected(&ctx, resp, "200 OK").await),
         };
         if let Some(f) = &from {
@@ -680,7 +689,14 @@ impl Executor {
         let body = CheckedBody::new(body, check, None);
         let staged = self
             .staging
-            .put_resumable(key.as_str(), Box::pin(body), facts, from, progress.clone())
+            .put_resumable(
+                key.as_str(),
+                Box::pin(body),
+                facts,
+                from,
+                progress.clone(),
+                self.winding_down.clone(),
+            )
             .await;
         self.progress_of().remove(key.as_str());
         if staged.is_ok() {
@@ -691,6 +707,20 @@ impl Executor {
         let report = match staged {
             Ok(report) => report,
             Err(e) => {
+                // Only a pause that stored more is progress (a checkpoint that could not be
+                // written leaves nothing to continue from): otherwise it is an attempt the
+                // invocation's end left unfinished.
+                if e.is_paused() {
+                    let kind = if progress.load(Ordering::Relaxed) > started_with {
+                        FailureKind::Paused
+                    } else {
+                        FailureKind::Unfinished
+                    };
+                    return Err(Failure::new(
+                        kind,
+                        format!("{ctx}: {e} (the invocation is about to end)"),
+                    ));
+                }
                 // Bytes that fail the check will fail it again: nothing to continue.
                 if e.body_error().is_some_and(|b| {
                     b.downcast_ref::<BodyFailure>()
@@ -700,6 +730,13 @@ impl Executor {
                 }
                 return Err(match e.side() {
                     FailureSide::Body => body_failure(&ctx, &e),
+                    // The source served other bytes, or the upload to continue vanished: the
+                    // next attempt starts over; nothing is wrong with the store.
+                    FailureSide::Store
+                        if matches!(e.code(), Some("ResumeMismatch" | "NoSuchUpload")) =>
+                    {
+                        Failure::new(FailureKind::Network, format!("{staging_ctx}: {e}"))
+                    }
                     FailureSide::Store => staging_failure(&staging_ctx, &e),
                 });
             }
@@ -791,6 +828,11 @@ impl Executor {
         let found = names.contains(name);
         listings.insert(folder, (std::time::Instant::now(), names));
         Ok(found)
+    }
+
+    /// See [`crate::driver::Effects::wind_down`].
+    pub fn wind_down(&self, on: bool) {
+        self.winding_down.store(on, Ordering::Relaxed);
     }
 
     /// Whether the attempt at staging `request`'s file stored more than it started with (a
@@ -1142,14 +1184,8 @@ fn url_identity(url: &str) -> u64 {
     pathling_import_core::retry::stable_hash(&[path.as_bytes()])
 }
 
-/// What recognises a file's version in `If-Range`: a strong ETag, else `Last-Modified`.
-fn validator_of(headers: &reqwest::header::HeaderMap) -> Option<String> {
-    header(headers, "etag")
-        .filter(|e| !e.starts_with("W/"))
-        .or_else(|| header(headers, "last-modified"))
-}
-
-/// `bytes START-END/TOTAL` (TOTAL may be `*`): the start, and the total when given.
+/// `bytes START-END/TOTAL` (TOTAL may be `*`): the start, and the total when given. A range
+/// that stops short of a known total is refused: the rest of the file would be missing.
 fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
     let spec = value.trim().strip_prefix("bytes ")?;
     let (range, total) = spec.split_once('/')?;
@@ -1161,8 +1197,11 @@ fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
     }
     let total = match total.trim() {
         "*" => None,
-        t => Some(t.parse().ok()?),
+        t => Some(t.parse::<u64>().ok()?),
     };
+    if total.is_some_and(|t| end.checked_add(1) != Some(t)) {
+        return None;
+    }
     Some((start, total))
 }
 

@@ -1231,10 +1231,15 @@ use std::sync::Arc;
 
 const IDENTITY: u64 = 42;
 
+fn no_wind_down() -> Arc<std::sync::atomic::AtomicBool> {
+    Arc::new(std::sync::atomic::AtomicBool::new(false))
+}
+
 fn facts() -> SourceFacts {
     SourceFacts {
         identity: IDENTITY,
-        validator: Some("\"v1\"".into()),
+        etag: Some("\"v1\"".into()),
+        last_modified: None,
         length: None,
     }
 }
@@ -1274,7 +1279,14 @@ async fn killed_attempt(
     let offset = from.as_ref().map_or(0, |f| f.offset() as usize);
     let body = chunked(&data[offset..kill_at], 100_003).chain(stream::pending());
     let progress = Arc::new(AtomicU64::new(0));
-    let put = store.put_resumable(key, Box::pin(body), facts(), from, progress.clone());
+    let put = store.put_resumable(
+        key,
+        Box::pin(body),
+        facts(),
+        from,
+        progress.clone(),
+        no_wind_down(),
+    );
     tokio::select! {
         r = put => panic!("the attempt ended: {r:?}"),
         () = progress_reaches(&progress, checkpointed) => {}
@@ -1330,6 +1342,7 @@ async fn kills_at_several_offsets_then_complete(store: &StagingStore, unit: usiz
             facts(),
             Some(from),
             Arc::new(AtomicU64::new(0)),
+            no_wind_down(),
         )
         .await
         .unwrap();
@@ -1422,6 +1435,7 @@ async fn dir_a_killed_write_continues_from_its_last_checkpoint() {
             facts(),
             Some(from),
             Arc::new(AtomicU64::new(0)),
+            no_wind_down(),
         )
         .await
         .unwrap();
@@ -1459,6 +1473,7 @@ async fn other_bytes_on_the_second_read_start_over(store: &StagingStore, unit: u
             facts(),
             Some(from),
             Arc::new(AtomicU64::new(0)),
+            no_wind_down(),
         )
         .await
         .unwrap_err();
@@ -1507,7 +1522,14 @@ async fn s3_a_broken_download_keeps_its_upload_for_the_next_attempt() {
     let key = "run/output/000004-Patient.ndjson";
     let progress = Arc::new(AtomicU64::new(0));
     let err = store
-        .put_resumable(key, broken(), facts(), None, progress.clone())
+        .put_resumable(
+            key,
+            broken(),
+            facts(),
+            None,
+            progress.clone(),
+            no_wind_down(),
+        )
         .await
         .unwrap_err();
     assert_body_failure(&err);
@@ -1530,7 +1552,14 @@ async fn s3_a_broken_download_keeps_its_upload_for_the_next_attempt() {
     let key = "run/output/000005-Patient.ndjson";
     let progress = Arc::new(AtomicU64::new(0));
     store
-        .put_resumable(key, broken(), facts(), None, progress.clone())
+        .put_resumable(
+            key,
+            broken(),
+            facts(),
+            None,
+            progress.clone(),
+            no_wind_down(),
+        )
         .await
         .unwrap_err();
     assert_eq!(unfinished_uploads(&client, &bucket).await, 1, "kept");
@@ -1543,5 +1572,78 @@ async fn s3_a_broken_download_keeps_its_upload_for_the_next_attempt() {
     assert!(
         s3_keys(&client, &bucket).await.is_empty(),
         "no checkpoint left"
+    );
+}
+
+/// Asked to wind down (its invocation is about to end), a resumable put stops at its next part
+/// boundary with the part stored and checkpointed, and the next attempt continues from there:
+/// nothing beyond the line the boundary cut is read again.
+async fn winds_down_at_a_part_boundary(store: &StagingStore, unit: usize) {
+    let data = ndjson(3 * unit + 12_345);
+    let key = "run/output/000006-Patient.ndjson";
+    let progress = Arc::new(AtomicU64::new(0));
+    let err = store
+        .put_resumable(
+            key,
+            Box::pin(chunked(&data, 100_003)),
+            facts(),
+            None,
+            progress.clone(),
+            Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_paused(), "{err}");
+    let stored = progress.load(Ordering::Relaxed);
+    assert!(stored > 0 && stored <= unit as u64, "{stored}");
+    let from = store
+        .resume_point(key, IDENTITY)
+        .await
+        .unwrap()
+        .expect("checkpoint");
+    assert_eq!(from.stored(), stored);
+    let offset = from.offset() as usize;
+    assert!(stored as usize - offset < 200, "read again: one line");
+    let report = store
+        .put_resumable(
+            key,
+            Box::pin(chunked(&data[offset..], 65_537)),
+            facts(),
+            Some(from),
+            Arc::new(AtomicU64::new(0)),
+            no_wind_down(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.resumed_at, stored);
+    assert_eq!(read_all(store, key).await, data, "byte-identical");
+}
+
+#[tokio::test]
+async fn s3_a_put_winds_down_at_a_part_boundary() {
+    let (store, client, bucket) = s3_store("s3_wind_down", MIN_PART_SIZE).await;
+    winds_down_at_a_part_boundary(&store, MIN_PART_SIZE).await;
+    assert_eq!(unfinished_uploads(&client, &bucket).await, 0);
+    let keys = s3_keys(&client, &bucket).await;
+    assert_eq!(
+        keys,
+        ["run/output/000006-Patient.ndjson"],
+        "only the object"
+    );
+}
+
+#[tokio::test]
+async fn dir_a_put_winds_down_at_a_part_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StagingStore::Dir(
+        DirStore::new(dir.path())
+            .await
+            .unwrap()
+            .with_checkpoint_every(100_003),
+    );
+    winds_down_at_a_part_boundary(&store, 100_003).await;
+    assert_eq!(
+        files_under(dir.path()),
+        ["run/output/000006-Patient.ndjson"]
     );
 }

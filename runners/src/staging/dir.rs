@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
@@ -275,6 +275,7 @@ impl DirStore {
         facts: SourceFacts,
         from: Option<ResumeFrom>,
         progress: Arc<AtomicU64>,
+        wind_down: Arc<AtomicBool>,
     ) -> Result<PutReport, StagingError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -370,6 +371,8 @@ impl DirStore {
                 return Err(partial.fail(StagingError::io("write", key, &e)).await);
             }
             if stats.bytes() - last_checkpoint >= self.checkpoint_every {
+                // Winding down stops here, at a part's worth, as an S3 upload would.
+                let winding_down = wind_down.load(Ordering::Relaxed);
                 let checkpoint = resume::Checkpoint {
                     v: resume::VERSION,
                     facts: facts.clone(),
@@ -389,6 +392,13 @@ impl DirStore {
                 partial.keep = true;
                 last_checkpoint = stats.bytes();
                 progress.store(last_checkpoint, Ordering::Relaxed);
+                if winding_down {
+                    partial.done = true;
+                    return Err(StagingError::Paused {
+                        key: key.to_owned(),
+                        stored: last_checkpoint,
+                    });
+                }
             }
         }
         if let Some(err) = body_failed {

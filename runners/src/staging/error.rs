@@ -93,6 +93,12 @@ pub enum StagingError {
     #[error("invalid staging configuration: {0}")]
     Config(String),
 
+    /// A resumable put stopped at a part boundary because it was asked to wind down (its
+    /// invocation is about to end); its checkpoint holds `stored` bytes, and a later attempt
+    /// continues from there.
+    #[error("staging {key:?} stopped at a part boundary after {stored} bytes, to continue later")]
+    Paused { key: String, stored: u64 },
+
     /// `error` happened, and cleaning up after it (aborting the multipart upload, removing the
     /// temporary file) failed too, so something unfinished may be left behind (for S3, an
     /// incomplete multipart upload: a bucket lifecycle rule `AbortIncompleteMultipartUpload`
@@ -159,6 +165,11 @@ impl StagingError {
             StagingError::Store { code, .. } => code.as_deref(),
             _ => None,
         }
+    }
+
+    /// True when a resumable put stopped at a part boundary to continue later.
+    pub fn is_paused(&self) -> bool {
+        matches!(self.primary(), StagingError::Paused { .. })
     }
 
     /// True when the object does not exist.

@@ -101,6 +101,8 @@ pub use s3::{
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, Stream};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
 
 /// What [`StagingStore::put_stream`] stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -195,22 +197,31 @@ impl StagingStore {
     /// [`put_stream`](Self::put_stream), resumable: the store records checkpoints as it goes
     /// (see [Resuming](self#resuming)), and `from` continues an interrupted attempt, `body`
     /// then starting at [`ResumeFrom::offset`]. `progress` is set to the bytes each
-    /// checkpoint holds, so a caller can tell an interrupted attempt that got somewhere.
+    /// checkpoint holds, so a caller can tell an interrupted attempt that got somewhere. Once
+    /// `wind_down` is set, the put stops at its next part boundary (S3) or chunk (directory)
+    /// with [`StagingError::Paused`], its checkpoint written.
     pub async fn put_resumable<S, E>(
         &self,
         key: &str,
         body: S,
         facts: SourceFacts,
         from: Option<ResumeFrom>,
-        progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        progress: Arc<AtomicU64>,
+        wind_down: Arc<AtomicBool>,
     ) -> Result<PutReport, StagingError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::error::Error + Send + Sync + 'static,
     {
         match self {
-            StagingStore::S3(s) => s.put_resumable(key, body, facts, from, progress).await,
-            StagingStore::Dir(d) => d.put_resumable(key, body, facts, from, progress).await,
+            StagingStore::S3(s) => {
+                s.put_resumable(key, body, facts, from, progress, wind_down)
+                    .await
+            }
+            StagingStore::Dir(d) => {
+                d.put_resumable(key, body, facts, from, progress, wind_down)
+                    .await
+            }
         }
     }
 

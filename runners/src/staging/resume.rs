@@ -32,9 +32,12 @@ pub(crate) const MAX_CHECKPOINT: u64 = 1024 * 1024;
 pub struct SourceFacts {
     /// A hash of the file's URL up to its query (a re-signed URL names the same file).
     pub identity: u64,
-    /// A strong `ETag`, else the `Last-Modified` date: sent as `If-Range` when continuing.
+    /// The strong `ETag` (a weak one, as servers make when they compress, is left out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub validator: Option<String>,
+    pub etag: Option<String>,
+    /// The `Last-Modified` date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
     /// The file's full length, when the source said it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub length: Option<u64>,
@@ -46,9 +49,17 @@ impl SourceFacts {
         fn same<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
             a.is_none() || b.is_none() || a == b
         }
+        // Validators of the same kind only: the first answer may have been compressed (its
+        // ETag weak, so left out) and a continued one not.
         self.identity == other.identity
-            && same(&self.validator, &other.validator)
+            && same(&self.etag, &other.etag)
+            && same(&self.last_modified, &other.last_modified)
             && same(&self.length, &other.length)
+    }
+
+    /// What to send as `If-Range`: the strong ETag, else the date.
+    pub fn if_range(&self) -> Option<&str> {
+        self.etag.as_deref().or(self.last_modified.as_deref())
     }
 }
 
@@ -194,7 +205,8 @@ mod tests {
     fn facts_agree_on_what_both_know() {
         let a = SourceFacts {
             identity: 1,
-            validator: Some("\"v1\"".into()),
+            etag: Some("\"v1\"".into()),
+            last_modified: Some("Mon, 30 Nov 2026 10:00:00 GMT".into()),
             length: Some(10),
         };
         let unknown = SourceFacts {
@@ -203,10 +215,23 @@ mod tests {
         };
         assert!(a.agrees_with(&unknown) && unknown.agrees_with(&a));
         let changed = SourceFacts {
-            validator: Some("\"v2\"".into()),
+            etag: Some("\"v2\"".into()),
             ..a.clone()
         };
         assert!(!a.agrees_with(&changed));
+        // A first answer compressed (no strong ETag) agrees with a plain one of the same date.
+        let compressed = SourceFacts {
+            etag: None,
+            ..a.clone()
+        };
+        assert!(compressed.agrees_with(&a) && a.agrees_with(&compressed));
+        let later = SourceFacts {
+            last_modified: Some("Mon, 30 Nov 2026 11:00:00 GMT".into()),
+            ..compressed.clone()
+        };
+        assert!(!compressed.agrees_with(&later));
+        assert_eq!(compressed.if_range(), Some("Mon, 30 Nov 2026 10:00:00 GMT"));
+        assert_eq!(a.if_range(), Some("\"v1\""));
         let longer = SourceFacts {
             length: Some(11),
             ..a.clone()

@@ -354,6 +354,7 @@ impl S3Store {
         facts: SourceFacts,
         from: Option<ResumeFrom>,
         progress: Arc<AtomicU64>,
+        wind_down: Arc<AtomicBool>,
     ) -> Result<PutReport, StagingError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -363,6 +364,7 @@ impl S3Store {
             facts,
             from,
             progress,
+            wind_down,
         };
         self.put(key, body, Some(resumable)).await
     }
@@ -434,6 +436,7 @@ impl S3Store {
                 facts: r.facts,
                 progress: r.progress,
                 keep,
+                wind_down: r.wind_down,
             });
         }
         loop {
@@ -460,12 +463,11 @@ impl S3Store {
             }
         }
         let stats = upload.stats.clone();
-        let checkpointed = upload
-            .checkpoints
-            .as_ref()
-            .is_some_and(|c| c.keep.load(Ordering::Relaxed));
+        // Read once the upload is complete: the last part in flight may write the first
+        // checkpoint while `finish` waits for it.
+        let keep = upload.checkpoints.as_ref().map(|c| c.keep.clone());
         upload.finish().await?;
-        if checkpointed {
+        if keep.is_some_and(|k| k.load(Ordering::Relaxed)) {
             // The object is complete: a checkpoint left behind would only name a finished
             // upload, which a later attempt finds gone and starts over from.
             let _ = self.forget_checkpoint(key).await;
@@ -631,6 +633,7 @@ struct Resumable {
     facts: SourceFacts,
     from: Option<ResumeFrom>,
     progress: Arc<AtomicU64>,
+    wind_down: Arc<AtomicBool>,
 }
 
 struct Checkpoints {
@@ -639,6 +642,8 @@ struct Checkpoints {
     progress: Arc<AtomicU64>,
     /// A checkpoint names the upload: dropped, it is kept for a later attempt.
     keep: Arc<AtomicBool>,
+    /// Set when the caller's time is nearly up: stop at the next part boundary.
+    wind_down: Arc<AtomicBool>,
 }
 
 /// The stats at the end of a part.
@@ -687,16 +692,38 @@ impl Upload<'_> {
             };
             let taken = buf.fill(data);
             self.stats.observe(&data[..taken]);
-            if buf.is_full() && self.checkpoints.is_some() {
-                self.boundary = Some(Boundary {
-                    stored: self.stats.bytes(),
-                    point: self.stats.line_point(),
-                    tail: resume::hex(self.stats.tail()),
-                });
+            if buf.is_full() {
+                if let Some(c) = &self.checkpoints {
+                    let boundary = Boundary {
+                        stored: self.stats.bytes(),
+                        point: self.stats.line_point(),
+                        tail: resume::hex(self.stats.tail()),
+                    };
+                    if c.wind_down.load(Ordering::Relaxed) {
+                        return self.pause(boundary).await;
+                    }
+                    self.boundary = Some(boundary);
+                }
             }
             data = &data[taken..];
         }
         Ok(())
+    }
+
+    /// Winding down at a part boundary: uploads the full part (its checkpoint written), and
+    /// stops with [`StagingError::Paused`]; the bytes after it are read again next time.
+    async fn pause(&mut self, boundary: Boundary) -> Result<(), StagingError> {
+        let stored = boundary.stored;
+        if let Some(full) = self.buf.take() {
+            self.send_part(full, Some(boundary)).await?;
+        }
+        if let Some(m) = self.multipart.as_mut() {
+            m.wait_in_flight().await?;
+        }
+        Err(StagingError::Paused {
+            key: self.key.to_owned(),
+            stored,
+        })
     }
 
     /// A buffer for the next part: the spare, a second one the budget can spare, our own part
@@ -878,7 +905,7 @@ impl Upload<'_> {
     /// checkpoint removed.
     async fn fail(&mut self, err: StagingError) -> StagingError {
         let gone = err.code() == Some("NoSuchUpload");
-        let passing = (err.side() == FailureSide::Body || err.is_transient())
+        let passing = (err.side() == FailureSide::Body || err.is_transient() || err.is_paused())
             && err.code() != Some("ResumeMismatch");
         if let (Some(c), true, false) = (&self.checkpoints, passing, gone) {
             if let Some(m) = self.multipart.as_mut() {
