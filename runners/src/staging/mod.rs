@@ -77,7 +77,10 @@
 //! store configured with other part sizes, is forgotten rather than continued.
 //!
 //! An interrupted attempt thus costs what it had read beyond its last checkpoint: at most two
-//! parts (the one uploading and the one filling) and one line.
+//! parts (the one uploading and the one filling) and one line. A caller about to be stopped
+//! sets the put's `wind_down` flag instead: the put then stops at its next part boundary, the
+//! part stored and checkpointed, with [`StagingError::Paused`], and nothing but the cut line
+//! is read again.
 //!
 //! # Keys
 //!
