@@ -286,6 +286,7 @@ impl SyncRun {
                 now,
                 FileStatus::Pending,
                 "retrying failed transfers",
+                self.batch_limit(),
             ),
             SyncState::KickingOffImport(s) => waiting(&s.retry, "retrying the import kick-off")
                 .unwrap_or_else(|| match s.api {
@@ -304,9 +305,13 @@ impl SyncRun {
                         job_url: s.job_url.clone(),
                     })
                 }),
-            SyncState::ApplyingDeletions(s) => {
-                self.file_batch(&s.export, now, FileStatus::Staged, "retrying deletions")
-            }
+            SyncState::ApplyingDeletions(s) => self.file_batch(
+                &s.export,
+                now,
+                FileStatus::Staged,
+                "retrying deletions",
+                self.batch_limit(),
+            ),
             SyncState::CleaningUp(s) => run_req(Effect::DeleteExportJob {
                 status_url: s.status_url.clone(),
             }),
@@ -322,16 +327,36 @@ impl SyncRun {
         }
     }
 
-    /// Staging (`Pending` output/deleted/error files) or deletions (`Staged` deleted files).
+    /// Files handed out per `Next::Run` to one worker.
+    fn batch_limit(&self) -> usize {
+        (self.spec.transfer.concurrency.max(1) as usize) * BATCH_PER_SLOT
+    }
+
+    /// The staging requests due now for a fan-out to parallel workers (a Step Functions
+    /// Distributed Map): as many as may be retrying at once ([`MAX_RETRYING`]), so that even
+    /// a batch that fails as a whole keeps the envelope's retry entries bounded. Empty outside
+    /// staging or when nothing is due. Their results are stepped like any other.
+    pub fn fan_out_batch(&self, now: Timestamp) -> Vec<Request> {
+        let SyncState::StagingFiles(s) = &self.state else {
+            return Vec::new();
+        };
+        match self.file_batch(&s.export, now, FileStatus::Pending, "", MAX_RETRYING) {
+            Next::Run { requests } => requests,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Staging (`Pending` output/deleted/error files) or deletions (`Staged` deleted files),
+    /// at most `limit` at once.
     fn file_batch(
         &self,
         export: &Exported,
         now: Timestamp,
         want: FileStatus,
         reason: &str,
+        limit: usize,
     ) -> Next {
         let deleting = want == FileStatus::Staged;
-        let limit = (self.spec.transfer.concurrency.max(1) as usize) * BATCH_PER_SLOT;
         let kind = deleting.then_some(FileKind::Deleted);
         let table = &export.files;
         let in_phase = |r: &FileRow| r.status == want && kind.is_none_or(|k| k == r.kind);

@@ -1178,6 +1178,37 @@ fn staging_fails_when_no_file_is_staged_within_the_transfer_patience() {
     );
 }
 
+/// A fan-out hands out up to MAX_RETRYING due files at once, whatever the concurrency, and
+/// nothing outside staging; its results step like the drive's own.
+#[test]
+fn a_fan_out_batch_is_as_wide_as_the_retry_bound_and_only_while_staging() {
+    use pathling_import_core::machine::MAX_RETRYING;
+    let files: Vec<(FileKind, &str)> = (0..100).map(|_| (OUT, "Patient")).collect();
+    let run = staging(spec_with(&[("TRANSFER_CONCURRENCY", "1")]), &files);
+    assert_eq!(requests(&run, T0).len(), 4, "one worker's batch");
+    let batch = run.fan_out_batch(T0);
+    assert_eq!(batch.len(), MAX_RETRYING);
+    let indexes: Vec<u32> = batch
+        .iter()
+        .map(|r| match r.id {
+            EffectId::File { index, attempt: 0 } => index,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(indexes, (0..MAX_RETRYING as u32).collect::<Vec<_>>());
+    // Its results step in as any other.
+    let mut run = run;
+    for r in &batch {
+        run = step_ok(&run, r.id, file_staged(), T0);
+    }
+    let next = run.fan_out_batch(T0);
+    assert_eq!(next.len(), 100 - MAX_RETRYING);
+    assert!(matches!(next[0].id, EffectId::File { index, .. } if index == MAX_RETRYING as u32));
+    // Outside staging: nothing.
+    let fresh = SyncRun::start("r", spec(), None, T0).unwrap();
+    assert!(fresh.fan_out_batch(T0).is_empty());
+}
+
 /// A cut after a checkpoint advanced is progress: it neither counts as a failure nor waits,
 /// and it restarts the staging patience, however often it comes (each one stored more).
 #[test]

@@ -578,6 +578,26 @@ async fn apply<S: RunStore>(
     }
 }
 
+/// Steps results that other workers produced (a Step Functions fan-out) into `run`, as the
+/// drive steps its own: a stale or repeated result is refused and logged, and the run is
+/// saved once at the end.
+pub async fn fold<S: RunStore>(
+    mut run: SyncRun,
+    results: Vec<(Request, EffectResult)>,
+    store: &mut S,
+    observer: &dyn Observer,
+    clock: &dyn Clock,
+) -> Result<SyncRun, DriveError> {
+    let mut saves = Saves::new(clock.now(), observer);
+    for (request, result) in results {
+        run = apply(&run, &request, result, &mut saves, store, clock, u64::MAX).await?;
+    }
+    if saves.pending {
+        saves.save(store, &run, clock.now()).await?;
+    }
+    Ok(run)
+}
+
 /// Which steps of a drive are not yet saved (see [`DriveOptions::save_interval`]).
 struct Saves<'a> {
     /// When the run was last saved.

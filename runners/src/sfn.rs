@@ -7,9 +7,11 @@
 //!
 //! ```text
 //! input:  {"envelope": <persist envelope> | null, "watermark"?: {...}, "cancel"?: "reason",
-//!          "retry"?: true}
+//!          "retry"?: true, "fanOut"?: {...}}   (or {"fanOutItem": {...}}: one Map item)
 //! output: {"envelope": {...}, "runId": "...", "phase": "staging_files",
-//!          "action": "continue" | "wait" | "succeed" | "fail",
+//!          "action": "continue" | "wait" | "fan_out" | "succeed" | "fail",
+//!          "fanOut": {"bucket", "itemsKey", "resultsPrefix", "items", "maxConcurrency"},
+//!                                                                       (action "fan_out")
 //!          "waitSeconds": 30, "waitUntil": "2026-01-01T00:00:30Z",      (action "wait")
 //!          "summary": {...},                                            (succeed / fail)
 //!          "error": {"name": "SyncFailedError", "cause": "failed in …"}, (action "fail")
@@ -28,6 +30,10 @@
 //! - `wait`: the machine waits (a server's `Retry-After`, a poll interval, a backoff) longer
 //!   than [`aws::LAMBDA_MAX_SLEEP`]; call again at `waitUntil` (`waitSeconds` from now).
 //! - `succeed` / `fail`: the run has ended (`fail` also for a cancelled run).
+//! - `fan_out` ([`FAN_OUT_FILES`]): a batch of due files is written as the items of the
+//!   definition's Distributed Map; each item comes back as `{"fanOutItem": ...}`, which stages
+//!   that one file and writes its result beside the items; the next invocation, given the same
+//!   payload, folds the results into the run ([`driver::fold`]) and goes on.
 //!
 //! The envelope stays compact (file URLs live in the manifest the executor stored in the
 //! staging store), so the payload stays far below Step Functions' 256 KiB for manifests of
@@ -48,10 +54,11 @@ use crate::report;
 use crate::resume::admit;
 use crate::staging::{StagingError, StagingStore};
 use pathling_import_core::config::{Config, Secrets, TlsConfig};
-use pathling_import_core::effect::Input;
+use pathling_import_core::effect::{Effect, EffectId, EffectResult, Input, Request};
 use pathling_import_core::events;
 use pathling_import_core::persist;
 use pathling_import_core::plan::{latest, next_run, Ask, NextRun};
+use pathling_import_core::retry::{Failure, FailureKind};
 use pathling_import_core::spec::{RunSpec, SinceSpec};
 use pathling_import_core::staging::StagingLocation;
 use pathling_import_core::state::{FileStatus, SyncState};
@@ -75,12 +82,42 @@ pub const PAYLOAD_LIMIT: usize = 250 * 1024;
 /// progress (the first effect always starts).
 const MIN_BUDGET_MS: u64 = 100;
 
+/// `FAN_OUT_FILES`: with S3 staging, a batch of at least this many due files is handed to the
+/// definition's Distributed Map, one Lambda per file, instead of moving through this
+/// invocation (unset or 0: never).
+pub const FAN_OUT_FILES: &str = "FAN_OUT_FILES";
+/// `FAN_OUT_CONCURRENCY`: how many of a fan-out's Lambdas run at once (the Map's
+/// `MaxConcurrency`; default [`DEFAULT_FAN_OUT_CONCURRENCY`]).
+pub const FAN_OUT_CONCURRENCY: &str = "FAN_OUT_CONCURRENCY";
+pub const DEFAULT_FAN_OUT_CONCURRENCY: u64 = 100;
+
 /// The Step Functions task's runner-specific configuration keys.
 pub const EXTRA_KEYS: &[&str] = &[
     aws::LAMBDA_TIME_BUDGET,
     aws::LAMBDA_MAX_SLEEP,
     crate::emf::METRICS_NAMESPACE,
+    FAN_OUT_FILES,
+    FAN_OUT_CONCURRENCY,
 ];
+
+/// A whole-number runner key within `range`, if set.
+fn count_setting(
+    config: &Config,
+    key: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, LambdaFailure> {
+    let Some(text) = config.extras.get(key) else {
+        return Ok(None);
+    };
+    match text.trim().parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(Some(n)),
+        _ => Err(LambdaFailure::configuration(format!(
+            "{key}: expected a whole number from {} to {}, got {text:?}",
+            range.start(),
+            range.end()
+        ))),
+    }
+}
 
 /// One executor per container, rebuilt only for a run whose snapshotted spec differs from
 /// the current configuration (a run started before a redeploy keeps its own settings).
@@ -132,6 +169,9 @@ pub struct Task {
     metrics: MetricsSink,
     /// Print the event log on stdout (CloudWatch Logs); its staging copy is kept either way.
     event_log_on_stdout: bool,
+    /// [`FAN_OUT_FILES`], when fanning out is on.
+    fan_out_files: Option<usize>,
+    fan_out_concurrency: u64,
 }
 
 impl Task {
@@ -141,6 +181,17 @@ impl Task {
         let max_sleep = aws::max_sleep(&config, DEFAULT_MAX_SLEEP)?;
         let budget = aws::configured_budget(&config)?;
         let metrics_namespace = crate::emf::namespace(&config)?;
+        let fan_out_files = count_setting(&config, FAN_OUT_FILES, 0..=u64::from(u32::MAX))?
+            .filter(|n| *n > 0)
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        let fan_out_concurrency = count_setting(&config, FAN_OUT_CONCURRENCY, 1..=10_000)?
+            .unwrap_or(DEFAULT_FAN_OUT_CONCURRENCY);
+        if fan_out_files.is_some() && !matches!(config.spec.staging, StagingLocation::S3 { .. }) {
+            return Err(LambdaFailure::configuration(format!(
+                "{FAN_OUT_FILES}: a Distributed Map reads its items from S3, so fanning out \
+                 needs an s3:// staging location"
+            )));
+        }
         let executors = ExecutorCache::new(&config);
         executors.for_spec(&config.spec).await?;
         Ok(Task {
@@ -151,6 +202,8 @@ impl Task {
             metrics_namespace,
             metrics: MetricsSink::Stdout,
             event_log_on_stdout: true,
+            fan_out_files,
+            fan_out_concurrency,
         })
     }
 
@@ -198,6 +251,9 @@ impl Task {
                 )))
             }
         };
+        if let Some(item) = input.get("fanOutItem") {
+            return self.stage_item(item, budget_until).await;
+        }
         let cancel = match input.get("cancel") {
             None | Some(Value::Null) => None,
             Some(Value::String(reason)) => Some(reason.as_str()),
@@ -318,13 +374,36 @@ impl Task {
             &run.run_id,
             self.metrics.clone(),
         );
-        let drove = driver::drive(
+        let log_observer = LogObserver::default();
+        let observers = All(&[&log_observer, &log, &metrics]);
+        // What the Map's Lambdas staged goes into the run first.
+        let run = match input.get("fanOut").filter(|v| !v.is_null()) {
+            Some(fan_out) if cancel.is_none() => {
+                let results = read_fan_out(executor.staging(), &run, fan_out).await?;
+                driver::fold(run, results, &mut store, &observers, &SystemClock)
+                    .await
+                    .map_err(|e| LambdaFailure::transient(e.to_string()))?
+            }
+            _ => run,
+        };
+        // With fanning out on, the drive stops where a batch of files is due (the export
+        // just finished, or a fan-out's results left files to retry) and hands it to the Map.
+        let fan_out_at = self.fan_out_files.filter(|_| cancel.is_none());
+        let fans_out = |run: &SyncRun| {
+            fan_out_at.is_some_and(|threshold| run.fan_out_batch(now()).len() >= threshold)
+        };
+        if fans_out(&run) {
+            metrics.flush();
+            return self.fan_out(&run, executor.staging()).await;
+        }
+        let drove = driver::drive_until(
             run,
             executor.as_ref(),
             &mut store,
             &options,
-            &All(&[&LogObserver::default(), &log, &metrics]),
+            &observers,
             std::future::pending(),
+            fans_out,
         )
         .await;
         metrics.flush();
@@ -333,6 +412,9 @@ impl Task {
             tracing::warn!("could not keep the event log next to the staged data: {e}");
         }
         let (run, stopped) = drove.map_err(|e| LambdaFailure::transient(e.to_string()))?;
+        if matches!(stopped, Stopped::Interrupted) && fans_out(&run) {
+            return self.fan_out(&run, executor.staging()).await;
+        }
         if let Stopped::Done(terminal) = &stopped {
             if let Terminal::Failed(f) = terminal.as_ref() {
                 report::capture_failure(&run.run_id, "step-functions", f);
@@ -360,6 +442,229 @@ impl Task {
         }
         Ok(output)
     }
+}
+
+impl Task {
+    /// Writes `batch` as the items of a Distributed Map (`{run prefix}fanout/{seq}/items.json`)
+    /// and answers `fan_out`: the definition's Map runs one Lambda per item
+    /// ([`Task::stage_item`]), then calls the task again with the same payload, which folds
+    /// their results into the run.
+    async fn fan_out(&self, run: &SyncRun, staging: &StagingStore) -> Result<Value, LambdaFailure> {
+        let batch = run.fan_out_batch(now());
+        let StagingLocation::S3 { bucket, .. } = &run.spec.staging else {
+            return Err(LambdaFailure::configuration(format!(
+                "{FAN_OUT_FILES} needs an s3:// staging location"
+            )));
+        };
+        let dir = fan_out_dir(run);
+        let results = format!("{dir}results/");
+        let items: Vec<Value> = batch
+            .iter()
+            .map(|request| json!({"request": request, "results": results}))
+            .collect();
+        let items_key = format!("{dir}items.json");
+        let body = serde_json::to_vec(&items).map_err(|e| LambdaFailure::state(e.to_string()))?;
+        staging
+            .put_bytes(&items_key, bytes::Bytes::from(body))
+            .await
+            .map_err(|e| {
+                storage_failure(
+                    &format!("writing {items_key}"),
+                    &e,
+                    aws::ErrorType::Configuration,
+                )
+            })?;
+        tracing::info!(
+            run_id = %run.run_id,
+            files = batch.len(),
+            "handing {} file(s) to the Distributed Map ({items_key})",
+            batch.len()
+        );
+        let mut output = task_output(run, &Stopped::OutOfBudget, now());
+        if let Value::Object(out) = &mut output {
+            out.insert("action".into(), json!("fan_out"));
+            out.insert(
+                "fanOut".into(),
+                json!({
+                    "bucket": bucket,
+                    "itemsKey": items_key,
+                    "resultsPrefix": results,
+                    "items": batch.len(),
+                    "maxConcurrency": self.fan_out_concurrency,
+                }),
+            );
+        }
+        Ok(output)
+    }
+
+    /// One item of a fan-out: stages its one file with the shared executor, within the
+    /// invocation's budget (winding down at the budget's end and cut before the deadline,
+    /// as the drive does), and writes the result where the task folds it from.
+    async fn stage_item(
+        &self,
+        item: &Value,
+        budget_until: Timestamp,
+    ) -> Result<Value, LambdaFailure> {
+        let request: Request = item
+            .get("request")
+            .cloned()
+            .ok_or_else(|| LambdaFailure::state("the fan-out item has no request"))
+            .and_then(|r| {
+                serde_json::from_value(r)
+                    .map_err(|e| LambdaFailure::state(format!("the fan-out item's request: {e}")))
+            })?;
+        let Effect::StageFile { key, .. } = &request.effect else {
+            return Err(LambdaFailure::state(format!(
+                "a fan-out item stages a file, not {}",
+                request.effect.name()
+            )));
+        };
+        let EffectId::File { index, .. } = request.id else {
+            return Err(LambdaFailure::state("a fan-out item's id names no file"));
+        };
+        // Only under this deployment's staging prefix, in a run's fan-out folder: whoever can
+        // start an execution must not choose where results are written.
+        let results = item
+            .get("results")
+            .and_then(Value::as_str)
+            .filter(|r| {
+                let under_prefix = match &self.config.spec.staging {
+                    StagingLocation::S3 { prefix, .. } => r.starts_with(prefix.as_str()),
+                    StagingLocation::Directory { .. } => true,
+                };
+                under_prefix && r.ends_with("/results/") && r.contains("/fanout/")
+            })
+            .ok_or_else(|| {
+                LambdaFailure::state("the fan-out item's results folder is not a run's")
+            })?;
+        let executor = self.executors.for_spec(&self.config.spec).await?;
+        executor.wind_down(false);
+        let t = now();
+        let budget = effective_budget(budget_until, t);
+        let cut = aws::cut_after(budget, t, DEADLINE_MARGIN);
+        let until = |at: Timestamp| tokio::time::sleep(Duration::from_millis(now().until(at)));
+        let finished = {
+            let execution = executor.execute(&request);
+            tokio::pin!(execution);
+            tokio::select! {
+                r = &mut execution => Some(r),
+                () = until(budget) => {
+                    executor.wind_down(true);
+                    tokio::select! {
+                        r = &mut execution => Some(r),
+                        () = until(cut) => None,
+                    }
+                }
+            }
+        };
+        let result = finished.unwrap_or_else(|| {
+            let kind = if executor.progressed(&request) {
+                FailureKind::Paused
+            } else {
+                FailureKind::Unfinished
+            };
+            EffectResult::Failed(Failure::new(
+                kind,
+                format!("the invocation ended in the transfer of {key}"),
+            ))
+        });
+        let outcome = match &result {
+            EffectResult::Failed(f) => f.kind.name(),
+            _ => "staged",
+        };
+        let result_key = format!("{results}{index}.json");
+        let body = serde_json::to_vec(&json!({"id": request.id, "result": result}))
+            .map_err(|e| LambdaFailure::state(e.to_string()))?;
+        executor
+            .staging()
+            .put_bytes(&result_key, bytes::Bytes::from(body))
+            .await
+            .map_err(|e| {
+                storage_failure(
+                    &format!("writing {result_key}"),
+                    &e,
+                    aws::ErrorType::Configuration,
+                )
+            })?;
+        Ok(json!({"file": index, "outcome": outcome}))
+    }
+}
+
+/// Where a run's fan-out of its current step keeps its items and results.
+fn fan_out_dir(run: &SyncRun) -> String {
+    format!(
+        "{}fanout/{}/",
+        run.spec.staging.run_prefix(&run.run_id),
+        run.seq
+    )
+}
+
+/// The results a fan-out's Lambdas wrote, paired with the requests they answer; an item
+/// without a result (its Lambda failed after the Map's retries were tolerated, or never ran)
+/// is left out: its file is still due and goes out again. The folder is removed afterwards.
+async fn read_fan_out(
+    staging: &StagingStore,
+    run: &SyncRun,
+    fan_out: &Value,
+) -> Result<Vec<(Request, EffectResult)>, LambdaFailure> {
+    let dir = fan_out
+        .get("itemsKey")
+        .and_then(Value::as_str)
+        .and_then(|k| k.strip_suffix("items.json"));
+    let own = format!("{}fanout/", run.spec.staging.run_prefix(&run.run_id));
+    let Some(dir) = dir.filter(|d| d.starts_with(&own)) else {
+        return Err(LambdaFailure::state(format!(
+            "the task input's fanOut does not name a fan-out of run {}",
+            run.run_id
+        )));
+    };
+    let read = |key: String| async move {
+        staging
+            .get_bytes(&key, crate::staging::MAX_STATE_OBJECT)
+            .await
+            .map_err(|e| {
+                storage_failure(&format!("reading {key}"), &e, aws::ErrorType::Configuration)
+            })
+    };
+    let items_key = format!("{dir}items.json");
+    let Some(items) = read(items_key.clone()).await? else {
+        // Already folded (a retried invocation): nothing left to add.
+        return Ok(Vec::new());
+    };
+    let items: Vec<Value> = serde_json::from_slice(&items)
+        .map_err(|e| LambdaFailure::state(format!("{items_key}: {e}")))?;
+    let mut out = Vec::new();
+    let mut keys = vec![items_key];
+    for item in items {
+        let request: Request = serde_json::from_value(item["request"].clone())
+            .map_err(|e| LambdaFailure::state(format!("a fan-out item: {e}")))?;
+        let EffectId::File { index, .. } = request.id else {
+            continue;
+        };
+        let key = format!("{dir}results/{index}.json");
+        let Some(bytes) = read(key.clone()).await? else {
+            tracing::warn!(run_id = %run.run_id, "no result for fan-out item {index}: it goes out again");
+            continue;
+        };
+        keys.push(key.clone());
+        let answer: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?;
+        let id: EffectId = serde_json::from_value(answer["id"].clone())
+            .map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?;
+        let result: EffectResult = serde_json::from_value(answer["result"].clone())
+            .map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?;
+        if id != request.id {
+            tracing::warn!(run_id = %run.run_id, "{key} answers another request: left out");
+            continue;
+        }
+        out.push((request, result));
+    }
+    for key in keys {
+        if let Err(e) = staging.delete(&key).await {
+            tracing::warn!("could not remove {key}: {e}");
+        }
+    }
+    Ok(out)
 }
 
 /// The payload is the store: it only keeps the latest run and checks that `seq` advances.

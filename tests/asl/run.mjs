@@ -287,7 +287,89 @@ async function sfnRun(world, env, input = {}, { inject } = {}) {
   return { ...run, outputs, calls, fn };
 }
 
+/**
+ * aws-local-stepfunctions runs Map states inline only (it has no ItemReader nor child
+ * executions), so a fan-out executes the same definition rendered inline: a "Read items" task
+ * (served by the test from moto, as ItemReader would read it) puts the items file into the
+ * payload, and the Map iterates it with the same ItemProcessor, MaxConcurrencyPath, ResultPath
+ * and Catch. Everything else is the definition as deployed.
+ */
+function inlineRendering(def) {
+  const d = structuredClone(def);
+  const map = d.States['Transfer files'];
+  assert(map.ItemReader && map.ItemProcessor.ProcessorConfig.Mode === 'DISTRIBUTED', 'a Distributed Map');
+  delete map.ItemReader;
+  map.ItemProcessor.ProcessorConfig = { Mode: 'INLINE' };
+  map.ItemsPath = '$.fanOutItems';
+  d.States['Read items'] = {
+    Type: 'Task',
+    Resource: 'arn:aws:lambda:us-east-1:000000000000:function:read-items',
+    ResultPath: '$.fanOutItems',
+    Next: 'Transfer files',
+  };
+  for (const choice of d.States['Next action'].Choices) {
+    if (choice.Next === 'Transfer files') choice.Next = 'Read items';
+  }
+  return d;
+}
+
 async function executionTests() {
+  await test('state-machine.json: a fan-out stages the files through the Map, two item Lambdas at once (inline rendering)', async () => {
+    await withWorld({}, async (world) => {
+      const env = { FAN_OUT_FILES: '2', FAN_OUT_CONCURRENCY: '4' };
+      const task = await world.start('pathling-import-sfn', 'sync-task', env);
+      const lambdas = [
+        await world.start('pathling-import-sfn', 'item-1', env),
+        await world.start('pathling-import-sfn', 'item-2', env),
+      ];
+      const answers = [];
+      let inFlight = 0;
+      let mostInFlight = 0;
+      let next = 0;
+      const stageOne = async (payload) => {
+        inFlight += 1;
+        mostInFlight = Math.max(mostInFlight, inFlight);
+        try {
+          const out = await lambdas[next++ % lambdas.length].invoke(payload);
+          answers.push(out);
+          return out;
+        } finally {
+          inFlight -= 1;
+        }
+      };
+      const readItems = async (input) => {
+        // moto checks that a GetObject is signed, not the signature.
+        const auth =
+          'AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0';
+        const r = await fetch(`${MOTO}/${input.fanOut.bucket}/${input.fanOut.itemsKey}`, {
+          headers: { authorization: auth },
+        });
+        assert(r.ok, `reading the items file: HTTP ${r.status}`);
+        return JSON.parse(await r.text());
+      };
+      const run = await execute(inlineRendering(deployed), {}, {
+        taskResourceLocalHandlers: {
+          'Sync step': (payload) => task.invoke(payload),
+          'Read items': readItems,
+          'Stage one file': stageOne,
+        },
+        retryIntervalOverrides: { 'Sync step': 0, 'Stage one file': 0 },
+      });
+      assert(!run.error, `execution failed: ${run.error?.name}: ${run.error?.message}`);
+      assertEq(run.output.action, 'succeed', 'action');
+      assertEq(entered(run.events, 'Transfer files'), 1, 'one fan-out');
+      const stats = await world.fixture.stats();
+      assertEq(stats.pathling.resources, world.fixture.expected, 'Pathling holds every exported resource');
+      const staged = (await listKeys(world.bucket, 'staging/')).filter((k) => k.includes('/output/'));
+      assertEq(answers.length, staged.length, 'one item per staged file');
+      assert(answers.every((a) => a.outcome === 'staged'), `item answers: ${JSON.stringify(answers)}`);
+      assert(mostInFlight > 1, `items ran one at a time (${mostInFlight})`);
+      const left = (await listKeys(world.bucket, 'staging/')).filter((k) => k.includes('/fanout/'));
+      assertEq(left, [], 'the fan-out folder is folded and removed');
+    });
+  });
+
+
   await test('state-machine.json: happy path, waits as the machine says, then an incremental run', async () => {
     await withWorld({ in_progress_polls: 2, retry_after: 1 }, async (world) => {
       const { fixture } = world;

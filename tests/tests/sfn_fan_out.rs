@@ -1,0 +1,179 @@
+//! The Step Functions task's fan-out (`FAN_OUT_FILES`): with S3 staging on moto, the task hands
+//! batches of due files to the definition's Distributed Map as an items file, each item runs
+//! through the same task Lambda (`{"fanOutItem": ...}`) — here up to 16 at once, as the Map
+//! would run them — and the next task invocation folds their results into the run.
+//!
+//! The Map itself is played by this test, as `state-machine.json` describes it: read the items
+//! file from S3 (`ItemReader`), run every item (`ItemProcessor`, `MaxConcurrency`), then call
+//! the task again with the same payload (`ResultPath: null`).
+//!
+//! One test per binary: the S3 client of the task reads its endpoint from the process
+//! environment, which is set before the runtime starts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use pathling_import_core::config::{self, RawConfig};
+use pathling_import_core::Timestamp;
+use pathling_import_runners::executor::now;
+use pathling_import_runners::sfn::{Task, EXTRA_KEYS};
+use pathling_import_tests::data::DatasetConfig;
+use pathling_import_tests::fake_pathling::{FakePathling, PathlingConfig, S3Access};
+use pathling_import_tests::fake_source::{FakeSource, SourceConfig};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+async fn object(bucket: &S3Bucket, key: &str) -> Vec<u8> {
+    bucket
+        .client
+        .get_object()
+        .bucket(&bucket.bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GetObject {key}: {e:?}"))
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes()
+        .to_vec()
+}
+
+#[test]
+fn a_fan_out_stages_every_file_once_through_parallel_item_lambdas() {
+    let endpoint = moto_endpoint();
+    // Before any thread of the runtime exists.
+    for (k, v) in [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ] {
+        std::env::set_var(k, v);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(fan_out());
+}
+
+async fn fan_out() {
+    let bucket = S3Bucket::create().await;
+    // 200 files of two types.
+    let src = FakeSource::start(SourceConfig {
+        dataset: DatasetConfig::new(&[("Patient", 400, 100), ("Observation", 800, 100)]),
+        in_progress_polls: 0,
+        ..SourceConfig::default()
+    })
+    .await
+    .unwrap();
+    let staged = format!("s3://{}/staged/", bucket.bucket);
+    let s3a = format!("s3a://{}/staged/", bucket.bucket);
+    let mut pathling_config = PathlingConfig::v9(&[staged.as_str(), s3a.as_str()]);
+    pathling_config.s3 = Some(S3Access::new(&bucket.endpoint, "test", "test"));
+    let pathling = FakePathling::start(pathling_config).await.unwrap();
+    let vars: Vec<(String, String)> = [
+        ("SOURCE_ENDPOINT", src.base_url()),
+        ("SOURCE_AUTHENTICATION_ENABLED", "false".into()),
+        ("TARGET_ENDPOINT", pathling.base_url()),
+        ("TARGET_AUTHENTICATION_ENABLED", "false".into()),
+        ("EXPORT_RETRY_WAIT", "1".into()),
+        ("IMPORT_RETRY_WAIT", "1".into()),
+        ("TRANSFER_CONCURRENCY", "2".into()),
+        ("STAGING_URL", staged.clone()),
+        ("FAN_OUT_FILES", "8".into()),
+        ("FAN_OUT_CONCURRENCY", "16".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let raw = RawConfig::from_env(vars, EXTRA_KEYS);
+    let config = config::parse(&raw, EXTRA_KEYS).unwrap();
+    let task = Task::new(config)
+        .await
+        .unwrap()
+        .without_event_log_on_stdout();
+    let budget = || Timestamp(now().0 + 30_000);
+
+    let mut input = json!({});
+    let (mut fan_outs, mut items_run) = (0, 0);
+    let mut last = Value::Null;
+    for _ in 0..200 {
+        let out = task.invoke(input, budget()).await.unwrap();
+        match out["action"].as_str().unwrap() {
+            "continue" => {}
+            "wait" => {
+                tokio::time::sleep(Duration::from_secs(
+                    out["waitSeconds"].as_u64().unwrap().min(5),
+                ))
+                .await
+            }
+            "fan_out" => {
+                fan_outs += 1;
+                let fan = &out["fanOut"];
+                assert_eq!(fan["bucket"], json!(bucket.bucket));
+                let concurrency = fan["maxConcurrency"].as_u64().unwrap() as usize;
+                assert_eq!(concurrency, 16);
+                // ItemReader: the items file, a JSON array.
+                let items: Vec<Value> = serde_json::from_slice(
+                    &object(&bucket, fan["itemsKey"].as_str().unwrap()).await,
+                )
+                .unwrap();
+                assert_eq!(items.len() as u64, fan["items"].as_u64().unwrap());
+                assert!(items.len() >= 8 && items.len() <= 64, "{}", items.len());
+                // ItemProcessor: one task invocation per item, MaxConcurrency at once.
+                let answers: Vec<Value> = futures_util::stream::iter(items)
+                    .map(|item| {
+                        let task = &task;
+                        async move {
+                            task.invoke(json!({ "fanOutItem": item }), budget())
+                                .await
+                                .unwrap()
+                        }
+                    })
+                    .buffer_unordered(concurrency)
+                    .collect()
+                    .await;
+                items_run += answers.len();
+                assert!(
+                    answers.iter().all(|a| a["outcome"] == "staged"),
+                    "{answers:?}"
+                );
+            }
+            "succeed" | "fail" => {
+                last = out;
+                break;
+            }
+            other => panic!("unknown action {other:?}: {out}"),
+        }
+        input = out;
+    }
+    assert_eq!(last["action"], "succeed", "{last}");
+    let files = output_files(&src);
+    assert_eq!(files, 200);
+    println!("{fan_outs} fan-out(s) ran {items_run} item(s) for {files} files");
+    assert!(fan_outs >= 4, "{fan_outs} fan-outs");
+    // Every file staged exactly once, by the items (the task's own drive staged none, or
+    // only a last batch smaller than FAN_OUT_FILES), and imported once.
+    let attempts = src.file_attempts();
+    assert_eq!(attempts.len(), files);
+    assert!(attempts.values().all(|n| *n == 1), "{attempts:?}");
+    assert!(items_run + 8 > files, "{items_run} items for {files} files");
+    assert_pathling_holds_export(&pathling, &src);
+    assert_eq!(pathling.stats().imports_accepted, 1);
+    // The fan-out folders were folded and removed.
+    let left: BTreeSet<String> = bucket
+        .objects()
+        .await
+        .into_keys()
+        .filter(|k| k.contains("/fanout/"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
