@@ -313,51 +313,80 @@ function inlineRendering(def) {
   return d;
 }
 
+/**
+ * Runs `deployed` in its inline rendering with one task and two item Lambdas, taking turns;
+ * `wrap` may wrap the items' invocation.
+ */
+async function fanOutRun(world, env, wrap = (invoke) => invoke) {
+  const task = await world.start('pathling-import-sfn', 'sync-task', env);
+  const lambdas = [
+    await world.start('pathling-import-sfn', 'item-1', env),
+    await world.start('pathling-import-sfn', 'item-2', env),
+  ];
+  let next = 0;
+  const readItems = async (input) => {
+    // moto checks that a GetObject is signed, not the signature.
+    const auth =
+      'AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0';
+    const r = await fetch(`${MOTO}/${input.fanOut.bucket}/${input.fanOut.itemsKey}`, {
+      headers: { authorization: auth },
+    });
+    assert(r.ok, `reading the items file: HTTP ${r.status}`);
+    return JSON.parse(await r.text());
+  };
+  return execute(inlineRendering(deployed), {}, {
+    taskResourceLocalHandlers: {
+      'Sync step': (payload) => task.invoke(payload),
+      'Read items': readItems,
+      'Stage one file': wrap((payload) => lambdas[next++ % lambdas.length].invoke(payload)),
+    },
+    retryIntervalOverrides: { 'Sync step': 0, 'Stage one file': 0 },
+  });
+}
+
 async function executionTests() {
+  await test('state-machine.json: a fan-out whose file the source lost fails the run naming it', async () => {
+    await withWorld({ lost_files: ['Observation.1.ndjson'] }, async (world) => {
+      const run = await fanOutRun(world, { FAN_OUT_FILES: '2' });
+      // A 404 is the file's own permanent failure: the other files are staged, then the run
+      // fails naming it, through the definition's Sync failed state.
+      assertEq(entered(run.events, 'Transfer files'), 1, 'one fan-out');
+      assertEq(entered(run.events, 'Sync failed'), 1, 'Sync failed');
+      assertEq(run.error?.name, 'SyncFailedError', 'error');
+      const cause = run.error.message;
+      assert(/could not stage output\[\d+\] Observation: HTTP 404/.test(cause), cause);
+      const staged = (await listKeys(world.bucket, 'staging/')).filter((k) => k.includes('/output/'));
+      assertEq(staged.length, 3, 'the other files are staged');
+    });
+  });
+
   await test('state-machine.json: a fan-out stages the files through the Map, two item Lambdas at once (inline rendering)', async () => {
     await withWorld({}, async (world) => {
-      const env = { FAN_OUT_FILES: '2', FAN_OUT_CONCURRENCY: '4' };
-      const task = await world.start('pathling-import-sfn', 'sync-task', env);
-      const lambdas = [
-        await world.start('pathling-import-sfn', 'item-1', env),
-        await world.start('pathling-import-sfn', 'item-2', env),
-      ];
       const answers = [];
       let inFlight = 0;
       let mostInFlight = 0;
-      let next = 0;
-      const stageOne = async (payload) => {
+      let failedOnce = false;
+      const run = await fanOutRun(world, { FAN_OUT_FILES: '2', FAN_OUT_CONCURRENCY: '4' }, (invoke) => async (payload) => {
+        // The first item's Lambda fails once with a transient error: the Map's Retry.
+        if (!failedOnce) {
+          failedOnce = true;
+          throw named('TransientError', 'S3 throttled');
+        }
         inFlight += 1;
         mostInFlight = Math.max(mostInFlight, inFlight);
         try {
-          const out = await lambdas[next++ % lambdas.length].invoke(payload);
+          const out = await invoke(payload);
           answers.push(out);
           return out;
         } finally {
           inFlight -= 1;
         }
-      };
-      const readItems = async (input) => {
-        // moto checks that a GetObject is signed, not the signature.
-        const auth =
-          'AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0';
-        const r = await fetch(`${MOTO}/${input.fanOut.bucket}/${input.fanOut.itemsKey}`, {
-          headers: { authorization: auth },
-        });
-        assert(r.ok, `reading the items file: HTTP ${r.status}`);
-        return JSON.parse(await r.text());
-      };
-      const run = await execute(inlineRendering(deployed), {}, {
-        taskResourceLocalHandlers: {
-          'Sync step': (payload) => task.invoke(payload),
-          'Read items': readItems,
-          'Stage one file': stageOne,
-        },
-        retryIntervalOverrides: { 'Sync step': 0, 'Stage one file': 0 },
       });
       assert(!run.error, `execution failed: ${run.error?.name}: ${run.error?.message}`);
       assertEq(run.output.action, 'succeed', 'action');
       assertEq(entered(run.events, 'Transfer files'), 1, 'one fan-out');
+      assert(failedOnce, 'an item failed once');
+      assertEq(retried(run.events, 'Stage one file'), 1, "the Map's Retry ran the failed item again");
       const stats = await world.fixture.stats();
       assertEq(stats.pathling.resources, world.fixture.expected, 'Pathling holds every exported resource');
       const staged = (await listKeys(world.bucket, 'staging/')).filter((k) => k.includes('/output/'));
@@ -368,7 +397,6 @@ async function executionTests() {
       assertEq(left, [], 'the fan-out folder is folded and removed');
     });
   });
-
 
   await test('state-machine.json: happy path, waits as the machine says, then an incremental run', async () => {
     await withWorld({ in_progress_polls: 2, retry_after: 1 }, async (world) => {

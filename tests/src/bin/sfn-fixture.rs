@@ -49,6 +49,8 @@ struct Scenario {
     import_duration_polls: Option<u32>,
     s3_endpoint: Option<String>,
     bucket: Option<String>,
+    /// Files (`{Type}.{k}.ndjson`) the manifest lists but whose downloads answer 404.
+    lost_files: Option<Vec<String>>,
 }
 
 struct Servers {
@@ -164,6 +166,7 @@ async fn run(scenario: Scenario) -> ExitCode {
             .kickoff_error
             .map(|(status, text)| HttpFailure::new(status, "processing", &text)),
         latency: Duration::from_millis(scenario.latency_ms.unwrap_or(0)),
+        lost_files: scenario.lost_files.unwrap_or_default().into_iter().collect(),
         ..SourceConfig::default()
     };
     let source = match FakeSource::start(source_config).await {
