@@ -20,9 +20,20 @@
 # for the fake Pathling, which reads everything back and parses it. About 2 minutes with the
 # defaults on an idle 2-core machine. The machine's other load distorts the figures: the
 # table's "other" CPU column shows how much there was.
+#
+#   scripts/bench.sh fan-out [--files N] [--file-mb N] [--stream-mbps N] [--fan-out N] ...
+#
+# instead measures the Step Functions fan-out (tests/src/bin/fan-out-bench.rs): the same
+# export from a source serving each download at a paced rate, staged by the task alone and
+# with its Distributed Map played by concurrent item invocations; prints both throughputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+mode=bench
+if [ "${1:-}" = "fan-out" ]; then
+    mode=fan-out
+    shift
+fi
 
 tools="$root/target/tools"
 s3s_fs="$tools/bin/s3s-fs"
@@ -37,7 +48,7 @@ echo "bench: building release binaries into target/bench" >&2
 export CARGO_TARGET_DIR="$root/target/bench"
 # One invocation, so the dependencies are built once with one feature set.
 cargo build --release -p pathling-import-runners --bin pathling-import \
-    -p pathling-import-tests --bin bench
+    -p pathling-import-tests --bin bench --bin fan-out-bench
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/pathling-import-bench.XXXXXX")
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -67,6 +78,12 @@ for _ in $(seq 1 100); do
 done
 echo "bench: s3s-fs at http://127.0.0.1:$port (pid $s3s_pid), data in $work/s3" >&2
 echo "bench: $(nproc) cores, $(free -m | awk '/^Mem:/ {print $2}') MiB memory; $(rustc --version)" >&2
+
+if [ "$mode" = fan-out ]; then
+    "$CARGO_TARGET_DIR/release/fan-out-bench" --s3-endpoint "http://127.0.0.1:$port" \
+        --access-key "$access_key" --secret-key "$secret_key" "$@"
+    exit
+fi
 
 "$CARGO_TARGET_DIR/release/bench" \
     --pathling-import "$CARGO_TARGET_DIR/release/pathling-import" \

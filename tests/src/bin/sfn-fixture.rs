@@ -166,7 +166,11 @@ async fn run(scenario: Scenario) -> ExitCode {
             .kickoff_error
             .map(|(status, text)| HttpFailure::new(status, "processing", &text)),
         latency: Duration::from_millis(scenario.latency_ms.unwrap_or(0)),
-        lost_files: scenario.lost_files.unwrap_or_default().into_iter().collect(),
+        lost_files: scenario
+            .lost_files
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
         ..SourceConfig::default()
     };
     let source = match FakeSource::start(source_config).await {
