@@ -56,6 +56,7 @@ use crate::staging::{StagingError, StagingStore};
 use pathling_import_core::config::{Config, Secrets, TlsConfig};
 use pathling_import_core::effect::{Effect, EffectId, EffectResult, Input, Request};
 use pathling_import_core::events;
+use pathling_import_core::machine::MAX_RETRYING;
 use pathling_import_core::persist;
 use pathling_import_core::plan::{latest, next_run, Ask, NextRun};
 use pathling_import_core::retry::{Failure, FailureKind};
@@ -87,9 +88,10 @@ const MIN_BUDGET_MS: u64 = 100;
 /// invocation (unset or 0: never).
 pub const FAN_OUT_FILES: &str = "FAN_OUT_FILES";
 /// `FAN_OUT_CONCURRENCY`: how many of a fan-out's Lambdas run at once (the Map's
-/// `MaxConcurrency`; default [`DEFAULT_FAN_OUT_CONCURRENCY`]).
+/// `MaxConcurrency`; at most a batch, [`MAX_RETRYING`]; default
+/// [`DEFAULT_FAN_OUT_CONCURRENCY`]).
 pub const FAN_OUT_CONCURRENCY: &str = "FAN_OUT_CONCURRENCY";
-pub const DEFAULT_FAN_OUT_CONCURRENCY: u64 = 100;
+pub const DEFAULT_FAN_OUT_CONCURRENCY: u64 = MAX_RETRYING as u64;
 
 /// The Step Functions task's runner-specific configuration keys.
 pub const EXTRA_KEYS: &[&str] = &[
@@ -181,10 +183,12 @@ impl Task {
         let max_sleep = aws::max_sleep(&config, DEFAULT_MAX_SLEEP)?;
         let budget = aws::configured_budget(&config)?;
         let metrics_namespace = crate::emf::namespace(&config)?;
-        let fan_out_files = count_setting(&config, FAN_OUT_FILES, 0..=u64::from(u32::MAX))?
+        // A batch holds at most MAX_RETRYING files: a larger threshold would never be met.
+        let most = MAX_RETRYING as u64;
+        let fan_out_files = count_setting(&config, FAN_OUT_FILES, 0..=most)?
             .filter(|n| *n > 0)
-            .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-        let fan_out_concurrency = count_setting(&config, FAN_OUT_CONCURRENCY, 1..=10_000)?
+            .map(|n| usize::try_from(n).unwrap_or(MAX_RETRYING));
+        let fan_out_concurrency = count_setting(&config, FAN_OUT_CONCURRENCY, 1..=most)?
             .unwrap_or(DEFAULT_FAN_OUT_CONCURRENCY);
         if fan_out_files.is_some() && !matches!(config.spec.staging, StagingLocation::S3 { .. }) {
             return Err(LambdaFailure::configuration(format!(
@@ -252,6 +256,11 @@ impl Task {
             }
         };
         if let Some(item) = input.get("fanOutItem") {
+            if self.fan_out_files.is_none() {
+                return Err(LambdaFailure::state(format!(
+                    "a fan-out item, but {FAN_OUT_FILES} is not set"
+                )));
+            }
             return self.stage_item(item, budget_until).await;
         }
         let cancel = match input.get("cancel") {
@@ -392,28 +401,33 @@ impl Task {
         let fans_out = |run: &SyncRun| {
             fan_out_at.is_some_and(|threshold| run.fan_out_batch(now()).len() >= threshold)
         };
-        if fans_out(&run) {
-            metrics.flush();
-            return self.fan_out(&run, executor.staging()).await;
-        }
-        let drove = driver::drive_until(
-            run,
-            executor.as_ref(),
-            &mut store,
-            &options,
-            &observers,
-            std::future::pending(),
-            fans_out,
-        )
-        .await;
+        let drove = if fans_out(&run) {
+            Ok((run, Stopped::Interrupted))
+        } else {
+            driver::drive_until(
+                run,
+                executor.as_ref(),
+                &mut store,
+                &options,
+                &observers,
+                std::future::pending(),
+                fans_out,
+            )
+            .await
+        };
         metrics.flush();
         // The run's own copy of its event log (best effort: it is a record).
         if let Err(e) = log.flush(executor.staging(), &log_key).await {
             tracing::warn!("could not keep the event log next to the staged data: {e}");
         }
         let (run, stopped) = drove.map_err(|e| LambdaFailure::transient(e.to_string()))?;
-        if matches!(stopped, Stopped::Interrupted) && fans_out(&run) {
-            return self.fan_out(&run, executor.staging()).await;
+        let fanned_out = if matches!(stopped, Stopped::Interrupted) && fans_out(&run) {
+            Some(self.fan_out(&run, executor.staging()).await?)
+        } else {
+            None
+        };
+        if run.is_done() {
+            clear_fan_outs(executor.staging(), &run, None).await;
         }
         if let Stopped::Done(terminal) = &stopped {
             if let Terminal::Failed(f) = terminal.as_ref() {
@@ -428,7 +442,10 @@ impl Task {
             // next execution; any other end clears it.
             record_resume(executor.staging(), &run.spec.staging, &run).await?;
         }
-        let output = task_output(&run, &stopped, now());
+        let output = match fanned_out {
+            Some(output) => output,
+            None => task_output(&run, &stopped, now()),
+        };
         let bytes = serde_json::to_vec(&output).map(|v| v.len()).unwrap_or(0);
         if bytes > PAYLOAD_LIMIT {
             return Err(LambdaFailure::sync_failed(format!(
@@ -445,10 +462,12 @@ impl Task {
 }
 
 impl Task {
-    /// Writes `batch` as the items of a Distributed Map (`{run prefix}fanout/{seq}/items.json`)
-    /// and answers `fan_out`: the definition's Map runs one Lambda per item
-    /// ([`Task::stage_item`]), then calls the task again with the same payload, which folds
-    /// their results into the run.
+    /// Hands the due batch to the definition's Distributed Map and answers `fan_out`: the
+    /// requests go to `{run prefix}fanout/{seq}/requests.json`, and the Map's items
+    /// (`items.json`) only point into it, `{"fanOut": "<that folder>", "n": <position>}`, so
+    /// that an item can only ever ask for a request this task wrote. The Map runs one Lambda
+    /// per item ([`Task::stage_item`]), then calls the task again with the same payload, which
+    /// folds their results into the run.
     async fn fan_out(&self, run: &SyncRun, staging: &StagingStore) -> Result<Value, LambdaFailure> {
         let batch = run.fan_out_batch(now());
         let StagingLocation::S3 { bucket, .. } = &run.spec.staging else {
@@ -457,23 +476,22 @@ impl Task {
             )));
         };
         let dir = fan_out_dir(run);
-        let results = format!("{dir}results/");
-        let items: Vec<Value> = batch
-            .iter()
-            .map(|request| json!({"request": request, "results": results}))
+        let put = |key: String, value: Value| async move {
+            let body =
+                serde_json::to_vec(&value).map_err(|e| LambdaFailure::state(e.to_string()))?;
+            staging
+                .put_bytes(&key, bytes::Bytes::from(body))
+                .await
+                .map_err(|e| {
+                    storage_failure(&format!("writing {key}"), &e, aws::ErrorType::Configuration)
+                })
+        };
+        put(format!("{dir}requests.json"), json!(batch)).await?;
+        let items: Vec<Value> = (0..batch.len())
+            .map(|n| json!({"fanOut": dir, "n": n}))
             .collect();
         let items_key = format!("{dir}items.json");
-        let body = serde_json::to_vec(&items).map_err(|e| LambdaFailure::state(e.to_string()))?;
-        staging
-            .put_bytes(&items_key, bytes::Bytes::from(body))
-            .await
-            .map_err(|e| {
-                storage_failure(
-                    &format!("writing {items_key}"),
-                    &e,
-                    aws::ErrorType::Configuration,
-                )
-            })?;
+        put(items_key.clone(), json!(items)).await?;
         tracing::info!(
             run_id = %run.run_id,
             files = batch.len(),
@@ -488,7 +506,6 @@ impl Task {
                 json!({
                     "bucket": bucket,
                     "itemsKey": items_key,
-                    "resultsPrefix": results,
                     "items": batch.len(),
                     "maxConcurrency": self.fan_out_concurrency,
                 }),
@@ -505,39 +522,30 @@ impl Task {
         item: &Value,
         budget_until: Timestamp,
     ) -> Result<Value, LambdaFailure> {
-        let request: Request = item
-            .get("request")
-            .cloned()
-            .ok_or_else(|| LambdaFailure::state("the fan-out item has no request"))
-            .and_then(|r| {
-                serde_json::from_value(r)
-                    .map_err(|e| LambdaFailure::state(format!("the fan-out item's request: {e}")))
+        let dir = item
+            .get("fanOut")
+            .and_then(Value::as_str)
+            .filter(|d| is_fan_out_dir(&self.config.spec.staging, d))
+            .ok_or_else(|| {
+                LambdaFailure::state("the fan-out item does not name a run's fan-out folder")
             })?;
-        let Effect::StageFile { key, .. } = &request.effect else {
+        let n = item
+            .get("n")
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| LambdaFailure::state("the fan-out item has no position n"))?;
+        let executor = self.executors.for_spec(&self.config.spec).await?;
+        let requests = read_requests(executor.staging(), dir).await?;
+        let request = requests.into_iter().nth(n).ok_or_else(|| {
+            LambdaFailure::state(format!("{dir}requests.json has no request {n}"))
+        })?;
+        let (Effect::StageFile { key, .. }, EffectId::File { index, .. }) =
+            (&request.effect, request.id)
+        else {
             return Err(LambdaFailure::state(format!(
-                "a fan-out item stages a file, not {}",
-                request.effect.name()
+                "{dir}requests.json: request {n} stages no file"
             )));
         };
-        let EffectId::File { index, .. } = request.id else {
-            return Err(LambdaFailure::state("a fan-out item's id names no file"));
-        };
-        // Only under this deployment's staging prefix, in a run's fan-out folder: whoever can
-        // start an execution must not choose where results are written.
-        let results = item
-            .get("results")
-            .and_then(Value::as_str)
-            .filter(|r| {
-                let under_prefix = match &self.config.spec.staging {
-                    StagingLocation::S3 { prefix, .. } => r.starts_with(prefix.as_str()),
-                    StagingLocation::Directory { .. } => true,
-                };
-                under_prefix && r.ends_with("/results/") && r.contains("/fanout/")
-            })
-            .ok_or_else(|| {
-                LambdaFailure::state("the fan-out item's results folder is not a run's")
-            })?;
-        let executor = self.executors.for_spec(&self.config.spec).await?;
         executor.wind_down(false);
         let t = now();
         let budget = effective_budget(budget_until, t);
@@ -572,7 +580,7 @@ impl Task {
             EffectResult::Failed(f) => f.kind.name(),
             _ => "staged",
         };
-        let result_key = format!("{results}{index}.json");
+        let result_key = format!("{dir}results/{index}.json");
         let body = serde_json::to_vec(&json!({"id": request.id, "result": result}))
             .map_err(|e| LambdaFailure::state(e.to_string()))?;
         executor
@@ -581,16 +589,16 @@ impl Task {
             .await
             .map_err(|e| {
                 storage_failure(
-                    &format!("writing {result_key}"),
+                    &format!("staging {key}: writing its result {result_key}"),
                     &e,
                     aws::ErrorType::Configuration,
                 )
             })?;
-        Ok(json!({"file": index, "outcome": outcome}))
+        Ok(json!({"file": index, "key": key, "outcome": outcome}))
     }
 }
 
-/// Where a run's fan-out of its current step keeps its items and results.
+/// Where a run's fan-out of its current step keeps its requests, items and results.
 fn fan_out_dir(run: &SyncRun) -> String {
     format!(
         "{}fanout/{}/",
@@ -599,9 +607,42 @@ fn fan_out_dir(run: &SyncRun) -> String {
     )
 }
 
-/// The results a fan-out's Lambdas wrote, paired with the requests they answer; an item
-/// without a result (its Lambda failed after the Map's retries were tolerated, or never ran)
-/// is left out: its file is still due and goes out again. The folder is removed afterwards.
+/// Whether `dir` is `{staging prefix}{run id}/fanout/{seq}/`, as [`fan_out_dir`] makes them.
+fn is_fan_out_dir(location: &StagingLocation, dir: &str) -> bool {
+    let StagingLocation::S3 { prefix, .. } = location else {
+        return false;
+    };
+    let Some(rest) = dir.strip_prefix(prefix.as_str()) else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let run_id_ok = |id: &str| {
+        !id.is_empty()
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && id != "."
+            && id != ".."
+    };
+    matches!(parts.as_slice(), [run, "fanout", seq, ""]
+        if run_id_ok(run) && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()))
+}
+
+async fn read_requests(staging: &StagingStore, dir: &str) -> Result<Vec<Request>, LambdaFailure> {
+    let key = format!("{dir}requests.json");
+    let bytes = staging
+        .get_bytes(&key, crate::staging::MAX_STATE_OBJECT)
+        .await
+        .map_err(|e| storage_failure(&format!("reading {key}"), &e, aws::ErrorType::Configuration))?
+        .ok_or_else(|| LambdaFailure::state(format!("{key} does not exist")))?;
+    serde_json::from_slice(&bytes).map_err(|e| LambdaFailure::state(format!("{key}: {e}")))
+}
+
+/// The results a fan-out's Lambdas wrote, paired with the requests they answer. An item
+/// without a result (its Lambda kept failing, which the Map tolerates) is an unfinished
+/// attempt: the machine counts it and, after a few, fails the run naming the file. The
+/// folders of earlier fan-outs of the run are removed; this one stays until the next (a
+/// retried invocation, given the same payload, folds it again).
 async fn read_fan_out(
     staging: &StagingStore,
     run: &SyncRun,
@@ -612,59 +653,71 @@ async fn read_fan_out(
         .and_then(Value::as_str)
         .and_then(|k| k.strip_suffix("items.json"));
     let own = format!("{}fanout/", run.spec.staging.run_prefix(&run.run_id));
-    let Some(dir) = dir.filter(|d| d.starts_with(&own)) else {
+    let Some(dir) = dir.filter(|d| d.starts_with(&own) && is_fan_out_dir(&run.spec.staging, d))
+    else {
         return Err(LambdaFailure::state(format!(
             "the task input's fanOut does not name a fan-out of run {}",
             run.run_id
         )));
     };
-    let read = |key: String| async move {
-        staging
-            .get_bytes(&key, crate::staging::MAX_STATE_OBJECT)
-            .await
-            .map_err(|e| {
-                storage_failure(&format!("reading {key}"), &e, aws::ErrorType::Configuration)
-            })
-    };
-    let items_key = format!("{dir}items.json");
-    let Some(items) = read(items_key.clone()).await? else {
-        // Already folded (a retried invocation): nothing left to add.
-        return Ok(Vec::new());
-    };
-    let items: Vec<Value> = serde_json::from_slice(&items)
-        .map_err(|e| LambdaFailure::state(format!("{items_key}: {e}")))?;
+    let requests = read_requests(staging, dir).await?;
     let mut out = Vec::new();
-    let mut keys = vec![items_key];
-    for item in items {
-        let request: Request = serde_json::from_value(item["request"].clone())
-            .map_err(|e| LambdaFailure::state(format!("a fan-out item: {e}")))?;
+    for request in requests {
         let EffectId::File { index, .. } = request.id else {
             continue;
         };
         let key = format!("{dir}results/{index}.json");
-        let Some(bytes) = read(key.clone()).await? else {
-            tracing::warn!(run_id = %run.run_id, "no result for fan-out item {index}: it goes out again");
-            continue;
+        let answer = staging
+            .get_bytes(&key, crate::staging::MAX_STATE_OBJECT)
+            .await
+            .map_err(|e| {
+                storage_failure(&format!("reading {key}"), &e, aws::ErrorType::Configuration)
+            })?;
+        let result = match answer {
+            Some(bytes) => {
+                let answer: Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?;
+                let id: EffectId = serde_json::from_value(answer["id"].clone())
+                    .map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?;
+                if id != request.id {
+                    tracing::warn!(run_id = %run.run_id, "{key} answers another request: left out");
+                    continue;
+                }
+                serde_json::from_value(answer["result"].clone())
+                    .map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?
+            }
+            None => EffectResult::Failed(Failure::new(
+                FailureKind::Unfinished,
+                "its fan-out item ended without a result (the item's Lambda failed)",
+            )),
         };
-        keys.push(key.clone());
-        let answer: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?;
-        let id: EffectId = serde_json::from_value(answer["id"].clone())
-            .map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?;
-        let result: EffectResult = serde_json::from_value(answer["result"].clone())
-            .map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?;
-        if id != request.id {
-            tracing::warn!(run_id = %run.run_id, "{key} answers another request: left out");
-            continue;
-        }
         out.push((request, result));
     }
-    for key in keys {
-        if let Err(e) = staging.delete(&key).await {
+    clear_fan_outs(staging, run, Some(dir)).await;
+    Ok(out)
+}
+
+/// Removes the run's fan-out folders but `keep` (best effort: they are small records).
+async fn clear_fan_outs(staging: &StagingStore, run: &SyncRun, keep: Option<&str>) {
+    let StagingStore::S3(s3) = staging else {
+        return;
+    };
+    let prefix = format!("{}fanout/", run.spec.staging.run_prefix(&run.run_id));
+    let keys = match s3.list(&prefix).await {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::warn!("could not list {prefix}: {e}");
+            return;
+        }
+    };
+    for key in keys
+        .iter()
+        .filter(|k| keep.is_none_or(|d| !k.starts_with(d)))
+    {
+        if let Err(e) = staging.delete(key).await {
             tracing::warn!("could not remove {key}: {e}");
         }
     }
-    Ok(out)
 }
 
 /// The payload is the store: it only keeps the latest run and checks that `seq` advances.

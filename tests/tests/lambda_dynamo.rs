@@ -1313,8 +1313,9 @@ async fn a_file_too_large_for_an_invocation_continues_across_invocations() {
     let w = world(
         "paused",
         SourceConfig {
-            // About 16 MB of Observations in 64 KiB chunks 40 ms apart (1.6 MB/s, about 10 s);
-            // with a budget of 1 s, an invocation's cut comes 6 s after it starts.
+            // About 24 MB of Observations in 64 KiB chunks 40 ms apart (1.6 MB/s, about 15 s);
+            // with a budget of 4 s, an invocation's cut comes 9 s after it starts: room for
+            // a part or two (5 MiB each) even on a loaded machine, not for the whole file.
             dataset: DatasetConfig::new(&[("Patient", 10, 1), ("Observation", 60_000, 1)]),
             gzip_when_asked: false,
             ranges: true,
@@ -1327,7 +1328,7 @@ async fn a_file_too_large_for_an_invocation_continues_across_invocations() {
     .await;
     let lambda = w
         .lambda(&[
-            ("LAMBDA_TIME_BUDGET", "1"),
+            ("LAMBDA_TIME_BUDGET", "4"),
             ("TRANSFER_CONCURRENCY", "2"),
             ("TRANSFER_PART_SIZE", "5"),
         ])
