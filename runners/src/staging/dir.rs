@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 use url::Url;
 
 use super::budget::{MemoryBudget, DEFAULT_TRANSFER_MEMORY};
-use super::resume::{self, ResumeFrom, SourceFacts};
+use super::resume::{self, ReadAgain, ResumeFrom, SourceFacts};
 use super::{validate_key, BodyStats, FailureSide, PutReport, ReadStream, StagingError, NEWLINE};
 
 /// Write buffer: fewer blocking-pool round trips than writing each (often small) download chunk.
@@ -296,12 +296,7 @@ impl DirStore {
         let file = match &from {
             Some(from) => {
                 let c = &from.checkpoint;
-                stats = BodyStats::at(resume::LinePoint {
-                    line_start: c.line_start,
-                    newlines: c.newlines,
-                    lines: c.lines,
-                });
-                verify = Some((c.stored, c.tail.clone()));
+                (stats, verify) = ReadAgain::start(c);
                 resumed_at = c.stored;
                 let opened = async {
                     let mut file = tokio::fs::OpenOptions::new()
@@ -339,28 +334,15 @@ impl DirStore {
                 }
             };
             let mut data = &chunk[..];
-            if let Some((until, tail)) = &verify {
-                let take = usize::try_from(until - stats.bytes())
-                    .unwrap_or(usize::MAX)
-                    .min(data.len());
-                stats.observe(&data[..take]);
-                data = &data[take..];
-                if stats.bytes() == *until {
-                    if !tail.ends_with(&resume::hex(stats.tail())) {
-                        let err = StagingError::Store {
-                            operation: "resume",
-                            key: key.to_owned(),
-                            status: None,
-                            code: Some("ResumeMismatch".into()),
-                            transient: true,
-                            message: format!(
-                                "the bytes before {until} differ from those stored before; \
-                                 the file starts over"
-                            ),
-                        };
-                        return Err(partial.discard(err).await);
+            if let Some(again) = &verify {
+                match again.take(key, &mut stats, data) {
+                    Ok((rest, done)) => {
+                        data = rest;
+                        if done {
+                            verify = None;
+                        }
                     }
-                    verify = None;
+                    Err(err) => return Err(partial.discard(err).await),
                 }
             }
             if data.is_empty() {
@@ -404,15 +386,8 @@ impl DirStore {
         if let Some(err) = body_failed {
             return Err(partial.fail(err).await);
         }
-        if let Some((until, _)) = verify {
-            let err = StagingError::Store {
-                operation: "resume",
-                key: key.to_owned(),
-                status: None,
-                code: Some("ResumeMismatch".into()),
-                transient: true,
-                message: format!("the source's file ended before byte {until}; it starts over"),
-            };
+        if let Some(again) = verify {
+            let err = again.ended_early(key);
             return Err(partial.discard(err).await);
         }
         let newline_added = stats.needs_newline();

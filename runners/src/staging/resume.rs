@@ -16,7 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::StagingError;
+use super::{BodyStats, StagingError};
 
 /// ETags per immutable segment of a checkpoint.
 pub(crate) const SEGMENT: usize = 256;
@@ -166,6 +166,80 @@ pub(crate) fn decode(key: &str, bytes: &[u8]) -> Result<Checkpoint, StagingError
             message: format!("unreadable checkpoint: {e}"),
         })?;
     Ok(checkpoint)
+}
+
+/// The stored bytes a continued put reads again, from the line's start up to the stored end:
+/// they are only counted and checked against the checkpoint's tail, never stored again.
+#[derive(Debug)]
+pub(crate) struct ReadAgain {
+    until: u64,
+    tail: String,
+}
+
+impl ReadAgain {
+    /// What a continued put starts from: the stats at the line's start, and the bytes to read
+    /// again.
+    pub(crate) fn start(checkpoint: &Checkpoint) -> (BodyStats, Option<ReadAgain>) {
+        let stats = BodyStats::at(LinePoint {
+            line_start: checkpoint.line_start,
+            newlines: checkpoint.newlines,
+            lines: checkpoint.lines,
+        });
+        let again = ReadAgain {
+            until: checkpoint.stored,
+            tail: checkpoint.tail.clone(),
+        };
+        (stats, Some(again))
+    }
+
+    /// Counts what of `data` lies before the stored end and returns the rest, to be stored;
+    /// `done` once the stored end is reached (its tail matched). Other bytes than those stored
+    /// fail with [`mismatch`].
+    pub(crate) fn take<'a>(
+        &self,
+        key: &str,
+        stats: &mut BodyStats,
+        data: &'a [u8],
+    ) -> Result<(&'a [u8], bool), StagingError> {
+        let take = usize::try_from(self.until.saturating_sub(stats.bytes()))
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        stats.observe(&data[..take]);
+        if stats.bytes() < self.until {
+            return Ok((&data[take..], false));
+        }
+        if !self.tail.ends_with(&hex(stats.tail())) {
+            return Err(mismatch(
+                key,
+                format!(
+                    "the bytes before {} differ from those stored before",
+                    self.until
+                ),
+            ));
+        }
+        Ok((&data[take..], true))
+    }
+
+    /// The body ended before the stored end.
+    pub(crate) fn ended_early(&self, key: &str) -> StagingError {
+        mismatch(
+            key,
+            format!("the source's file ended before byte {}", self.until),
+        )
+    }
+}
+
+/// The error of a continued put whose source served other bytes than before: transient, as
+/// the next attempt starts the file over.
+pub(crate) fn mismatch(key: &str, what: String) -> StagingError {
+    StagingError::Store {
+        operation: "resume",
+        key: key.to_owned(),
+        status: None,
+        code: Some("ResumeMismatch".into()),
+        transient: true,
+        message: format!("{what}; the file starts over"),
+    }
 }
 
 /// What a stream of stored bytes tells about where its lines are: kept by

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::budget::{MemoryBudget, PartBuf, DEFAULT_TRANSFER_MEMORY};
 use super::error::scrub;
-use super::resume::{self, ResumeFrom, SourceFacts};
+use super::resume::{self, ReadAgain, ResumeFrom, SourceFacts};
 use super::{validate_key, BodyStats, FailureSide, PutReport, ReadStream, StagingError, NEWLINE};
 
 /// S3's minimum size of every part but the last.
@@ -402,12 +402,7 @@ impl S3Store {
                     )));
                 };
                 resumed_at = c.stored;
-                upload.stats = BodyStats::at(resume::LinePoint {
-                    line_start: c.line_start,
-                    newlines: c.newlines,
-                    lines: c.lines,
-                });
-                upload.verify = Some((c.stored, c.tail.clone()));
+                (upload.stats, upload.verify) = ReadAgain::start(&c);
                 keep.store(true, Ordering::Relaxed);
                 let parts = from
                     .etags
@@ -452,8 +447,8 @@ impl S3Store {
                 return Err(upload.fail(err).await);
             }
         }
-        if let Some((until, _)) = &upload.verify {
-            let err = mismatch(key, format!("the source's file ended before byte {until}"));
+        if let Some(again) = &upload.verify {
+            let err = again.ended_early(key);
             return Err(upload.fail(err).await);
         }
         let newline_added = upload.stats.needs_newline();
@@ -623,9 +618,8 @@ struct Upload<'a> {
     boundary: Option<Boundary>,
     /// Set for a resumable upload.
     checkpoints: Option<Checkpoints>,
-    /// Resumed: the body's bytes up to this offset are stored already; they are only checked,
-    /// and must end with this tail (hex).
-    verify: Option<(u64, String)>,
+    /// Resumed: the body's first bytes, stored already, are only checked.
+    verify: Option<ReadAgain>,
 }
 
 /// What a resumable upload records.
@@ -659,20 +653,10 @@ impl Upload<'_> {
     /// arrives, so the data left at the end (the last part, or the whole object for a
     /// `PutObject`) is never empty unless the whole body is.
     async fn push(&mut self, mut data: &[u8]) -> Result<(), StagingError> {
-        if let Some((until, tail)) = &self.verify {
-            let take = usize::try_from(until - self.stats.bytes())
-                .unwrap_or(usize::MAX)
-                .min(data.len());
-            self.stats.observe(&data[..take]);
-            data = &data[take..];
-            if self.stats.bytes() == *until {
-                let seen = resume::hex(self.stats.tail());
-                if !tail.ends_with(&seen) {
-                    return Err(mismatch(
-                        self.key,
-                        format!("the bytes before {until} differ from those stored before"),
-                    ));
-                }
+        if let Some(again) = &self.verify {
+            let (rest, done) = again.take(self.key, &mut self.stats, data)?;
+            data = rest;
+            if done {
                 self.verify = None;
             }
         }
@@ -1107,18 +1091,6 @@ impl PendingCheckpoint {
             }
             Err(e) => tracing::warn!(key, error = %e, "could not record a checkpoint"),
         }
-    }
-}
-
-/// The error of a continued upload whose source served other bytes than before.
-fn mismatch(key: &str, what: String) -> StagingError {
-    StagingError::Store {
-        operation: "resume",
-        key: key.to_owned(),
-        status: None,
-        code: Some("ResumeMismatch".into()),
-        transient: true,
-        message: format!("{what}; the file starts over"),
     }
 }
 
