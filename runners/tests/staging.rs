@@ -1265,6 +1265,22 @@ async fn progress_reaches(progress: &AtomicU64, bytes: u64) {
     );
 }
 
+/// The attempt that continues `from` to the end of `data`, in chunks of `chunk` bytes.
+async fn continue_to_end(
+    store: &StagingStore,
+    key: &str,
+    data: &[u8],
+    from: ResumeFrom,
+    chunk: usize,
+) -> Result<PutReport, StagingError> {
+    let offset = from.offset() as usize;
+    let body = Box::pin(chunked(&data[offset..], chunk));
+    let progress = Arc::new(AtomicU64::new(0));
+    store
+        .put_resumable(key, body, facts(), Some(from), progress, no_wind_down())
+        .await
+}
+
 /// One attempt that continues `from` (or starts) and is killed once the body has handed over
 /// byte `kill_at` and the checkpoint of `checkpointed` bytes is written (the future is
 /// dropped while the body waits for more): returns the bytes it read.
@@ -1335,15 +1351,7 @@ async fn kills_at_several_offsets_then_complete(store: &StagingStore, unit: usiz
     let from = from.expect("checkpoint");
     let offset = from.offset() as usize;
     read += data.len() - offset;
-    let report = store
-        .put_resumable(
-            key,
-            Box::pin(chunked(&data[offset..], 65_537)),
-            facts(),
-            Some(from),
-            Arc::new(AtomicU64::new(0)),
-            no_wind_down(),
-        )
+    let report = continue_to_end(store, key, &data, from, 65_537)
         .await
         .unwrap();
     assert_eq!(report.resumed_at, 4 * unit as u64);
@@ -1427,16 +1435,7 @@ async fn dir_a_killed_write_continues_from_its_last_checkpoint() {
         .unwrap()
         .expect("checkpoint");
     assert_eq!(from.stored(), c2);
-    let offset = from.offset() as usize;
-    let report = store
-        .put_resumable(
-            key,
-            Box::pin(chunked(&data[offset..], 70_001)),
-            facts(),
-            Some(from),
-            Arc::new(AtomicU64::new(0)),
-            no_wind_down(),
-        )
+    let report = continue_to_end(&store, key, &data, from, 70_001)
         .await
         .unwrap();
     assert_eq!(report.resumed_at, c2);
@@ -1604,15 +1603,7 @@ async fn winds_down_at_a_part_boundary(store: &StagingStore, unit: usize) {
     assert_eq!(from.stored(), stored);
     let offset = from.offset() as usize;
     assert!(stored as usize - offset < 200, "read again: one line");
-    let report = store
-        .put_resumable(
-            key,
-            Box::pin(chunked(&data[offset..], 65_537)),
-            facts(),
-            Some(from),
-            Arc::new(AtomicU64::new(0)),
-            no_wind_down(),
-        )
+    let report = continue_to_end(store, key, &data, from, 65_537)
         .await
         .unwrap();
     assert_eq!(report.resumed_at, stored);
