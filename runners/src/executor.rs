@@ -35,6 +35,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 
+mod ranges;
+pub use ranges::RangeFailure;
+
 const FHIR_JSON: &str = "application/fhir+json";
 const NDJSON: &str = "application/fhir+ndjson";
 /// Deletions are sent as `batch` Bundles of at most this many entries.
@@ -134,6 +137,11 @@ pub struct Executor {
     /// Per folder of staged files, the names with a checkpoint when it was last listed (and
     /// when): one listing instead of a lookup per file.
     listings: Mutex<HashMap<String, Listing>>,
+    /// Bytes per range of a file split for a fan-out (0: files are not split); see
+    /// [`split_files`](Self::split_files).
+    split_ranges: AtomicU64,
+    /// The files this process split.
+    split_keys: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The names with a checkpoint in a folder, and when they were listed.
@@ -213,6 +221,8 @@ impl Executor {
             winding_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             continued: std::sync::Mutex::new(Default::default()),
             listings: Mutex::new(HashMap::new()),
+            split_ranges: AtomicU64::new(0),
+            split_keys: std::sync::Mutex::new(Default::default()),
         })
     }
 
@@ -543,15 +553,15 @@ impl Executor {
         Ok(manifest)
     }
 
-    async fn stage_file(
+    /// The manifest's file `index`: its URL, whether the source's token goes with it, and the
+    /// context its failures name.
+    async fn file_of(
         &self,
         manifest_key: &StagingKey,
         index: u32,
         kind: FileKind,
         type_name: &str,
-        key: &StagingKey,
-        validate: Validation,
-    ) -> Result<EffectResult, Failure> {
+    ) -> Result<(String, bool, String), Failure> {
         let manifest = self.manifest(manifest_key).await?;
         let file = manifest
             .files
@@ -572,14 +582,27 @@ impl Executor {
         // manifest may have been rewritten by whoever can write the staging prefix.
         let send_token =
             manifest.requires_access_token && same_origin(&file.url, &self.source_base);
+        Ok((file.url.clone(), send_token, ctx))
+    }
+
+    async fn stage_file(
+        &self,
+        manifest_key: &StagingKey,
+        index: u32,
+        kind: FileKind,
+        type_name: &str,
+        key: &StagingKey,
+        validate: Validation,
+    ) -> Result<EffectResult, Failure> {
+        let (url, send_token, ctx) = self.file_of(manifest_key, index, kind, type_name).await?;
         // An error[] file's lines are folded as they pass, which a continued transfer could
         // not redo: it always moves whole (such files are small).
         if kind == FileKind::Error {
             return self
-                .stage_whole(&ctx, &file.url, send_token, type_name, key, validate)
+                .stage_whole(&ctx, &url, send_token, type_name, key, validate)
                 .await;
         }
-        let identity = url_identity(&file.url);
+        let identity = url_identity(&url);
         let staging_ctx = format!("staging {key}");
         let mut from = match self.may_resume(key).await {
             Ok(false) => Ok(None),
@@ -593,7 +616,7 @@ impl Executor {
             .insert(key.as_str().to_owned(), (started_with, progress.clone()));
         let resp = self
             .send(Side::Source, send_token, &ctx, || {
-                let req = self.source_http.get(&file.url).header("accept", NDJSON);
+                let req = self.source_http.get(&url).header("accept", NDJSON);
                 match &from {
                     Some(f) => {
                         // Offsets count decoded bytes: ask for them unencoded.
@@ -640,6 +663,13 @@ impl Executor {
             }
             (StatusCode::OK, _) => {
                 facts.length = resp.content_length();
+                let split = self.split_ranges.load(Ordering::Relaxed);
+                if let (true, None) = (split > 0, &from) {
+                    if let Some(paused) = self.split(&ctx, key, &resp, &facts, split).await? {
+                        self.progress_of().remove(key.as_str());
+                        return Err(paused);
+                    }
+                }
                 match &from {
                     Some(f) if f.facts().agrees_with(&facts) => f.offset(),
                     Some(_) => {
@@ -828,6 +858,23 @@ impl Executor {
         let found = names.contains(name);
         listings.insert(folder, (std::time::Instant::now(), names));
         Ok(found)
+    }
+
+    /// With `Some(bytes)`, a file that starts afresh, at least two ranges of `bytes` long, from
+    /// a source that serves ranges, is not moved but split ([`ranges`]): its upload and plan
+    /// are started, and the attempt answers `paused`, for a fan-out to hand out its ranges.
+    /// Only a runner whose fan-out moves ranges asks for it.
+    pub fn split_files(&self, range_bytes: Option<u64>) {
+        self.split_ranges
+            .store(range_bytes.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Whether this process split the file staged to `key`.
+    pub fn is_split(&self, key: &str) -> bool {
+        self.split_keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
     }
 
     /// See [`crate::driver::Effects::wind_down`].
@@ -1175,6 +1222,18 @@ fn body_failure(ctx: &str, e: &StagingError) -> Failure {
             FailureKind::Network
         },
         format!("{ctx}: {e}: {detail}"),
+    )
+}
+
+/// A download whose body broke (read on its own, not through a store).
+fn body_failure_of(ctx: &str, e: &reqwest::Error) -> Failure {
+    Failure::new(
+        if e.is_timeout() {
+            FailureKind::Timeout
+        } else {
+            FailureKind::Network
+        },
+        format!("{ctx}: the download broke: {}", crate::error_chain(e)),
     )
 }
 

@@ -49,9 +49,10 @@ use crate::driver::{
 };
 use crate::emf::{Emf, MetricsSink};
 use crate::event_log::{self, EventLog, Sink};
-use crate::executor::{now, Executor};
+use crate::executor::{now, Executor, RangeFailure};
 use crate::report;
 use crate::resume::admit;
+use crate::staging::split::SplitPlan;
 use crate::staging::{StagingError, StagingStore};
 use pathling_import_core::config::{Config, Secrets, TlsConfig};
 use pathling_import_core::effect::{Effect, EffectId, EffectResult, Input, Request};
@@ -59,7 +60,7 @@ use pathling_import_core::events;
 use pathling_import_core::machine::MAX_RETRYING;
 use pathling_import_core::persist;
 use pathling_import_core::plan::{latest, next_run, Ask, NextRun};
-use pathling_import_core::retry::{Failure, FailureKind};
+use pathling_import_core::retry::{classify, Failure, FailureKind, Verdict};
 use pathling_import_core::spec::{RunSpec, SinceSpec};
 use pathling_import_core::staging::StagingLocation;
 use pathling_import_core::state::{FileStatus, SyncState};
@@ -79,6 +80,8 @@ pub const DEADLINE_MARGIN: Duration = Duration::from_secs(45);
 /// The largest output the task returns: Step Functions refuses a state of more than 256 KiB
 /// (`States.DataLimitExceeded`); a little is kept free for the execution's own fields.
 pub const PAYLOAD_LIMIT: usize = 250 * 1024;
+/// The largest [`FAN_OUT_RANGE_MB`]: 64 GiB (a range is whole parts of at most 5 GiB).
+const MAX_RANGE_MB: u64 = 64 * 1024;
 /// Every invocation may start work for at least this long, so that a loop always makes
 /// progress (the first effect always starts).
 const MIN_BUDGET_MS: u64 = 100;
@@ -92,6 +95,10 @@ pub const FAN_OUT_FILES: &str = "FAN_OUT_FILES";
 /// [`DEFAULT_FAN_OUT_CONCURRENCY`]).
 pub const FAN_OUT_CONCURRENCY: &str = "FAN_OUT_CONCURRENCY";
 pub const DEFAULT_FAN_OUT_CONCURRENCY: u64 = MAX_RETRYING as u64;
+/// `FAN_OUT_RANGE_MB`: with fanning out on, a file at least twice this long (in MiB) whose
+/// source serves ranges moves as ranges of this size (whole parts), one item each, so that
+/// many Lambdas move it at once (unset or 0: every file is one item).
+pub const FAN_OUT_RANGE_MB: &str = "FAN_OUT_RANGE_MB";
 
 /// The Step Functions task's runner-specific configuration keys.
 pub const EXTRA_KEYS: &[&str] = &[
@@ -100,6 +107,7 @@ pub const EXTRA_KEYS: &[&str] = &[
     crate::emf::METRICS_NAMESPACE,
     FAN_OUT_FILES,
     FAN_OUT_CONCURRENCY,
+    FAN_OUT_RANGE_MB,
 ];
 
 /// A whole-number runner key within `range`, if set.
@@ -174,6 +182,8 @@ pub struct Task {
     /// [`FAN_OUT_FILES`], when fanning out is on.
     fan_out_files: Option<usize>,
     fan_out_concurrency: u64,
+    /// [`FAN_OUT_RANGE_MB`] in bytes, when large files are split.
+    fan_out_range: Option<u64>,
 }
 
 impl Task {
@@ -190,6 +200,14 @@ impl Task {
             .map(|n| usize::try_from(n).unwrap_or(MAX_RETRYING));
         let fan_out_concurrency = count_setting(&config, FAN_OUT_CONCURRENCY, 1..=most)?
             .unwrap_or(DEFAULT_FAN_OUT_CONCURRENCY);
+        let fan_out_range = count_setting(&config, FAN_OUT_RANGE_MB, 0..=MAX_RANGE_MB)?
+            .filter(|n| *n > 0)
+            .map(|mib| mib * 1024 * 1024);
+        if fan_out_range.is_some() && fan_out_files.is_none() {
+            return Err(LambdaFailure::configuration(format!(
+                "{FAN_OUT_RANGE_MB}: ranges are items of the fan-out, so it needs {FAN_OUT_FILES}"
+            )));
+        }
         if fan_out_files.is_some() && !matches!(config.spec.staging, StagingLocation::S3 { .. }) {
             return Err(LambdaFailure::configuration(format!(
                 "{FAN_OUT_FILES}: a Distributed Map reads its items from S3, so fanning out \
@@ -208,6 +226,7 @@ impl Task {
             event_log_on_stdout: true,
             fan_out_files,
             fan_out_concurrency,
+            fan_out_range,
         })
     }
 
@@ -358,6 +377,7 @@ impl Task {
             None => run,
         };
         let executor = self.executors.for_spec(&run.spec).await?;
+        executor.split_files(self.fan_out_range);
         let t = now();
         let budget = effective_budget(budget_until, t);
         // Cut what is in flight before Lambda's hard stop (files in flight count an unfinished
@@ -398,8 +418,20 @@ impl Task {
         // With fanning out on, the drive stops where a batch of files is due (the export
         // just finished, or a fan-out's results left files to retry) and hands it to the Map.
         let fan_out_at = self.fan_out_files.filter(|_| cancel.is_none());
+        // A file split into ranges is only ever moved by its range items: it fans out
+        // whatever the threshold.
+        let split = match fan_out_at {
+            Some(_) => splits(executor.staging(), &run.fan_out_batch(now())).await?,
+            None => Splits::new(),
+        };
         let fans_out = |run: &SyncRun| {
-            fan_out_at.is_some_and(|threshold| run.fan_out_batch(now()).len() >= threshold)
+            fan_out_at.is_some_and(|threshold| {
+                let batch = run.fan_out_batch(now());
+                batch.len() >= threshold
+                    || batch.iter().any(|r| {
+                        split.contains_key(staged_key(r)) || executor.is_split(staged_key(r))
+                    })
+            })
         };
         let drove = if fans_out(&run) {
             Ok((run, Stopped::Interrupted))
@@ -487,15 +519,27 @@ impl Task {
                 })
         };
         put(format!("{dir}requests.json"), json!(batch)).await?;
-        let items: Vec<Value> = (0..batch.len())
-            .map(|n| json!({"fanOut": dir, "n": n}))
-            .collect();
+        let split = splits(staging, &batch).await?;
+        let mut items = Vec::new();
+        for (n, request) in batch.iter().enumerate() {
+            match split.get(staged_key(request)) {
+                // One item per range still to store.
+                Some((plan, done)) => items.extend(
+                    (0..plan.ranges())
+                        .filter(|i| !done.contains(i))
+                        .map(|i| json!({"fanOut": dir, "n": n, "range": i})),
+                ),
+                None => items.push(json!({"fanOut": dir, "n": n})),
+            }
+        }
         let items_key = format!("{dir}items.json");
-        put(items_key.clone(), json!(items)).await?;
+        let count = items.len();
+        put(items_key.clone(), Value::Array(items)).await?;
         tracing::info!(
             run_id = %run.run_id,
             files = batch.len(),
-            "handing {} file(s) to the Distributed Map ({items_key})",
+            items = count,
+            "handing {} file(s) to the Distributed Map as {count} item(s) ({items_key})",
             batch.len()
         );
         let mut output = task_output(run, &Stopped::OutOfBudget, now());
@@ -506,7 +550,7 @@ impl Task {
                 json!({
                     "bucket": bucket,
                     "itemsKey": items_key,
-                    "items": batch.len(),
+                    "items": count,
                     "maxConcurrency": self.fan_out_concurrency,
                 }),
             );
@@ -535,6 +579,7 @@ impl Task {
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| LambdaFailure::state("the fan-out item has no position n"))?;
         let executor = self.executors.for_spec(&self.config.spec).await?;
+        executor.split_files(self.fan_out_range);
         let requests = read_requests(executor.staging(), dir).await?;
         let request = requests.into_iter().nth(n).ok_or_else(|| {
             LambdaFailure::state(format!("{dir}requests.json has no request {n}"))
@@ -546,11 +591,33 @@ impl Task {
                 "{dir}requests.json: request {n} stages no file"
             )));
         };
-        executor.wind_down(false);
         let t = now();
         let budget = effective_budget(budget_until, t);
         let cut = aws::cut_after(budget, t, DEADLINE_MARGIN);
         let until = |at: Timestamp| tokio::time::sleep(Duration::from_millis(now().until(at)));
+        if let Some(range) = item.get("range") {
+            let i = range
+                .as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| LambdaFailure::state("the fan-out item's range is not a number"))?;
+            let staged = tokio::select! {
+                r = self.stage_range(&executor, dir, &request, i) => r?,
+                () = until(cut) => {
+                    // The Map's retry gives the range a fresh invocation.
+                    return Err(LambdaFailure::transient(format!(
+                        "the invocation ended in range {i} of {key}"
+                    )));
+                }
+            };
+            return match staged {
+                Ok(()) => Ok(json!({"file": index, "key": key, "range": i, "outcome": "staged"})),
+                Err(result) => {
+                    let outcome = write_result(executor.staging(), dir, &request, &result).await?;
+                    Ok(json!({"file": index, "key": key, "range": i, "outcome": outcome}))
+                }
+            };
+        }
+        executor.wind_down(false);
         let finished = {
             let execution = executor.execute(&request);
             tokio::pin!(execution);
@@ -576,26 +643,179 @@ impl Task {
                 format!("the invocation ended in the transfer of {key}"),
             ))
         });
-        let outcome = match &result {
-            EffectResult::Failed(f) => f.kind.name(),
-            _ => "staged",
-        };
-        let result_key = format!("{dir}results/{index}.json");
-        let body = serde_json::to_vec(&json!({"id": request.id, "result": result}))
-            .map_err(|e| LambdaFailure::state(e.to_string()))?;
-        executor
-            .staging()
-            .put_bytes(&result_key, bytes::Bytes::from(body))
-            .await
-            .map_err(|e| {
-                storage_failure(
-                    &format!("staging {key}: writing its result {result_key}"),
-                    &e,
-                    aws::ErrorType::Configuration,
-                )
-            })?;
+        let outcome = write_result(executor.staging(), dir, &request, &result).await?;
         Ok(json!({"file": index, "key": key, "outcome": outcome}))
     }
+
+    /// Range `i` of a split file: stored and recorded (`Ok(Ok)`), or the file's result when
+    /// the range shows the file cannot go on as planned (`Ok(Err)`: the source changed it, or
+    /// its lines are not what the manifest says). A failure that may pass is the item's error,
+    /// for the Map's retry.
+    async fn stage_range(
+        &self,
+        executor: &Executor,
+        dir: &str,
+        request: &Request,
+        i: u32,
+    ) -> Result<Result<(), EffectResult>, LambdaFailure> {
+        let Effect::StageFile { key, .. } = &request.effect else {
+            return Err(LambdaFailure::state(
+                "a range item of a request that stages no file",
+            ));
+        };
+        let StagingStore::S3(s3) = executor.staging() else {
+            return Err(LambdaFailure::configuration(format!(
+                "{FAN_OUT_RANGE_MB} needs an s3:// staging location"
+            )));
+        };
+        let store_failure = |what: &str, e: &StagingError| {
+            storage_failure(
+                &format!("{what} of {key}"),
+                e,
+                aws::ErrorType::Configuration,
+            )
+        };
+        let Some(plan) = s3
+            .split_plan(key.as_str())
+            .await
+            .map_err(|e| store_failure("reading the split plan", &e))?
+        else {
+            // Voided by another range's item (the file changed), which wrote the result.
+            tracing::warn!(key = %key, range = i, "no split plan any more: nothing to do");
+            return Ok(Ok(()));
+        };
+        if s3
+            .range_done(key.as_str(), &plan, i)
+            .await
+            .map_err(|e| store_failure("reading range records", &e))?
+            .is_some()
+        {
+            return Ok(Ok(()));
+        }
+        match executor.stage_range(request, &plan, i, dir).await {
+            Ok(done) => {
+                s3.record_range(key.as_str(), i, &done)
+                    .await
+                    .map_err(|e| store_failure("recording a range", &e))?;
+                Ok(Ok(()))
+            }
+            Err(RangeFailure::Changed(f)) => {
+                s3.forget_split(key.as_str())
+                    .await
+                    .map_err(|e| store_failure("dropping the split plan", &e))?;
+                Ok(Err(EffectResult::Failed(f)))
+            }
+            Err(RangeFailure::Failed(f)) if classify(&f) == Verdict::Permanent => {
+                s3.forget_split(key.as_str())
+                    .await
+                    .map_err(|e| store_failure("dropping the split plan", &e))?;
+                Ok(Err(EffectResult::Failed(f)))
+            }
+            Err(RangeFailure::Failed(f)) => Err(LambdaFailure::transient(f.to_string())),
+        }
+    }
+}
+
+/// The key a request stages its file to (`""` for another effect).
+fn staged_key(request: &Request) -> &str {
+    match &request.effect {
+        Effect::StageFile { key, .. } => key.as_str(),
+        _ => "",
+    }
+}
+
+/// Writes the result of a fan-out's file where the task folds it from; returns its outcome.
+async fn write_result(
+    staging: &StagingStore,
+    dir: &str,
+    request: &Request,
+    result: &EffectResult,
+) -> Result<&'static str, LambdaFailure> {
+    let (Effect::StageFile { key, .. }, EffectId::File { index, .. }) =
+        (&request.effect, request.id)
+    else {
+        return Err(LambdaFailure::state(
+            "a fan-out result of a request that stages no file",
+        ));
+    };
+    let outcome = match result {
+        EffectResult::Failed(f) => f.kind.name(),
+        _ => "staged",
+    };
+    let result_key = format!("{dir}results/{index}.json");
+    let body = serde_json::to_vec(&json!({"id": request.id, "result": result}))
+        .map_err(|e| LambdaFailure::state(e.to_string()))?;
+    staging
+        .put_bytes(&result_key, bytes::Bytes::from(body))
+        .await
+        .map_err(|e| {
+            storage_failure(
+                &format!("staging {key}: writing its result {result_key}"),
+                &e,
+                aws::ErrorType::Configuration,
+            )
+        })?;
+    Ok(outcome)
+}
+
+/// The files of `batch` split into ranges ([`FAN_OUT_RANGE_MB`]): their plans, and the ranges
+/// already stored. One listing per folder of the batch's files.
+type Splits = std::collections::HashMap<String, (SplitPlan, std::collections::HashSet<u32>)>;
+
+async fn splits(staging: &StagingStore, batch: &[Request]) -> Result<Splits, LambdaFailure> {
+    let mut out = Splits::new();
+    let StagingStore::S3(s3) = staging else {
+        return Ok(out);
+    };
+    let mut listed: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for request in batch {
+        let Effect::StageFile { key, .. } = &request.effect else {
+            continue;
+        };
+        let (folder, name) = key.as_str().rsplit_once('/').unwrap_or(("", key.as_str()));
+        let prefix = if folder.is_empty() {
+            ".resume/".to_owned()
+        } else {
+            format!("{folder}/.resume/")
+        };
+        let names = match listed.get(&prefix) {
+            Some(names) => names,
+            None => {
+                let keys = s3.list(&prefix).await.map_err(|e| {
+                    storage_failure(
+                        &format!("listing {prefix}"),
+                        &e,
+                        aws::ErrorType::Configuration,
+                    )
+                })?;
+                let names = keys
+                    .iter()
+                    .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned))
+                    .collect();
+                listed.entry(prefix.clone()).or_insert(names)
+            }
+        };
+        if !names.iter().any(|n| *n == format!("{name}.split.json")) {
+            continue;
+        }
+        let Some(plan) = s3.split_plan(key.as_str()).await.map_err(|e| {
+            storage_failure(
+                &format!("reading the split plan of {key}"),
+                &e,
+                aws::ErrorType::Configuration,
+            )
+        })?
+        else {
+            continue;
+        };
+        let ranges = format!("{name}.range.");
+        let done = names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&ranges)?.strip_suffix(".json")?.parse().ok())
+            .collect();
+        out.insert(key.as_str().to_owned(), (plan, done));
+    }
+    Ok(out)
 }
 
 /// Where a run's fan-out of its current step keeps its requests, items and results.
@@ -686,15 +906,102 @@ async fn read_fan_out(
                 serde_json::from_value(answer["result"].clone())
                     .map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?
             }
-            None => EffectResult::Failed(Failure::new(
-                FailureKind::Unfinished,
-                "its fan-out item ended without a result (the item's Lambda failed)",
-            )),
+            None => match &request.effect {
+                Effect::StageFile { key, .. } => fold_split(staging, dir, key.as_str()).await?,
+                _ => continue,
+            },
         };
         out.push((request, result));
     }
     clear_fan_outs(staging, run, Some(dir)).await;
     Ok(out)
+}
+
+/// The result of a fan-out's file that no item answered for: a split file whose ranges are all
+/// stored is completed (staged), one whose ranges advanced in this fan-out has `paused`, and
+/// any other is an unfinished attempt (its items' Lambdas kept failing, which the Map
+/// tolerates): the machine counts it and, after a few, fails the run naming the file.
+async fn fold_split(
+    staging: &StagingStore,
+    dir: &str,
+    key: &str,
+) -> Result<EffectResult, LambdaFailure> {
+    let unfinished = |why: &str| {
+        EffectResult::Failed(Failure::new(
+            FailureKind::Unfinished,
+            format!("its fan-out item ended without a result ({why})"),
+        ))
+    };
+    let StagingStore::S3(s3) = staging else {
+        return Ok(unfinished("the item's Lambda failed"));
+    };
+    let failure = |what: &str, e: &StagingError| {
+        storage_failure(
+            &format!("{what} of {key}"),
+            e,
+            aws::ErrorType::Configuration,
+        )
+    };
+    let Some(plan) = s3
+        .split_plan(key)
+        .await
+        .map_err(|e| failure("reading the split plan", &e))?
+    else {
+        return Ok(unfinished("the item's Lambda failed"));
+    };
+    let mut done = Vec::new();
+    for i in 0..plan.ranges() {
+        if let Some(d) = s3
+            .range_done(key, &plan, i)
+            .await
+            .map_err(|e| failure("reading range records", &e))?
+        {
+            done.push(d);
+        }
+    }
+    let ranges = plan.ranges() as usize;
+    if done.len() < ranges {
+        let now_stored = done.iter().filter(|d| d.fan_out == dir).count();
+        if now_stored == 0 {
+            return Ok(unfinished(&format!(
+                "{} of its {ranges} ranges are stored, none by this fan-out",
+                done.len()
+            )));
+        }
+        return Ok(EffectResult::Failed(Failure::new(
+            FailureKind::Paused,
+            format!(
+                "{} of its {ranges} ranges are stored ({now_stored} by this fan-out)",
+                done.len()
+            ),
+        )));
+    }
+    match s3.complete_split(key, &plan, &done).await {
+        Ok(report) => {
+            tracing::info!(
+                key,
+                ranges,
+                bytes = report.bytes,
+                "{key} is complete from its {ranges} ranges"
+            );
+            Ok(EffectResult::FileStaged {
+                bytes: report.bytes,
+                resources: report.lines,
+                newline_added: report.newline_added,
+                outcomes: None,
+            })
+        }
+        Err(e) if e.code() == Some("ResumeMismatch") => {
+            s3.forget_split(key)
+                .await
+                .map_err(|e| failure("dropping the split plan", &e))?;
+            Ok(EffectResult::Failed(Failure::new(
+                FailureKind::Network,
+                format!("staging {key}: {e}"),
+            )))
+        }
+        Err(e) => Err(failure("completing the upload", &e)),
+    }
 }
 
 /// Removes the run's fan-out folders but `keep` (best effort: they are small records).

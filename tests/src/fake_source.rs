@@ -1880,7 +1880,10 @@ fn serve_file(
                 .get(header::IF_RANGE)
                 .is_none_or(|v| v.to_str().is_ok_and(|v| v == etag))
         });
-    let length = range.map(|_| file_length(cfg, job, kind));
+    // Files served with ranges have their length said, as an object store says it (not for the
+    // faults that cut a body short).
+    let said_length = cfg.ranges && cfg.stall_at.is_none() && reset_at.is_none();
+    let length = (range.is_some() || said_length).then(|| file_length(cfg, job, kind));
     if let (Some(start), Some(length)) = (range, length) {
         if start >= length {
             let mut resp = empty_response(StatusCode::RANGE_NOT_SATISFIABLE);
@@ -1945,6 +1948,9 @@ fn serve_file(
     }
     if gzip {
         set_header(&mut resp, header::CONTENT_ENCODING, "gzip");
+    } else if let (true, Some(length)) = (said_length, length) {
+        let rest = length - range.unwrap_or(0);
+        set_header(&mut resp, header::CONTENT_LENGTH, &rest.to_string());
     }
     set_header(&mut resp, header::VARY, "accept-encoding");
     resp

@@ -7,6 +7,9 @@
 //! file from S3 (`ItemReader`), run every item (`ItemProcessor`, `MaxConcurrency`), then call
 //! the task again with the same payload (`ResultPath: null`).
 //!
+//! One large file is split into byte ranges (`FAN_OUT_RANGE_MB`): its first item only starts
+//! the plan, and the next fan-out moves its ranges in parallel items; the fold completes it.
+//!
 //! One test per binary: the S3 client of the task reads its endpoint from the process
 //! environment, which is set before the runtime starts.
 
@@ -66,10 +69,19 @@ fn a_fan_out_stages_every_file_once_through_parallel_item_lambdas() {
 
 async fn fan_out() {
     let bucket = S3Bucket::create().await;
-    // 200 files of two types.
+    // 200 files of two types, and one of about 20 MB.
     let src = FakeSource::start(SourceConfig {
-        dataset: DatasetConfig::new(&[("Patient", 400, 100), ("Observation", 800, 100)]),
+        dataset: DatasetConfig::new(&[
+            ("Patient", 400, 100),
+            ("Observation", 800, 100),
+            ("Condition", 60_000, 1),
+        ]),
         in_progress_polls: 0,
+        // As an object store serves files: ranges, and no compression (a compressed answer's
+        // offsets are not the file's, so such a file is not split).
+        ranges: true,
+        gzip_when_asked: false,
+        chunk_bytes: 64 * 1024,
         ..SourceConfig::default()
     })
     .await
@@ -90,6 +102,8 @@ async fn fan_out() {
         ("STAGING_URL", staged.clone()),
         ("FAN_OUT_FILES", "8".into()),
         ("FAN_OUT_CONCURRENCY", "16".into()),
+        ("TRANSFER_PART_SIZE", "5".into()),
+        ("FAN_OUT_RANGE_MB", "5".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -105,6 +119,10 @@ async fn fan_out() {
     let mut input = json!({});
     let (mut fan_outs, mut items_run) = (0, 0);
     let mut skipped = None;
+    // The large file: its URL and bytes (read once the manifest is staged), and the range
+    // items of each fan-out.
+    let mut large: Option<(String, Vec<u8>)> = None;
+    let mut range_items = Vec::new();
     let mut last = Value::Null;
     for _ in 0..200 {
         let out = task.invoke(input, budget()).await.unwrap();
@@ -128,7 +146,26 @@ async fn fan_out() {
                 )
                 .unwrap();
                 assert_eq!(items.len() as u64, fan["items"].as_u64().unwrap());
-                assert!(items.len() >= 8 && items.len() <= 64, "{}", items.len());
+                assert!(items.len() <= 64 + 8, "{}", items.len());
+                if large.is_none() {
+                    let run_id = out["runId"].as_str().unwrap();
+                    let manifest: Value = serde_json::from_slice(
+                        &object(&bucket, &format!("staged/{run_id}/manifest.json")).await,
+                    )
+                    .unwrap();
+                    let url = manifest["files"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|f| f["type"] == "Condition")
+                        .unwrap()["url"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned();
+                    let bytes = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
+                    large = Some((url, bytes.to_vec()));
+                }
+                range_items.push(items.iter().filter(|i| i.get("range").is_some()).count());
                 // The first batch's first child fails for good (no result): the fold counts
                 // an unfinished attempt, and a later batch hands its file out again.
                 let items = if fan_outs == 1 {
@@ -151,8 +188,11 @@ async fn fan_out() {
                     .collect()
                     .await;
                 items_run += answers.len();
+                // The large file's first item answers `paused`: it only split the file.
                 assert!(
-                    answers.iter().all(|a| a["outcome"] == "staged"),
+                    answers.iter().all(|a| a["outcome"] == "staged"
+                        || (a["outcome"] == "paused"
+                            && a["key"].as_str().unwrap().contains("Condition"))),
                     "{answers:?}"
                 );
             }
@@ -167,14 +207,44 @@ async fn fan_out() {
     assert_eq!(last["action"], "succeed", "{last}");
     assert!(skipped.is_some());
     let files = output_files(&src);
-    assert_eq!(files, 200);
+    assert_eq!(files, 201);
     println!("{fan_outs} fan-out(s) ran {items_run} item(s) for {files} files");
     assert!(fan_outs >= 4, "{fan_outs} fan-outs");
     // Every file staged exactly once, by the items (the task's own drive staged none, or
     // only a last batch smaller than FAN_OUT_FILES), and imported once.
     let attempts = src.file_attempts();
     assert_eq!(attempts.len(), files);
-    assert!(attempts.values().all(|n| *n == 1), "{attempts:?}");
+    let (url, served) = large.unwrap();
+    let name = url.rsplit('/').next().unwrap();
+    let (large_key, large_attempts) = attempts.iter().find(|(k, _)| k.ends_with(name)).unwrap();
+    assert!(
+        attempts.iter().all(|(k, n)| k == large_key || *n == 1),
+        "{attempts:?}"
+    );
+    // Split in 5 MiB ranges, moved by one fan-out's items at once.
+    let ranges = served.len().div_ceil(5 * 1024 * 1024);
+    assert!(ranges >= 4, "{} bytes", served.len());
+    let ranged: Vec<usize> = range_items.iter().copied().filter(|n| *n > 0).collect();
+    assert_eq!(
+        ranged,
+        vec![ranges],
+        "range items per fan-out: {range_items:?}"
+    );
+    // Its attempts: the item that split it, one per range, and this test's read.
+    assert_eq!(*large_attempts as usize, 1 + ranges + 1);
+    assert_eq!(src.stats().ranges_served as usize, ranges);
+    let staged_large = bucket
+        .objects()
+        .await
+        .into_iter()
+        .find(|(k, _)| k.contains("/output/") && k.ends_with(".ndjson") && k.contains("Condition"))
+        .map(|(_, v)| v)
+        .unwrap();
+    assert!(
+        staged_large == served,
+        "the staged file differs from the source's"
+    );
+    println!("{} bytes moved as {ranges} ranges", served.len());
     assert!(items_run + 8 > files, "{items_run} items for {files} files");
     // Items come only from the task's own requests: a foreign folder, or a run's folder
     // outside the staging prefix, is refused before anything is read.

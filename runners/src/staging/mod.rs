@@ -93,6 +93,7 @@ mod dir;
 mod error;
 mod resume;
 mod s3;
+pub mod split;
 
 pub use budget::{BudgetStats, MemoryBudget, DEFAULT_TRANSFER_MEMORY};
 pub use dir::{DirStore, CHECKPOINT_EVERY, WRITE_BUFFER};

@@ -144,7 +144,7 @@ pub(crate) fn partial_key(key: &str) -> String {
 }
 
 /// `("a/b/", "c")` for `a/b/c`.
-fn split(key: &str) -> (&str, &str) {
+pub(crate) fn split(key: &str) -> (&str, &str) {
     match key.rfind('/') {
         Some(at) => (&key[..=at], &key[at + 1..]),
         None => ("", key),

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use super::budget::{MemoryBudget, PartBuf, DEFAULT_TRANSFER_MEMORY};
 use super::error::scrub;
 use super::resume::{self, ReadAgain, ResumeFrom, SourceFacts};
+use super::split::{self, RangeDone, SplitPlan};
 use super::{validate_key, BodyStats, FailureSide, PutReport, ReadStream, StagingError, NEWLINE};
 
 /// S3's minimum size of every part but the last.
@@ -956,6 +957,274 @@ impl Upload<'_> {
                 sdk_error("AbortMultipartUpload", self.key, e)
             )),
         }
+    }
+}
+
+/// A split transfer ([`split`](super::split)): its plan, ranges and completion.
+impl S3Store {
+    /// Starts moving `key` as ranges of `range_bytes` (rounded down to whole parts): the
+    /// multipart upload, then the plan beside the file. `None` when the file is too short to
+    /// gain from it (under two ranges) or needs more parts than an upload may have.
+    pub(crate) async fn start_split(
+        &self,
+        key: &str,
+        facts: SourceFacts,
+        length: u64,
+        range_bytes: u64,
+    ) -> Result<Option<SplitPlan>, StagingError> {
+        validate_key(key)?;
+        let part = self.part_size as u64;
+        let range_bytes = (range_bytes / part).max(1) * part;
+        let mut plan = SplitPlan {
+            v: split::VERSION,
+            facts: SourceFacts {
+                length: Some(length),
+                ..facts
+            },
+            length,
+            upload_id: String::new(),
+            part_size: part,
+            range_bytes,
+        };
+        if length < range_bytes.saturating_mul(2) || !plan.is_sound(self.max_parts) {
+            return Ok(None);
+        }
+        // A plan left by an earlier attempt names an upload nobody completes now.
+        self.forget_split(key).await?;
+        // Aborted when dropped, until the plan that names it is written.
+        let mut multipart = Multipart::create(self, key, Arc::default()).await?;
+        plan.upload_id = multipart.upload_id.clone();
+        let body = serde_json::to_vec(&plan).unwrap_or_default();
+        self.put_object(&split::plan_key(key), Bytes::from(body))
+            .await?;
+        multipart.armed = false;
+        Ok(Some(plan))
+    }
+
+    /// The plan of a split transfer of `key`, when there is one this store can carry out.
+    pub(crate) async fn split_plan(&self, key: &str) -> Result<Option<SplitPlan>, StagingError> {
+        validate_key(key)?;
+        let pkey = split::plan_key(key);
+        let Some(bytes) = self.get_bytes(&pkey, resume::MAX_CHECKPOINT).await? else {
+            return Ok(None);
+        };
+        let plan = serde_json::from_slice::<SplitPlan>(&bytes)
+            .ok()
+            .filter(|p| p.is_sound(self.max_parts) && p.part_size == self.part_size as u64);
+        if plan.is_none() {
+            tracing::warn!(
+                key,
+                "an unusable split plan is dropped; the file starts over"
+            );
+            self.forget_split(key).await?;
+        }
+        Ok(plan)
+    }
+
+    /// What range `i` of `plan` stored, when it is done.
+    pub(crate) async fn range_done(
+        &self,
+        key: &str,
+        plan: &SplitPlan,
+        i: u32,
+    ) -> Result<Option<RangeDone>, StagingError> {
+        let rkey = split::range_key(key, i);
+        let Some(bytes) = self.get_bytes(&rkey, resume::MAX_CHECKPOINT).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice::<RangeDone>(&bytes)
+            .ok()
+            .filter(|d| d.v == split::VERSION && d.upload_id == plan.upload_id))
+    }
+
+    /// Records that range `i` is stored.
+    pub(crate) async fn record_range(
+        &self,
+        key: &str,
+        i: u32,
+        done: &RangeDone,
+    ) -> Result<(), StagingError> {
+        let body = serde_json::to_vec(done).unwrap_or_default();
+        self.put_object(&split::range_key(key, i), Bytes::from(body))
+            .await
+    }
+
+    /// Writes range `i`'s bytes as its parts of the plan's upload.
+    pub(crate) fn range_writer<'a>(
+        &'a self,
+        key: &'a str,
+        plan: &SplitPlan,
+        i: u32,
+    ) -> RangeWriter<'a> {
+        RangeWriter {
+            store: self,
+            key,
+            upload_id: plan.upload_id.clone(),
+            next_part: plan.first_part(i),
+            part_size: self.part_size,
+            buf: None,
+            etags: Vec::new(),
+        }
+    }
+
+    /// Completes the upload from every range's parts, in order, and forgets the plan. An
+    /// upload already completed (by an earlier fold whose answer was lost) is accepted when
+    /// the object has the length the ranges add up to.
+    pub(crate) async fn complete_split(
+        &self,
+        key: &str,
+        plan: &SplitPlan,
+        ranges: &[RangeDone],
+    ) -> Result<PutReport, StagingError> {
+        let bytes: u64 = ranges.iter().map(|d| d.bytes).sum();
+        let newline_added = ranges.last().is_some_and(|d| d.newline_added);
+        if bytes != plan.length + u64::from(newline_added) {
+            return Err(StagingError::Store {
+                operation: "CompleteMultipartUpload",
+                key: key.to_owned(),
+                status: None,
+                code: Some("ResumeMismatch".into()),
+                transient: true,
+                message: format!(
+                    "the ranges hold {bytes} bytes of a file of {}; the file starts over",
+                    plan.length
+                ),
+            });
+        }
+        let parts = ranges
+            .iter()
+            .flat_map(|d| d.etags.iter())
+            .zip(1..)
+            .map(|(e_tag, number)| {
+                CompletedPart::builder()
+                    .e_tag(e_tag)
+                    .part_number(number)
+                    .build()
+            })
+            .collect::<Vec<_>>();
+        let completed = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(&plan.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| sdk_error("CompleteMultipartUpload", key, e));
+        if let Err(e) = completed {
+            let stored = match e.code() {
+                Some("NoSuchUpload") => self
+                    .client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .ok()
+                    .and_then(|h| h.content_length),
+                _ => None,
+            };
+            if stored.and_then(|n| u64::try_from(n).ok()) != Some(bytes) {
+                return Err(e);
+            }
+        }
+        self.forget_split(key).await?;
+        Ok(PutReport {
+            bytes,
+            lines: ranges.iter().map(|d| d.lines).sum(),
+            newline_added,
+            resumed_at: 0,
+        })
+    }
+
+    /// Removes a split transfer of `key`: its ranges' records, its plan, and (when not yet
+    /// completed) its upload.
+    pub(crate) async fn forget_split(&self, key: &str) -> Result<(), StagingError> {
+        let pkey = split::plan_key(key);
+        let Some(bytes) = self.get_bytes(&pkey, resume::MAX_CHECKPOINT).await? else {
+            return Ok(());
+        };
+        if let Ok(plan) = serde_json::from_slice::<SplitPlan>(&bytes) {
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&plan.upload_id)
+                .send()
+                .await;
+            for i in 0..plan.ranges().min(split::MAX_RANGES) {
+                self.delete(&split::range_key(key, i)).await?;
+            }
+        }
+        self.delete(&pkey).await
+    }
+}
+
+/// Writes one range's bytes as consecutive parts of a split transfer's upload, one part buffer
+/// (from the store's budget) at a time.
+pub(crate) struct RangeWriter<'a> {
+    store: &'a S3Store,
+    key: &'a str,
+    upload_id: String,
+    next_part: i32,
+    part_size: usize,
+    buf: Option<PartBuf>,
+    etags: Vec<String>,
+}
+
+impl RangeWriter<'_> {
+    pub(crate) async fn push(&mut self, mut data: &[u8]) -> Result<(), StagingError> {
+        while !data.is_empty() {
+            let buf = match &mut self.buf {
+                Some(buf) => buf,
+                None => {
+                    let next = self.store.budget.buffer(self.part_size).await?;
+                    self.buf.insert(next)
+                }
+            };
+            let taken = buf.fill(data);
+            data = &data[taken..];
+            if buf.is_full() {
+                self.send().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self) -> Result<(), StagingError> {
+        let Some(buf) = self.buf.take() else {
+            return Ok(());
+        };
+        let (bytes, frozen) = buf.freeze();
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let store = self.store;
+        let part = upload_part(
+            &store.client,
+            &store.bucket,
+            self.key,
+            &self.upload_id,
+            self.next_part,
+            bytes,
+        )
+        .await?;
+        self.next_part += 1;
+        self.etags.push(part.e_tag().unwrap_or_default().to_owned());
+        self.buf = frozen.reclaim();
+        Ok(())
+    }
+
+    /// Sends the last (short) part and returns the ETags of the range's parts.
+    pub(crate) async fn finish(mut self) -> Result<Vec<String>, StagingError> {
+        self.send().await?;
+        Ok(self.etags)
     }
 }
 
