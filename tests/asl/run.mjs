@@ -398,6 +398,43 @@ async function executionTests() {
     });
   });
 
+  await test('state-machine.json: a large file moves as byte ranges, its range items at once (inline rendering)', async () => {
+    // About 12 MB of Observations in one file, from a source that serves ranges: 3 ranges of
+    // 5 MiB, each one item of the Map.
+    const types = [['Patient', 20, 1], ['Observation', 30000, 1]];
+    await withWorld({ types, ranges: true }, async (world) => {
+      const answers = [];
+      let inFlight = 0;
+      let mostInFlight = 0;
+      const env = { FAN_OUT_FILES: '2', FAN_OUT_CONCURRENCY: '4', TRANSFER_PART_SIZE: '5', FAN_OUT_RANGE_MB: '5' };
+      const run = await fanOutRun(world, env, (invoke) => async (payload) => {
+        const ranged = payload.fanOutItem.range !== undefined;
+        inFlight += ranged ? 1 : 0;
+        mostInFlight = Math.max(mostInFlight, inFlight);
+        try {
+          const out = await invoke(payload);
+          answers.push(out);
+          return out;
+        } finally {
+          inFlight -= ranged ? 1 : 0;
+        }
+      });
+      assert(!run.error, `execution failed: ${run.error?.name}: ${run.error?.message}`);
+      assertEq(run.output.action, 'succeed', 'action');
+      const stats = await world.fixture.stats();
+      assertEq(stats.pathling.resources, world.fixture.expected, 'Pathling holds every exported resource');
+      const ranges = answers.filter((a) => a.range !== undefined);
+      assertEq(ranges.length, 3, `range items: ${JSON.stringify(answers)}`);
+      assert(ranges.every((a) => a.outcome === 'staged'), `range answers: ${JSON.stringify(ranges)}`);
+      assertEq(stats.source.ranges_served, 3, 'one range request per range');
+      assert(mostInFlight > 1, `range items ran one at a time (${mostInFlight})`);
+      const staged = (await listKeys(world.bucket, 'staging/')).filter((k) => k.includes('/output/'));
+      assertEq(staged.length, 2, 'both files staged');
+      const left = (await listKeys(world.bucket, 'staging/')).filter((k) => k.includes('/.resume/') || k.includes('/fanout/'));
+      assertEq(left, [], 'no plan, range record or fan-out folder is left');
+    });
+  });
+
   await test('state-machine.json: happy path, waits as the machine says, then an incremental run', async () => {
     await withWorld({ in_progress_polls: 2, retry_after: 1 }, async (world) => {
       const { fixture } = world;

@@ -51,6 +51,9 @@ struct Scenario {
     bucket: Option<String>,
     /// Files (`{Type}.{k}.ndjson`) the manifest lists but whose downloads answer 404.
     lost_files: Option<Vec<String>>,
+    /// Serve files as an object store does: ranges, a strong `ETag`, `Content-Length`, no
+    /// compression.
+    ranges: Option<bool>,
 }
 
 struct Servers {
@@ -87,6 +90,8 @@ async fn stats(State(servers): State<Arc<Servers>>) -> Json<Value> {
             "job_deletes": s.job_deletes,
             "file_gets": s.file_gets,
             "files_completed": s.files_completed,
+            "ranges_served": s.ranges_served,
+            "file_attempts": servers.source.file_attempts(),
         },
         "pathling": {
             "resources": resources,
@@ -171,6 +176,8 @@ async fn run(scenario: Scenario) -> ExitCode {
             .unwrap_or_default()
             .into_iter()
             .collect(),
+        ranges: scenario.ranges.unwrap_or(false),
+        gzip_when_asked: !scenario.ranges.unwrap_or(false),
         ..SourceConfig::default()
     };
     let source = match FakeSource::start(source_config).await {
