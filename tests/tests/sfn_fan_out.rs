@@ -24,8 +24,10 @@ use pathling_import_core::Timestamp;
 use pathling_import_runners::executor::now;
 use pathling_import_runners::sfn::{Task, EXTRA_KEYS};
 use pathling_import_tests::data::DatasetConfig;
-use pathling_import_tests::fake_pathling::{FakePathling, PathlingConfig, S3Access};
-use pathling_import_tests::fake_source::{FakeSource, SourceConfig};
+use pathling_import_tests::fake_pathling::{
+    FakePathling, FakePathlingHandle, PathlingConfig, S3Access,
+};
+use pathling_import_tests::fake_source::{FakeSource, FakeSourceHandle, SourceConfig};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -47,45 +49,56 @@ async fn object(bucket: &S3Bucket, key: &str) -> Vec<u8> {
         .to_vec()
 }
 
-#[test]
-fn a_fan_out_stages_every_file_once_through_parallel_item_lambdas() {
-    let endpoint = moto_endpoint();
-    // Before any thread of the runtime exists.
-    for (k, v) in [
-        ("AWS_ENDPOINT_URL", endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_REGION", "us-east-1"),
-    ] {
-        std::env::set_var(k, v);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// The task's S3 client reads its endpoint from the process environment: set once, before
+/// any runtime's thread exists.
+fn runtime() -> tokio::runtime::Runtime {
+    static ENV: std::sync::Once = std::sync::Once::new();
+    ENV.call_once(|| {
+        let endpoint = moto_endpoint();
+        for (k, v) in [
+            ("AWS_ENDPOINT_URL", endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ] {
+            std::env::set_var(k, v);
+        }
+    });
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(fan_out());
+        .unwrap()
 }
 
-async fn fan_out() {
-    let bucket = S3Bucket::create().await;
-    // 200 files of two types, and one of about 20 MB.
-    let src = FakeSource::start(SourceConfig {
-        dataset: DatasetConfig::new(&[
-            ("Patient", 400, 100),
-            ("Observation", 800, 100),
-            ("Condition", 60_000, 1),
-        ]),
+#[test]
+fn a_fan_out_stages_every_file_once_through_parallel_item_lambdas() {
+    runtime().block_on(fan_out());
+}
+
+#[test]
+fn a_split_file_whose_version_changes_is_split_again() {
+    runtime().block_on(changed_while_split());
+}
+
+/// The source, serving files as an object store does: ranges, and no compression (a
+/// compressed answer's offsets are not the file's, so such a file is not split).
+async fn source(dataset: DatasetConfig) -> FakeSourceHandle {
+    FakeSource::start(SourceConfig {
+        dataset,
         in_progress_polls: 0,
-        // As an object store serves files: ranges, and no compression (a compressed answer's
-        // offsets are not the file's, so such a file is not split).
         ranges: true,
         gzip_when_asked: false,
         chunk_bytes: 64 * 1024,
         ..SourceConfig::default()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// Pathling, and the task fanning out batches of 8 files or more, 16 items at once, files of
+/// at least 10 MiB split into 5 MiB ranges.
+async fn task(bucket: &S3Bucket, src: &FakeSourceHandle) -> (Task, FakePathlingHandle) {
     let staged = format!("s3://{}/staged/", bucket.bucket);
     let s3a = format!("s3a://{}/staged/", bucket.bucket);
     let mut pathling_config = PathlingConfig::v9(&[staged.as_str(), s3a.as_str()]);
@@ -98,8 +111,9 @@ async fn fan_out() {
         ("TARGET_AUTHENTICATION_ENABLED", "false".into()),
         ("EXPORT_RETRY_WAIT", "1".into()),
         ("IMPORT_RETRY_WAIT", "1".into()),
+        ("TRANSFER_RETRY_WAIT", "1".into()),
         ("TRANSFER_CONCURRENCY", "2".into()),
-        ("STAGING_URL", staged.clone()),
+        ("STAGING_URL", staged),
         ("FAN_OUT_FILES", "8".into()),
         ("FAN_OUT_CONCURRENCY", "16".into()),
         ("TRANSFER_PART_SIZE", "5".into()),
@@ -114,7 +128,65 @@ async fn fan_out() {
         .await
         .unwrap()
         .without_event_log_on_stdout();
-    let budget = || Timestamp(now().0 + 30_000);
+    (task, pathling)
+}
+
+fn budget() -> Timestamp {
+    Timestamp(now().0 + 30_000)
+}
+
+/// The Map's ItemProcessor: one task invocation per item, `concurrency` at once.
+async fn run_items(task: &Task, items: Vec<Value>, concurrency: usize) -> Vec<Value> {
+    futures_util::stream::iter(items)
+        .map(|item| async move {
+            task.invoke(json!({ "fanOutItem": item }), budget())
+                .await
+                .unwrap()
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
+/// The staged object whose key contains `type_name`.
+async fn staged_file(bucket: &S3Bucket, type_name: &str) -> Vec<u8> {
+    bucket
+        .objects()
+        .await
+        .into_iter()
+        .find(|(k, _)| k.contains("/output/") && k.ends_with(".ndjson") && k.contains(type_name))
+        .map(|(_, v)| v)
+        .unwrap()
+}
+
+/// The URL of the manifest's `type_name` file, and what the source serves there now.
+async fn source_file(bucket: &S3Bucket, run_id: &str, type_name: &str) -> (String, Vec<u8>) {
+    let manifest: Value =
+        serde_json::from_slice(&object(bucket, &format!("staged/{run_id}/manifest.json")).await)
+            .unwrap();
+    let url = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["type"] == type_name)
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bytes = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
+    (url, bytes.to_vec())
+}
+
+async fn fan_out() {
+    let bucket = S3Bucket::create().await;
+    // 200 files of two types, and one of about 20 MB.
+    let src = source(DatasetConfig::new(&[
+        ("Patient", 400, 100),
+        ("Observation", 800, 100),
+        ("Condition", 60_000, 1),
+    ]))
+    .await;
+    let (task, pathling) = task(&bucket, &src).await;
 
     let mut input = json!({});
     let (mut fan_outs, mut items_run) = (0, 0);
@@ -149,21 +221,7 @@ async fn fan_out() {
                 assert!(items.len() <= 64 + 8, "{}", items.len());
                 if large.is_none() {
                     let run_id = out["runId"].as_str().unwrap();
-                    let manifest: Value = serde_json::from_slice(
-                        &object(&bucket, &format!("staged/{run_id}/manifest.json")).await,
-                    )
-                    .unwrap();
-                    let url = manifest["files"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .find(|f| f["type"] == "Condition")
-                        .unwrap()["url"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned();
-                    let bytes = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
-                    large = Some((url, bytes.to_vec()));
+                    large = Some(source_file(&bucket, run_id, "Condition").await);
                 }
                 range_items.push(items.iter().filter(|i| i.get("range").is_some()).count());
                 // The first batch's first child fails for good (no result): the fold counts
@@ -175,18 +233,7 @@ async fn fan_out() {
                     items
                 };
                 // ItemProcessor: one task invocation per item, MaxConcurrency at once.
-                let answers: Vec<Value> = futures_util::stream::iter(items)
-                    .map(|item| {
-                        let task = &task;
-                        async move {
-                            task.invoke(json!({ "fanOutItem": item }), budget())
-                                .await
-                                .unwrap()
-                        }
-                    })
-                    .buffer_unordered(concurrency)
-                    .collect()
-                    .await;
+                let answers = run_items(&task, items, concurrency).await;
                 items_run += answers.len();
                 // The large file's first item answers `paused`: it only split the file.
                 assert!(
@@ -233,13 +280,7 @@ async fn fan_out() {
     // Its attempts: the item that split it, one per range, and this test's read.
     assert_eq!(*large_attempts as usize, 1 + ranges + 1);
     assert_eq!(src.stats().ranges_served as usize, ranges);
-    let staged_large = bucket
-        .objects()
-        .await
-        .into_iter()
-        .find(|(k, _)| k.contains("/output/") && k.ends_with(".ndjson") && k.contains("Condition"))
-        .map(|(_, v)| v)
-        .unwrap();
+    let staged_large = staged_file(&bucket, "Condition").await;
     assert!(
         staged_large == served,
         "the staged file differs from the source's"
@@ -271,6 +312,70 @@ async fn fan_out() {
         .await
         .into_keys()
         .filter(|k| k.contains("/fanout/"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A file split into ranges whose source serves another version before its ranges move: the
+/// range items are answered with the whole new file (`If-Range`), void the plan and report the
+/// file changed; the file is split again (a new plan, new range items) and staged whole.
+async fn changed_while_split() {
+    let bucket = S3Bucket::create().await;
+    // About 12 MB in one file (3 ranges), and 8 small ones.
+    let src = source(DatasetConfig::new(&[
+        ("Patient", 80, 10),
+        ("Observation", 30_000, 1),
+    ]))
+    .await;
+    let (task, pathling) = task(&bucket, &src).await;
+    let mut input = json!({});
+    let (mut range_fan_outs, mut changed_answers) = (0, 0);
+    let mut last = Value::Null;
+    let mut now_served = None;
+    for _ in 0..100 {
+        let out = task.invoke(input, budget()).await.unwrap();
+        match out["action"].as_str().unwrap() {
+            "continue" => {}
+            "wait" => tokio::time::sleep(Duration::from_secs(1)).await,
+            "fan_out" => {
+                let items: Vec<Value> = serde_json::from_slice(
+                    &object(&bucket, out["fanOut"]["itemsKey"].as_str().unwrap()).await,
+                )
+                .unwrap();
+                if items.iter().any(|i| i.get("range").is_some()) {
+                    range_fan_outs += 1;
+                    if range_fan_outs == 1 {
+                        src.update(|c| c.file_version += 1);
+                    } else {
+                        // Read while the export job still exists.
+                        let run_id = out["runId"].as_str().unwrap();
+                        now_served = Some(source_file(&bucket, run_id, "Observation").await.1);
+                    }
+                }
+                let answers = run_items(&task, items, 16).await;
+                changed_answers += answers.iter().filter(|a| a["outcome"] == "network").count();
+            }
+            "succeed" | "fail" => {
+                last = out;
+                break;
+            }
+            other => panic!("unknown action {other:?}: {out}"),
+        }
+        input = out;
+    }
+    assert_eq!(last["action"], "succeed", "{last}");
+    assert_eq!(range_fan_outs, 2, "split, voided, split again");
+    assert!(changed_answers >= 1, "a range item reported the change");
+    assert!(
+        staged_file(&bucket, "Observation").await == now_served.unwrap(),
+        "the staged file is not the source's current version"
+    );
+    assert_pathling_holds_export(&pathling, &src);
+    let left: BTreeSet<String> = bucket
+        .objects()
+        .await
+        .into_keys()
+        .filter(|k| k.contains("/.resume/") || k.contains("/fanout/"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
