@@ -33,7 +33,9 @@
 //! - `fan_out` ([`FAN_OUT_FILES`]): a batch of due files is written as the items of the
 //!   definition's Distributed Map; each item comes back as `{"fanOutItem": ...}`, which stages
 //!   that one file and writes its result beside the items; the next invocation, given the same
-//!   payload, folds the results into the run ([`driver::fold`]) and goes on.
+//!   payload, folds the results into the run ([`driver::fold`]) and goes on. A large file
+//!   split into byte ranges ([`FAN_OUT_RANGE_MB`], [`crate::staging::split`]) is one item per
+//!   range, `{"fanOut", "n", "range"}`, and the fold completes its upload once all are in.
 //!
 //! The envelope stays compact (file URLs live in the manifest the executor stored in the
 //! staging store), so the payload stays far below Step Functions' 256 KiB for manifests of
@@ -1260,6 +1262,44 @@ mod tests {
         assert_eq!(w.run_id, "r1");
         let e = parse_watermark(Some(&json!(42))).unwrap_err();
         assert_eq!(e.error_type, aws::ErrorType::State);
+    }
+
+    #[tokio::test]
+    async fn range_splitting_is_refused_without_a_fan_out_or_with_a_bad_size() {
+        let config = |extra: &[(&str, &str)]| {
+            let mut vars: Vec<(String, String)> = [
+                ("SOURCE_ENDPOINT", "http://127.0.0.1:9/fhir"),
+                ("SOURCE_AUTHENTICATION_ENABLED", "false"),
+                ("TARGET_ENDPOINT", "http://127.0.0.1:9/fhir"),
+                ("TARGET_AUTHENTICATION_ENABLED", "false"),
+                ("STAGING_URL", "s3://bucket/p/"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            let raw = pathling_import_core::config::RawConfig::from_env(vars, EXTRA_KEYS);
+            pathling_import_core::config::parse(&raw, EXTRA_KEYS).unwrap()
+        };
+        let refused = |task: Result<Task, LambdaFailure>| match task {
+            Ok(_) => panic!("the configuration was accepted"),
+            Err(e) => e,
+        };
+        let e = refused(Task::new(config(&[(FAN_OUT_RANGE_MB, "64")])).await);
+        assert_eq!(e.error_type, aws::ErrorType::Configuration);
+        assert!(
+            e.message.contains(FAN_OUT_RANGE_MB) && e.message.contains(FAN_OUT_FILES),
+            "{}",
+            e.message
+        );
+        let e =
+            refused(Task::new(config(&[(FAN_OUT_FILES, "8"), (FAN_OUT_RANGE_MB, "a lot")])).await);
+        assert!(
+            e.message
+                .contains("FAN_OUT_RANGE_MB: expected a whole number"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
