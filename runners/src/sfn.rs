@@ -54,7 +54,7 @@ use crate::event_log::{self, EventLog, Sink};
 use crate::executor::{now, Executor, RangeFailure};
 use crate::report;
 use crate::resume::admit;
-use crate::staging::split::SplitPlan;
+use crate::staging::split::{RangeDone, SplitPlan};
 use crate::staging::{StagingError, StagingStore};
 use pathling_import_core::config::{Config, Secrets, TlsConfig};
 use pathling_import_core::effect::{Effect, EffectId, EffectResult, Input, Request};
@@ -422,9 +422,9 @@ impl Task {
         let fan_out_at = self.fan_out_files.filter(|_| cancel.is_none());
         // A file split into ranges is only ever moved by its range items: it fans out
         // whatever the threshold.
-        let split = match fan_out_at {
-            Some(_) => splits(executor.staging(), &run.fan_out_batch(now())).await?,
-            None => Splits::new(),
+        let split = match (fan_out_at, self.fan_out_range) {
+            (Some(_), Some(_)) => splits(executor.staging(), &run.fan_out_batch(now())).await?,
+            _ => Splits::new(),
         };
         let fans_out = |run: &SyncRun| {
             fan_out_at.is_some_and(|threshold| {
@@ -462,6 +462,11 @@ impl Task {
         };
         if run.is_done() {
             clear_fan_outs(executor.staging(), &run, None).await;
+            // A failed run that a retry continues keeps its plans: its split files go on
+            // from the ranges stored.
+            if self.fan_out_range.is_some() && run.resumable().is_none() {
+                clear_splits(executor.staging(), &run).await;
+            }
         }
         if let Stopped::Done(terminal) = &stopped {
             if let Terminal::Failed(f) = terminal.as_ref() {
@@ -521,7 +526,10 @@ impl Task {
                 })
         };
         put(format!("{dir}requests.json"), json!(batch)).await?;
-        let split = splits(staging, &batch).await?;
+        let split = match self.fan_out_range {
+            Some(_) => splits(staging, &batch).await?,
+            None => Splits::new(),
+        };
         let mut items = Vec::new();
         for (n, request) in batch.iter().enumerate() {
             match split.get(staged_key(request)) {
@@ -694,27 +702,32 @@ impl Task {
         {
             return Ok(Ok(()));
         }
-        match executor.stage_range(request, &plan, i, dir).await {
+        let staged = executor.stage_range(request, &plan, i, dir).await;
+        // Another range's item may have voided the plan meanwhile (aborting the upload under
+        // this one): its verdict stands, and this range's failure says nothing of the file.
+        let current = s3
+            .split_plan(key.as_str())
+            .await
+            .map_err(|e| store_failure("reading the split plan", &e))?;
+        if current.is_none_or(|c| c.upload_id != plan.upload_id) {
+            tracing::info!(key = %key, range = i, "the split plan was voided meanwhile");
+            return Ok(Ok(()));
+        }
+        let failure = match staged {
             Ok(done) => {
                 s3.record_range(key.as_str(), i, &done)
                     .await
                     .map_err(|e| store_failure("recording a range", &e))?;
-                Ok(Ok(()))
+                return Ok(Ok(()));
             }
-            Err(RangeFailure::Changed(f)) => {
-                s3.forget_split(key.as_str())
-                    .await
-                    .map_err(|e| store_failure("dropping the split plan", &e))?;
-                Ok(Err(EffectResult::Failed(f)))
-            }
-            Err(RangeFailure::Failed(f)) if classify(&f) == Verdict::Permanent => {
-                s3.forget_split(key.as_str())
-                    .await
-                    .map_err(|e| store_failure("dropping the split plan", &e))?;
-                Ok(Err(EffectResult::Failed(f)))
-            }
-            Err(RangeFailure::Failed(f)) => Err(LambdaFailure::transient(f.to_string())),
-        }
+            Err(RangeFailure::Changed(f)) => f,
+            Err(RangeFailure::Failed(f)) if classify(&f) == Verdict::Permanent => f,
+            Err(RangeFailure::Failed(f)) => return Err(LambdaFailure::transient(f.to_string())),
+        };
+        s3.forget_split(key.as_str())
+            .await
+            .map_err(|e| store_failure("dropping the split plan", &e))?;
+        Ok(Err(EffectResult::Failed(failure)))
     }
 }
 
@@ -811,9 +824,22 @@ async fn splits(staging: &StagingStore, batch: &[Request]) -> Result<Splits, Lam
             continue;
         };
         let ranges = format!("{name}.range.");
-        let done = names
+        let listed = names
             .iter()
             .filter_map(|n| n.strip_prefix(&ranges)?.strip_suffix(".json")?.parse().ok())
+            .filter(|i| *i < plan.ranges());
+        // Only records of this plan's upload count.
+        let done = range_records(s3, key.as_str(), &plan, listed)
+            .await
+            .map_err(|e| {
+                storage_failure(
+                    &format!("reading range records of {key}"),
+                    &e,
+                    aws::ErrorType::Configuration,
+                )
+            })?
+            .into_iter()
+            .map(|(i, _)| i)
             .collect();
         out.insert(key.as_str().to_owned(), (plan, done));
     }
@@ -908,10 +934,7 @@ async fn read_fan_out(
                 serde_json::from_value(answer["result"].clone())
                     .map_err(|e| LambdaFailure::state(format!("{key}: {e}")))?
             }
-            None => match &request.effect {
-                Effect::StageFile { key, .. } => fold_split(staging, dir, key.as_str()).await?,
-                _ => continue,
-            },
+            None => fold_split(staging, dir, &request).await?,
         };
         out.push((request, result));
     }
@@ -926,8 +949,9 @@ async fn read_fan_out(
 async fn fold_split(
     staging: &StagingStore,
     dir: &str,
-    key: &str,
+    request: &Request,
 ) -> Result<EffectResult, LambdaFailure> {
+    let key = staged_key(request);
     let unfinished = |why: &str| {
         EffectResult::Failed(Failure::new(
             FailureKind::Unfinished,
@@ -951,19 +975,12 @@ async fn fold_split(
     else {
         return Ok(unfinished("the item's Lambda failed"));
     };
-    let mut done = Vec::new();
-    for i in 0..plan.ranges() {
-        if let Some(d) = s3
-            .range_done(key, &plan, i)
-            .await
-            .map_err(|e| failure("reading range records", &e))?
-        {
-            done.push(d);
-        }
-    }
+    let done = range_records(s3, key, &plan, 0..plan.ranges())
+        .await
+        .map_err(|e| failure("reading range records", &e))?;
     let ranges = plan.ranges() as usize;
     if done.len() < ranges {
-        let now_stored = done.iter().filter(|d| d.fan_out == dir).count();
+        let now_stored = done.iter().filter(|(_, d)| d.fan_out == dir).count();
         if now_stored == 0 {
             return Ok(unfinished(&format!(
                 "{} of its {ranges} ranges are stored, none by this fan-out",
@@ -978,6 +995,7 @@ async fn fold_split(
             ),
         )));
     }
+    let done: Vec<_> = done.into_iter().map(|(_, d)| d).collect();
     match s3.complete_split(key, &plan, &done).await {
         Ok(report) => {
             tracing::info!(
@@ -986,14 +1004,22 @@ async fn fold_split(
                 bytes = report.bytes,
                 "{key} is complete from its {ranges} ranges"
             );
-            Ok(EffectResult::FileStaged {
+            let staged = EffectResult::FileStaged {
                 bytes: report.bytes,
                 resources: report.lines,
                 newline_added: report.newline_added,
                 outcomes: None,
-            })
+            };
+            // Recorded before the plan goes, so that a retried fold finds the file staged.
+            write_result(staging, dir, request, &staged).await?;
+            s3.forget_split(key)
+                .await
+                .map_err(|e| failure("dropping the split plan", &e))?;
+            Ok(staged)
         }
-        Err(e) if e.code() == Some("ResumeMismatch") => {
+        // Completing will never work (the upload is gone, a part is missing or too small):
+        // the file starts over.
+        Err(e) if e.code() == Some("ResumeMismatch") || !e.is_transient() => {
             s3.forget_split(key)
                 .await
                 .map_err(|e| failure("dropping the split plan", &e))?;
@@ -1003,6 +1029,53 @@ async fn fold_split(
             )))
         }
         Err(e) => Err(failure("completing the upload", &e)),
+    }
+}
+
+/// The records of `plan`'s ranges among `ranges` that are stored, with their numbers, read a
+/// few at a time.
+async fn range_records(
+    s3: &crate::staging::S3Store,
+    key: &str,
+    plan: &SplitPlan,
+    ranges: impl Iterator<Item = u32>,
+) -> Result<Vec<(u32, RangeDone)>, StagingError> {
+    use futures::stream::{StreamExt, TryStreamExt};
+    let read: Vec<Option<(u32, RangeDone)>> = futures::stream::iter(ranges)
+        .map(|i| async move {
+            Ok::<_, StagingError>(s3.range_done(key, plan, i).await?.map(|d| (i, d)))
+        })
+        .buffered(crate::staging::CONCURRENT_REQUESTS)
+        .try_collect()
+        .await?;
+    Ok(read.into_iter().flatten().collect())
+}
+
+/// Drops the split plans left in a run's folders (best effort): a run that ended has no use
+/// for them, and their uploads would otherwise wait for the bucket's lifecycle rule.
+async fn clear_splits(staging: &StagingStore, run: &SyncRun) {
+    let StagingStore::S3(s3) = staging else {
+        return;
+    };
+    let run_prefix = run.spec.staging.run_prefix(&run.run_id);
+    for kind in ["output", "deleted", "error"] {
+        let prefix = format!("{run_prefix}{kind}/.resume/");
+        let keys = match s3.list(&prefix).await {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!("could not list {prefix}: {e}");
+                continue;
+            }
+        };
+        for name in keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix(".split.json"))
+        {
+            let key = format!("{run_prefix}{kind}/{name}");
+            if let Err(e) = s3.forget_split(&key).await {
+                tracing::warn!("could not drop the split plan of {key}: {e}");
+            }
+        }
     }
 }
 

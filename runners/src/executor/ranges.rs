@@ -169,7 +169,18 @@ impl Executor {
         };
         let mut stats = BodyStats::default();
         let mut last_stored = None;
-        let store_failure = |e| Failed(staging_failure(&format!("staging {key}"), &e));
+        let store_failure = |e: crate::staging::StagingError| {
+            let failure = staging_failure(&format!("staging {key}"), &e);
+            if e.code() == Some("NoSuchUpload") {
+                // The planned upload is gone (a lifecycle rule, or a voided plan).
+                Changed(Failure::new(
+                    FailureKind::Network,
+                    format!("{failure}; the split upload is gone, the file starts over"),
+                ))
+            } else {
+                Failed(failure)
+            }
+        };
         let content = |e| {
             Failed(Failure::new(
                 FailureKind::Undecodable,
@@ -203,11 +214,14 @@ impl Executor {
             )));
         }
         check.finish().map_err(content)?;
+        // A last line without a newline counts where it starts (possibly an earlier range).
+        if cut.reached() >= plan.length && stats.needs_newline() {
+            stats.observe(b"\n");
+        }
         let last = range.end == plan.length;
         let newline_added = last && last_stored.is_some_and(|b| b != b'\n');
         if newline_added {
             writer.push(b"\n").await.map_err(store_failure)?;
-            stats.observe(b"\n");
         }
         let etags = writer.finish().await.map_err(store_failure)?;
         Ok(RangeDone {

@@ -99,6 +99,7 @@ pub use budget::{BudgetStats, MemoryBudget, DEFAULT_TRANSFER_MEMORY};
 pub use dir::{DirStore, CHECKPOINT_EVERY, WRITE_BUFFER};
 pub use error::{FailureSide, StagingError};
 pub use resume::{ResumeFrom, SourceFacts};
+pub(crate) use s3::CONCURRENT_REQUESTS;
 pub use s3::{
     S3Options, S3Store, DEFAULT_PART_SIZE, GROW_EVERY, MAX_PARTS, MAX_PART_SIZE, MIN_PART_SIZE,
 };

@@ -29,6 +29,8 @@ pub const MAX_PART_SIZE: usize = 5 * 1024 * 1024 * 1024;
 /// The part size of an [`S3Options::default`] (the configuration derives its own from the
 /// memory budget): small enough that moto stays fast.
 pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
+/// Small requests (range records) sent at once.
+pub(crate) const CONCURRENT_REQUESTS: usize = 32;
 /// S3's maximum number of parts of one multipart upload.
 pub const MAX_PARTS: u32 = 10_000;
 /// Parts double in size every this many parts of an upload (up to [`S3Store::max_part_size`]),
@@ -1067,9 +1069,9 @@ impl S3Store {
         }
     }
 
-    /// Completes the upload from every range's parts, in order, and forgets the plan. An
-    /// upload already completed (by an earlier fold whose answer was lost) is accepted when
-    /// the object has the length the ranges add up to.
+    /// Completes the upload from every range's parts, in order (the caller records that and
+    /// then forgets the plan). An upload already completed (by an earlier fold that failed
+    /// before recording it) is accepted when the object has the length the ranges add up to.
     pub(crate) async fn complete_split(
         &self,
         key: &str,
@@ -1133,7 +1135,6 @@ impl S3Store {
                 return Err(e);
             }
         }
-        self.forget_split(key).await?;
         Ok(PutReport {
             bytes,
             lines: ranges.iter().map(|d| d.lines).sum(),
@@ -1142,27 +1143,32 @@ impl S3Store {
         })
     }
 
-    /// Removes a split transfer of `key`: its ranges' records, its plan, and (when not yet
-    /// completed) its upload.
+    /// Removes a split transfer of `key`: its plan, (when not yet completed) its upload, and
+    /// every range record under its name, also those a range item wrote after an earlier
+    /// plan was dropped.
     pub(crate) async fn forget_split(&self, key: &str) -> Result<(), StagingError> {
+        validate_key(key)?;
         let pkey = split::plan_key(key);
-        let Some(bytes) = self.get_bytes(&pkey, resume::MAX_CHECKPOINT).await? else {
-            return Ok(());
-        };
-        if let Ok(plan) = serde_json::from_slice::<SplitPlan>(&bytes) {
-            let _ = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(&plan.upload_id)
-                .send()
-                .await;
-            for i in 0..plan.ranges().min(split::MAX_RANGES) {
-                self.delete(&split::range_key(key, i)).await?;
+        if let Some(bytes) = self.get_bytes(&pkey, resume::MAX_CHECKPOINT).await? {
+            if let Ok(plan) = serde_json::from_slice::<SplitPlan>(&bytes) {
+                let _ = self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(&plan.upload_id)
+                    .send()
+                    .await;
             }
+            self.delete(&pkey).await?;
         }
-        self.delete(&pkey).await
+        let records = self.list(&split::range_prefix(key)).await?;
+        let deleted: Vec<Result<(), StagingError>> = futures::stream::iter(records)
+            .map(|k| async move { self.delete(&k).await })
+            .buffer_unordered(CONCURRENT_REQUESTS)
+            .collect()
+            .await;
+        deleted.into_iter().collect()
     }
 }
 

@@ -26,9 +26,6 @@ use super::resume::{self, SourceFacts};
 
 pub(crate) const VERSION: u32 = 1;
 
-/// Ranges a plan may have: a range is at least a part, and an upload has at most 10,000.
-pub(crate) const MAX_RANGES: u32 = super::s3::MAX_PARTS;
-
 /// How a file is split: stored as `.resume/{name}.split.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SplitPlan {
@@ -68,7 +65,8 @@ impl SplitPlan {
             && self.range_bytes >= self.part_size
             && self.range_bytes.is_multiple_of(self.part_size)
             && self.length >= self.range_bytes
-            && self.length.div_ceil(self.part_size) <= u64::from(max_parts)
+            // One part is kept for the newline a file without a final one gets.
+            && self.length.div_ceil(self.part_size) < u64::from(max_parts)
             && self.facts.length == Some(self.length)
     }
 }
@@ -94,6 +92,12 @@ pub struct RangeDone {
 pub(crate) fn plan_key(key: &str) -> String {
     let (dir, name) = resume::split(key);
     format!("{dir}.resume/{name}.split.json")
+}
+
+/// The prefix of every range record of the file `key`.
+pub(crate) fn range_prefix(key: &str) -> String {
+    let (dir, name) = resume::split(key);
+    format!("{dir}.resume/{name}.range.")
 }
 
 /// `.resume/{name}.range.{i}.json` for the file `key`.
@@ -222,8 +226,11 @@ mod tests {
         assert_eq!(p.range(5), None);
         assert_eq!(p.first_part(0), 1);
         assert_eq!(p.first_part(2), 7);
-        assert!(p.is_sound(13));
-        assert!(!p.is_sound(12), "13 parts do not fit 12");
+        assert!(p.is_sound(14));
+        assert!(
+            !p.is_sound(13),
+            "13 parts and one for a newline do not fit 13"
+        );
         assert!(!plan(25, 4, 6).is_sound(100), "a range is whole parts");
         assert_eq!(
             plan_key("p/r/output/1.ndjson"),
