@@ -21,7 +21,8 @@
 # defaults on an idle 2-core machine. The machine's other load distorts the figures: the
 # table's "other" CPU column shows how much there was.
 #
-#   scripts/bench.sh fan-out [--files N] [--file-mb N] [--stream-mbps N] [--fan-out N] ...
+#   scripts/bench.sh fan-out [--files N] [--file-mb N] [--stream-mbps N] [--fan-out N]
+#       [--range-mb N] ...
 #
 # instead measures the Step Functions fan-out (tests/src/bin/fan-out-bench.rs): the same
 # export from a source serving each download at a paced rate, staged by the task alone and

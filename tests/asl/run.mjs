@@ -398,10 +398,10 @@ async function executionTests() {
     });
   });
 
-  await test('state-machine.json: a large file moves as byte ranges, its range items at once (inline rendering)', async () => {
-    // About 12 MB of Observations in one file, from a source that serves ranges: 3 ranges of
-    // 5 MiB, each one item of the Map.
-    const types = [['Patient', 20, 1], ['Observation', 30000, 1]];
+  await test('state-machine.json: 200 files and one moved as byte ranges, its range items at once (inline rendering)', async () => {
+    // 200 small files, and about 12 MB of Observations in one file from a source that serves
+    // ranges: 3 ranges of 5 MiB, each one item of the Map.
+    const types = [['Patient', 200, 200], ['Observation', 30000, 1]];
     await withWorld({ types, ranges: true }, async (world) => {
       const answers = [];
       let inFlight = 0;
@@ -429,7 +429,11 @@ async function executionTests() {
       assertEq(stats.source.ranges_served, 3, 'one range request per range');
       assert(mostInFlight > 1, `range items ran one at a time (${mostInFlight})`);
       const staged = (await listKeys(world.bucket, 'staging/')).filter((k) => k.includes('/output/'));
-      assertEq(staged.length, 2, 'both files staged');
+      assertEq(staged.length, 201, 'every file staged');
+      // One item per file, the large one's only splitting it (unless the task's own drive did).
+      const whole = answers.length - ranges.length;
+      assert(whole === 200 || whole === 201, `${whole} whole-file items`);
+      assert(entered(run.events, 'Transfer files') >= 4, 'batches of at most 64 files');
       const left = (await listKeys(world.bucket, 'staging/')).filter((k) => k.includes('/.resume/') || k.includes('/fanout/'));
       assertEq(left, [], 'no plan, range record or fan-out folder is left');
     });

@@ -1071,7 +1071,8 @@ impl S3Store {
 
     /// Completes the upload from every range's parts, in order (the caller records that and
     /// then forgets the plan). An upload already completed (by an earlier fold that failed
-    /// before recording it) is accepted when the object has the length the ranges add up to.
+    /// before recording it) is accepted when the object has the length the ranges add up to
+    /// and as many parts.
     pub(crate) async fn complete_split(
         &self,
         key: &str,
@@ -1119,6 +1120,8 @@ impl S3Store {
             .await
             .map_err(|e| sdk_error("CompleteMultipartUpload", key, e));
         if let Err(e) = completed {
+            // A multipart object's ETag ends with its number of parts.
+            let parts = format!("-{}\"", ranges.iter().map(|d| d.etags.len()).sum::<usize>());
             let stored = match e.code() {
                 Some("NoSuchUpload") => self
                     .client
@@ -1128,6 +1131,7 @@ impl S3Store {
                     .send()
                     .await
                     .ok()
+                    .filter(|h| h.e_tag().is_some_and(|t| t.ends_with(&parts)))
                     .and_then(|h| h.content_length),
                 _ => None,
             };

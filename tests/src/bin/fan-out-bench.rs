@@ -13,6 +13,10 @@
 //!    executor — `--fan-out N` of them at once, as N warm Map children would run them (in one
 //!    process here, so they share this machine's two cores and one S3 server).
 //!
+//! With `--range-mb N`, the source serves ranges (as an object store does) and the fan-out
+//! splits files of at least two ranges into ranges of N MiB (`FAN_OUT_RANGE_MB`), one item
+//! each: `--files 1 --file-mb 64 --range-mb 5` measures one large file moved by many items.
+//!
 //! Printed: the transfer phase's wall time (from the first task invocation until the source
 //! has served every file) and its throughput, for both, and their ratio. The run is left at
 //! its import kick-off: the import is the same either way.
@@ -31,7 +35,7 @@ use pathling_import_tests::fake_source::{FakeSource, FakeSourceHandle, SourceCon
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: fan-out-bench --s3-endpoint URL --access-key K --secret-key S \
-[--files N] [--file-mb N] [--stream-mbps N] [--concurrency N] [--fan-out N]";
+[--files N] [--file-mb N] [--stream-mbps N] [--concurrency N] [--fan-out N] [--range-mb N]";
 
 struct Options {
     endpoint: String,
@@ -42,6 +46,7 @@ struct Options {
     stream_mbps: f64,
     concurrency: u32,
     fan_out: usize,
+    range_mb: Option<u64>,
 }
 
 fn options() -> Result<Options, String> {
@@ -54,6 +59,7 @@ fn options() -> Result<Options, String> {
         stream_mbps: 1.0,
         concurrency: 4,
         fan_out: 32,
+        range_mb: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -70,6 +76,7 @@ fn options() -> Result<Options, String> {
             "--stream-mbps" => o.stream_mbps = value.parse().map_err(|e| bad(&e))?,
             "--concurrency" => o.concurrency = value.parse().map_err(|e| bad(&e))?,
             "--fan-out" => o.fan_out = value.parse().map_err(|e| bad(&e))?,
+            "--range-mb" => o.range_mb = Some(value.parse().map_err(|e| bad(&e))?),
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
     }
@@ -78,7 +85,12 @@ fn options() -> Result<Options, String> {
             "--s3-endpoint, --access-key and --secret-key are required\n{USAGE}"
         ));
     }
-    if o.files == 0 || o.file_mb == 0 || o.stream_mbps <= 0.0 || o.fan_out == 0 {
+    if o.files == 0
+        || o.file_mb == 0
+        || o.stream_mbps <= 0.0
+        || o.fan_out == 0
+        || o.range_mb == Some(0)
+    {
         return Err(format!("sizes and rates must be positive\n{USAGE}"));
     }
     Ok(o)
@@ -122,8 +134,14 @@ fn main() -> std::process::ExitCode {
 
 async fn run(o: &Options) -> Result<(), String> {
     println!(
-        "fan-out-bench: {} files of about {} MB, each served at about {} MB/s",
-        o.files, o.file_mb, o.stream_mbps
+        "fan-out-bench: {} files of about {} MB, each served at about {} MB/s{}",
+        o.files,
+        o.file_mb,
+        o.stream_mbps,
+        match o.range_mb {
+            Some(n) => format!(", the fan-out splitting them into ranges of {n} MiB"),
+            None => String::new(),
+        }
     );
     let alone = measure(o, None).await?;
     let fanned = measure(o, Some(o.fan_out)).await?;
@@ -133,7 +151,18 @@ async fn run(o: &Options) -> Result<(), String> {
             format!("one task, TRANSFER_CONCURRENCY {}", o.concurrency),
             &alone,
         ),
-        (format!("fan-out, {} items at once", o.fan_out), &fanned),
+        (
+            format!(
+                "fan-out{}, {} items at once",
+                if o.range_mb.is_some() {
+                    " in ranges"
+                } else {
+                    ""
+                },
+                o.fan_out
+            ),
+            &fanned,
+        ),
     ] {
         println!(
             "{label:<40} {:>8.1} s {:>8.1} MB {:>8.2} MB/s  ({} fan-out(s))",
@@ -167,6 +196,7 @@ async fn measure(o: &Options, fan_out: Option<usize>) -> Result<Measured, String
         dataset: DatasetConfig::new(&[("Observation", per_file * u64::from(o.files), o.files)]),
         in_progress_polls: 0,
         gzip_when_asked: false,
+        ranges: o.range_mb.is_some(),
         chunk_bytes: chunk,
         chunk_delay: delay,
         ..SourceConfig::default()
@@ -193,6 +223,9 @@ async fn measure(o: &Options, fan_out: Option<usize>) -> Result<Measured, String
     if let Some(n) = fan_out {
         vars.push(("FAN_OUT_FILES".into(), "1".into()));
         vars.push(("FAN_OUT_CONCURRENCY".into(), n.to_string()));
+        if let Some(mb) = o.range_mb {
+            vars.push(("FAN_OUT_RANGE_MB".into(), mb.to_string()));
+        }
     }
     let raw = RawConfig::from_env(vars, EXTRA_KEYS);
     let config = config::parse(&raw, EXTRA_KEYS).map_err(|e| format!("{e:?}"))?;
@@ -208,6 +241,9 @@ async fn measure(o: &Options, fan_out: Option<usize>) -> Result<Measured, String
     let mut secs = None;
     for _ in 0..10_000 {
         let out = invoke(&task, input).await?;
+        // Checked between invocations: a split file's last range (the one read to the file's
+        // end) may complete before its other ranges, but they are all in once the items
+        // have returned.
         if secs.is_none() && all_served(&src, o.files) {
             secs = Some(started.elapsed().as_secs_f64());
         }
