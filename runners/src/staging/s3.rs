@@ -407,17 +407,7 @@ impl S3Store {
                 resumed_at = c.stored;
                 (upload.stats, upload.verify) = ReadAgain::start(&c);
                 keep.store(true, Ordering::Relaxed);
-                let parts = from
-                    .etags
-                    .into_iter()
-                    .zip(1..)
-                    .map(|(e_tag, number)| {
-                        CompletedPart::builder()
-                            .e_tag(e_tag)
-                            .part_number(number)
-                            .build()
-                    })
-                    .collect::<Vec<_>>();
+                let parts = numbered_parts(from.etags);
                 upload.multipart = Some(Multipart {
                     client: self.client.clone(),
                     bucket: self.bucket.clone(),
@@ -861,20 +851,12 @@ impl Upload<'_> {
                 multipart.parts.push(part);
             }
             store
-                .client
-                .complete_multipart_upload()
-                .bucket(&store.bucket)
-                .key(key)
-                .upload_id(&multipart.upload_id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(std::mem::take(&mut multipart.parts)))
-                        .build(),
+                .complete(
+                    key,
+                    &multipart.upload_id,
+                    std::mem::take(&mut multipart.parts),
                 )
-                .send()
                 .await
-                .map_err(|e| sdk_error("CompleteMultipartUpload", key, e))?;
-            Ok::<(), StagingError>(())
         }
         .await;
         match result {
@@ -1094,32 +1076,8 @@ impl S3Store {
                 ),
             });
         }
-        let parts = ranges
-            .iter()
-            .flat_map(|d| d.etags.iter())
-            .zip(1..)
-            .map(|(e_tag, number)| {
-                CompletedPart::builder()
-                    .e_tag(e_tag)
-                    .part_number(number)
-                    .build()
-            })
-            .collect::<Vec<_>>();
-        let completed = self
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key)
-            .upload_id(&plan.upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| sdk_error("CompleteMultipartUpload", key, e));
-        if let Err(e) = completed {
+        let parts = numbered_parts(ranges.iter().flat_map(|d| d.etags.iter().cloned()));
+        if let Err(e) = self.complete(key, &plan.upload_id, parts).await {
             // A multipart object's ETag ends with its number of parts.
             let parts = format!("-{}\"", ranges.iter().map(|d| d.etags.len()).sum::<usize>());
             let stored = match e.code() {
@@ -1174,6 +1132,45 @@ impl S3Store {
             .await;
         deleted.into_iter().collect()
     }
+}
+
+impl S3Store {
+    /// CompleteMultipartUpload of `upload_id` from `parts`.
+    async fn complete(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+    ) -> Result<(), StagingError> {
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_error("CompleteMultipartUpload", key, e))
+    }
+}
+
+/// Parts 1, 2, … with these ETags, as CompleteMultipartUpload lists them.
+fn numbered_parts(etags: impl IntoIterator<Item = String>) -> Vec<CompletedPart> {
+    etags
+        .into_iter()
+        .zip(1..)
+        .map(|(e_tag, number)| {
+            CompletedPart::builder()
+                .e_tag(e_tag)
+                .part_number(number)
+                .build()
+        })
+        .collect()
 }
 
 /// Writes one range's bytes as consecutive parts of a split transfer's upload, one part buffer
