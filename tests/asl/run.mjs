@@ -398,7 +398,7 @@ async function executionTests() {
     });
   });
 
-  await test('state-machine.json: 200 files and one moved as byte ranges, its range items at once (inline rendering)', async () => {
+  await test('state-machine.json: 200 files and one moved as byte ranges, its range items at once, one retried (inline rendering)', async () => {
     // 200 small files, and about 12 MB of Observations in one file from a source that serves
     // ranges: 3 ranges of 5 MiB, each one item of the Map.
     const types = [['Patient', 200, 200], ['Observation', 30000, 1]];
@@ -407,8 +407,14 @@ async function executionTests() {
       let inFlight = 0;
       let mostInFlight = 0;
       const env = { FAN_OUT_FILES: '2', FAN_OUT_CONCURRENCY: '4', TRANSFER_PART_SIZE: '5', FAN_OUT_RANGE_MB: '5' };
+      let rangeFailed = false;
       const run = await fanOutRun(world, env, (invoke) => async (payload) => {
         const ranged = payload.fanOutItem.range !== undefined;
+        // The first range item's Lambda fails once (a throttled S3): the Map's Retry.
+        if (ranged && !rangeFailed) {
+          rangeFailed = true;
+          throw named('TransientError', 'S3 throttled');
+        }
         inFlight += ranged ? 1 : 0;
         mostInFlight = Math.max(mostInFlight, inFlight);
         try {
@@ -427,6 +433,15 @@ async function executionTests() {
       assertEq(ranges.length, 3, `range items: ${JSON.stringify(answers)}`);
       assert(ranges.every((a) => a.outcome === 'staged'), `range answers: ${JSON.stringify(ranges)}`);
       assertEq(stats.source.ranges_served, 3, 'one range request per range');
+      assertEq(retried(run.events, 'Stage one file'), 1, "the Map's Retry ran the failed range item again");
+      // Every file downloaded once; the large one by the answer that split it and its ranges.
+      const attempts = Object.entries(stats.source.file_attempts);
+      assertEq(attempts.length, 201, 'files downloaded');
+      const isLarge = ([name]) => name.endsWith('Observation.0.ndjson');
+      assertEq(attempts.filter(isLarge).map(([, n]) => n), [4], 'the large file: one answer split it, then its 3 ranges');
+      const again = attempts.filter((a) => !isLarge(a) && a[1] !== 1);
+      assertEq(again, [], 'every other file downloaded once');
+      assertEq(stats.pathling.imports_accepted, 1, 'imported once');
       assert(mostInFlight > 1, `range items ran one at a time (${mostInFlight})`);
       const staged = (await listKeys(world.bucket, 'staging/')).filter((k) => k.includes('/output/'));
       assertEq(staged.length, 201, 'every file staged');
