@@ -422,9 +422,14 @@ impl Task {
         let fan_out_at = self.fan_out_files.filter(|_| cancel.is_none());
         // A file split into ranges is only ever moved by its range items: it fans out
         // whatever the threshold.
-        let split = match (fan_out_at, self.fan_out_range) {
-            (Some(_), Some(_)) => splits(executor.staging(), &run.fan_out_batch(now())).await?,
-            _ => Splits::new(),
+        let (split, listed) = match (fan_out_at, self.fan_out_range) {
+            (Some(_), Some(_)) => {
+                let batch = run.fan_out_batch(now());
+                let listed: std::collections::HashSet<String> =
+                    batch.iter().map(|r| staged_key(r).to_owned()).collect();
+                (splits(executor.staging(), &batch).await?, listed)
+            }
+            _ => (Splits::new(), Default::default()),
         };
         let fans_out = |run: &SyncRun| {
             fan_out_at.is_some_and(|threshold| {
@@ -456,7 +461,17 @@ impl Task {
         }
         let (run, stopped) = drove.map_err(|e| LambdaFailure::transient(e.to_string()))?;
         let fanned_out = if matches!(stopped, Stopped::Interrupted) && fans_out(&run) {
-            Some(self.fan_out(&run, executor.staging()).await?)
+            // What was listed at the start still holds unless the drive split a file or
+            // made others due: plans and range records change only in items.
+            let batch = run.fan_out_batch(now());
+            let known = batch.iter().all(|r| {
+                let key = staged_key(r);
+                listed.contains(key) && (split.contains_key(key) || !executor.is_split(key))
+            });
+            Some(
+                self.fan_out(&run, batch, executor.staging(), known.then_some(&split))
+                    .await?,
+            )
         } else {
             None
         };
@@ -506,9 +521,15 @@ impl Task {
     /// (`items.json`) only point into it, `{"fanOut": "<that folder>", "n": <position>}`, so
     /// that an item can only ever ask for a request this task wrote. The Map runs one Lambda
     /// per item ([`Task::stage_item`]), then calls the task again with the same payload, which
-    /// folds their results into the run.
-    async fn fan_out(&self, run: &SyncRun, staging: &StagingStore) -> Result<Value, LambdaFailure> {
-        let batch = run.fan_out_batch(now());
+    /// folds their results into the run. `known`: the batch's split files, when the listing
+    /// taken at the invocation's start still holds; otherwise they are listed again.
+    async fn fan_out(
+        &self,
+        run: &SyncRun,
+        batch: Vec<Request>,
+        staging: &StagingStore,
+        known: Option<&Splits>,
+    ) -> Result<Value, LambdaFailure> {
         let StagingLocation::S3 { bucket, .. } = &run.spec.staging else {
             return Err(LambdaFailure::configuration(format!(
                 "{FAN_OUT_FILES} needs an s3:// staging location"
@@ -526,9 +547,14 @@ impl Task {
                 })
         };
         put(format!("{dir}requests.json"), json!(batch)).await?;
-        let split = match self.fan_out_range {
-            Some(_) => splits(staging, &batch).await?,
-            None => Splits::new(),
+        let listed;
+        let split = match (self.fan_out_range, known) {
+            (Some(_), Some(known)) => known,
+            (Some(_), None) => {
+                listed = splits(staging, &batch).await?;
+                &listed
+            }
+            (None, _) => &Splits::new(),
         };
         let mut items = Vec::new();
         for (n, request) in batch.iter().enumerate() {

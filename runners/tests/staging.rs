@@ -1404,16 +1404,21 @@ fn dir_checkpoint(offset: usize, last: usize, every: usize, kill_at: usize, chun
         .expect("a chunk end") as u64
 }
 
+/// A directory store that checkpoints every `every` bytes.
+async fn checkpointing_dir(root: &std::path::Path, every: u64) -> StagingStore {
+    StagingStore::Dir(
+        DirStore::new(root)
+            .await
+            .unwrap()
+            .with_checkpoint_every(every),
+    )
+}
+
 #[tokio::test]
 async fn dir_a_killed_write_continues_from_its_last_checkpoint() {
     const EVERY: usize = 300_000;
     let dir = tempfile::tempdir().unwrap();
-    let store = StagingStore::Dir(
-        DirStore::new(dir.path())
-            .await
-            .unwrap()
-            .with_checkpoint_every(EVERY as u64),
-    );
+    let store = checkpointing_dir(dir.path(), EVERY as u64).await;
     let data = ndjson(1_000_000);
     let key = "run/output/000002-Patient.ndjson";
     let c1 = dir_checkpoint(0, 0, EVERY, 450_000, 100_003);
@@ -1499,12 +1504,7 @@ async fn s3_other_bytes_on_the_second_read_start_over() {
 #[tokio::test]
 async fn dir_other_bytes_on_the_second_read_start_over() {
     let dir = tempfile::tempdir().unwrap();
-    let store = StagingStore::Dir(
-        DirStore::new(dir.path())
-            .await
-            .unwrap()
-            .with_checkpoint_every(100_003),
-    );
+    let store = checkpointing_dir(dir.path(), 100_003).await;
     other_bytes_on_the_second_read_start_over(&store, 100_003).await;
     let left = files_under(dir.path());
     assert!(left.is_empty(), "left behind: {left:?}");
@@ -1626,12 +1626,7 @@ async fn s3_a_put_winds_down_at_a_part_boundary() {
 #[tokio::test]
 async fn dir_a_put_winds_down_at_a_part_boundary() {
     let dir = tempfile::tempdir().unwrap();
-    let store = StagingStore::Dir(
-        DirStore::new(dir.path())
-            .await
-            .unwrap()
-            .with_checkpoint_every(100_003),
-    );
+    let store = checkpointing_dir(dir.path(), 100_003).await;
     winds_down_at_a_part_boundary(&store, 100_003).await;
     assert_eq!(
         files_under(dir.path()),

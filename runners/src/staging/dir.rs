@@ -210,12 +210,7 @@ impl DirStore {
         let Some(bytes) = self.get_bytes(&ckey, resume::MAX_CHECKPOINT).await? else {
             return Ok(None);
         };
-        let checkpoint = resume::decode(&ckey, &bytes).ok().filter(|c| {
-            c.v == resume::VERSION
-                && c.facts.identity == identity
-                && c.layout == self.layout()
-                && c.line_start <= c.stored
-        });
+        let checkpoint = resume::usable(&ckey, &bytes, identity, self.layout());
         let partial = self.path_of(&resume::partial_key(key))?;
         let held = match tokio::fs::metadata(&partial).await {
             Ok(m) => m.len(),

@@ -168,6 +168,22 @@ pub(crate) fn decode(key: &str, bytes: &[u8]) -> Result<Checkpoint, StagingError
     Ok(checkpoint)
 }
 
+/// The checkpoint stored at `ckey`, when it is one of the file `identity` names, written by a
+/// store cutting parts as `layout` says, and consistent; `None` for any other.
+pub(crate) fn usable(
+    ckey: &str,
+    bytes: &[u8],
+    identity: u64,
+    layout: [u64; 4],
+) -> Option<Checkpoint> {
+    decode(ckey, bytes).ok().filter(|c| {
+        c.v == VERSION
+            && c.facts.identity == identity
+            && c.layout == layout
+            && c.line_start <= c.stored
+    })
+}
+
 /// The stored bytes a continued put reads again, from the line's start up to the stored end:
 /// they are only counted and checked against the checkpoint's tail, never stored again.
 #[derive(Debug)]

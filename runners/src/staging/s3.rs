@@ -244,16 +244,8 @@ impl S3Store {
         let Some(bytes) = self.get_bytes(&ckey, resume::MAX_CHECKPOINT).await? else {
             return Ok(None);
         };
-        let usable = match resume::decode(&ckey, &bytes) {
-            Ok(c) => {
-                let usable = c.v == resume::VERSION
-                    && c.facts.identity == identity
-                    && c.layout == self.layout()
-                    && c.upload_id.is_some();
-                usable.then_some(c)
-            }
-            Err(_) => None,
-        };
+        let usable = resume::usable(&ckey, &bytes, identity, self.layout())
+            .filter(|c| c.upload_id.is_some());
         let Some(checkpoint) = usable else {
             self.forget(key, None).await?;
             return Ok(None);
@@ -276,7 +268,7 @@ impl S3Store {
         etags.extend(checkpoint.etags.iter().cloned());
         let parts = i32::try_from(etags.len()).unwrap_or(i32::MAX);
         let stored: u64 = (1..=parts).map(|n| self.part_size_of(n) as u64).sum();
-        if stored != checkpoint.stored || checkpoint.line_start > stored || parts == 0 {
+        if stored != checkpoint.stored || parts == 0 {
             self.forget(key, Some(&checkpoint)).await?;
             return Ok(None);
         }
